@@ -1,0 +1,120 @@
+"""A real downstream SMTP server for end-to-end tests: aiosmtpd on loopback.
+
+``SMTPSink`` records every transaction it accepts (sender, recipients as
+sent in RCPT, the exact data bytes) and can be told to answer RCPT or DATA
+with a scripted reply, e.g. 451 twice and then accept.  aiosmtpd runs in its
+own thread, so the relay under test (another process) talks to it over a
+real socket.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
+
+
+@dataclass
+class Received:
+    sender: str
+    recipients: list[str]
+    data: bytes
+    mail_options: list[str] = field(default_factory=list)
+
+
+class _RecordingSMTP(SMTP):
+    """aiosmtpd's SMTP, recording each RCPT argument as sent (source routes included)."""
+
+    async def smtp_RCPT(self, arg):
+        self.event_handler.sink.raw_rcpts.append(arg)
+        return await super().smtp_RCPT(arg)
+
+
+class _SinkController(Controller):
+    def factory(self):
+        return _RecordingSMTP(self.handler, **self.SMTP_kwargs)
+
+
+class _Handler:
+    def __init__(self, sink: "SMTPSink") -> None:
+        self.sink = sink
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        reply = self.sink.rcpt_reply(address) if self.sink.rcpt_reply else None
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        reply = self.sink.data_reply() if self.sink.data_reply else None
+        if reply:
+            return reply
+        with self.sink.lock:
+            self.sink.messages.append(
+                Received(
+                    sender=envelope.mail_from,
+                    recipients=list(envelope.rcpt_tos),
+                    data=envelope.original_content or envelope.content,
+                    mail_options=list(envelope.mail_options),
+                )
+            )
+        return "250 2.0.0 OK: queued by sink"
+
+
+class SMTPSink:
+    """An aiosmtpd server on ``host:port`` recording what it accepts."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        rcpt_reply: Optional[Callable[[str], Optional[str]]] = None,
+        data_reply: Optional[Callable[[], Optional[str]]] = None,
+        **smtp_kwargs,
+    ) -> None:
+        from relayproc import free_port  # tests/ is on sys.path for test modules
+
+        self.host = host
+        self.port = port or free_port(host)
+        self.rcpt_reply = rcpt_reply
+        self.data_reply = data_reply
+        self.messages: list[Received] = []
+        self.raw_rcpts: list[str] = []
+        self.lock = threading.Lock()
+        kwargs = {"decode_data": False, "enable_SMTPUTF8": True, **smtp_kwargs}
+        self.controller = _SinkController(
+            _Handler(self), hostname=host, port=self.port, server_hostname="sink.test",
+            ready_timeout=10, **kwargs,
+        )
+
+    def start(self) -> "SMTPSink":
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+    def wait_for(self, count: int, timeout: float = 20.0) -> list[Received]:
+        """Wait (bounded) until ``count`` messages arrived; returns them."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.messages) >= count:
+                    return list(self.messages)
+            time.sleep(0.05)
+        with self.lock:
+            raise AssertionError(f"expected {count} messages at {self.host}:{self.port}, got {len(self.messages)}")
+
+    def __enter__(self) -> "SMTPSink":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+__all__ = ["SMTPSink", "Received", "SMTP"]
