@@ -7,10 +7,17 @@ naming the file, the key and what is wrong.  Nothing else reads the file.
 
 from __future__ import annotations
 
+import copy
 import ipaddress
+import json
+import math
+import re
 import socket
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Union
+import tomllib
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping, NoReturn, Optional, Sequence, TypeVar, Union
+
+from relay.domains import DomainPattern
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -169,3 +176,509 @@ def parse_hostport(value: str, default_port: Optional[int] = None) -> tuple[str,
     if not 0 < port < 65536:
         raise ValueError(f"{value!r}: port {port} out of range")
     return host, port
+
+
+# -- the loader: TOML -> Config ------------------------------------------------
+
+_T = TypeVar("_T")
+
+ROUTE_ACTIONS = ("smarthost", "via", "plugin", "reject")
+ROUTE_DELIVERY_KEYS = ("username", "password_file", "tls")
+SOURCE_ROUTE_MODES = ("ignore", "honor")
+ROUTE_TLS_POLICIES = ("may", "require", "verify")
+DNS_PORT = 53
+COMMAND_LINE = "command line"
+
+_TYPE_NAMES = {
+    str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+    list: "an array", dict: "a table",
+}
+_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+
+
+def _show(value: Any) -> str:
+    """A value as an operator wrote it in TOML, shortened for one line."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+    else:
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _type_name(value: Any) -> str:
+    for kind in (bool, str, int, float, list, dict):
+        if isinstance(value, kind):
+            return _TYPE_NAMES[kind]
+    return "a " + type(value).__name__
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class _Where:
+    """The file and the dotted key of one value, so errors can name both."""
+
+    def __init__(self, source: str, key: str = "") -> None:
+        self.source = source
+        self.key = key
+
+    def child(self, name: str) -> "_Where":
+        return _Where(self.source, f"{self.key}.{name}" if self.key else name)
+
+    def item(self, index: int) -> "_Where":
+        return _Where(self.source, f"{self.key}[{index}]")
+
+    def fail(self, what: str) -> NoReturn:
+        prefix = f"{self.source}: {self.key}: " if self.key else f"{self.source}: "
+        raise ConfigError(_one_line(prefix + what))
+
+
+# -- typed values --------------------------------------------------------------
+
+
+def _string(value: Any, where: _Where, allow_empty: bool = True) -> str:
+    if not isinstance(value, str):
+        where.fail(f"expected a string, got {_type_name(value)} {_show(value)}")
+    if not allow_empty and not value.strip():
+        where.fail("must not be empty")
+    return value
+
+
+def _integer(value: Any, where: _Where, low: int = 1, high: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        where.fail(f"expected an integer, got {_type_name(value)} {_show(value)}")
+    if value < low or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+        where.fail(f"{value} is out of range (must be {bounds})")
+    return value
+
+
+def _array(value: Any, where: _Where, non_empty: bool = False) -> list:
+    if not isinstance(value, list):
+        where.fail(f"expected an array, got {_type_name(value)} {_show(value)}")
+    if non_empty and not value:
+        where.fail("must not be an empty array")
+    return value
+
+
+def _each(value: Any, where: _Where, parse: Callable[[Any, _Where], _T], non_empty: bool = False) -> tuple[_T, ...]:
+    return tuple(parse(item, where.item(i)) for i, item in enumerate(_array(value, where, non_empty)))
+
+
+def _table(value: Any, where: _Where, known: Sequence[str]) -> dict:
+    if not isinstance(value, dict):
+        where.fail(f"expected a table, got {_type_name(value)} {_show(value)}")
+    for key in value:
+        if key not in known:
+            where.child(key).fail(f"unknown key (known keys here: {', '.join(known)})")
+    return value
+
+
+def _choice(value: Any, where: _Where, choices: Sequence[str]) -> str:
+    text = _string(value, where)
+    if text not in choices:
+        where.fail(f"{_show(value)} is not one of {', '.join(choices)}")
+    return text
+
+
+def _requote(message: str, value: Any) -> str:
+    """Show the value in a parser's message as TOML writes it."""
+    return message.replace(repr(value), _show(value)) if isinstance(value, str) else message
+
+
+def _duration(value: Any, where: _Where) -> float:
+    try:
+        seconds = parse_duration(value)
+    except ValueError as e:
+        where.fail(_requote(str(e), value))
+    if not math.isfinite(seconds) or seconds <= 0:
+        where.fail(f"{_show(value)} must be a positive, finite duration")
+    return seconds
+
+
+def _size(value: Any, where: _Where) -> int:
+    try:
+        octets = parse_size(value)
+    except ValueError as e:
+        where.fail(_requote(str(e), value))
+    if octets <= 0:
+        where.fail(f"{_show(value)} must be a positive size")
+    return octets
+
+
+def _positive(value: Any, where: _Where) -> int:
+    return _integer(value, where, low=1)
+
+
+def _port(value: Any, where: _Where) -> int:
+    return _integer(value, where, low=1, high=65535)
+
+
+# -- names, addresses, endpoints -----------------------------------------------
+
+
+def domain_problem(name: str) -> Optional[str]:
+    """Why ``name`` is not a usable domain name, or None when it is."""
+    text = name.strip().rstrip(".")
+    try:
+        ascii_name = text.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return "is not a valid domain name"
+    if not ascii_name:
+        return "is an empty domain name"
+    if len(ascii_name) > 253:
+        return "is longer than 253 characters"
+    if not all(_LABEL.match(label) for label in ascii_name.split(".")):
+        return "is not a valid domain name"
+    return None
+
+
+def _address_literal_problem(text: str) -> Optional[str]:
+    inner = text[1:-1] if text.endswith("]") else ""
+    if inner[:5].lower() == "ipv6:":
+        inner = inner[5:]
+    try:
+        ipaddress.ip_address(inner)
+    except ValueError:
+        return "is not a valid address literal (use e.g. [192.0.2.1] or [IPv6:2001:db8::1])"
+    return None
+
+
+def domain_pattern_problem(text: str) -> Optional[str]:
+    """Why ``text`` is not a domain pattern ("a.test", ".a.test", "*"), or None."""
+    pattern = text.strip()
+    if pattern == "*":
+        return None
+    if pattern.startswith("*"):
+        return 'is not a domain pattern (write ".a.test" for the subdomains of a.test, "*" for every domain)'
+    if pattern.startswith("["):
+        return _address_literal_problem(pattern)
+    return domain_problem(pattern[1:] if pattern.startswith(".") else pattern)
+
+
+def _pattern(value: Any, where: _Where) -> str:
+    text = _string(value, where, allow_empty=False).strip()
+    problem = domain_pattern_problem(text)
+    if problem:
+        where.fail(f"{_show(value)} {problem}")
+    return DomainPattern(text).text
+
+
+def _hostname(value: Any, where: _Where) -> str:
+    text = _string(value, where, allow_empty=False).strip()
+    problem = domain_problem(text)
+    if problem:
+        where.fail(f"{_show(value)} {problem}")
+    return text
+
+
+def _host_problem(host: str) -> Optional[str]:
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        return domain_problem(host)
+
+
+def _hostport(value: Any, where: _Where, port_allowed: bool = True) -> str:
+    """A ``host[:port]`` string, checked and returned stripped."""
+    text = _string(value, where, allow_empty=False).strip()
+    try:
+        host, port = parse_hostport(text)
+    except ValueError as e:
+        where.fail(_requote(str(e), text))
+    problem = _host_problem(host)
+    if problem:
+        where.fail(f"{_show(value)}: host {_show(host)} {problem}")
+    if port is not None and not port_allowed:
+        where.fail(f"{_show(value)}: a port is only possible on the first hop")
+    return text
+
+
+def _nameserver(value: Any, where: _Where) -> tuple[str, int]:
+    text = _string(value, where, allow_empty=False).strip()
+    try:
+        host, port = parse_hostport(text, DNS_PORT)
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        where.fail(f"{_show(value)} is not a name server (use an IP address, e.g. 192.0.2.53, 192.0.2.53:5353 or [2001:db8::53]:53)")
+    return str(address), port if port is not None else DNS_PORT
+
+
+def _network(value: Any, where: _Where) -> IPNetwork:
+    text = _string(value, where, allow_empty=False).strip()
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        where.fail(f"{_show(value)} is not an IP network (use e.g. 192.0.2.0/24, 2001:db8::/32 or 192.0.2.7)")
+    where.fail(f"{_show(value)} has host bits set (did you mean {loose}?)")
+
+
+_PARSE_ONLY = object()  # endpoints are parsed, never listened on, while loading
+
+
+def endpoint_problem(description: str) -> Optional[str]:
+    """Why ``description`` is not a Twisted server endpoint string, or None.
+
+    The endpoint is built (files such as ``ssl:`` certificates are read) but
+    nothing listens.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        endpoint = serverFromString(_PARSE_ONLY, description)
+    except IndexError:
+        if description.strip().startswith("systemd:"):
+            return None  # the socket is only there when systemd starts the relay
+        return "is not a valid endpoint: an index is out of range"
+    except Exception as e:  # any failure of a parser plugin means a bad string
+        return f"is not a valid endpoint: {_one_line(str(e)) or type(e).__name__}"
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        return f"is not a valid endpoint: port {port} out of range"
+    return None
+
+
+def _endpoint(value: Any, where: _Where) -> str:
+    text = _string(value, where, allow_empty=False).strip()
+    problem = endpoint_problem(text)
+    if problem:
+        where.fail(f"{_show(value)} {problem}")
+    return text
+
+
+# -- sections ------------------------------------------------------------------
+
+_Parser = Callable[[Any, _Where], Any]
+
+
+def _endpoints(value: Any, where: _Where) -> tuple[str, ...]:
+    return _each(value, where, _endpoint)
+
+
+def _networks(value: Any, where: _Where) -> tuple[IPNetwork, ...]:
+    return _each(value, where, _network)
+
+
+def _patterns(value: Any, where: _Where) -> tuple[str, ...]:
+    return _each(value, where, _pattern)
+
+
+def _nameservers(value: Any, where: _Where) -> tuple[tuple[str, int], ...]:
+    return _each(value, where, _nameserver)
+
+
+def _path(value: Any, where: _Where) -> str:
+    return _string(value, where)
+
+
+_SERVER_KEYS: dict[str, _Parser] = {
+    "listen": _endpoints,
+    "submission_listen": _endpoints,
+    "trusted_networks": _networks,
+    "relay_domains": _patterns,
+    "max_message_size": _size,
+    "max_recipients": _positive,
+    "tls_certificate": _path,
+    "tls_key": _path,
+    "auth_users": _path,
+    "idle_timeout": _duration,
+    "max_sessions": _positive,
+    "max_errors": _positive,
+    "source_routes": lambda v, w: _choice(v, w, SOURCE_ROUTE_MODES),
+}
+
+_QUEUE_KEYS: dict[str, _Parser] = {
+    "directory": lambda v, w: _string(v, w, allow_empty=False),
+    "min_retry": _duration,
+    "max_retry": _duration,
+    "max_lifetime": _duration,
+}
+
+_DELIVERY_KEYS: dict[str, _Parser] = {
+    "port": _port,
+    "nameservers": _nameservers,
+    "concurrency": _positive,
+    "per_destination": _positive,
+}
+
+
+def _section(data: Any, where: _Where, parsers: Mapping[str, _Parser]) -> dict[str, Any]:
+    """The keyword arguments of a section's dataclass, for the keys present."""
+    table = _table(data, where, tuple(parsers))
+    return {key: parsers[key](value, where.child(key)) for key, value in table.items()}
+
+
+def _server(data: Any, where: _Where) -> ServerConfig:
+    server = ServerConfig(**_section(data, where, _SERVER_KEYS))
+    if bool(server.tls_certificate) != bool(server.tls_key):
+        missing, present = (
+            ("tls_key", "tls_certificate") if server.tls_certificate else ("tls_certificate", "tls_key")
+        )
+        where.child(missing).fail(f"must be set together with server.{present}")
+    if server.submission_listen and not server.auth_users:
+        where.child("submission_listen").fail(
+            "clients must authenticate there: set server.auth_users too"
+        )
+    return server
+
+
+def _queue(data: Any, where: _Where) -> QueueConfig:
+    queue = QueueConfig(**_section(data, where, _QUEUE_KEYS))
+    if queue.max_retry < queue.min_retry:
+        where.child("max_retry").fail(
+            f"{queue.max_retry:g}s is shorter than queue.min_retry ({queue.min_retry:g}s)"
+        )
+    return queue
+
+
+def _delivery(data: Any, where: _Where) -> DeliveryConfig:
+    return DeliveryConfig(**_section(data, where, _DELIVERY_KEYS))
+
+
+# -- [[routes]] ----------------------------------------------------------------
+
+
+def _route_action(entry: dict, where: _Where) -> str:
+    actions = [a for a in ROUTE_ACTIONS if a in entry]
+    if not actions:
+        where.fail(f"needs exactly one of {', '.join(ROUTE_ACTIONS)}")
+    if len(actions) > 1:
+        where.fail(f"has both {actions[0]} and {actions[1]}: give exactly one of {', '.join(ROUTE_ACTIONS)}")
+    return actions[0]
+
+
+def _smarthosts(value: Any, where: _Where) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (_hostport(value, where),)
+    return _each(value, where, _hostport, non_empty=True)
+
+
+def _via(value: Any, where: _Where) -> tuple[str, ...]:
+    hops = _array(value, where, non_empty=True)
+    return tuple(_hostport(hop, where.item(i), port_allowed=(i == 0)) for i, hop in enumerate(hops))
+
+
+def _route(entry: Any, where: _Where, index: int) -> RouteConfig:
+    if not isinstance(entry, dict):
+        where.fail(f"expected a table ([[routes]] entry), got {_type_name(entry)}")
+    action = _route_action(entry, where)
+    if "domains" not in entry:
+        where.child("domains").fail("missing: every route needs a non-empty array of domain patterns")
+    domains = _each(entry["domains"], where.child("domains"), _pattern, non_empty=True)
+    if action == "plugin":
+        name = _string(entry["plugin"], where.child("plugin"), allow_empty=False).strip()
+        options = {k: copy.deepcopy(v) for k, v in entry.items() if k not in ("domains", "plugin")}
+        return RouteConfig(domains=domains, plugin=name, options=options, index=index)
+    for key in entry:
+        if key in ROUTE_DELIVERY_KEYS and action == "reject":
+            where.child(key).fail("only possible with smarthost or via")
+        if key not in ("domains", action, *ROUTE_DELIVERY_KEYS):
+            known = ", ".join(("domains", *ROUTE_ACTIONS, *ROUTE_DELIVERY_KEYS))
+            where.child(key).fail(f"unknown key (known keys here: {known})")
+    fields: dict[str, Any] = {"domains": domains, "index": index}
+    if action == "reject":
+        fields["reject"] = _string(entry["reject"], where.child("reject"), allow_empty=False).strip()
+        return RouteConfig(**fields)
+    fields[action] = (_smarthosts if action == "smarthost" else _via)(entry[action], where.child(action))
+    for key in ("username", "password_file"):
+        if key in entry:
+            fields[key] = _string(entry[key], where.child(key), allow_empty=False)
+    if ("username" in fields) != ("password_file" in fields):
+        present, missing = ("username", "password_file") if "username" in fields else ("password_file", "username")
+        where.child(missing).fail(f"must be set together with {where.key}.{present}")
+    if "tls" in entry:
+        fields["tls"] = _choice(entry["tls"], where.child("tls"), ROUTE_TLS_POLICIES)
+    return RouteConfig(**fields)
+
+
+def _routes(value: Any, where: _Where) -> tuple[RouteConfig, ...]:
+    if isinstance(value, dict):
+        where.fail("expected an array of tables: write [[routes]], not [routes]")
+    entries = _array(value, where)
+    return tuple(_route(entry, where.item(i), i) for i, entry in enumerate(entries))
+
+
+# -- entry points --------------------------------------------------------------
+
+_TOP_KEYS = ("hostname", "server", "queue", "delivery", "routes")
+
+
+def config_from_mapping(data: Mapping[str, Any], source: str) -> Config:
+    """Validate parsed TOML (or any mapping of the same shape) into a Config.
+
+    ``source`` names the file in error messages.  Raises ConfigError.
+    """
+    root = _Where(source)
+    _table(dict(data), root, _TOP_KEYS)
+    hostname = _hostname(data["hostname"], root.child("hostname")) if "hostname" in data else default_hostname()
+    return Config(
+        hostname=hostname,
+        server=_server(data.get("server", {}), root.child("server")),
+        queue=_queue(data.get("queue", {}), root.child("queue")),
+        delivery=_delivery(data.get("delivery", {}), root.child("delivery")),
+        routes=_routes(data.get("routes", []), root.child("routes")),
+        source=source,
+    )
+
+
+def _os_error_text(error: OSError) -> str:
+    if error.errno is not None and error.strerror:
+        return f"[Errno {error.errno}] {error.strerror}"
+    return str(error)
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """The parsed TOML of ``path``; an unreadable file or bad syntax is a ConfigError."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(_one_line(f"{path}: cannot read: {_os_error_text(e)}")) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(_one_line(f"{path}: TOML syntax error: {e}")) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(_one_line(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}")) from None
+
+
+def load_config(path: str) -> Config:
+    """Read and validate a TOML configuration file.  Raises ConfigError."""
+    return config_from_mapping(read_toml(path), path)
+
+
+def apply_overrides(
+    config: Config,
+    *,
+    listen: Optional[Sequence[str]] = None,
+    queue: Optional[str] = None,
+    hostname: Optional[str] = None,
+    smarthost: Optional[str] = None,
+    source: str = COMMAND_LINE,
+) -> Config:
+    """The config with command-line values in place of the file's.
+
+    ``listen`` (when not None or empty) replaces server.listen; ``smarthost``
+    appends a catch-all route after the file's routes, so it only takes the
+    recipients that no file route matched.  Errors name the option.
+    """
+    where = _Where(source)
+    if listen:
+        endpoints = tuple(_endpoint(desc, where.child("--listen")) for desc in listen)
+        config = replace(config, server=replace(config.server, listen=endpoints))
+    if queue is not None:
+        directory = _string(queue, where.child("--queue"), allow_empty=False)
+        config = replace(config, queue=replace(config.queue, directory=directory))
+    if hostname is not None:
+        config = replace(config, hostname=_hostname(hostname, where.child("--hostname")))
+    if smarthost is not None:
+        host = _hostport(smarthost, where.child("--smarthost"))
+        catch_all = RouteConfig(domains=("*",), smarthost=(host,), index=len(config.routes))
+        config = replace(config, routes=config.routes + (catch_all,))
+    return config

@@ -1,0 +1,291 @@
+"""twistd glue and the composition root: ``twistd -n relay [options]``.
+
+This module owns the command-line options of the ``relay`` twistd plugin,
+the merge of those options over the configuration file, and the assembly
+of the running relay from its parts.  It is the only place that chooses the
+reactor (and with it the clock); every other module has them injected.
+
+A bad configuration file or a bad option ends the command with exit status
+2 and one line on stderr naming the file (or option), the key and what is
+wrong: twistd's own handling of ``usage.UsageError`` would print the whole
+usage text first, so ``Options.parseOptions`` turns the error into that
+single line and ``SystemExit`` itself.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, NoReturn, Optional, Sequence
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService
+from twisted.internet import ssl
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+
+from relay.config import (
+    COMMAND_LINE,
+    Config,
+    ConfigError,
+    ServerConfig,
+    apply_overrides,
+    load_config,
+)
+
+log = Logger()
+
+EXIT_USAGE = 2  # bad configuration or option
+EXIT_FAILURE = 1  # could not start
+PROGRAM = "relay"
+
+
+def _exit_with(line: str) -> NoReturn:
+    """Print one line to stderr and leave with the usage exit status."""
+    sys.stderr.write(" ".join(line.split()) + "\n")
+    sys.stderr.flush()
+    raise SystemExit(EXIT_USAGE)
+
+
+class Options(usage.Options):
+    """Options of ``twistd relay``; after parsing, ``self.config`` is the merged Config."""
+
+    synopsis = "[--config FILE] [--listen ENDPOINT]... [--queue DIR] [--hostname NAME] [--smarthost HOST[:PORT]]"
+    longdesc = (
+        "A mail transfer agent: accepts mail over SMTP, spools it durably and "
+        "relays it by direct MX, a smart host or a source route. Without any "
+        "option it listens on tcp:2525:interface=127.0.0.1, spools to "
+        "./relay-queue and relays for loopback clients. Options given here "
+        "override the configuration file."
+    )
+    optParameters = [
+        ["config", None, None,
+         "TOML configuration file; without it every key has its default."],
+        ["queue", None, None,
+         "Spool directory (overrides [queue] directory; default ./relay-queue)."],
+        ["hostname", None, None,
+         "Host name used in the banner, EHLO and Received headers "
+         "(overrides hostname; default: the machine's FQDN)."],
+        ["smarthost", None, None,
+         "Send all mail to HOST[:PORT] (A/AAAA, never MX): a catch-all route "
+         "appended after the file's [[routes]], so it takes only the recipients "
+         "that no configured route matched."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self.config: Optional[Config] = None
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Twisted endpoint string to accept SMTP on, e.g. tcp:25 or tcp:2525:interface=127.0.0.1; repeat for several; when given, replaces [server] listen."""
+        self["listen"].append(endpoint)
+
+    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
+        """Parse, or leave the process with one line on stderr and status 2."""
+        try:
+            super().parseOptions(options)
+        except ConfigError as e:
+            _exit_with(str(e))
+        except usage.UsageError as e:
+            _exit_with(f"{PROGRAM}: {e} (see twistd {PROGRAM} --help)")
+
+    def postOptions(self) -> None:
+        """Load the file, apply the command-line overrides and check what start-up needs."""
+        path = self["config"]
+        config = load_config(path) if path else Config()
+        config = apply_overrides(
+            config,
+            listen=self["listen"] or None,
+            queue=self["queue"],
+            hostname=self["hostname"],
+            smarthost=self["smarthost"],
+        )
+        build_tls_context(config.server, config.source or COMMAND_LINE)
+        check_router_plugins(config)
+        self.config = config
+
+
+# -- start-up checks -----------------------------------------------------------
+
+
+def _read_bytes(path: str, source: str, key: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        reason = f"[Errno {e.errno}] {e.strerror}" if e.strerror else str(e)
+        raise ConfigError(f"{source}: {key}: cannot read {path!r}: {reason}") from None
+
+
+def build_tls_context(server: ServerConfig, source: str) -> Optional[ssl.CertificateOptions]:
+    """The server TLS context from server.tls_certificate and tls_key, or None.
+
+    The certificate file may hold the chain after the server's certificate.
+    TLS 1.2 is the minimum.  Any problem is a ConfigError naming the key.
+    """
+    if not server.tls_certificate:
+        return None
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    cert_key, key_key = "server.tls_certificate", "server.tls_key"
+    cert_pem = _read_bytes(server.tls_certificate, source, cert_key)
+    try:
+        chain = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError:
+        raise ConfigError(f"{source}: {cert_key}: {server.tls_certificate!r} holds no readable PEM certificate") from None
+    key_pem = _read_bytes(server.tls_key, source, key_key)
+    try:
+        key = load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        raise ConfigError(
+            f"{source}: {key_key}: {server.tls_key!r} holds no readable PEM private key (it must not be encrypted)"
+        ) from None
+    try:
+        options = ssl.CertificateOptions(
+            privateKey=key,
+            certificate=chain[0],
+            extraCertChain=chain[1:],
+            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        )
+        options.getContext()
+    except Exception:
+        raise ConfigError(f"{source}: {key_key}: the key does not match server.tls_certificate") from None
+    return options
+
+
+def check_router_plugins(config: Config) -> None:
+    """Every ``plugin = "NAME"`` route names an installed, well-formed router plugin."""
+    wanted = [route for route in config.routes if route.plugin]
+    if not wanted:
+        return
+    from relay.routing.plugins import PluginError, find_router_factory
+
+    for route in wanted:
+        try:
+            find_router_factory(route.plugin)
+        except PluginError as e:
+            raise ConfigError(f"{config.source or COMMAND_LINE}: routes[{route.index}].plugin: {e}") from None
+
+
+# -- the composition root ------------------------------------------------------
+
+
+class RelayService(MultiService):
+    """The running relay: its parts as attributes, their services as children.
+
+    Children start in the order they were added (the spool first, so the
+    queue is recovered before any listener accepts mail) and stop in reverse.
+    """
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.spool: Any = None
+        self.policy: Any = None
+        self.tls_context: Optional[ssl.CertificateOptions] = None
+        self.listeners: list[tuple[str, Listener]] = []
+
+    def startService(self) -> None:
+        config = self.config
+        log.info(
+            "relay {hostname} starting: listening on {listen}, submission on {submission}, "
+            "queue {queue}, {routes} configured route(s), source {source}",
+            hostname=config.hostname,
+            listen=", ".join(config.server.listen) or "nothing",
+            submission=", ".join(config.server.submission_listen) or "nothing",
+            queue=config.queue.directory,
+            routes=len(config.routes),
+            source=config.source or "built-in defaults",
+        )
+        super().startService()
+
+
+class Listener(StreamServerEndpointService):
+    """One SMTP listener; failing to listen stops start-up instead of running deaf.
+
+    twistd only logs a listener that cannot bind and runs on; a relay that
+    accepts nothing must not look healthy, so the failure is one line on the
+    original stderr (twistd has redirected sys.stderr to the log by then),
+    a critical log line, and exit status 1.
+    """
+
+    _raiseSynchronously = True
+
+    def __init__(self, description: str, endpoint: Any, factory: Any) -> None:
+        super().__init__(endpoint, factory)
+        self.description = description
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except Exception as e:
+            line = f"{PROGRAM}: cannot listen on {self.description}: {' '.join(str(e).split())}"
+            log.critical("{line}", line=line)
+            stream = sys.__stderr__ or sys.stderr
+            stream.write(line + "\n")
+            stream.flush()
+            raise SystemExit(EXIT_FAILURE) from None
+
+
+def _add_spool(relay: RelayService, reactor: Any) -> None:
+    from relay.queue.spool import Spool, SpoolService
+
+    relay.spool = Spool(relay.config.queue.directory, clock=reactor)
+    service = SpoolService(relay.spool)
+    service.setName("spool")
+    service.setServiceParent(relay)
+
+
+def _endpoint(reactor: Any, description: str, where: str) -> Any:
+    """The server endpoint for ``description``; a failure is a ConfigError at ``where``."""
+    try:
+        return serverFromString(reactor, description)
+    except Exception as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ConfigError(f"{where}: {description!r} cannot be used: {reason}") from None
+
+
+def _add_listeners(relay: RelayService, reactor: Any) -> None:
+    from relay.policy import RelayPolicy
+    from relay.smtp.server import SMTPServerFactory
+
+    config = relay.config
+    relay.policy = RelayPolicy(config.server)
+    relay.tls_context = build_tls_context(config.server, config.source or COMMAND_LINE)
+    for submission, endpoints in ((False, config.server.listen), (True, config.server.submission_listen)):
+        key = "server.submission_listen" if submission else "server.listen"
+        for index, description in enumerate(endpoints):
+            endpoint = _endpoint(reactor, description, f"{config.source or COMMAND_LINE}: {key}[{index}]")
+            factory = SMTPServerFactory(
+                config.hostname, config.server, relay.spool, relay.policy, reactor,
+                tls_context=relay.tls_context, submission=submission,
+            )
+            service = Listener(description, endpoint, factory)
+            service.setName(("submission:" if submission else "smtp:") + description)
+            service.setServiceParent(relay)
+            relay.listeners.append((description, service))
+
+
+def build_relay(config: Config, reactor: Any) -> RelayService:
+    """Assemble the relay from ``config``; ``reactor`` is also the clock.
+
+    Each part is added by one small function, in start-up order; later parts
+    (scheduler, routing, delivery) are further functions in this list.
+    """
+    relay = RelayService(config)
+    for add in (_add_spool, _add_listeners):
+        add(relay, reactor)
+    return relay
+
+
+def makeService(options: Options) -> IService:
+    """twistd's entry point: the relay on the global reactor."""
+    from twisted.internet import reactor
+
+    config = options.config if options.config is not None else Config()
+    try:
+        return build_relay(config, reactor)
+    except ConfigError as e:
+        _exit_with(str(e))
