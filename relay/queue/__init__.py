@@ -1,0 +1,2 @@
+"""The queue: the durable on-disk spool (``relay.queue.spool``) and the timers
+that decide when each queued message is attempted (``relay.queue.scheduler``)."""

@@ -1,0 +1,858 @@
+"""The durable on-disk spool: the only code that touches queue files.
+
+Every accepted message enters the queue through one door
+(``Spool.new_message`` then ``IncomingMessage.commit``), and the files in the
+queue directory are the single truth about it: every timer and in-flight set
+elsewhere can be rebuilt from them at start-up (``Spool.recover``).
+
+Layout under ``Spool.directory``::
+
+    tmp/                 files being written; removed at start-up
+      <id>.msg             message bytes of a message still arriving
+      <id>.json            its envelope, written at commit
+      <id>.json.new        a replacement envelope being written by update
+    queue/               committed messages, one pair per message
+      <id>.msg             message bytes exactly as received (our Received first)
+      <id>.json            the envelope (``Envelope.to_json``); its arrival here
+                           is the commit point; replaced atomically on update
+    corrupt/             entries that could not be read at start-up, moved
+                           aside with a ``<name>.reason`` file, never deleted
+
+Durability ("250 means durable").  Commit writes and fsyncs the message, writes
+and fsyncs the envelope under ``tmp/``, renames the message into ``queue/``,
+then the envelope (the commit point), then fsyncs ``queue/``; only then does
+the commit Deferred fire.  A crash before the envelope's rename leaves only
+files that recovery deletes (``tmp/`` leftovers, a ``.msg`` without its
+``.json``: never acknowledged); after it, a complete entry.  An update writes
+a new envelope under ``tmp/``, fsyncs it and renames it over the old one, so
+readers see the old or the new envelope, never a torn one.  A removal unlinks
+the envelope first, then the message, so no envelope is ever left without its
+message.
+
+Group commit.  Disk work runs in a private one-thread pool, so DNS lookups in
+the reactor's shared pool cannot starve it and the reactor never waits on a
+disk.  Commits, updates and removals are queued as operations; while one batch
+is being made durable, new operations accumulate and go together in the next
+batch, which shares one fsync of ``queue/``.
+
+Concurrent writers.  The daemon and the queue administration tool may change
+one message at the same time.  Updates and removals take an exclusive
+``fcntl.flock`` on the envelope file itself; since an update replaces that
+file by rename, a writer that waited on the lock re-checks, once it holds it,
+that the path still names the inode it locked, and starts over when it does
+not (a removed entry then reads as "not queued" rather than being
+resurrected).  ``Spool.recover`` is for the daemon at start-up only: it
+deletes files being written.
+
+Filesystem calls go through a small object (``OsFileSystem`` by default) so
+that tests can record their order and simulate a crash at any step.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import secrets
+import string
+import threading
+from dataclasses import dataclass, field, replace
+from typing import Any, BinaryIO, Callable, Optional
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from relay.envelope import Envelope, EnvelopeFormatError
+
+log = Logger(namespace="relay.spool")
+
+TMP_DIR = "tmp"
+QUEUE_DIR = "queue"
+CORRUPT_DIR = "corrupt"
+MESSAGE_SUFFIX = ".msg"
+ENVELOPE_SUFFIX = ".json"
+REPLACEMENT_SUFFIX = ".json.new"
+REASON_SUFFIX = ".reason"
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+WRITE_BUFFER = 64 * 1024  # octets held in memory per incoming message before a write
+
+Runner = Callable[..., Deferred]
+
+
+# -- queue ids -----------------------------------------------------------------
+
+_ALPHABET = string.digits + string.ascii_uppercase + string.ascii_lowercase  # ASCII order
+_TIME_DIGITS = 10  # microseconds since the epoch: 62**10 us is some 26,000 years
+_NONCE_DIGITS = 6  # per process: 62**6 is some 5.7e10
+QUEUE_ID_LENGTH = _TIME_DIGITS + _NONCE_DIGITS
+
+_id_lock = threading.Lock()
+_id_state: dict[str, Any] = {"last": -1, "pid": None, "nonce": ""}
+
+
+def _encode(number: int, digits: int) -> str:
+    out = []
+    for _ in range(digits):
+        number, rest = divmod(number, 62)
+        out.append(_ALPHABET[rest])
+    return "".join(reversed(out))
+
+
+def new_queue_id(clock: IReactorTime) -> str:
+    """Return a new queue id: 16 characters of ``[0-9A-Za-z]``.
+
+    The first ten encode the creation time in microseconds, strictly
+    increasing within a process (so ids sort by creation time); the last six
+    are a random nonce drawn once per process, so ids from other processes
+    and earlier runs differ even when clocks agree or step back.
+    """
+    micros = max(0, int(clock.seconds() * 1_000_000)) % (62**_TIME_DIGITS)
+    with _id_lock:
+        pid = os.getpid()
+        if _id_state["pid"] != pid:
+            _id_state["pid"] = pid
+            _id_state["nonce"] = _encode(secrets.randbelow(62**_NONCE_DIGITS), _NONCE_DIGITS)
+        micros = max(micros, _id_state["last"] + 1)
+        _id_state["last"] = micros
+        nonce = _id_state["nonce"]
+    return _encode(micros, _TIME_DIGITS) + nonce
+
+
+_QUEUE_ID = re.compile(r"[0-9A-Za-z]{1,64}")
+_ENVELOPE_NAME = re.compile(r"([0-9A-Za-z]{1,64})\.json")
+
+
+def valid_queue_id(queue_id: str) -> bool:
+    """True when ``queue_id`` could name a queue entry (and is safe as a file name)."""
+    return _QUEUE_ID.fullmatch(queue_id) is not None
+
+
+# -- the filesystem seam -------------------------------------------------------
+
+
+class OsFileSystem:
+    """Every filesystem call the spool makes, done with the os module."""
+
+    def open(self, path: str, flags: int, mode: int = FILE_MODE) -> int:
+        return os.open(path, flags | getattr(os, "O_CLOEXEC", 0), mode)
+
+    def write(self, fd: int, data: bytes) -> int:
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def rename(self, src: str, dst: str) -> None:
+        os.rename(src, dst)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def fsync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def listdir(self, path: str) -> list[str]:
+        return os.listdir(path)
+
+    def makedirs(self, path: str) -> None:
+        os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+
+    def read_file(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    def open_read(self, path: str) -> BinaryIO:
+        return open(path, "rb")
+
+    def lock(self, fd: int) -> None:
+        """Take an exclusive advisory lock, waiting for it; closing ``fd`` releases it."""
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def fstat(self, fd: int) -> os.stat_result:
+        return os.fstat(fd)
+
+    def stat(self, path: str) -> os.stat_result:
+        return os.stat(path)
+
+
+# -- results -------------------------------------------------------------------
+
+
+@dataclass
+class RecoveryReport:
+    """What start-up recovery found and did."""
+
+    ids: list[str] = field(default_factory=list)  # good committed entries, oldest first
+    removed_tmp: int = 0  # files under tmp/ deleted
+    removed_orphans: int = 0  # .msg files without an envelope deleted (never acknowledged)
+    quarantined: list[str] = field(default_factory=list)  # ids moved to corrupt/
+    ignored: list[str] = field(default_factory=list)  # names in queue/ that are not ours
+
+
+def _ignore_errors(call: Callable[..., Any], *args: Any) -> None:
+    try:
+        call(*args)
+    except Exception:
+        pass
+
+
+def _write_all(fs: Any, fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = fs.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.EIO, "short write")
+        view = view[written:]
+
+
+def _write_file(fs: Any, path: str, data: bytes, flags: int) -> None:
+    """Write ``data`` to a new file at ``path`` and fsync it."""
+    fd = fs.open(path, os.O_WRONLY | os.O_CREAT | flags)
+    try:
+        _write_all(fs, fd, data)
+        fs.fsync(fd)
+    finally:
+        fs.close(fd)
+
+
+# -- operations run in a batch -------------------------------------------------
+
+
+class _Operation:
+    """One change to the queue, run off the reactor thread inside a batch."""
+
+    queue_id: str
+    action: str
+
+    def run(self) -> Any:
+        raise NotImplementedError
+
+    def undo(self) -> None:
+        """Called when the batch's directory fsync failed after ``run`` succeeded."""
+
+
+class _CommitOperation(_Operation):
+    action = "store"
+
+    def __init__(self, spool: "Spool", message: "IncomingMessage", envelope: bytes) -> None:
+        self.spool = spool
+        self.message = message
+        self.queue_id = message.queue_id
+        self.envelope = envelope
+
+    def run(self) -> str:
+        spool, fs = self.spool, self.spool._fs
+        tmp_env = spool._tmp_path(self.queue_id + ENVELOPE_SUFFIX)
+        queued_msg = spool.message_path(self.queue_id)
+        renamed = False
+        try:
+            self.message._finish()
+            _write_file(fs, tmp_env, self.envelope, os.O_EXCL)
+            fs.rename(self.message._tmp_path, queued_msg)
+            renamed = True
+            fs.rename(tmp_env, spool._envelope_path(self.queue_id))  # the commit point
+        except Exception:
+            _ignore_errors(fs.unlink, tmp_env)
+            _ignore_errors(fs.unlink, queued_msg if renamed else self.message._tmp_path)
+            raise
+        return self.queue_id
+
+    def undo(self) -> None:
+        # Never acknowledged: withdraw it rather than deliver a message the
+        # client will send again.  Envelope first, as in every removal.
+        fs = self.spool._fs
+        _ignore_errors(fs.unlink, self.spool._envelope_path(self.queue_id))
+        _ignore_errors(fs.unlink, self.spool.message_path(self.queue_id))
+
+
+class _ModifyOperation(_Operation):
+    action = "update"
+
+    def __init__(self, spool: "Spool", queue_id: str, change: Callable[[Envelope], Envelope]) -> None:
+        self.spool = spool
+        self.queue_id = queue_id
+        self.change = change
+
+    def run(self) -> Envelope:
+        return self.spool._modify_locked(self.queue_id, self.change)
+
+
+class _RemoveOperation(_Operation):
+    action = "remove"
+
+    def __init__(self, spool: "Spool", queue_id: str) -> None:
+        self.spool = spool
+        self.queue_id = queue_id
+
+    def run(self) -> bool:
+        return self.spool._remove_locked(self.queue_id)
+
+
+# -- incoming messages ---------------------------------------------------------
+
+
+class IncomingMessage:
+    """A message being received: bytes go to a file under ``tmp/`` until commit.
+
+    ``write`` never raises on a disk error: the first error is kept, later
+    data is dropped, and ``commit`` errbacks with it (the session answers 451).
+    """
+
+    def __init__(self, spool: "Spool", queue_id: str) -> None:
+        self.queue_id = queue_id
+        self.size = 0
+        self._spool = spool
+        self._tmp_path = spool._tmp_path(queue_id + MESSAGE_SUFFIX)
+        self._buffer = bytearray()
+        self._error: Optional[BaseException] = None
+        self._state = "open"  # open -> committing -> committed | aborted | failed
+        self._fd: Optional[int] = None
+        try:
+            self._fd = spool._fs.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except Exception as e:
+            self._error = e
+
+    def write(self, data: bytes) -> None:
+        """Append ``data`` (buffered; nothing is fsynced before commit)."""
+        if self._state != "open":
+            raise ValueError(f"message {self.queue_id} is no longer open for writing")
+        self.size += len(data)
+        if self._error is not None:
+            return
+        self._buffer += data
+        if len(self._buffer) >= WRITE_BUFFER:
+            try:
+                self._flush(self._fd)
+            except Exception as e:
+                self._error = e
+                self._buffer.clear()
+
+    def commit(self, envelope: Envelope) -> Deferred:
+        """Make the message and ``envelope`` durable; fires with the queue id.
+
+        The stored envelope carries this message's queue id and its size in
+        octets.  On failure the Deferred errbacks and nothing is queued.
+        """
+        if self._state != "open":
+            return defer.fail(ValueError(f"message {self.queue_id} cannot be committed twice"))
+        self._state = "committing"
+        if envelope.queue_id != self.queue_id:
+            self._state = "failed"
+            self._discard()
+            return defer.fail(
+                ValueError(f"envelope is for {envelope.queue_id!r}, not {self.queue_id!r}")
+            )
+        if envelope.size != self.size:
+            envelope = replace(envelope, size=self.size)
+        d = self._spool._submit(_CommitOperation(self._spool, self, envelope.to_json()))
+        d.addBoth(self._committed)
+        return d
+
+    def abort(self) -> None:
+        """Forget the message and remove its temporary file; idempotent."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        self._discard()
+
+    # -- internals ----------------------------------------------------------
+
+    def _committed(self, result: Any) -> Any:
+        self._state = "failed" if isinstance(result, Failure) else "committed"
+        if self._state == "committed":
+            self._spool._notify_commit(self.queue_id)
+        return result
+
+    def _discard(self) -> None:
+        self._buffer = bytearray()
+        fs = self._spool._fs
+        if self._fd is not None:
+            _ignore_errors(fs.close, self._fd)
+            self._fd = None
+        _ignore_errors(fs.unlink, self._tmp_path)
+
+    def _flush(self, fd: Optional[int]) -> None:
+        if self._buffer and fd is not None:
+            data, self._buffer = bytes(self._buffer), bytearray()
+            _write_all(self._spool._fs, fd, data)
+
+    def _finish(self) -> None:
+        """Write what is buffered, fsync and close (in the spool's thread)."""
+        fs, fd = self._spool._fs, self._fd
+        self._fd = None
+        try:
+            if self._error is not None:
+                raise self._error
+            assert fd is not None
+            self._flush(fd)
+            fs.fsync(fd)
+        finally:
+            if fd is not None:
+                fs.close(fd)
+
+
+# -- the spool -----------------------------------------------------------------
+
+
+class Spool:
+    """A queue directory: the one door in, the single truth, start-up recovery."""
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        clock: Optional[IReactorTime] = None,
+        runner: Optional[Runner] = None,
+        fs: Any = None,
+    ) -> None:
+        self.directory = directory
+        self._clock = clock
+        self._fs = fs if fs is not None else OsFileSystem()
+        self._runner: Runner = runner if runner is not None else self._run_in_pool
+        self._tmp = os.path.join(directory, TMP_DIR)
+        self._queue = os.path.join(directory, QUEUE_DIR)
+        self._corrupt = os.path.join(directory, CORRUPT_DIR)
+        self._pending: list[tuple[_Operation, Deferred]] = []
+        self._in_flight = False
+        self._idle_waiters: list[Deferred] = []
+        self._pool: Optional[ThreadPool] = None
+        self._shutdown_trigger: Any = None
+        self._commit_listeners: list[Callable[[str], Any]] = []
+
+    # -- the one door in: who hears of new messages -------------------------
+
+    def on_commit(self, listener: Callable[[str], Any]) -> None:
+        """Call ``listener(queue_id)`` each time a new message has become durable."""
+        self._commit_listeners.append(listener)
+
+    def _notify_commit(self, queue_id: str) -> None:
+        for listener in self._commit_listeners:
+            try:
+                listener(queue_id)
+            except Exception:
+                log.failure("{queue_id}: commit listener failed", queue_id=queue_id)
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the spool's own thread pool (only used without an injected runner)."""
+        if self._pool is not None:
+            return
+        from twisted.internet import reactor
+
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="relay-spool")
+        self._pool.start()
+        self._shutdown_trigger = reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
+            "during", "shutdown", self._stop_pool
+        )
+
+    def stop(self) -> Deferred:
+        """Fire once every queued operation is durable and the thread pool has stopped."""
+        d = self._when_idle()
+        d.addCallback(lambda _: self._stop_pool())
+        return d
+
+    def _stop_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        if self._shutdown_trigger is not None:
+            from twisted.internet import reactor
+
+            _ignore_errors(reactor.removeSystemEventTrigger, self._shutdown_trigger)  # type: ignore[attr-defined]
+            self._shutdown_trigger = None
+        pool.stop()
+
+    def _run_in_pool(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        from twisted.internet import reactor
+        from twisted.internet.threads import deferToThreadPool
+
+        if self._pool is None:
+            self.start()
+        assert self._pool is not None
+        return deferToThreadPool(reactor, self._pool, f, *args)  # type: ignore[arg-type]
+
+    # -- paths --------------------------------------------------------------
+
+    def _tmp_path(self, name: str) -> str:
+        return os.path.join(self._tmp, name)
+
+    def _envelope_path(self, queue_id: str) -> str:
+        return os.path.join(self._queue, queue_id + ENVELOPE_SUFFIX)
+
+    def message_path(self, queue_id: str) -> str:
+        """The path of the message bytes of ``queue_id``."""
+        _check_id(queue_id)
+        return os.path.join(self._queue, queue_id + MESSAGE_SUFFIX)
+
+    # -- reading ------------------------------------------------------------
+
+    def ids(self) -> list[str]:
+        """Committed queue ids, oldest first (one directory listing, no stat)."""
+        try:
+            names = self._fs.listdir(self._queue)
+        except FileNotFoundError:
+            return []
+        return sorted(_ids_in(names))
+
+    def load(self, queue_id: str) -> Envelope:
+        """Read the envelope of ``queue_id``; KeyError when it is not queued."""
+        if not valid_queue_id(queue_id):
+            raise KeyError(queue_id)
+        try:
+            data = self._fs.read_file(self._envelope_path(queue_id))
+        except FileNotFoundError:
+            raise KeyError(queue_id) from None
+        return Envelope.from_json(data)
+
+    def open_message(self, queue_id: str) -> BinaryIO:
+        """Open the message bytes of ``queue_id`` for reading; the caller closes."""
+        try:
+            return self._fs.open_read(self.message_path(queue_id))
+        except FileNotFoundError:
+            raise KeyError(queue_id) from None
+
+    # -- writing ------------------------------------------------------------
+
+    def new_message(self) -> IncomingMessage:
+        """Start receiving a message under a new queue id."""
+        return IncomingMessage(self, new_queue_id(self._get_clock()))
+
+    def update(self, envelope: Envelope) -> Deferred:
+        """Durably replace the envelope of ``envelope.queue_id``; KeyError when not queued."""
+        return self.modify(envelope.queue_id, lambda _current: envelope).addCallback(
+            lambda _: None
+        )
+
+    def modify(self, queue_id: str, change: Callable[[Envelope], Envelope]) -> Deferred:
+        """Durably replace an envelope by ``change(current)``, read under the lock.
+
+        ``change`` runs in the spool's thread and must be a pure function.
+        Fires with the stored envelope; KeyError when the message is not queued.
+        """
+        if not valid_queue_id(queue_id):
+            return defer.fail(KeyError(queue_id))
+        return self._submit(_ModifyOperation(self, queue_id, change))
+
+    def remove(self, queue_id: str) -> Deferred:
+        """Durably remove a message: envelope first, then its bytes.
+
+        Removing a message that is not queued succeeds and does nothing.
+        """
+        if not valid_queue_id(queue_id):
+            return defer.fail(KeyError(queue_id))
+        return self._submit(_RemoveOperation(self, queue_id)).addCallback(lambda _: None)
+
+    def update_sync(self, envelope: Envelope) -> None:
+        """``update`` for tools that run without a reactor (blocking)."""
+        self.modify_sync(envelope.queue_id, lambda _current: envelope)
+
+    def modify_sync(self, queue_id: str, change: Callable[[Envelope], Envelope]) -> Envelope:
+        """``modify`` for tools that run without a reactor (blocking)."""
+        _check_id(queue_id)
+        stored = self._modify_locked(queue_id, change)
+        self._fs.fsync_dir(self._queue)
+        log.info("{queue_id}: envelope updated", queue_id=queue_id)
+        return stored
+
+    def remove_sync(self, queue_id: str) -> None:
+        """``remove`` for tools that run without a reactor (blocking)."""
+        _check_id(queue_id)
+        if self._remove_locked(queue_id):
+            self._fs.fsync_dir(self._queue)
+            log.info("{queue_id}: removed", queue_id=queue_id)
+
+    # -- locked changes (run in the spool's thread or by the sync twins) ----
+
+    def _lock_envelope(self, queue_id: str) -> Optional[int]:
+        """Lock the current envelope file of ``queue_id``; None when not queued.
+
+        Closing the returned descriptor releases the lock.
+        """
+        fs, path = self._fs, self._envelope_path(queue_id)
+        while True:
+            try:
+                fd = fs.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+            try:
+                fs.lock(fd)
+                held = fs.fstat(fd)
+                try:
+                    current = fs.stat(path)
+                except FileNotFoundError:
+                    fs.close(fd)
+                    return None
+            except BaseException:
+                _ignore_errors(fs.close, fd)
+                raise
+            if (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
+                return fd
+            fs.close(fd)  # replaced while we waited: lock the new file
+
+    def _modify_locked(self, queue_id: str, change: Callable[[Envelope], Envelope]) -> Envelope:
+        fs = self._fs
+        fd = self._lock_envelope(queue_id)
+        if fd is None:
+            raise KeyError(queue_id)
+        try:
+            new = change(Envelope.from_json(fs.read_file(self._envelope_path(queue_id))))
+            if new.queue_id != queue_id:
+                raise ValueError(f"envelope is for {new.queue_id!r}, not {queue_id!r}")
+            tmp = self._tmp_path(queue_id + REPLACEMENT_SUFFIX)
+            try:
+                _write_file(fs, tmp, new.to_json(), os.O_TRUNC)
+                fs.rename(tmp, self._envelope_path(queue_id))
+            except Exception:
+                _ignore_errors(fs.unlink, tmp)
+                raise
+            return new
+        finally:
+            _ignore_errors(fs.close, fd)
+
+    def _remove_locked(self, queue_id: str) -> bool:
+        """Remove an entry; True when there was an envelope to remove."""
+        fs = self._fs
+        fd = self._lock_envelope(queue_id)
+        try:
+            if fd is not None:
+                fs.unlink(self._envelope_path(queue_id))
+            try:
+                fs.unlink(self.message_path(queue_id))
+            except FileNotFoundError:
+                pass
+            return fd is not None
+        finally:
+            if fd is not None:
+                _ignore_errors(fs.close, fd)
+
+    # -- group commit -------------------------------------------------------
+
+    def _submit(self, operation: _Operation) -> Deferred:
+        d: Deferred = Deferred()
+        self._pending.append((operation, d))
+        if not self._in_flight:
+            self._next_batch()
+        return d
+
+    def _next_batch(self) -> None:
+        if not self._pending:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+            return
+        batch, self._pending = self._pending, []
+        self._in_flight = True
+        operations = [op for op, _ in batch]
+        try:
+            d = self._runner(self._run_batch, operations)
+        except Exception:
+            d = defer.fail()
+        d.addBoth(self._batch_done, batch)
+
+    def _run_batch(self, operations: list[_Operation]) -> list[tuple[bool, Any]]:
+        """Run every operation, then one fsync of queue/ (in the spool's thread)."""
+        results: list[tuple[bool, Any]] = []
+        for op in operations:
+            try:
+                results.append((True, op.run()))
+            except Exception as e:
+                results.append((False, e))
+        if any(ok for ok, _ in results):
+            try:
+                self._fs.fsync_dir(self._queue)
+            except Exception as e:
+                for i, (op, (ok, _)) in enumerate(zip(operations, results)):
+                    if ok:
+                        op.undo()
+                        results[i] = (False, e)
+        return results
+
+    def _batch_done(self, outcome: Any, batch: list[tuple[_Operation, Deferred]]) -> None:
+        if isinstance(outcome, Failure):
+            results: list[tuple[bool, Any]] = [(False, outcome)] * len(batch)
+        else:
+            results = outcome
+        for (op, d), (ok, value) in zip(batch, results):
+            if ok:
+                self._log_done(op, value)
+                d.callback(value)
+            else:
+                self._log_failed(op, value)
+                d.errback(value if isinstance(value, Failure) else Failure(value))
+        self._in_flight = False  # operations submitted by the callbacks above wait for this
+        self._next_batch()
+
+    def _log_done(self, op: _Operation, value: Any) -> None:
+        if isinstance(op, _CommitOperation):
+            log.info(
+                "{queue_id}: stored, {size} octets", queue_id=op.queue_id, size=op.message.size
+            )
+        elif isinstance(op, _RemoveOperation):
+            log.info("{queue_id}: removed", queue_id=op.queue_id)
+        else:
+            log.debug("{queue_id}: envelope updated", queue_id=op.queue_id)
+
+    def _log_failed(self, op: _Operation, error: Any) -> None:
+        if isinstance(error, Failure):
+            error = error.value
+        if isinstance(error, KeyError):
+            log.info("{queue_id}: cannot {action}: not queued", queue_id=op.queue_id, action=op.action)
+        else:
+            log.error(
+                "{queue_id}: cannot {action}: {error}",
+                queue_id=op.queue_id,
+                action=op.action,
+                error=_describe(error),
+            )
+
+    def _when_idle(self) -> Deferred:
+        if not self._in_flight and not self._pending:
+            return defer.succeed(None)
+        d: Deferred = Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def _get_clock(self) -> IReactorTime:
+        if self._clock is None:
+            from twisted.internet import reactor
+
+            self._clock = reactor  # type: ignore[assignment]
+        return self._clock  # type: ignore[return-value]
+
+    # -- start-up recovery --------------------------------------------------
+
+    def recover(self) -> RecoveryReport:
+        """Bring the directory to a clean state at start-up (synchronous).
+
+        Creates the directories; deletes everything under ``tmp/`` and every
+        ``.msg`` without an envelope (never acknowledged); moves envelopes
+        that cannot be read, with their message, into ``corrupt/``.
+        """
+        fs, report = self._fs, RecoveryReport()
+        for path in (self._tmp, self._queue, self._corrupt):
+            fs.makedirs(path)
+        for name in fs.listdir(self._tmp):
+            _ignore_errors(fs.unlink, self._tmp_path(name))
+            report.removed_tmp += 1
+        names = set(fs.listdir(self._queue))
+        for name in sorted(names):
+            stem, _, suffix = name.partition(".")
+            if not valid_queue_id(stem) or "." + suffix not in (ENVELOPE_SUFFIX, MESSAGE_SUFFIX):
+                report.ignored.append(name)
+                log.warn("spool: ignoring unexpected file {name} in queue/", name=name)
+            elif suffix == MESSAGE_SUFFIX[1:] and stem + ENVELOPE_SUFFIX not in names:
+                fs.unlink(os.path.join(self._queue, name))
+                report.removed_orphans += 1
+                log.info("{queue_id}: removed message never acknowledged", queue_id=stem)
+            elif suffix == ENVELOPE_SUFFIX[1:]:
+                reason = self._check_entry(stem, stem + MESSAGE_SUFFIX in names)
+                if reason is None:
+                    report.ids.append(stem)
+                else:
+                    self._quarantine(stem, reason)
+                    report.quarantined.append(stem)
+        for path in (self._tmp, self._queue, self._corrupt):
+            fs.fsync_dir(path)
+        log.info(
+            "spool: {count} queued messages recovered from {directory}"
+            " ({tmp} temporary files and {orphans} unacknowledged messages removed,"
+            " {quarantined} entries moved to corrupt/)",
+            count=len(report.ids),
+            directory=self.directory,
+            tmp=report.removed_tmp,
+            orphans=report.removed_orphans,
+            quarantined=len(report.quarantined),
+        )
+        return report
+
+    def _check_entry(self, queue_id: str, has_message: bool) -> Optional[str]:
+        """None when the entry is good, otherwise why it is not."""
+        if not has_message:
+            return "message file missing"
+        try:
+            envelope = Envelope.from_json(self._fs.read_file(self._envelope_path(queue_id)))
+        except (OSError, EnvelopeFormatError) as e:
+            return _describe(e)
+        if envelope.queue_id != queue_id:
+            return f"envelope names queue id {envelope.queue_id!r}"
+        return None
+
+    def _quarantine(self, queue_id: str, reason: str) -> None:
+        """Move an entry into corrupt/: the message first, so no envelope is left alone."""
+        fs = self._fs
+        base = self._free_corrupt_name(queue_id)
+        for suffix in (MESSAGE_SUFFIX, ENVELOPE_SUFFIX):
+            try:
+                fs.rename(os.path.join(self._queue, queue_id + suffix), base + suffix)
+            except FileNotFoundError:
+                pass
+        _write_file(fs, base + REASON_SUFFIX, (reason + "\n").encode("utf-8"), os.O_TRUNC)
+        log.error(
+            "{queue_id}: quarantined in {path}: {reason}",
+            queue_id=queue_id,
+            path=base + ENVELOPE_SUFFIX,
+            reason=reason,
+        )
+
+    def _free_corrupt_name(self, queue_id: str) -> str:
+        taken = set(self._fs.listdir(self._corrupt))
+        name, n = queue_id, 0
+        while any(name + s in taken for s in (MESSAGE_SUFFIX, ENVELOPE_SUFFIX, REASON_SUFFIX)):
+            n += 1
+            name = f"{queue_id}-{n}"
+        return os.path.join(self._corrupt, name)
+
+
+class SpoolService(Service):
+    """Runs a spool with the application: recovery and threads at start, drain at stop."""
+
+    name = "spool"
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.report: Optional[RecoveryReport] = None
+
+    def startService(self) -> None:
+        self.report = self.spool.recover()
+        self.spool.start()
+        Service.startService(self)
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        return self.spool.stop()
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def _ids_in(names: list[str]) -> list[str]:
+    match = _ENVELOPE_NAME.fullmatch
+    return [m.group(1) for m in map(match, names) if m is not None]
+
+
+def _check_id(queue_id: str) -> None:
+    if not valid_queue_id(queue_id):
+        raise KeyError(queue_id)
+
+
+def _describe(error: BaseException) -> str:
+    """A one-line description of an error for the log (never sent to a peer)."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror} ({errno.errorcode.get(error.errno or 0, error.errno)})"
+    return str(error) or type(error).__name__
