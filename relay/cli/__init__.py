@@ -1,0 +1,1 @@
+"""Command-line tools for operators: ``relay-route`` (routing) and ``relay-queue`` (the spool)."""
