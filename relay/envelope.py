@@ -247,6 +247,7 @@ class Outcome:
     status: str = ""  # enhanced status code, e.g. "5.1.1"
     text: str = ""  # the remote reply text or the local reason
     host: str = ""  # the remote host that answered
+    rule: str = ""  # which rule or plugin chose the route ("" when none was chosen)
 
     def describe(self) -> str:
         """One line for logs, queue listings and DSN diagnostic codes."""

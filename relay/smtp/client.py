@@ -1,0 +1,996 @@
+"""The outbound ESMTP client: one connection to one next hop, several transactions.
+
+This module owns the client side of RFC 5321 as relay speaks it: the
+greeting, EHLO (HELO when EHLO is refused), STARTTLS (RFC 3207) with the TLS
+policy of the route, AUTH PLAIN/LOGIN (RFC 4954), pipelined transactions
+(RFC 2920), the MAIL parameters SIZE (RFC 1870), BODY=8BITMIME (RFC 6152) and
+SMTPUTF8 (RFC 6531), and the message itself, streamed from the spool through
+a pull producer with dot-stuffing that holds across every chunk boundary.
+
+It knows nothing of the queue or of routing: the delivery module opens a
+connection with ``connect``, hands ``Transaction`` values to ``send`` and gets
+back one ``Reply`` per recipient (``TransactionResult``), or a
+``SessionError`` when the connection itself could not carry the mail.
+
+Why not ``twisted.mail.smtp``'s client: it dot-stuffs per 16 KiB chunk and so
+misses a "." line that falls on a chunk boundary, and it has no pipelining and
+no SIZE/8BITMIME/SMTPUTF8 parameters.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable, Optional
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPullProducer, IReactorTime, ITLSTransport
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from relay.envelope import TLS_REQUIRE, TLS_VERIFY
+from relay.smtp.replies import Reply
+
+log = Logger()
+
+CRLF = b"\r\n"
+END_OF_DATA = b".\r\n"
+
+# Chunk size of the message producer; tests make it small to move the chunk
+# boundaries around.
+CHUNK_SIZE = 64 * 1024
+
+# A reply line is 512 octets in RFC 5321 4.5.3.1.5; tolerate far longer ones,
+# and drop the connection beyond this (for one line and for a whole reply).
+MAX_REPLY_LENGTH = 64 * 1024
+
+# Session stages named by SessionError.stage.
+STAGE_CONNECT = "connect"
+STAGE_GREETING = "greeting"
+STAGE_EHLO = "ehlo"
+STAGE_STARTTLS = "starttls"
+STAGE_AUTH = "auth"
+STAGE_TIMEOUT = "timeout"
+STAGE_LOST = "lost"
+
+# Replies synthesized by this client; their text says where they come from.
+REPLY_NO_SMTPUTF8 = Reply(550, "5.6.7", "relay: remote server does not support SMTPUTF8")
+REPLY_NO_8BITMIME = Reply(
+    554, "5.6.3",
+    "relay: remote server does not support 8BITMIME; conversion required but not supported",
+)
+REPLY_BAD_ADDRESS = Reply(553, "5.1.3", "relay: address contains characters not allowed in SMTP")
+TEXT_TOO_BIG = "relay: message size {size} exceeds the remote server's limit of {limit} octets"
+
+_REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])(?:([ -])(.*))?$", re.DOTALL)
+_PEM_CERT = re.compile(
+    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
+)
+_BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+# -- the values exchanged with the delivery module ------------------------------
+
+
+@dataclass(frozen=True)
+class ClientTimeouts:
+    """Seconds to wait at each step; defaults from RFC 5321 4.5.3.2."""
+
+    connect: float = 30
+    greeting: float = 300
+    ehlo: float = 300
+    mail: float = 300
+    rcpt: float = 300
+    data_init: float = 120
+    data_block: float = 180
+    final_dot: float = 600
+    idle: float = 60  # a pooled connection idle longer than this is closed
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """How to talk to one next hop.
+
+    ``tls``: "may" starts TLS when offered, without a certificate check;
+    "require" never sends mail in clear (no STARTTLS is a transient failure);
+    "verify" is "require" plus a certificate verified against the system CA
+    store (or ``ca_file``) for ``tls_hostname`` (the host name when empty).
+    With ``username`` set, AUTH PLAIN (or LOGIN) follows, only after TLS
+    unless ``auth_in_clear``.  The password is never logged and never put in
+    an exception text.
+    """
+
+    hostname: str
+    tls: str = "may"
+    tls_hostname: str = ""
+    ca_file: str = ""
+    username: str = ""
+    password: str = field(default="", repr=False)
+    auth_in_clear: bool = False
+    timeouts: ClientTimeouts = ClientTimeouts()
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """One message to some recipients of one destination.
+
+    ``recipients`` are ``(address, rcpt_route)`` pairs; a non-empty route is
+    sent as the source route ``<@h2,@h3:user@domain>``.  ``open_message``
+    opens the stored message (CRLF line endings) for binary reading; it is
+    called once per attempt (twice for an 8BITMIME message toward a server
+    without 8BITMIME, to check whether it is 7-bit after all).
+    """
+
+    sender: str  # "" for <>
+    recipients: tuple[tuple[str, tuple[str, ...]], ...]
+    size: int
+    body: str = "7BIT"  # or "8BITMIME"
+    smtputf8: bool = False
+    open_message: Callable[[], BinaryIO] = field(kw_only=True)
+    queue_id: str = field(default="", kw_only=True)  # for the logs
+
+
+@dataclass(frozen=True)
+class TransactionResult:
+    """Every recipient's final reply, from the peer or synthesized here."""
+
+    replies: dict[str, Reply]
+    host: str
+    tls: str  # "TLSv1.3 TLS_AES_256_GCM_SHA384", or "" in clear
+
+
+class SessionError(Exception):
+    """The connection or session could not carry mail.
+
+    ``stage`` is one of "connect", "greeting", "ehlo", "starttls", "auth",
+    "timeout", "lost".  ``reply`` is the peer's reply when there was one;
+    ``transient`` says whether a later attempt may succeed.  An
+    authentication failure is transient on purpose: it is a configuration
+    problem, and mail waits in the queue while the operator fixes it.
+    """
+
+    def __init__(self, reply: Optional[Reply], transient: bool, stage: str, message: str = "") -> None:
+        self.reply = reply
+        self.transient = transient
+        self.stage = stage
+        self.message = message or (describe(reply) if reply else stage)
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        if self.reply is not None and self.message != describe(self.reply):
+            return f"{self.message}: {describe(self.reply)}"
+        return self.message
+
+
+def describe(reply: Reply) -> str:
+    """``"550 5.1.1 no such user"``: one line for logs and errors."""
+    return str(reply)
+
+
+# -- reply parsing ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Response:
+    """A complete (possibly multi-line) reply as read off the wire."""
+
+    code: int
+    lines: tuple[str, ...]  # the text after "NNN-" / "NNN " of each line
+
+    def reply(self) -> Reply:
+        """The ``Reply``: enhanced status split out, lines joined with "\\n"."""
+        return Reply.parse([f"{self.code} {line}" for line in self.lines])
+
+
+def parse_capabilities(lines: tuple[str, ...]) -> dict[str, str]:
+    """EHLO keywords (upper-cased) -> their parameters, from the lines after the first."""
+    capabilities: dict[str, str] = {}
+    for line in lines[1:]:
+        keyword, _, params = line.strip().partition(" ")
+        if keyword.upper().startswith("AUTH="):  # the pre-RFC 4954 form
+            keyword, params = "AUTH", keyword[5:] + " " + params
+            params = " ".join((capabilities.get("AUTH", "") + " " + params).split())
+        if keyword:
+            capabilities[keyword.upper()] = params.strip()
+    return capabilities
+
+
+# -- dot-stuffing and the message producer ---------------------------------------
+
+
+class DotStuffer:
+    """Transparency (RFC 5321 4.5.2) over a stream cut into arbitrary chunks.
+
+    A line starting with "." gets one more ".".  The state "at the start of a
+    line" and a trailing CR are carried from one chunk to the next, so a "."
+    line is stuffed wherever the chunk boundaries fall.  Bare CR and bare LF
+    become CRLF: only CRLF ever goes on the wire.
+    """
+
+    def __init__(self) -> None:
+        self._at_line_start = True
+        self._pending_cr = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._pending_cr:
+            chunk = b"\r" + chunk
+            self._pending_cr = False
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+            self._pending_cr = True
+        if not chunk:
+            return b""
+        crlf = chunk.count(b"\r\n")
+        if chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf:
+            chunk = _BARE_LINE_END.sub(b"\r\n", chunk)
+        out = chunk.replace(b"\n.", b"\n..")
+        if self._at_line_start and out.startswith(b"."):
+            out = b"." + out
+        self._at_line_start = out.endswith(b"\n")
+        return out
+
+    def finish(self) -> bytes:
+        """The end of the data: a CRLF if the last line lacks one, then ".\\r\\n"."""
+        tail = b""
+        if self._pending_cr:
+            tail = CRLF
+            self._pending_cr = False
+            self._at_line_start = True
+        if not self._at_line_start:
+            tail += CRLF
+        self._at_line_start = True
+        return tail + END_OF_DATA
+
+
+@implementer(IPullProducer)
+class MessageProducer:
+    """Streams a message file to a consumer, dot-stuffed, one chunk per request.
+
+    Registered as a pull producer, so the transport asks for the next chunk
+    only when its buffer drained: a slow server slows the reading down.
+    ``progress`` is called on every chunk (the DATA block timer);
+    ``done`` once the end-of-data has been written, ``failed`` with the
+    exception when the file cannot be read (nothing more is written then).
+    """
+
+    def __init__(
+        self,
+        source: BinaryIO,
+        consumer,
+        progress: Callable[[], None],
+        done: Callable[[], None],
+        failed: Callable[[BaseException], None],
+        chunk_size: Optional[int] = None,
+    ) -> None:
+        self._source = source
+        self._consumer = consumer
+        self._progress = progress
+        self._done = done
+        self._failed = failed
+        self._chunk_size = chunk_size or CHUNK_SIZE
+        self._stuffer = DotStuffer()
+        self._finished = False
+
+    def start(self) -> None:
+        self._consumer.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:
+        if self._finished:
+            return
+        self._progress()
+        try:
+            while True:
+                chunk = self._source.read(self._chunk_size)
+                if not chunk:
+                    self._end()
+                    return
+                data = self._stuffer.feed(chunk)
+                if data:
+                    self._consumer.write(data)
+                    return
+        except OSError as e:
+            self._stop()
+            self._consumer.unregisterProducer()
+            self._failed(e)
+
+    def stopProducing(self) -> None:
+        self._stop()
+
+    def _end(self) -> None:
+        self._stop()
+        self._consumer.write(self._stuffer.finish())
+        self._consumer.unregisterProducer()
+        self._done()
+
+    def _stop(self) -> None:
+        if not self._finished:
+            self._finished = True
+            try:
+                self._source.close()
+            except OSError:
+                pass
+
+
+# -- the protocol -----------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    """A reply we wait for: what it answers, how long to wait, who handles it."""
+
+    what: str
+    timeout: float
+    handler: Callable[[_Response], None]
+
+
+@dataclass
+class _TxnState:
+    """The progress of the transaction in flight."""
+
+    transaction: Transaction
+    deferred: Deferred
+    pipelined: bool
+    rset: Optional[_Response] = None
+    mail: Optional[_Response] = None
+    rcpt: dict[int, _Response] = field(default_factory=dict)
+    replies: dict[str, Reply] = field(default_factory=dict)
+    accepted: list[str] = field(default_factory=list)
+
+
+class SMTPClientProtocol(LineReceiver):
+    """One outbound SMTP connection, a state machine driven by the replies.
+
+    ``ready`` fires with the protocol once the session can carry mail
+    (greeting, EHLO or HELO, STARTTLS and EHLO again, AUTH, as the options
+    say) or errbacks with a ``SessionError``.  ``send`` runs one transaction
+    (RSET first when the connection was used before); ``quit`` ends the
+    session.  ``busy`` is true during a transaction, ``closed`` once the
+    connection cannot be used any more.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_REPLY_LENGTH
+
+    def __init__(self, options: ClientOptions, host: str = "", clock: Optional[IReactorTime] = None) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[no-redef]
+        self.options = options
+        self.host = host
+        self.clock = clock
+        self.ready: Deferred = Deferred()
+        self.capabilities: dict[str, str] = {}
+        self.busy = False
+        self.closed = False
+        self.tls = ""
+        self.chunk_size = CHUNK_SIZE
+        self._pending: collections.deque[_Pending] = collections.deque()
+        self._lines: list[str] = []
+        self._reply_code = 0
+        self._reply_size = 0
+        self._timer = None
+        self._stage = STAGE_GREETING
+        self._setup_done = False
+        self._tls_started = False
+        self._used = False
+        self._txn: Optional[_TxnState] = None
+        self._quit_d: Optional[Deferred] = None
+        self._source: Optional[BinaryIO] = None
+        self._dead = False
+
+    # -- connection events ---------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._expect("greeting", self.options.timeouts.greeting, self._on_greeting)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.closed = True
+        if self._dead:
+            return
+        stage = STAGE_STARTTLS if self._stage == STAGE_STARTTLS else STAGE_LOST
+        self._fail(SessionError(None, True, stage, f"connection to {self.host} lost"), drop=False)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._dead:
+            return
+        try:
+            self._reply_line(line)
+        except Exception:
+            log.failure("error handling a reply from {host}", host=self.host)
+            self._protocol_error("internal error handling a reply")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if not self._dead:
+            self._protocol_error("reply line too long")
+
+    # -- replies -------------------------------------------------------------
+
+    def _reply_line(self, line: bytes) -> None:
+        line = line.rstrip(b"\r")
+        m = _REPLY_LINE.match(line)
+        if m is None:
+            self._protocol_error("malformed reply line")
+            return
+        code = int(m.group(1))
+        if self._lines and code != self._reply_code:
+            self._protocol_error("inconsistent codes in a multi-line reply")
+            return
+        self._reply_size += len(line)
+        if self._reply_size > MAX_REPLY_LENGTH:
+            self._protocol_error("reply too long")
+            return
+        self._reply_code = code
+        self._lines.append((m.group(3) or b"").decode("utf-8", "replace"))
+        if m.group(2) == b"-":
+            return
+        response = _Response(code, tuple(self._lines))
+        self._lines = []
+        self._reply_size = 0
+        self._dispatch(response)
+
+    def _dispatch(self, response: _Response) -> None:
+        if not self._pending:
+            self._protocol_error("unexpected reply")
+            return
+        pending = self._pending.popleft()
+        self._cancel_timer()
+        if self._pending:
+            self._arm(self._pending[0].timeout, self._pending[0].what)
+        pending.handler(response)
+
+    def _expect(self, what: str, timeout: float, handler: Callable[[_Response], None]) -> None:
+        self._pending.append(_Pending(what, timeout, handler))
+        if len(self._pending) == 1:
+            self._arm(timeout, what)
+
+    def _command(self, line: bytes, what: str, timeout: float, handler: Callable[[_Response], None]) -> None:
+        """Send one command and wait for its reply."""
+        self._commands([(line, what, timeout, handler)])
+
+    def _commands(self, commands: list[tuple[bytes, str, float, Callable[[_Response], None]]]) -> None:
+        """Send commands in one write (a pipelined group) and wait for each reply in order."""
+        for _, what, timeout, handler in commands:
+            self._expect(what, timeout, handler)
+        self.transport.write(b"".join(line + CRLF for line, _, _, _ in commands))
+
+    # -- timers --------------------------------------------------------------
+
+    def _arm(self, seconds: float, what: str, callback: Optional[Callable[[str], None]] = None) -> None:
+        self._cancel_timer()
+        self._timer = self.clock.callLater(seconds, callback or self._timed_out, what)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self, what: str) -> None:
+        self._timer = None
+        log.warn("{host}: timeout waiting for {what}", host=self.host, what=what)
+        self._fail(SessionError(None, True, STAGE_TIMEOUT, f"timeout waiting for {what} from {self.host}"))
+
+    def _idle_expired(self, what: str) -> None:
+        self._timer = None
+        log.debug("{host}: idle connection closed", host=self.host)
+        self._dead = True
+        self.closed = True
+        self.transport.write(b"QUIT" + CRLF)
+        self.transport.loseConnection()
+
+    # -- failure -------------------------------------------------------------
+
+    def _protocol_error(self, why: str) -> None:
+        log.warn("{host}: protocol error: {why}", host=self.host, why=why)
+        stage = self._stage if not self._setup_done else STAGE_LOST
+        self._fail(SessionError(None, True, stage, f"protocol error from {self.host}: {why}"))
+
+    def _fail(self, error: SessionError, drop: bool = True) -> None:
+        """The session is over: report ``error`` to whoever waits, drop the connection."""
+        self._dead = True
+        self.closed = True
+        self._pending.clear()
+        self._cancel_timer()
+        txn, self._txn = self._txn, None
+        quit_d, self._quit_d = self._quit_d, None
+        self.busy = False
+        if not self._setup_done:
+            self._setup_done = True
+            self.ready.errback(error)
+        elif txn is not None:
+            txn.deferred.errback(error)
+        elif quit_d is not None:
+            quit_d.callback(None)
+        if drop and self.transport is not None:
+            abort = getattr(self.transport, "abortConnection", None)
+            (abort or self.transport.loseConnection)()
+
+    def _refuse_session(self, response: _Response, stage: str) -> None:
+        """A refusal at greeting/EHLO: SessionError, QUIT (unless 421), close."""
+        reply = response.reply()
+        log.info("{host}: {stage} refused: {reply}", host=self.host, stage=stage, reply=describe(reply))
+        self._give_up(SessionError(reply, reply.code < 500, stage), quit=reply.code != 421)
+
+    def _give_up(self, error: SessionError, quit: bool = True) -> None:
+        """Fail the session politely: QUIT, then close after the write."""
+        if quit:
+            self.transport.write(b"QUIT" + CRLF)
+        self._fail(error, drop=False)
+        self.transport.loseConnection()
+
+    # -- session set-up --------------------------------------------------------
+
+    def _on_greeting(self, response: _Response) -> None:
+        if response.code != 220:
+            self._refuse_session(response, STAGE_GREETING)
+            return
+        self._send_ehlo()
+
+    def _send_ehlo(self) -> None:
+        if self._stage != STAGE_STARTTLS:
+            self._stage = STAGE_EHLO
+        self._command(b"EHLO " + self._hostname(), "the reply to EHLO", self.options.timeouts.ehlo, self._on_ehlo)
+
+    def _hostname(self) -> bytes:
+        return self.options.hostname.encode("idna") if not self.options.hostname.isascii() else self.options.hostname.encode("ascii")
+
+    def _on_ehlo(self, response: _Response) -> None:
+        if self._stage == STAGE_STARTTLS:
+            self._tls_established()
+        if response.code == 250:
+            self.capabilities = parse_capabilities(response.lines)
+            self._after_hello()
+        elif 500 <= response.code < 600 and not self._tls_started:
+            self._command(b"HELO " + self._hostname(), "the reply to HELO", self.options.timeouts.ehlo, self._on_helo)
+        else:
+            self._refuse_session(response, STAGE_EHLO)
+
+    def _on_helo(self, response: _Response) -> None:
+        if response.code != 250:
+            self._refuse_session(response, STAGE_EHLO)
+            return
+        self.capabilities = {}
+        self._after_hello()
+
+    def _after_hello(self) -> None:
+        if not self._tls_started:
+            if "STARTTLS" in self.capabilities:
+                self._command(b"STARTTLS", "the reply to STARTTLS", self.options.timeouts.ehlo, self._on_starttls)
+                return
+            if self._tls_required():
+                self._give_up(SessionError(None, True, STAGE_STARTTLS, f"{self.host} does not offer STARTTLS; TLS is required"))
+                return
+        self._authenticate()
+
+    def _tls_required(self) -> bool:
+        return self.options.tls in (TLS_REQUIRE, TLS_VERIFY)
+
+    def _on_starttls(self, response: _Response) -> None:
+        if response.code != 220:
+            if self._tls_required():
+                self._give_up(SessionError(response.reply(), True, STAGE_STARTTLS, f"{self.host} refused STARTTLS"))
+                return
+            log.info("{host}: STARTTLS refused ({reply}); continuing in clear", host=self.host, reply=describe(response.reply()))
+            self._authenticate()
+            return
+        try:
+            if not ITLSTransport.providedBy(self.transport):
+                raise ValueError("the transport cannot start TLS")
+            context = self._tls_context()
+        except Exception as e:  # a bad ca_file, an unusable name: never escape into the reactor
+            log.error("{host}: cannot start TLS: {error}", host=self.host, error=str(e))
+            self._fail(SessionError(None, True, STAGE_STARTTLS, f"cannot start TLS with {self.host}"))
+            return
+        self._stage = STAGE_STARTTLS
+        self._tls_started = True
+        self.capabilities = {}
+        self.transport.startTLS(context)
+        self._send_ehlo()
+
+    def _tls_context(self):
+        from twisted.internet import ssl
+
+        if self.options.tls != TLS_VERIFY:
+            return ssl.CertificateOptions(verify=False)
+        name = self.options.tls_hostname or self.host
+        if self.options.ca_file:
+            with open(self.options.ca_file, "rb") as f:
+                pems = _PEM_CERT.findall(f.read())
+            if not pems:
+                raise ValueError(f"no certificate in {self.options.ca_file}")
+            trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(p) for p in pems])
+        else:
+            trust = ssl.platformTrust()
+        return ssl.optionsForClientTLS(name, trustRoot=trust)
+
+    def _tls_established(self) -> None:
+        self._stage = STAGE_EHLO
+        try:
+            handle = self.transport.getHandle()
+            self.tls = f"{handle.get_protocol_version_name()} {handle.get_cipher_name()}"
+        except Exception:
+            self.tls = "TLS"
+        log.info("{host}: TLS established: {tls}", host=self.host, tls=self.tls)
+
+    def _authenticate(self) -> None:
+        if not self.options.username:
+            self._session_ready()
+            return
+        self._stage = STAGE_AUTH
+        if not self._tls_started and not self.options.auth_in_clear:
+            self._give_up(SessionError(None, True, STAGE_AUTH, f"not authenticating to {self.host} without TLS"))
+            return
+        mechanisms = self.capabilities.get("AUTH", "").upper().split()
+        user = self.options.username.encode("utf-8")
+        password = self.options.password.encode("utf-8")
+        timeout = self.options.timeouts.ehlo
+        if "PLAIN" in mechanisms:
+            token = base64.b64encode(b"\0" + user + b"\0" + password)
+            self._command(b"AUTH PLAIN " + token, "the reply to AUTH", timeout, self._on_auth)
+        elif "LOGIN" in mechanisms:
+            def on_password_prompt(response: _Response) -> None:
+                if response.code != 334:
+                    self._on_auth(response)
+                    return
+                self._command(base64.b64encode(password), "the reply to AUTH", timeout, self._on_auth)
+
+            def on_user_prompt(response: _Response) -> None:
+                if response.code != 334:
+                    self._on_auth(response)
+                    return
+                self._command(base64.b64encode(user), "the AUTH LOGIN password prompt", timeout, on_password_prompt)
+
+            self._command(b"AUTH LOGIN", "the AUTH LOGIN user name prompt", timeout, on_user_prompt)
+        else:
+            self._give_up(SessionError(None, True, STAGE_AUTH, f"{self.host} offers no AUTH mechanism relay supports"))
+
+    def _on_auth(self, response: _Response) -> None:
+        if response.code != 235:
+            reply = response.reply()
+            log.error("{host}: authentication as {user} failed: {reply}", host=self.host, user=self.options.username, reply=describe(reply))
+            self._give_up(SessionError(reply, True, STAGE_AUTH, f"authentication to {self.host} failed"))
+            return
+        log.info("{host}: authenticated as {user}", host=self.host, user=self.options.username)
+        self._session_ready()
+
+    def _session_ready(self) -> None:
+        self._stage = STAGE_LOST
+        self._setup_done = True
+        self._arm_idle()
+        self.ready.callback(self)
+
+    def _arm_idle(self) -> None:
+        self._arm(self.options.timeouts.idle, "idle", self._idle_expired)
+
+    # -- transactions ------------------------------------------------------------
+
+    def send(self, transaction: Transaction) -> Deferred:
+        """Run one mail transaction; fires with a TransactionResult or errbacks SessionError."""
+        if self.closed or self._dead:
+            return defer.fail(SessionError(None, True, STAGE_LOST, f"connection to {self.host} is closed"))
+        if self.busy or not self._setup_done:
+            raise RuntimeError("send() on a connection that is not ready")
+        self.busy = True
+        self._cancel_timer()
+        try:
+            synthesized = self._precheck(transaction)
+            source = None if synthesized else transaction.open_message()
+        except OSError as e:
+            log.error("{queue_id}: cannot read the queued message: {error}", queue_id=transaction.queue_id, error=str(e))
+            self.busy = False
+            self._arm_idle()
+            return defer.fail(SessionError(None, True, STAGE_LOST, "cannot read the queued message"))
+        if synthesized is not None:
+            self.busy = False
+            self._arm_idle()
+            replies = {address: synthesized for address, _ in transaction.recipients}
+            self._log_replies(transaction, replies)
+            return defer.succeed(TransactionResult(replies, self.host, self.tls))
+        state = _TxnState(transaction, Deferred(), pipelined="PIPELINING" in self.capabilities)
+        self._txn = state
+        self._source = source
+        state.deferred.addBoth(self._close_source, source)
+        self._start_transaction(state)
+        return state.deferred
+
+    def _close_source(self, result, source: BinaryIO):
+        try:
+            source.close()
+        except OSError:
+            pass
+        return result
+
+    def _precheck(self, transaction: Transaction) -> Optional[Reply]:
+        """A reply for every recipient when the peer cannot take this message at all."""
+        if transaction.smtputf8 and "SMTPUTF8" not in self.capabilities:
+            return REPLY_NO_SMTPUTF8
+        addresses = [transaction.sender] + [a for a, _ in transaction.recipients]
+        addresses += [h for _, route in transaction.recipients for h in route]
+        if any(_unsafe(a) for a in addresses):
+            return REPLY_BAD_ADDRESS
+        limit = self._size_limit()
+        if limit and transaction.size > limit:
+            return Reply(552, "5.3.4", TEXT_TOO_BIG.format(size=transaction.size, limit=limit))
+        if transaction.body.upper() == "8BITMIME" and "8BITMIME" not in self.capabilities:
+            if not _is_7bit(transaction.open_message, self.chunk_size):
+                return REPLY_NO_8BITMIME
+        return None
+
+    def _size_limit(self) -> int:
+        if "SIZE" not in self.capabilities:
+            return 0
+        value = self.capabilities["SIZE"].split()
+        return int(value[0]) if value and value[0].isdigit() else 0
+
+    def _mail_command(self, transaction: Transaction) -> bytes:
+        params = []
+        if "SIZE" in self.capabilities:
+            params.append(f"SIZE={transaction.size}")
+        if transaction.body.upper() == "8BITMIME" and "8BITMIME" in self.capabilities:
+            params.append("BODY=8BITMIME")
+        if transaction.smtputf8 and "SMTPUTF8" in self.capabilities:
+            params.append("SMTPUTF8")
+        line = f"MAIL FROM:<{transaction.sender}>" + "".join(" " + p for p in params)
+        return line.encode("utf-8")
+
+    def _start_transaction(self, state: _TxnState) -> None:
+        """Pipelined: [RSET] MAIL RCPT... DATA in one write.  Otherwise one command at a time."""
+        t = self.options.timeouts
+        transaction = state.transaction
+        commands = []
+        if self._used:
+            commands.append((b"RSET", "the reply to RSET", t.mail, self._on_rset))
+        self._used = True
+        if not state.pipelined:
+            self._commands(commands or [self._mail_step()])
+            return
+        commands.append(self._mail_step())
+        for i, (address, route) in enumerate(transaction.recipients):
+            commands.append((_rcpt_command(address, route), "the reply to RCPT", t.rcpt, self._rcpt_handler(i)))
+        commands.append((b"DATA", "the reply to DATA", t.data_init, self._on_data))
+        self._commands(commands)
+
+    def _mail_step(self) -> tuple[bytes, str, float, Callable[[_Response], None]]:
+        line = self._mail_command(self._txn.transaction)
+        return (line, "the reply to MAIL", self.options.timeouts.mail, self._on_mail)
+
+    def _rcpt_handler(self, index: int) -> Callable[[_Response], None]:
+        def handler(response: _Response) -> None:
+            self._on_rcpt(index, response)
+        return handler
+
+    def _on_rset(self, response: _Response) -> None:
+        state = self._txn
+        state.rset = response
+        if response.code // 100 != 2:
+            self._fail(SessionError(response.reply(), True, STAGE_LOST, f"{self.host} refused RSET"))
+            return
+        if not state.pipelined:
+            self._commands([self._mail_step()])
+
+    def _on_mail(self, response: _Response) -> None:
+        state = self._txn
+        state.mail = response
+        if response.code == 421:
+            self._server_closing(response)
+            return
+        if state.pipelined:
+            return
+        if response.code // 100 != 2:
+            self._finish_all(response.reply())
+            return
+        self._send_rcpt(0)
+
+    def _send_rcpt(self, index: int) -> None:
+        address, route = self._txn.transaction.recipients[index]
+        self._command(_rcpt_command(address, route), "the reply to RCPT", self.options.timeouts.rcpt, self._rcpt_handler(index))
+
+    def _on_rcpt(self, index: int, response: _Response) -> None:
+        state = self._txn
+        state.rcpt[index] = response
+        if response.code == 421:
+            self._server_closing(response)
+            return
+        if state.pipelined:
+            return
+        if index + 1 < len(state.transaction.recipients):
+            self._send_rcpt(index + 1)
+            return
+        self._record_rcpts(state)
+        if state.accepted:
+            self._command(b"DATA", "the reply to DATA", self.options.timeouts.data_init, self._on_data)
+        else:
+            self._finish()
+
+    def _record_rcpts(self, state: _TxnState) -> None:
+        """Refused recipients get their RCPT reply; the others are accepted."""
+        for i, (address, _) in enumerate(state.transaction.recipients):
+            response = state.rcpt.get(i)
+            if response is not None and response.code // 100 == 2:
+                state.accepted.append(address)
+            elif response is not None:
+                state.replies[address] = response.reply()
+
+    def _on_data(self, response: _Response) -> None:
+        state = self._txn
+        if state.pipelined:
+            if state.mail.code // 100 != 2:
+                self._finish_all(state.mail.reply(), data=response)
+                return
+            self._record_rcpts(state)
+            if not state.accepted:
+                self._finish(data=response)
+                return
+        if response.code == 421:
+            self._server_closing(response)
+            return
+        if response.code != 354:
+            for address in state.accepted:
+                state.replies[address] = response.reply()
+            self._finish()
+            return
+        self._stream_message(state)
+
+    def _stream_message(self, state: _TxnState) -> None:
+        t = self.options.timeouts
+        producer = MessageProducer(
+            self._source, self.transport,
+            progress=lambda: self._arm(t.data_block, "the peer to read the message data"),
+            done=lambda: self._expect("the reply to the end of data", t.final_dot, self._on_final_dot),
+            failed=self._read_failed,
+            chunk_size=self.chunk_size,
+        )
+        self._arm(t.data_block, "the peer to read the message data")
+        producer.start()
+
+    def _read_failed(self, error: BaseException) -> None:
+        queue_id = self._txn.transaction.queue_id if self._txn else ""
+        log.error("{queue_id}: cannot read the queued message: {error}; connection to {host} dropped", queue_id=queue_id, error=str(error), host=self.host)
+        self._fail(SessionError(None, True, STAGE_LOST, "cannot read the queued message"))
+
+    def _on_final_dot(self, response: _Response) -> None:
+        state = self._txn
+        reply = response.reply()
+        for address in state.accepted:
+            state.replies[address] = reply
+        if response.code == 421:
+            self._server_closing(response)
+            return
+        self._finish()
+
+    def _finish_all(self, reply: Reply, data: Optional[_Response] = None) -> None:
+        for address, _ in self._txn.transaction.recipients:
+            self._txn.replies[address] = reply
+        self._finish(data)
+
+    def _finish(self, data: Optional[_Response] = None) -> None:
+        """End the transaction; a 354 to a pipelined DATA without recipients gets an empty message."""
+        if data is not None and data.code == 354:
+            self.transport.write(END_OF_DATA)
+            self._expect("the reply to the end of data", self.options.timeouts.final_dot, lambda r: self._finish())
+            return
+        state, self._txn = self._txn, None
+        self.busy = False
+        self._log_replies(state.transaction, state.replies)
+        if not self._dead:
+            self._arm_idle()
+        state.deferred.callback(TransactionResult(dict(state.replies), self.host, self.tls))
+
+    def _server_closing(self, response: _Response) -> None:
+        """421 in a transaction: undecided recipients get it, and the connection is done."""
+        state = self._txn
+        reply = response.reply()
+        for i, (address, _) in enumerate(state.transaction.recipients):
+            refusal = state.rcpt.get(i)
+            if refusal is not None and refusal.code // 100 != 2:
+                state.replies[address] = refusal.reply()
+            state.replies.setdefault(address, reply)
+        self._dead = True
+        self.closed = True
+        self._pending.clear()
+        self._cancel_timer()
+        self._finish()
+        self.transport.loseConnection()
+
+    def _log_replies(self, transaction: Transaction, replies: dict[str, Reply]) -> None:
+        for address, reply in replies.items():
+            log.info(
+                "{queue_id}: to <{recipient}> via {host}: {reply}",
+                queue_id=transaction.queue_id, recipient=address, host=self.host, reply=describe(reply),
+            )
+
+    # -- the end -------------------------------------------------------------------
+
+    def quit(self) -> Deferred:
+        """Send QUIT and close; fires (with None) once the peer answered or went away."""
+        if self.closed or self._dead:
+            return defer.succeed(None)
+        self.closed = True
+        self._cancel_timer()
+        d = self._quit_d = Deferred()
+
+        def on_reply(response: _Response) -> None:
+            self._dead = True
+            self._quit_d = None
+            self._cancel_timer()
+            self.transport.loseConnection()
+            d.callback(None)
+
+        self._command(b"QUIT", "the reply to QUIT", self.options.timeouts.mail, on_reply)
+        return d
+
+
+def _unsafe(address: str) -> bool:
+    """True for an address that would break the command line it goes into."""
+    return any(c in address for c in "\r\n<>\0")
+
+
+def _rcpt_command(address: str, route: tuple[str, ...]) -> bytes:
+    path = (",".join("@" + h for h in route) + ":" if route else "") + address
+    return f"RCPT TO:<{path}>".encode("utf-8")
+
+
+def _is_7bit(open_message: Callable[[], BinaryIO], chunk_size: int) -> bool:
+    """True when every byte of the message is below 128."""
+    with open_message() as f:
+        while True:
+            chunk = f.read(chunk_size)
+            if not chunk:
+                return True
+            if not chunk.isascii():
+                return False
+
+
+# -- connecting -------------------------------------------------------------------
+
+
+class SMTPClientFactory(Factory):
+    """Builds the protocol for one outbound connection."""
+
+    def __init__(self, options: ClientOptions, host: str, clock: IReactorTime) -> None:
+        self.options = options
+        self.host = host
+        self.clock = clock
+
+    def buildProtocol(self, addr) -> SMTPClientProtocol:
+        protocol = SMTPClientProtocol(self.options, self.host, self.clock)
+        protocol.factory = self
+        return protocol
+
+
+def connect(reactor, address: str, port: int, host: str, options: ClientOptions) -> Deferred:
+    """Connect to ``address``:``port`` (IPv4 or IPv6) for ``host``; fires when the session is ready.
+
+    Fires with the ``SMTPClientProtocol`` once its ``ready`` fired (this
+    consumes ``ready``), or errbacks with ``SessionError`` (stage "connect"
+    when no TCP connection could be made within the connect timeout).
+    """
+    from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+
+    try:
+        ipv6 = ipaddress.ip_address(address).version == 6
+    except ValueError:
+        ipv6 = False
+    endpoint_type = TCP6ClientEndpoint if ipv6 else TCP4ClientEndpoint
+    endpoint = endpoint_type(reactor, address, port, timeout=options.timeouts.connect)
+    d = endpoint.connect(SMTPClientFactory(options, host, reactor))
+
+    def connected(protocol: SMTPClientProtocol) -> Deferred:
+        log.info("connected to {host} [{address}]:{port}", host=host, address=address, port=port)
+        return protocol.ready
+
+    def not_connected(failure: Failure) -> Failure:
+        if failure.check(SessionError):
+            return failure
+        log.info("cannot connect to {host} [{address}]:{port}: {error}", host=host, address=address, port=port, error=failure.getErrorMessage())
+        raise SessionError(None, True, STAGE_CONNECT, f"cannot connect to {host} [{address}]:{port}: {failure.getErrorMessage()}")
+
+    d.addCallback(connected)
+    d.addErrback(not_connected)
+    return d
