@@ -14,11 +14,12 @@ single line and ``SystemExit`` itself.
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any, NoReturn, Optional, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet import ssl
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -179,13 +180,18 @@ class RelayService(MultiService):
     queue is recovered before any listener accepts mail) and stop in reverse.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reactor: Any = None) -> None:
         super().__init__()
         self.config = config
+        self.reactor = reactor
         self.spool: Any = None
         self.policy: Any = None
         self.tls_context: Optional[ssl.CertificateOptions] = None
         self.listeners: list[tuple[str, Listener]] = []
+        self.chain: Any = None
+        self.resolver: Any = None
+        self.delivery: Any = None
+        self.scheduler: Any = None
 
     def startService(self) -> None:
         config = self.config
@@ -200,6 +206,24 @@ class RelayService(MultiService):
             source=config.source or "built-in defaults",
         )
         super().startService()
+
+    def stopService(self) -> Any:
+        d = super().stopService()
+        d.addCallback(self._stopped_cleanly)
+        return d
+
+    def _stopped_cleanly(self, result: Any) -> Any:
+        """After a clean stop on SIGTERM, exit 0.
+
+        twistd re-raises the terminating signal once the reactor has stopped,
+        so the exit status would say "killed by SIGTERM".  For an MTA, SIGTERM
+        is the ordinary way to stop (init systems send it), and every part
+        has stopped in order by now: nothing was lost, so the status is 0.
+        """
+        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
+            self.reactor._exitSignal = None
+        log.info("relay {hostname} stopped", hostname=self.config.hostname)
+        return result
 
 
 class Listener(StreamServerEndpointService):
@@ -247,12 +271,49 @@ def _endpoint(reactor: Any, description: str, where: str) -> Any:
         raise ConfigError(f"{where}: {description!r} cannot be used: {reason}") from None
 
 
+class _Closing(Service):
+    """Calls ``close()`` on a part when the relay stops (pooled connections, threads)."""
+
+    def __init__(self, part: Any) -> None:
+        self.part = part
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.part.close()
+
+
+def _add_routing(relay: RelayService, reactor: Any) -> None:
+    """The router chain (built now, so a bad plugin or option stops start-up) and DNS."""
+    from relay.routing import build_chain
+    from relay.routing.mx import MXResolver
+
+    config = relay.config
+    relay.chain = build_chain(config)
+    relay.resolver = MXResolver(config.delivery.nameservers, clock=reactor)
+
+
+def _add_delivery(relay: RelayService, reactor: Any) -> None:
+    """Delivery and the scheduler: every committed message is attempted at once."""
+    from relay.delivery import Delivery
+    from relay.queue.scheduler import Scheduler
+
+    relay.delivery = Delivery(relay.config, relay.chain, relay.resolver, relay.spool, reactor)
+    closing = _Closing(relay.delivery)
+    closing.setName("delivery")
+    closing.setServiceParent(relay)
+    relay.scheduler = Scheduler(relay.spool, relay.delivery, reactor)
+    relay.scheduler.setName("scheduler")
+    relay.scheduler.setServiceParent(relay)
+    relay.spool.on_commit(relay.scheduler.enqueue)
+
+
 def _add_listeners(relay: RelayService, reactor: Any) -> None:
     from relay.policy import RelayPolicy
+    from relay.routing import rcpt_check
     from relay.smtp.server import SMTPServerFactory
 
     config = relay.config
-    relay.policy = RelayPolicy(config.server)
+    relay.policy = RelayPolicy(config.server, recipient_check=rcpt_check(relay.chain, config.hostname))
     relay.tls_context = build_tls_context(config.server, config.source or COMMAND_LINE)
     for submission, endpoints in ((False, config.server.listen), (True, config.server.submission_listen)):
         key = "server.submission_listen" if submission else "server.listen"
@@ -274,8 +335,8 @@ def build_relay(config: Config, reactor: Any) -> RelayService:
     Each part is added by one small function, in start-up order; later parts
     (scheduler, routing, delivery) are further functions in this list.
     """
-    relay = RelayService(config)
-    for add in (_add_spool, _add_listeners):
+    relay = RelayService(config, reactor)
+    for add in (_add_spool, _add_routing, _add_delivery, _add_listeners):
         add(relay, reactor)
     return relay
 

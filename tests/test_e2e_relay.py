@@ -79,7 +79,7 @@ def world(tmp_path_factory):
     smarthost = SMTPSink("127.0.0.7", port, tls_context=tls, require_starttls=True,
                          auth_required=True, authenticator=authenticator).start()
     (tmp / "upstream.secret").write_text("s3cret pass\n")
-    (tmp / "transport").write_text("plugged.test  smtp:[127.0.0.8]\n")
+    (tmp / "transport").write_text("plugged.test  smarthost [127.0.0.8]\n")
 
     # Relay B: the final hop of a source route; delivers by MX like any relay.
     relay_b = RelayProcess(tmp / "b", f'''

@@ -203,8 +203,25 @@ def test_start_up_log_line(monkeypatch: pytest.MonkeyPatch) -> None:
     lines = [formatEvent(e) for e in events]
     assert lines == [
         "relay relay.test starting: listening on tcp:2525:interface=127.0.0.1, submission on nothing, "
-        "queue relay-queue, 1 configured route(s), source built-in defaults"
+        "queue relay-queue, 1 configured route(s), source built-in defaults",
+        "relay relay.test stopped",
     ]
+
+
+def test_clean_stop_on_sigterm_exits_zero() -> None:
+    """After a clean stop, the SIGTERM twistd would re-raise is cleared (exit 0); other signals are kept."""
+    import signal
+
+    class FakeReactor:
+        _exitSignal: Any = None
+
+    for received, kept in ((signal.SIGTERM, None), (signal.SIGINT, signal.SIGINT)):
+        reactor = FakeReactor()
+        service = RelayService(Config(hostname="relay.test"), reactor)
+        service.startService()
+        reactor._exitSignal = received
+        service.stopService()
+        assert reactor._exitSignal == kept
 
 
 def test_build_relay_assembles_spool_then_listeners(tmp_path: Path) -> None:
@@ -225,7 +242,11 @@ def test_build_relay_assembles_spool_then_listeners(tmp_path: Path) -> None:
     children = list(relay)
     assert children[0].name == "spool" and isinstance(relay.spool, Spool)
     assert [name for name, _ in relay.listeners] == ["tcp:2525:interface=127.0.0.1", "tcp:2526", "tcp:2587"]
-    assert [s.name for s in children[1:]] == ["smtp:tcp:2525:interface=127.0.0.1", "smtp:tcp:2526", "submission:tcp:2587"]
+    # The queue is recovered and the scheduler picks it up before any listener accepts mail;
+    # listeners stop first, then the scheduler, then delivery's connections, the spool last.
+    assert [s.name for s in children[1:]] == [
+        "delivery", "scheduler", "smtp:tcp:2525:interface=127.0.0.1", "smtp:tcp:2526", "submission:tcp:2587"]
+    assert relay.policy.recipient_check is not None  # reject routes refuse at RCPT
     for _, listener in relay.listeners:
         listener.privilegedStartService()
     assert [(port, interface) for port, _, _, interface in reactor.tcpServers] == [(2525, "127.0.0.1"), (2526, ""), (2587, "")]
