@@ -1,28 +1,54 @@
-"""The queue runner: which queued message is attempted when, and what its outcome does to it.
+"""The queue manager: which queued message is attempted when, and what its outcome does to it.
 
-This module owns step 3 of the data flow.  ``apply_outcomes`` is the pure
-rule that turns delivery outcomes into recipient states; ``Scheduler`` runs
-attempts (one in flight per message), writes their results back to the spool
-durably, removes finished messages, and picks up every queued message at
-start-up.  It owns every retry: nothing else tries a message again.
+This module owns step 3 of the data flow and every retry: nothing else
+tries a message again.
 
-This first version attempts a message when it is enqueued (a new message, a
-restart, a flush).  Retry timers and bounces plug in at the seams
-``_deferred`` (some recipients still pending) and ``_finished`` (none left).
+* ``apply_outcomes`` and ``settle`` are the pure rules that turn delivery
+  outcomes into recipient states (delivered, failed, or pending with the
+  time of its next attempt from ``relay.queue.retry``; expired past
+  ``max_lifetime``).
+* ``Scheduler`` keeps the schedule: a heap of (due time, queue id) with one
+  timer on the injected clock for the earliest entry, and per queued message
+  only its due time and the domains of its pending recipients (for ETRN).
+  The schedule is a cache of the spool: at start-up it is rebuilt by reading
+  every envelope once (``Spool.peek``, in batches, so the reactor keeps
+  serving), and after each attempt from the envelope as stored.
+
+An attempt takes the message's pending recipients that are due (every one
+on a flush); their outcomes are written back durably before anything else
+happens, so a delivered recipient is never attempted again.  Then the
+notifications that are owed are spooled: one failure DSN for the recipients
+that failed (permanently or by expiry), and, with ``[queue] delay_warning``,
+one "delayed" DSN per recipient.  A recipient is marked ``reported`` (or
+``warned``) only after its DSN is durable, so a crash in between can send a
+DSN twice, never lose one.  A message is removed once nothing is pending and
+every failure is reported.
+
+Work is bounded: at most ``max_attempts`` messages are attempted at once
+(the rest wait in the heap, oldest first), and start-up reads
+``pickup_batch`` envelopes per reactor turn.  Held messages are never
+attempted; they are not in the schedule at all.
 """
 
 from __future__ import annotations
 
+import heapq
+import random
 from dataclasses import replace
-from typing import Any, Iterator, Optional
+from datetime import datetime, timezone
+from functools import lru_cache
+from itertools import islice
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relay.config import QueueConfig
+from relay.domains import normalize_domain
 from relay.envelope import (
     DELIVERED,
     FAILED,
@@ -32,16 +58,36 @@ from relay.envelope import (
     PENDING,
     Attempt,
     Envelope,
+    EnvelopeFormatError,
     Outcome,
     Recipient,
 )
+from relay.queue.retry import RandomSource, deadline, next_attempt
+from relay.queue.spool import QueueSummary
 
 log = Logger()
 
-# Messages attempted at once while walking the queue at start-up.
-PICKUP_CONCURRENCY = 20
+# Messages attempted at once, in all.
+MAX_ATTEMPTS = 100
+# Envelopes read per reactor turn while the schedule is rebuilt at start-up.
+PICKUP_BATCH = 500
 # How long stopService waits for attempts in flight before leaving them queued.
 STOP_GRACE = 10.0
+# Recipients falling due within this many seconds of an attempt go with it.
+DUE_SLACK = 1.0
+# The heap is rebuilt when stale entries outnumber live ones by this much.
+_COMPACT_SLACK = 1024
+
+# What an expired recipient's notification says (RFC 3463).
+STATUS_EXPIRED = "4.4.7"
+TEXT_EXPIRED = "delivery time expired"
+
+ACTION_FAILED = "failed"
+ACTION_DELAYED = "delayed"
+_NOTICE = {ACTION_FAILED: "bounce", ACTION_DELAYED: "delay warning"}
+
+# send_dsn(spool, envelope, recipients, hostname, now, **options) -> Deferred[str | None]
+SendDSN = Callable[..., Deferred]
 
 _STATE_AFTER = {
     OUTCOME_DELIVERED: DELIVERED,
@@ -50,19 +96,22 @@ _STATE_AFTER = {
 }
 
 
-# -- the pure rule ------------------------------------------------------------------
+# -- the pure rules ------------------------------------------------------------------
 
 
 def apply_outcome(recipient: Recipient, outcome: Outcome, now: float) -> Recipient:
     """``recipient`` after one attempt that ended with ``outcome`` at ``now``."""
     kind = outcome.kind if outcome.kind in _STATE_AFTER else OUTCOME_TRANSIENT
     reply = outcome.describe()
-    attempt = Attempt(time=now, outcome=kind, reply=reply, host=outcome.host, route=outcome.rule)
+    attempt = Attempt(
+        time=now, outcome=kind, reply=reply, host=outcome.host, route=outcome.rule, tls=outcome.tls
+    )
     return replace(
         recipient,
         status=_STATE_AFTER[kind],
         attempts=recipient.attempts + 1,
         last_error="" if kind == OUTCOME_DELIVERED else reply,
+        next_attempt=None,
         history=recipient.history + (attempt,),
     )
 
@@ -83,11 +132,101 @@ def apply_outcomes(envelope: Envelope, outcomes: list[Outcome], now: float) -> E
     return envelope.with_recipients(updated)
 
 
-# -- the runner ---------------------------------------------------------------------
+def settle(
+    envelope: Envelope, outcomes: list[Outcome], now: float, next_times: Mapping[str, Optional[float]]
+) -> Envelope:
+    """``apply_outcomes``, then each recipient deferred now gets its next attempt from ``next_times``.
+
+    ``None`` there means the recipient has expired: it becomes FAILED and
+    keeps its last error (its notification says 4.4.7, delivery time
+    expired).  Failures of a message from the null sender are marked
+    reported at once: nothing is ever sent about them.
+    """
+    after = apply_outcomes(envelope, outcomes, now)
+    updated = []
+    for r in after.recipients:
+        if r.status == PENDING and r.address in next_times:
+            when = next_times[r.address]
+            r = replace(r, next_attempt=when) if when is not None else replace(r, status=FAILED)
+        if r.status == FAILED and not r.reported and envelope.sender == "":
+            r = replace(r, reported=True)
+        updated.append(r)
+    return after.with_recipients(updated)
+
+
+def mark(envelope: Envelope, reported: frozenset[str], warned: frozenset[str]) -> Envelope:
+    """Mark FAILED recipients in ``reported`` reported and pending ones in ``warned`` warned."""
+    updated = []
+    for r in envelope.recipients:
+        if r.status == FAILED and r.address in reported:
+            updated.append(replace(r, reported=True))
+        elif r.status == PENDING and r.address in warned:
+            updated.append(replace(r, warned=True))
+    return envelope.with_recipients(updated)
+
+
+def unreported(envelope: Envelope) -> list[Recipient]:
+    """Recipients that failed and whose notification is not spooled yet."""
+    return [r for r in envelope.recipients if r.status == FAILED and not r.reported]
+
+
+def first_arrival(envelope: Envelope, now: float) -> float:
+    """When the message arrived; its first attempt, or ``now``, when that is not recorded."""
+    if envelope.arrival > 0:
+        return envelope.arrival
+    times = [r.history[0].time for r in envelope.recipients if r.history]
+    return min(times) if times else now
+
+
+def due_time(summary: QueueSummary, now: float, report_at: Optional[float] = None) -> float:
+    """When a message is due: its earliest pending recipient, or ``now`` when it has
+    nothing pending (it only needs finishing) or owes a notification (at ``report_at``)."""
+    candidates = [now if when is None else when for when in summary.next_attempts]
+    if summary.unreported:
+        candidates.append(now if report_at is None else report_at)
+    return min(candidates) if candidates else now
+
+
+_normalized = lru_cache(maxsize=65536)(normalize_domain)
+
+
+@lru_cache(maxsize=8192)
+def _domain_key(domains: tuple[str, ...]) -> tuple[str, ...]:
+    """The normalized, de-duplicated domains; equal inputs share one tuple (memory)."""
+    return tuple(dict.fromkeys(map(_normalized, domains)))
+
+
+def _clock_text(when: float) -> str:
+    return datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _duration_text(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+# -- the scheduler -------------------------------------------------------------------
+
+
+class _Entry:
+    """One scheduled message: when it is due and which domains it waits for."""
+
+    __slots__ = ("due", "domains", "forced")
+
+    def __init__(self, due: float, domains: tuple[str, ...], forced: bool) -> None:
+        self.due = due
+        self.domains = domains
+        self.forced = forced  # a flush: attempt every pending recipient, due or not
 
 
 class Scheduler(Service):
-    """Runs delivery attempts for queued messages and writes their results back."""
+    """Keeps every queued message scheduled, runs its attempts and writes their results back."""
 
     name = "scheduler"
 
@@ -96,106 +235,373 @@ class Scheduler(Service):
         spool: Any,
         delivery: Any,
         clock: IReactorTime,
-        pickup_concurrency: int = PICKUP_CONCURRENCY,
+        config: Optional[QueueConfig] = None,
+        hostname: str = "localhost",
+        rng: Optional[RandomSource] = None,
+        send_dsn: Optional[SendDSN] = None,
+        max_attempts: int = MAX_ATTEMPTS,
+        pickup_batch: int = PICKUP_BATCH,
         stop_grace: float = STOP_GRACE,
     ) -> None:
         self.spool = spool
         self.delivery = delivery
         self.clock = clock
-        self.pickup_concurrency = max(1, pickup_concurrency)
+        self.config = config if config is not None else QueueConfig()
+        self.hostname = hostname
+        self.rng: RandomSource = rng if rng is not None else random.Random()
+        self._send_dsn = send_dsn
+        self.max_attempts = max(1, max_attempts)
+        self.pickup_batch = max(1, pickup_batch)
         self.stop_grace = stop_grace
+        self._entries: dict[str, _Entry] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._timer: Optional[IDelayedCall] = None
         self._in_flight: dict[str, Deferred] = {}
+        self._recheck: set[str] = set()  # changed on disk during their attempt
+        self._dispatching = False
+        self._dispatch_again = False
         self._stopping = False
         self._pickup: Optional[Deferred] = None
 
-    # -- public ----------------------------------------------------------------
+    # -- public: the queue's other parts call these --------------------------------
 
     def enqueue(self, queue_id: str) -> Deferred:
-        """Attempt ``queue_id`` now unless it is held or already in flight.
+        """Attempt ``queue_id`` now (a new message), within the attempt cap.
 
-        Fires (with None) once the result is written back or the message was
-        skipped; never errbacks.
+        Fires (with None, never an error) when the attempt started by this call
+        is written back, or at once when the message is already being
+        attempted, the cap made it wait, or the scheduler is stopping.
         """
+        if self._stopping or queue_id in self._in_flight:
+            return defer.succeed(None)
+        self._set_due(queue_id, self.clock.seconds())
+        self._dispatch()
         running = self._in_flight.get(queue_id)
-        if running is not None:
-            log.debug("{queue_id}: attempt already in flight", queue_id=queue_id)
-            return defer.succeed(None)
+        return _watch(running) if running is not None else defer.succeed(None)
+
+    def flush(self, domain: Optional[str] = None, subdomains: bool = False) -> int:
+        """Make every scheduled message due now, or those with a pending recipient in ``domain``.
+
+        With ``subdomains``, the subdomains of ``domain`` match too (ETRN
+        ``@example.org``).  Every pending recipient of a flushed message is
+        attempted, whatever its next attempt time.  Held messages stay held;
+        messages being attempted right now are not counted.  Returns how many
+        messages were made due; they start at once up to the attempt cap, the
+        rest as attempts end.
+        """
         if self._stopping:
-            log.debug("{queue_id}: not attempted, stopping", queue_id=queue_id)
-            return defer.succeed(None)
-        done: Deferred = Deferred()
-        self._in_flight[queue_id] = done
-        d = Deferred.fromCoroutine(self._run(queue_id))
-        d.addErrback(self._run_failed, queue_id)
-        d.addBoth(self._ran, queue_id, done)
-        return done
+            return 0
+        now = self.clock.seconds()
+        if domain is None:
+            targets = list(self._entries)
+        else:
+            targets = self._matching(normalize_domain(domain), subdomains)
+        for queue_id in targets:
+            entry = self._entries[queue_id]
+            entry.due, entry.forced = now, True
+        if domain is None:
+            self._heap = [(now, queue_id) for queue_id in self._entries]
+            heapq.heapify(self._heap)
+        else:
+            for queue_id in targets:
+                heapq.heappush(self._heap, (now, queue_id))
+            self._compact()
+        log.info(
+            "flush{scope}: {count} message(s) due now",
+            scope="" if domain is None else f" of {domain}{' and its subdomains' if subdomains else ''}",
+            count=len(targets),
+        )
+        self._dispatch()
+        return len(targets)
+
+    def reschedule(self, queue_id: str) -> None:
+        """The envelope changed on disk (release, operator edit): read it and schedule it again.
+
+        A message that was not scheduled (a released one) becomes due now,
+        every pending recipient with it; a scheduled one keeps its stored times.
+        """
+        if self._stopping:
+            return
+        if queue_id in self._in_flight:
+            self._recheck.add(queue_id)
+            return
+        known = queue_id in self._entries
+        try:
+            summary = self._peek(queue_id)
+        except Exception:
+            log.failure("{queue_id}: cannot read the envelope to reschedule it", queue_id=queue_id)
+            return
+        if summary is None or summary.held:
+            self._drop(queue_id)
+            return
+        now = self.clock.seconds()
+        due = due_time(summary, now) if known else now
+        self._set_due(queue_id, due, _domain_key(summary.domains), forced=not known)
+        log.info("{queue_id}: rescheduled, due {when}", queue_id=queue_id, when=_clock_text(due))
+        self._dispatch()
+
+    def forget(self, queue_id: str) -> None:
+        """The message was deleted or held: drop it from the schedule."""
+        if queue_id in self._in_flight:
+            self._recheck.add(queue_id)
+        self._drop(queue_id)
+
+    def due(self, queue_id: str) -> Optional[float]:
+        """When ``queue_id`` is due, or None when it is not scheduled (held, in flight, unknown)."""
+        entry = self._entries.get(queue_id)
+        return None if entry is None else entry.due
+
+    @property
+    def scheduled(self) -> int:
+        """How many messages wait in the schedule (not counting those in flight)."""
+        return len(self._entries)
 
     @property
     def in_flight(self) -> frozenset[str]:
         """Queue ids being attempted now."""
         return frozenset(self._in_flight)
 
+    # -- service -------------------------------------------------------------------
+
     def startService(self) -> None:
-        """Pick up every queued message (restart), a bounded number at a time."""
+        """Rebuild the schedule from the spool (restart), a batch of envelopes per reactor turn."""
         Service.startService(self)
         self._stopping = False
         self._pickup = self.pickup()
 
     def stopService(self) -> Deferred:
-        """Stop starting attempts; wait up to ``stop_grace`` seconds for those in flight."""
+        """Start nothing new; wait up to ``stop_grace`` seconds for attempts in flight.
+
+        What has not finished stays queued and is attempted after a restart.
+        """
         Service.stopService(self)
         self._stopping = True
+        self._cancel_timer()
         return self._drain(self.stop_grace)
 
     def pickup(self) -> Deferred:
-        """Enqueue every message of the spool, walking ids lazily; fires when all were tried."""
-        ids = iter(self.spool.ids())
-        workers = [Deferred.fromCoroutine(self._pickup_worker(ids)) for _ in range(self.pickup_concurrency)]
-        d = defer.gatherResults(workers, consumeErrors=True)
-        d.addCallback(lambda _: None)
-        d.addErrback(lambda f: log.failure("queue pickup failed", f))
-        return d
+        """Schedule every queued message that is not held; fires once all are scheduled."""
+        done: Deferred = Deferred()
+        counts = {"scheduled": 0, "held": 0}
+        self._pickup_step(iter(self.spool.ids()), done, counts)
+        return done
 
-    # -- one message -----------------------------------------------------------
+    # -- start-up ------------------------------------------------------------------
 
-    async def _pickup_worker(self, ids: Iterator[str]) -> None:
-        for queue_id in ids:
-            if self._stopping:
+    def _pickup_step(self, ids: Iterator[str], done: Deferred, counts: dict[str, int]) -> None:
+        if self._stopping:
+            done.callback(None)
+            return
+        batch = list(islice(ids, self.pickup_batch))
+        for queue_id in batch:
+            self._pick(queue_id, counts)
+        self._dispatch()
+        if len(batch) == self.pickup_batch:
+            self.clock.callLater(0, self._pickup_step, ids, done, counts)
+            return
+        log.info(
+            "queue: {scheduled} message(s) scheduled, {held} held",
+            scheduled=counts["scheduled"],
+            held=counts["held"],
+        )
+        done.callback(None)
+
+    def _pick(self, queue_id: str, counts: dict[str, int]) -> None:
+        if queue_id in self._entries or queue_id in self._in_flight:
+            return  # arrived or was rescheduled since start-up
+        try:
+            summary = self._peek(queue_id)
+        except Exception:
+            retry = self.clock.seconds() + self.config.min_retry
+            log.failure("{queue_id}: cannot read the envelope; next try {when}", queue_id=queue_id, when=_clock_text(retry))
+            self._set_due(queue_id, retry)
+            return
+        if summary is None:
+            return
+        if summary.held:
+            counts["held"] += 1
+            return
+        counts["scheduled"] += 1
+        now = self.clock.seconds()
+        self._set_due(queue_id, due_time(summary, now), _domain_key(summary.domains))
+
+    def _peek(self, queue_id: str) -> Optional[QueueSummary]:
+        """The summary of ``queue_id``; None when it is gone or unreadable (then quarantined)."""
+        try:
+            return self.spool.peek(queue_id)
+        except KeyError:
+            return None
+        except EnvelopeFormatError as e:
+            self._quarantine(queue_id, str(e))
+            return None
+
+    # -- the schedule --------------------------------------------------------------
+
+    def _set_due(
+        self, queue_id: str, due: float, domains: Optional[tuple[str, ...]] = None, forced: bool = False
+    ) -> None:
+        entry = self._entries.get(queue_id)
+        if entry is None:
+            self._entries[queue_id] = _Entry(due, domains or (), forced)
+        else:
+            entry.due = due
+            entry.forced = entry.forced or forced
+            if domains is not None:
+                entry.domains = domains
+        heapq.heappush(self._heap, (due, queue_id))
+        self._compact()
+
+    def _compact(self) -> None:
+        """Rebuild the heap when stale entries (rescheduled, forgotten) pile up."""
+        if len(self._heap) > 2 * len(self._entries) + _COMPACT_SLACK:
+            self._heap = [(e.due, q) for q, e in self._entries.items()]
+            heapq.heapify(self._heap)
+
+    def _drop(self, queue_id: str) -> None:
+        self._entries.pop(queue_id, None)
+
+    def _matching(self, name: str, subdomains: bool) -> list[str]:
+        suffix = "." + name
+        return [
+            queue_id
+            for queue_id, entry in self._entries.items()
+            if any(d == name or (subdomains and d.endswith(suffix)) for d in entry.domains)
+        ]
+
+    def _live_top(self) -> Optional[tuple[float, str]]:
+        """The earliest live heap entry, dropping stale ones on the way."""
+        heap = self._heap
+        while heap:
+            due, queue_id = heap[0]
+            entry = self._entries.get(queue_id)
+            if entry is not None and entry.due == due:
+                return due, queue_id
+            heapq.heappop(heap)
+        return None
+
+    def _dispatch(self) -> None:
+        """Start every due message the cap allows, then arm the timer.  Never re-entered."""
+        if self._dispatching:
+            self._dispatch_again = True
+            return
+        self._dispatching = True
+        try:
+            self._dispatch_again = True
+            while self._dispatch_again:
+                self._dispatch_again = False
+                self._start_due()
+        finally:
+            self._dispatching = False
+        self._arm_timer()
+
+    def _start_due(self) -> None:
+        now = self.clock.seconds()
+        while not self._stopping and len(self._in_flight) < self.max_attempts:
+            top = self._live_top()
+            if top is None or top[0] > now:
                 return
-            await self.enqueue(queue_id)
+            heapq.heappop(self._heap)
+            if top[1] in self._in_flight:
+                continue  # scheduled again by its own attempt; pushed again when that ends
+            entry = self._entries.pop(top[1])
+            self._start(top[1], entry.forced)
 
-    async def _run(self, queue_id: str) -> None:
+    def _arm_timer(self) -> None:
+        top = None if self._stopping or len(self._in_flight) >= self.max_attempts else self._live_top()
+        if top is None:
+            self._cancel_timer()
+            return
+        timer = self._timer
+        if timer is not None and timer.active() and timer.getTime() == top[0]:
+            return
+        self._cancel_timer()
+        self._timer = self.clock.callLater(max(0.0, top[0] - self.clock.seconds()), self._fire)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    # -- one attempt ---------------------------------------------------------------
+
+    def _start(self, queue_id: str, forced: bool) -> None:
+        done: Deferred = Deferred()
+        self._in_flight[queue_id] = done
+        d = Deferred.fromCoroutine(self._run(queue_id, forced))
+        d.addErrback(self._run_failed, queue_id)
+        d.addBoth(self._ran, queue_id, done)
+
+    async def _run(self, queue_id: str, forced: bool) -> None:
         envelope = self._load(queue_id)
         if envelope is None:
             return
         if envelope.held:
             log.debug("{queue_id}: held, not attempted", queue_id=queue_id)
             return
-        if not envelope.pending():
+        now = self.clock.seconds()
+        due = [r for r in envelope.pending() if forced or r.next_attempt is None or r.next_attempt <= now + DUE_SLACK]
+        if due:
+            attempted = await self._attempt(envelope, tuple(due))
+            if attempted is None:
+                return
+            envelope = attempted
+        now = self.clock.seconds()
+        envelope, report_at = await self._notify_owed(envelope, now)
+        if envelope is None:
+            return
+        if not envelope.pending() and not unreported(envelope):
             await self._finished(envelope)
             return
-        outcomes = await self.delivery.attempt(envelope)
+        if envelope.held:
+            return  # held by the operator during the attempt
+        summary = QueueSummary.of(envelope)
+        self._set_due(queue_id, due_time(summary, now, report_at), _domain_key(summary.domains))
+
+    async def _attempt(self, envelope: Envelope, due: tuple[Recipient, ...]) -> Optional[Envelope]:
+        """Attempt the due recipients and store the outcome; None when the message is gone."""
+        queue_id = envelope.queue_id
+        outcomes = await self.delivery.attempt(replace(envelope, recipients=due))
         now = self.clock.seconds()
-        if apply_outcomes(envelope, outcomes, now).pending():
-            stored = await self._record(queue_id, outcomes, now)
+        next_times = self._next_times(envelope, outcomes, now)
+        result = settle(envelope, outcomes, now, next_times)
+        if result.pending() or unreported(result):
+            stored = await self._record(queue_id, lambda current: settle(current, outcomes, now, next_times))
             if stored is None:
-                return
-            envelope = stored
-        else:
-            envelope = apply_outcomes(envelope, outcomes, now)
-        if envelope.pending():
-            self._deferred(envelope)
-        else:
-            await self._finished(envelope)
+                return None
+            result = stored
+        self._log_result(envelope, result, now)
+        return result
 
-    async def _record(self, queue_id: str, outcomes: list[Outcome], now: float) -> Optional[Envelope]:
-        """Durably apply ``outcomes`` to the stored envelope; None when it was removed meanwhile.
+    def _next_times(self, envelope: Envelope, outcomes: list[Outcome], now: float) -> dict[str, Optional[float]]:
+        """The next attempt of each recipient deferred now; recipients with as many
+        attempts behind them share one time, so they go together again."""
+        arrival = first_arrival(envelope, now)
+        by_attempts: dict[int, Optional[float]] = {}
+        times: dict[str, Optional[float]] = {}
+        for outcome in outcomes:
+            if outcome.kind in (OUTCOME_DELIVERED, OUTCOME_PERMANENT):
+                continue
+            try:
+                attempts = envelope.recipient(outcome.recipient).attempts + 1
+            except KeyError:
+                continue
+            if attempts not in by_attempts:
+                by_attempts[attempts] = next_attempt(attempts, arrival, now, self.config, self.rng)
+            times[outcome.recipient] = by_attempts[attempts]
+        return times
 
-        The outcomes are applied to the envelope as stored now, read under the
+    async def _record(self, queue_id: str, change: Callable[[Envelope], Envelope]) -> Optional[Envelope]:
+        """Durably apply ``change`` to the stored envelope; None when it was removed meanwhile.
+
+        The change is applied to the envelope as stored now, read under the
         spool's lock, so an operator's change during the attempt (a hold) is kept.
         """
         try:
-            return await self.spool.modify(queue_id, lambda current: apply_outcomes(current, outcomes, now))
+            return await self.spool.modify(queue_id, change)
         except KeyError:
             log.info("{queue_id}: removed while being attempted", queue_id=queue_id)
             return None
@@ -205,24 +611,101 @@ class Scheduler(Service):
             return self.spool.load(queue_id)
         except KeyError:
             log.debug("{queue_id}: no longer queued", queue_id=queue_id)
-        except Exception:
-            log.failure("{queue_id}: cannot read the envelope", queue_id=queue_id)
+        except EnvelopeFormatError as e:
+            self._quarantine(queue_id, str(e))
         return None
 
-    def _deferred(self, envelope: Envelope) -> None:
-        """Some recipients are still pending: the place where their retry gets scheduled."""
-        log.info(
-            "{queue_id}: deferred, {count} recipient(s) pending",
-            queue_id=envelope.queue_id,
-            count=len(envelope.pending()),
-        )
+    def _quarantine(self, queue_id: str, reason: str) -> None:
+        log.error("{queue_id}: envelope cannot be read: {reason}", queue_id=queue_id, reason=reason)
+        self._drop(queue_id)
+        d = self.spool.quarantine(queue_id, reason)
+        d.addErrback(lambda f: log.failure("{queue_id}: cannot quarantine", f, queue_id=queue_id))
+
+    # -- notifications -------------------------------------------------------------
+
+    async def _notify_owed(self, envelope: Envelope, now: float) -> tuple[Optional[Envelope], Optional[float]]:
+        """Spool the failure and delay notifications that are owed, then mark them.
+
+        Returns the envelope (None when it was removed meanwhile) and, when a
+        notification could not be spooled, when to try again.
+        """
+        failed = unreported(envelope)
+        delayed = self._delayed(envelope, now)
+        if not failed and not delayed:
+            return envelope, None
+        reported: frozenset[str] = frozenset()
+        warned: frozenset[str] = frozenset()
+        report_at = None
+        if failed:
+            if await self._notify(envelope, failed, now, ACTION_FAILED):
+                reported = frozenset(r.address for r in failed)
+            else:
+                report_at = now + self.config.min_retry
+        if delayed and await self._notify(envelope, delayed, now, ACTION_DELAYED):
+            warned = frozenset(r.address for r in delayed)
+        if not reported and not warned:
+            return envelope, report_at
+        marked = mark(envelope, reported, warned)
+        if not marked.pending() and not unreported(marked):
+            return marked, report_at  # removed next: the removal is the durable mark
+        stored = await self._record(envelope.queue_id, lambda current: mark(current, reported, warned))
+        return stored, report_at
+
+    def _delayed(self, envelope: Envelope, now: float) -> list[Recipient]:
+        """Pending recipients owed their one delay warning."""
+        threshold = self.config.delay_warning
+        if threshold <= 0 or envelope.sender == "":
+            return []
+        if now - first_arrival(envelope, now) < threshold:
+            return []
+        return [r for r in envelope.pending() if not r.warned]
+
+    async def _notify(self, envelope: Envelope, recipients: list[Recipient], now: float, action: str) -> bool:
+        """Spool one notification; True once it is durable (or none was due)."""
+        queue_id = envelope.queue_id
+        options: dict[str, Any] = {}
+        if action == ACTION_DELAYED:
+            options = {"action": ACTION_DELAYED, "retry_until": deadline(first_arrival(envelope, now), self.config)}
+        try:
+            dsn_id = await self._dsn_sender()(self.spool, envelope, list(recipients), self.hostname, now, **options)
+        except Exception as e:
+            log.error(
+                "{queue_id}: cannot spool the {notice} ({error}); will try again",
+                queue_id=queue_id,
+                notice=_NOTICE[action],
+                error=type(e).__name__ if not str(e) else " ".join(str(e).split()),
+            )
+            return False
+        addresses = ", ".join(f"<{r.address}>" for r in recipients)
+        if dsn_id is None:
+            log.info(
+                "{queue_id}: no {notice} due for {recipients} (null sender or NOTIFY)",
+                queue_id=queue_id,
+                notice=_NOTICE[action],
+                recipients=addresses,
+            )
+        else:
+            log.info(
+                "{queue_id}: {notice} spooled as {dsn_id} to <{sender}> for {recipients}",
+                queue_id=queue_id,
+                notice=_NOTICE[action],
+                dsn_id=dsn_id,
+                sender=envelope.sender,
+                recipients=addresses,
+            )
+        return True
+
+    def _dsn_sender(self) -> SendDSN:
+        if self._send_dsn is None:
+            from relay.bounce import send_dsn
+
+            self._send_dsn = send_dsn
+        return self._send_dsn
+
+    # -- endings -------------------------------------------------------------------
 
     async def _finished(self, envelope: Envelope) -> None:
-        """No recipient is pending: remove the message.
-
-        Bouncing the FAILED recipients belongs here, before the removal (and
-        after the envelope with their final states is stored).
-        """
+        """Nothing is pending and every failure is reported: remove the message."""
         await self.spool.remove(envelope.queue_id)
         delivered = sum(1 for r in envelope.recipients if r.status == DELIVERED)
         failed = sum(1 for r in envelope.recipients if r.status == FAILED)
@@ -233,22 +716,64 @@ class Scheduler(Service):
             failed=failed,
         )
 
+    def _log_result(self, before: Envelope, after: Envelope, now: float) -> None:
+        queue_id = after.queue_id
+        was_pending = {r.address for r in before.pending()}
+        for r in after.recipients:
+            if r.address in was_pending and r.status == FAILED and r.history and r.history[-1].outcome == OUTCOME_TRANSIENT:
+                log.info(
+                    "{queue_id}: to=<{recipient}> expired after {attempts} attempt(s): "
+                    "{status} {text}; last error: {error}",
+                    queue_id=queue_id,
+                    recipient=r.address,
+                    attempts=r.attempts,
+                    status=STATUS_EXPIRED,
+                    text=TEXT_EXPIRED,
+                    error=r.last_error,
+                )
+        pending = after.pending()
+        times = [r.next_attempt for r in pending if r.next_attempt is not None]
+        if pending and times:
+            when = min(times)
+            log.info(
+                "{queue_id}: deferred, {count} recipient(s) pending, next attempt {when} (in {delay})",
+                queue_id=queue_id,
+                count=len(pending),
+                when=_clock_text(when),
+                delay=_duration_text(when - now),
+            )
+
     def _run_failed(self, failure: Failure, queue_id: str) -> None:
-        log.failure("{queue_id}: attempt not recorded; the message stays queued", failure, queue_id=queue_id)
+        retry = self.clock.seconds() + self.config.min_retry
+        log.failure(
+            "{queue_id}: attempt not recorded; the message stays queued, next try {when}",
+            failure,
+            queue_id=queue_id,
+            when=_clock_text(retry),
+        )
+        if not self._stopping:
+            self._set_due(queue_id, retry)
 
     def _ran(self, _: Any, queue_id: str, done: Deferred) -> None:
         if self._in_flight.get(queue_id) is done:
             del self._in_flight[queue_id]
+        entry = self._entries.get(queue_id)
+        if entry is not None:
+            heapq.heappush(self._heap, (entry.due, queue_id))
         done.callback(None)
+        if queue_id in self._recheck:
+            self._recheck.discard(queue_id)
+            self.reschedule(queue_id)
+        self._dispatch()
 
-    # -- stopping --------------------------------------------------------------
+    # -- stopping ------------------------------------------------------------------
 
     def _drain(self, grace: float) -> Deferred:
         """Fire when every attempt in flight ended, or after ``grace`` seconds."""
         if not self._in_flight:
             return defer.succeed(None)
         result: Deferred = Deferred()
-        waiting = [self._watch(d) for d in self._in_flight.values()]
+        waiting = [_watch(d) for d in self._in_flight.values()]
 
         def fire(_: Any = None) -> None:
             if not result.called:
@@ -262,15 +787,15 @@ class Scheduler(Service):
         defer.gatherResults(waiting).addBoth(fire)
         return result
 
-    @staticmethod
-    def _watch(d: Deferred) -> Deferred:
-        """A Deferred that fires when ``d`` does, without taking its result."""
-        watcher: Deferred = Deferred()
 
-        def passthrough(result: Any) -> Any:
-            if not watcher.called:
-                watcher.callback(None)
-            return result
+def _watch(d: Deferred) -> Deferred:
+    """A Deferred that fires (with None) when ``d`` does, without taking its result."""
+    watcher: Deferred = Deferred()
 
-        d.addBoth(passthrough)
-        return watcher
+    def passthrough(result: Any) -> Any:
+        if not watcher.called:
+            watcher.callback(None)
+        return result
+
+    d.addBoth(passthrough)
+    return watcher

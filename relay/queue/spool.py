@@ -15,8 +15,8 @@ Layout under ``Spool.directory``::
       <id>.msg             message bytes exactly as received (our Received first)
       <id>.json            the envelope (``Envelope.to_json``); its arrival here
                            is the commit point; replaced atomically on update
-    corrupt/             entries that could not be read at start-up, moved
-                           aside with a ``<name>.reason`` file, never deleted
+    corrupt/             entries that could not be read, moved aside with a
+                           ``<name>.reason`` file, never deleted
 
 Durability ("250 means durable").  Commit writes and fsyncs the message, writes
 and fsyncs the envelope under ``tmp/``, renames the message into ``queue/``,
@@ -44,6 +44,13 @@ not (a removed entry then reads as "not queued" rather than being
 resurrected).  ``Spool.recover`` is for the daemon at start-up only: it
 deletes files being written.
 
+Start-up at scale.  ``recover`` only needs the directory listing to find
+unfinished files and entries without their message; reading every envelope
+as well is optional (``check_envelopes``).  The daemon skips it and reads each
+envelope once, with ``peek`` (a ``QueueSummary``: no Envelope is built), to
+fill its schedule; an envelope found unreadable then is moved aside with
+``quarantine``.
+
 Filesystem calls go through a small object (``OsFileSystem`` by default) so
 that tests can record their order and simulate a crash at any step.
 """
@@ -52,13 +59,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import re
 import secrets
 import string
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Any, BinaryIO, Callable, Optional
+from typing import Any, BinaryIO, Callable, NamedTuple, Optional
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -68,7 +76,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from relay.envelope import Envelope, EnvelopeFormatError
+from relay.envelope import (
+    FAILED,
+    FORMAT_VERSION,
+    PENDING,
+    RECIPIENT_STATES,
+    Envelope,
+    EnvelopeFormatError,
+    domain_of,
+)
 
 log = Logger(namespace="relay.spool")
 
@@ -79,10 +95,12 @@ MESSAGE_SUFFIX = ".msg"
 ENVELOPE_SUFFIX = ".json"
 REPLACEMENT_SUFFIX = ".json.new"
 REASON_SUFFIX = ".reason"
+MISSING_MESSAGE = "message file missing"
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 WRITE_BUFFER = 64 * 1024  # octets held in memory per incoming message before a write
+READ_CHUNK = 64 * 1024  # octets per read of an envelope
 
 Runner = Callable[..., Deferred]
 
@@ -173,8 +191,16 @@ class OsFileSystem:
         os.makedirs(path, mode=DIR_MODE, exist_ok=True)
 
     def read_file(self, path: str) -> bytes:
-        with open(path, "rb") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            chunks = []
+            while True:
+                chunk = os.read(fd, READ_CHUNK)
+                chunks.append(chunk)
+                if len(chunk) < READ_CHUNK:  # a short read of a regular file is its end
+                    return b"".join(chunks)
+        finally:
+            os.close(fd)
 
     def open_read(self, path: str) -> BinaryIO:
         return open(path, "rb")
@@ -202,6 +228,70 @@ class RecoveryReport:
     removed_orphans: int = 0  # .msg files without an envelope deleted (never acknowledged)
     quarantined: list[str] = field(default_factory=list)  # ids moved to corrupt/
     ignored: list[str] = field(default_factory=list)  # names in queue/ that are not ours
+
+
+class QueueSummary(NamedTuple):
+    """What scheduling needs to know of a queued message, read without building its Envelope."""
+
+    queue_id: str
+    held: bool
+    next_attempts: tuple[Optional[float], ...]  # of each pending recipient (None: at once)
+    domains: tuple[str, ...]  # the domain of each pending recipient, as stored
+    unreported: int = 0  # FAILED recipients whose notification is not spooled yet
+
+    @classmethod
+    def of(cls, envelope: Envelope) -> "QueueSummary":
+        pending = envelope.pending()
+        return cls(
+            queue_id=envelope.queue_id,
+            held=envelope.held,
+            next_attempts=tuple(r.next_attempt for r in pending),
+            domains=tuple(r.domain for r in pending),
+            unreported=sum(1 for r in envelope.recipients if r.status == FAILED and not r.reported),
+        )
+
+
+_JSON = json.JSONDecoder()
+_JSON_SPACE = " \t\n\r"
+
+
+def summarize_json(queue_id: str, data: bytes) -> QueueSummary:
+    """A QueueSummary straight from stored JSON; EnvelopeFormatError when it is not a good envelope.
+
+    Checks what recovery checks (JSON, known version, this queue id, known
+    recipient states) without building the value objects, which is most of
+    the cost of ``Envelope.from_json``.
+    """
+    try:
+        text = data.decode("utf-8").strip(_JSON_SPACE)
+        raw, end = _JSON.raw_decode(text)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise EnvelopeFormatError(f"not JSON: {e}") from None
+    if end != len(text):
+        raise EnvelopeFormatError("not JSON: extra data after the object")
+    if not isinstance(raw, dict):
+        raise EnvelopeFormatError("not a JSON object")
+    if raw.get("version") != FORMAT_VERSION:
+        raise EnvelopeFormatError(f"unknown envelope format version {raw.get('version')!r}")
+    if raw.get("queue_id") != queue_id:
+        raise EnvelopeFormatError(f"envelope names queue id {raw.get('queue_id')!r}")
+    next_attempts: list[Optional[float]] = []
+    domains: list[str] = []
+    unreported = 0
+    try:
+        for r in raw["recipients"]:
+            status = r["status"]
+            if status == PENDING:
+                when = r.get("next_attempt")
+                next_attempts.append(None if when is None else float(when))
+                domains.append(domain_of(str(r["address"])))
+            elif status == FAILED:
+                unreported += not r.get("reported", False)
+            elif status not in RECIPIENT_STATES:
+                raise ValueError(f"unknown recipient status {status!r}")
+    except (KeyError, TypeError, ValueError) as e:
+        raise EnvelopeFormatError(f"bad envelope: {e!r}") from None
+    return QueueSummary(queue_id, bool(raw.get("held", False)), tuple(next_attempts), tuple(domains), unreported)
 
 
 def _ignore_errors(call: Callable[..., Any], *args: Any) -> None:
@@ -290,6 +380,18 @@ class _ModifyOperation(_Operation):
 
     def run(self) -> Envelope:
         return self.spool._modify_locked(self.queue_id, self.change)
+
+
+class _QuarantineOperation(_Operation):
+    action = "quarantine"
+
+    def __init__(self, spool: "Spool", queue_id: str, reason: str) -> None:
+        self.spool = spool
+        self.queue_id = queue_id
+        self.reason = reason
+
+    def run(self) -> bool:
+        return self.spool._quarantine_locked(self.queue_id, self.reason)
 
 
 class _RemoveOperation(_Operation):
@@ -426,6 +528,7 @@ class Spool:
         self._runner: Runner = runner if runner is not None else self._run_in_pool
         self._tmp = os.path.join(directory, TMP_DIR)
         self._queue = os.path.join(directory, QUEUE_DIR)
+        self._queue_prefix = os.path.join(self._queue, "")
         self._corrupt = os.path.join(directory, CORRUPT_DIR)
         self._pending: list[tuple[_Operation, Deferred]] = []
         self._in_flight = False
@@ -493,7 +596,7 @@ class Spool:
         return os.path.join(self._tmp, name)
 
     def _envelope_path(self, queue_id: str) -> str:
-        return os.path.join(self._queue, queue_id + ENVELOPE_SUFFIX)
+        return self._queue_prefix + queue_id + ENVELOPE_SUFFIX
 
     def message_path(self, queue_id: str) -> str:
         """The path of the message bytes of ``queue_id``."""
@@ -519,6 +622,19 @@ class Spool:
         except FileNotFoundError:
             raise KeyError(queue_id) from None
         return Envelope.from_json(data)
+
+    def peek(self, queue_id: str) -> QueueSummary:
+        """What scheduling needs of ``queue_id``, read cheaply; KeyError when it is not queued.
+
+        EnvelopeFormatError when the envelope cannot be read (see ``quarantine``).
+        """
+        if not valid_queue_id(queue_id):
+            raise KeyError(queue_id)
+        try:
+            data = self._fs.read_file(self._envelope_path(queue_id))
+        except FileNotFoundError:
+            raise KeyError(queue_id) from None
+        return summarize_json(queue_id, data)
 
     def open_message(self, queue_id: str) -> BinaryIO:
         """Open the message bytes of ``queue_id`` for reading; the caller closes."""
@@ -557,6 +673,16 @@ class Spool:
         if not valid_queue_id(queue_id):
             return defer.fail(KeyError(queue_id))
         return self._submit(_RemoveOperation(self, queue_id)).addCallback(lambda _: None)
+
+    def quarantine(self, queue_id: str, reason: str) -> Deferred:
+        """Move an entry whose envelope cannot be read into corrupt/, under its lock.
+
+        Fires with True when it was moved; False when it was not queued or
+        reads well by now (replaced meanwhile).
+        """
+        if not valid_queue_id(queue_id):
+            return defer.fail(KeyError(queue_id))
+        return self._submit(_QuarantineOperation(self, queue_id, reason))
 
     def update_sync(self, envelope: Envelope) -> None:
         """``update`` for tools that run without a reactor (blocking)."""
@@ -622,6 +748,19 @@ class Spool:
                 _ignore_errors(fs.unlink, tmp)
                 raise
             return new
+        finally:
+            _ignore_errors(fs.close, fd)
+
+    def _quarantine_locked(self, queue_id: str, reason: str) -> bool:
+        fs = self._fs
+        fd = self._lock_envelope(queue_id)
+        if fd is None:
+            return False
+        try:
+            if self._check_entry(queue_id, True) is None:
+                return False
+            self._quarantine(queue_id, reason)
+            return True
         finally:
             _ignore_errors(fs.close, fd)
 
@@ -737,12 +876,14 @@ class Spool:
 
     # -- start-up recovery --------------------------------------------------
 
-    def recover(self) -> RecoveryReport:
+    def recover(self, check_envelopes: bool = True) -> RecoveryReport:
         """Bring the directory to a clean state at start-up (synchronous).
 
         Creates the directories; deletes everything under ``tmp/`` and every
         ``.msg`` without an envelope (never acknowledged); moves envelopes
-        that cannot be read, with their message, into ``corrupt/``.
+        without their message into ``corrupt/``, and, with
+        ``check_envelopes``, those that cannot be read (which means reading
+        every envelope: the daemon leaves that to ``peek`` and ``quarantine``).
         """
         fs, report = self._fs, RecoveryReport()
         for path in (self._tmp, self._queue, self._corrupt):
@@ -761,7 +902,11 @@ class Spool:
                 report.removed_orphans += 1
                 log.info("{queue_id}: removed message never acknowledged", queue_id=stem)
             elif suffix == ENVELOPE_SUFFIX[1:]:
-                reason = self._check_entry(stem, stem + MESSAGE_SUFFIX in names)
+                has_message = stem + MESSAGE_SUFFIX in names
+                if check_envelopes:
+                    reason = self._check_entry(stem, has_message)
+                else:
+                    reason = None if has_message else MISSING_MESSAGE
                 if reason is None:
                     report.ids.append(stem)
                 else:
@@ -784,7 +929,7 @@ class Spool:
     def _check_entry(self, queue_id: str, has_message: bool) -> Optional[str]:
         """None when the entry is good, otherwise why it is not."""
         if not has_message:
-            return "message file missing"
+            return MISSING_MESSAGE
         try:
             envelope = Envelope.from_json(self._fs.read_file(self._envelope_path(queue_id)))
         except (OSError, EnvelopeFormatError) as e:
@@ -820,7 +965,11 @@ class Spool:
 
 
 class SpoolService(Service):
-    """Runs a spool with the application: recovery and threads at start, drain at stop."""
+    """Runs a spool with the application: recovery and threads at start, drain at stop.
+
+    Start-up recovery reads no envelope: the scheduler reads each one once
+    as it fills its schedule and quarantines those it cannot read.
+    """
 
     name = "spool"
 
@@ -829,7 +978,7 @@ class SpoolService(Service):
         self.report: Optional[RecoveryReport] = None
 
     def startService(self) -> None:
-        self.report = self.spool.recover()
+        self.report = self.spool.recover(check_envelopes=False)
         self.spool.start()
         Service.startService(self)
 

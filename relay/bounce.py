@@ -1,0 +1,609 @@
+"""Delivery status notifications (RFC 3464): step 6 of the data flow.
+
+This module owns what the sender is told when a message cannot be delivered
+(``action="failed"``: a permanent failure or the end of the queue lifetime)
+or is still waiting (``action="delayed"``: a warning).  ``build_dsn`` is the
+pure function that writes the notification, a ``multipart/report``
+(RFC 6522) of three parts:
+
+1. ``text/plain``: for people, which recipients failed and why;
+2. ``message/delivery-status``: for programs, one per-message group and one
+   group per recipient (Reporting-MTA, Final-Recipient, Action, Status,
+   Remote-MTA, Diagnostic-Code, ...);
+3. ``text/rfc822-headers``: the header section of the original message, never
+   its body (RET=HDRS always: privacy and size).
+
+``send_dsn`` reads the original header section from the spool (a bounded
+read that stops at the end of the headers), builds the notification and
+commits it through the spool's one door as a new message with the null
+sender ``<>``, so nothing ever bounces a bounce.  The scheduler then delivers
+it like any other message.
+
+A notification to an address that is not ASCII is an SMTPUTF8 message and
+uses the RFC 6533 types ``message/global-delivery-status`` and
+``message/global-headers`` with raw UTF-8.  Every other notification is kept
+7-bit clean (addresses as ``utf-8-addr-xtext``, text parts quoted-printable
+where needed), so it can be relayed by any next hop.
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+import secrets
+from datetime import datetime, timezone
+from email.utils import format_datetime
+from typing import BinaryIO, Iterable, Optional
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relay.envelope import (
+    OUTCOME_TRANSIENT,
+    Attempt,
+    ClientInfo,
+    Envelope,
+    Params,
+    Recipient,
+)
+from relay.queue.spool import Spool
+
+log = Logger(namespace="relay.bounce")
+
+ACTION_FAILED = "failed"
+ACTION_DELAYED = "delayed"
+ACTIONS = (ACTION_FAILED, ACTION_DELAYED)
+
+SUBJECT_FAILED = "Undelivered Mail Returned to Sender"
+SUBJECT_DELAYED = "Delayed Mail (still being retried)"
+FROM_NAME = "Mail Delivery System"
+FROM_LOCAL = "MAILER-DAEMON"
+AUTO_SUBMITTED = "auto-replied"  # RFC 3834
+DSN_PROTOCOL = "local"  # ClientInfo.protocol of a notification we wrote ourselves
+
+STATUS_EXPIRED = "4.4.7"  # delivery time expired (RFC 3463)
+STATUS_PERMANENT_DEFAULT = "5.0.0"
+STATUS_TRANSIENT_DEFAULT = "4.0.0"
+DIAGNOSTIC_SMTP = "smtp"  # Diagnostic-Code type for a remote reply
+DIAGNOSTIC_LOCAL = "X-Relay"  # Diagnostic-Code type for a reason decided here
+
+MAX_HEADER_OCTETS = 1024 * 1024  # never read more of the original than this
+READ_CHUNK = 16 * 1024
+MAX_LINE = 998  # octets, without the CRLF (RFC 5322 2.1.1)
+FOLD_AT = 78  # preferred line length of the fields we write
+
+CRLF = "\r\n"
+
+_STATUS_CODE = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?!\d)(?!\.\d)")
+_REMOTE_REPLY = re.compile(r"^[2-5]\d\d(?:[ -]|$)")
+_HEADER_END = re.compile(rb"\n\r?\n")
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+_XTEXT_HEX = re.compile(r"\+([0-9A-Fa-f]{2})")
+# QCHAR of RFC 6533: what utf-8-addr-xtext carries as itself.
+_QCHAR = frozenset(chr(c) for c in range(0x21, 0x7F)) - {"+", "=", "\\"}
+
+
+# -- reading the original ------------------------------------------------------
+
+
+def read_header_section(f: BinaryIO, limit: int = MAX_HEADER_OCTETS) -> bytes:
+    """Read the header section of a message from ``f``, without the blank line ending it.
+
+    Reads in small chunks and stops at the first empty line, so the body is
+    never read (beyond the last chunk).  At most ``limit`` octets are read;
+    a header section longer than that is cut after its last complete line.
+    """
+    buffer = bytearray()
+    while len(buffer) < limit:
+        chunk = f.read(min(READ_CHUNK, limit - len(buffer)))
+        if not chunk:
+            return bytes(buffer)  # a message without a body
+        start = max(0, len(buffer) - 2)
+        buffer += chunk
+        end = _header_end(buffer, start)
+        if end is not None:
+            return bytes(buffer[:end])
+    cut = buffer.rfind(b"\n")
+    return bytes(buffer[: cut + 1]) if cut >= 0 else b""
+
+
+def _header_end(buffer: bytearray, start: int) -> Optional[int]:
+    """Offset just after the last header line, once the empty line is in ``buffer``."""
+    if buffer.startswith(b"\r\n") or buffer.startswith(b"\n"):
+        return 0
+    match = _HEADER_END.search(buffer, start)
+    return None if match is None else match.start() + 1
+
+
+def _read_original_headers(spool: Spool, queue_id: str) -> bytes:
+    """The original header section, or b"" when the message cannot be read."""
+    try:
+        with spool.open_message(queue_id) as f:
+            return read_header_section(f)
+    except KeyError:
+        log.warn("{queue_id}: message bytes gone; notification without original headers", queue_id=queue_id)
+    except OSError as e:
+        log.error(
+            "{queue_id}: cannot read the original headers ({error}); notification without them",
+            queue_id=queue_id,
+            error=e.strerror or type(e).__name__,
+        )
+    return b""
+
+
+# -- per-recipient facts ---------------------------------------------------------
+
+
+def _last_attempt(recipient: Recipient) -> Optional[Attempt]:
+    return recipient.history[-1] if recipient.history else None
+
+
+def _last_reply(recipient: Recipient) -> str:
+    """The final word about a recipient: its last error, else its last attempt's reply."""
+    if recipient.last_error:
+        return recipient.last_error
+    attempt = _last_attempt(recipient)
+    return attempt.reply if attempt is not None else ""
+
+
+def find_status(text: str) -> Optional[str]:
+    """The first enhanced status code (``x.y.z``, RFC 3463) in ``text``, or None."""
+    match = _STATUS_CODE.search(text)
+    return None if match is None else ".".join(match.groups())
+
+
+def recipient_status(recipient: Recipient, action: str = ACTION_FAILED) -> str:
+    """The Status field of a recipient.
+
+    A delayed recipient keeps the 4.x.x code of its last reply (4.0.0 when
+    there is none).  A failed recipient whose last reply is permanent keeps
+    its 5.x.x code (5.0.0 when there is none); one that was still failing
+    temporarily has expired: 4.4.7.
+    """
+    found = find_status(recipient.last_error)
+    if found is None:
+        attempt = _last_attempt(recipient)
+        found = find_status(attempt.reply) if attempt is not None else None
+    if action == ACTION_DELAYED:
+        return found if found is not None and found.startswith("4.") else STATUS_TRANSIENT_DEFAULT
+    if found is not None and found.startswith("5."):
+        return found
+    attempt = _last_attempt(recipient)
+    if found is not None or (attempt is not None and attempt.outcome == OUTCOME_TRANSIENT):
+        return STATUS_EXPIRED
+    return STATUS_PERMANENT_DEFAULT
+
+
+def _is_remote_reply(text: str) -> bool:
+    return _REMOTE_REPLY.match(text) is not None
+
+
+def _remote_host(recipient: Recipient) -> str:
+    """The host of the last attempt as logged: ``mx.example[192.0.2.1]``, or ""."""
+    attempt = _last_attempt(recipient)
+    return attempt.host if attempt is not None else ""
+
+
+def _mta_name(host: str) -> str:
+    """``mx.example`` from ``mx.example[192.0.2.1]``; ``192.0.2.1`` from ``[192.0.2.1]``."""
+    name, bracket, rest = host.partition("[")
+    if name:
+        return name
+    return rest.rstrip("]") if bracket else host
+
+
+def _param(params: Params, keyword: str) -> Optional[str]:
+    for key, value in params:
+        if key.upper() == keyword:
+            return value
+    return None
+
+
+def wants_notification(recipient: Recipient, action: str) -> bool:
+    """Whether the recipient's NOTIFY parameter (RFC 3461) asks for this kind of notice.
+
+    Without NOTIFY, failures and delays are reported; NOTIFY=NEVER reports nothing.
+    """
+    notify = _param(recipient.params, "NOTIFY")
+    if notify is None:
+        return True
+    wanted = {word.strip().upper() for word in notify.split(",")}
+    return ("FAILURE" if action == ACTION_FAILED else "DELAY") in wanted
+
+
+# -- encodings -----------------------------------------------------------------
+
+
+def _xtext_decode(value: str) -> str:
+    """Decode the ``+HH`` escapes of xtext (RFC 3461 4)."""
+    return _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), value)
+
+
+def _utf8_addr_xtext(address: str) -> str:
+    """An address as utf-8-addr-xtext (RFC 6533 3): ``\\x{HEX}`` for what is not QCHAR."""
+    return "".join(c if c in _QCHAR else f"\\x{{{ord(c):X}}}" for c in address)
+
+
+def _address_field(address: str, utf8: bool) -> str:
+    """``rfc822; addr`` for ASCII, ``utf-8; addr`` (raw or xtext) otherwise (RFC 6533)."""
+    if address.isascii():
+        return f"rfc822; {address}"
+    return f"utf-8; {address if utf8 else _utf8_addr_xtext(address)}"
+
+
+def _field_text(text: str, utf8: bool) -> str:
+    """Text for a field: one line, no controls, ASCII unless the notification is UTF-8."""
+    text = re.sub(r"[\x00-\x1f\x7f]+", " ", text).strip()
+    return text if utf8 else text.encode("ascii", "replace").decode("ascii")
+
+
+def _date(when: float) -> str:
+    """RFC 5322 date-time in UTC: ``Tue, 14 Nov 2023 22:13:20 +0000``."""
+    return format_datetime(datetime.fromtimestamp(when, timezone.utc))
+
+
+def _fold(line: str) -> list[str]:
+    """A field split into lines of at most ``FOLD_AT`` characters where it has spaces.
+
+    Continuation lines start with a space; a run without spaces longer than
+    ``MAX_LINE`` octets is cut, so no line ever exceeds it.
+    """
+    lines: list[str] = []
+    current = ""
+    for word in re.split(r"(?<=\S)(?= )", line):
+        if current and len(current) + len(word) > FOLD_AT:
+            lines.append(current)
+            current = word if word.startswith(" ") else " " + word
+        else:
+            current += word
+    lines.append(current)
+    return [piece for long in lines for piece in _cut(long)]
+
+
+def _cut(line: str) -> list[str]:
+    """``line`` in pieces whose UTF-8 form fits ``MAX_LINE`` octets; later pieces start with a space."""
+    pieces: list[str] = []
+    while len(line.encode("utf-8")) > MAX_LINE:
+        size = MAX_LINE
+        while len(line[:size].encode("utf-8")) > MAX_LINE:
+            size -= 1
+        pieces.append(line[:size])
+        line = " " + line[size:]
+    pieces.append(line)
+    return pieces
+
+
+def _fields(pairs: Iterable[tuple[str, str]]) -> str:
+    """Header fields, folded, each line ending in CRLF."""
+    return "".join(CRLF.join(_fold(f"{name}: {value}")) + CRLF for name, value in pairs)
+
+
+def _header_lines(headers: bytes) -> bytes:
+    """The original header section with CRLF line ends and no line over ``MAX_LINE`` octets.
+
+    Anything after an empty line (a body) is dropped.
+    """
+    out: list[bytes] = []
+    for line in _LINE_BREAK.split(headers):
+        if not line:
+            break
+        while len(line) > MAX_LINE:
+            out.append(line[:MAX_LINE])
+            line = b" " + line[MAX_LINE:]
+        out.append(line)
+    return b"".join(line + b"\r\n" for line in out)
+
+
+def _text_part(content_type: str, data: bytes, utf8: bool) -> bytes:
+    """A MIME part: 7bit when ASCII, 8bit in a UTF-8 notification, else quoted-printable."""
+    if data.isascii():
+        encoding = "7bit"
+    elif utf8:
+        encoding = "8bit"
+    else:
+        encoding, data = "quoted-printable", binascii.b2a_qp(data, istext=True)
+    head = f"Content-Type: {content_type}{CRLF}Content-Transfer-Encoding: {encoding}{CRLF}{CRLF}"
+    return head.encode("ascii") + data
+
+
+def _ascii_host(hostname: str) -> str:
+    """The host name as it goes in a field: A-labels when it has U-labels."""
+    if hostname.isascii():
+        return hostname
+    try:
+        return hostname.encode("idna").decode("ascii")
+    except UnicodeError:
+        return hostname.encode("ascii", "replace").decode("ascii")
+
+
+# -- the three parts -----------------------------------------------------------
+
+
+def _human_text(
+    envelope: Envelope,
+    recipients: list[Recipient],
+    hostname: str,
+    action: str,
+    retry_until: Optional[float],
+) -> str:
+    lines = [f"This is the mail system at host {hostname}.", ""]
+    if action == ACTION_DELAYED:
+        lines += [
+            "####################################################################",
+            "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #",
+            "####################################################################",
+            "",
+            "Your message could not be delivered yet to the recipients below.",
+            "The mail system will keep trying"
+            + (f" until {_date(retry_until)}." if retry_until is not None else "."),
+        ]
+    else:
+        lines += [
+            "Your message could not be delivered to one or more recipients.",
+            "The reasons are given below; the headers of your message are attached.",
+        ]
+    lines += ["", f"Queue id of your message: {envelope.queue_id}"]
+    if envelope.arrival > 0:
+        lines.append(f"Arrived here: {_date(envelope.arrival)}")
+    lines += [
+        "",
+        "For further assistance, send mail to postmaster.",
+        "If you do so, please include this problem report.",
+        "",
+        "                   The mail system",
+        "",
+    ]
+    for recipient in recipients:
+        lines.append(f"<{recipient.address}>: {_reason(recipient, action)}")
+    return CRLF.join(line for text in lines for line in _cut(text)) + CRLF
+
+
+def _reason(recipient: Recipient, action: str) -> str:
+    """Why a recipient is listed, in words: the remote reply or the local reason."""
+    reply = _field_text(_last_reply(recipient), utf8=True) or "no reason recorded"
+    host = _remote_host(recipient)
+    said = f"host {host} said: {reply}" if host and _is_remote_reply(reply) else reply
+    if action == ACTION_FAILED and recipient_status(recipient, action) == STATUS_EXPIRED:
+        return f"delivery time expired; last error: {said}"
+    return said
+
+
+def _per_message_fields(envelope: Envelope, hostname: str, utf8: bool) -> list[tuple[str, str]]:
+    fields: list[tuple[str, str]] = []
+    envid = _param(envelope.mail_params, "ENVID")
+    if envid:
+        fields.append(("Original-Envelope-Id", _field_text(_xtext_decode(envid), utf8)))
+    fields += [
+        ("Reporting-MTA", f"dns; {_ascii_host(hostname)}"),
+        ("X-Relay-Queue-ID", envelope.queue_id),
+        ("X-Relay-Sender", _address_field(envelope.sender, utf8)),
+    ]
+    if envelope.arrival > 0:
+        fields.append(("Arrival-Date", _date(envelope.arrival)))
+    return fields
+
+
+def _per_recipient_fields(
+    recipient: Recipient, action: str, retry_until: Optional[float], utf8: bool
+) -> list[tuple[str, str]]:
+    fields = [("Final-Recipient", _address_field(recipient.address, utf8))]
+    orcpt = _param(recipient.params, "ORCPT")
+    if orcpt and ";" in orcpt:
+        kind, _, original = _xtext_decode(orcpt).partition(";")
+        fields.append(("Original-Recipient", f"{kind.strip()}; {_field_text(original.strip(), utf8)}"))
+    fields += [("Action", action), ("Status", recipient_status(recipient, action))]
+    host = _remote_host(recipient)
+    if host:
+        fields.append(("Remote-MTA", f"dns; {_field_text(_mta_name(host), utf8)}"))
+    reply = _last_reply(recipient)
+    if reply:
+        kind = DIAGNOSTIC_SMTP if _is_remote_reply(reply) else DIAGNOSTIC_LOCAL
+        fields.append(("Diagnostic-Code", f"{kind}; {_field_text(reply, utf8)}"))
+    attempt = _last_attempt(recipient)
+    if attempt is not None:
+        fields.append(("Last-Attempt-Date", _date(attempt.time)))
+    if action == ACTION_DELAYED and retry_until is not None:
+        fields.append(("Will-Retry-Until", _date(retry_until)))
+    return fields
+
+
+def _delivery_status(
+    envelope: Envelope,
+    recipients: list[Recipient],
+    hostname: str,
+    action: str,
+    retry_until: Optional[float],
+    utf8: bool,
+) -> str:
+    groups = [_fields(_per_message_fields(envelope, hostname, utf8))]
+    groups += [_fields(_per_recipient_fields(r, action, retry_until, utf8)) for r in recipients]
+    return CRLF.join(groups)
+
+
+# -- the notification ----------------------------------------------------------
+
+
+def new_message_id(hostname: str, now: float) -> str:
+    """A unique Message-ID: ``<time.random@hostname>``."""
+    return f"<{int(now)}.{secrets.token_hex(8)}@{_ascii_host(hostname)}>"
+
+
+def _boundary(envelope: Envelope, hostname: str, parts: list[bytes]) -> str:
+    """A boundary that none of the parts contains."""
+    while True:
+        boundary = f"{envelope.queue_id}.{secrets.token_hex(6)}/{_ascii_host(hostname)}"
+        token = boundary.encode("ascii")
+        if not any(token in part for part in parts):
+            return boundary
+
+
+def build_dsn(
+    envelope: Envelope,
+    recipients: list[Recipient],
+    headers: bytes,
+    hostname: str,
+    now: float,
+    action: str = ACTION_FAILED,
+    retry_until: Optional[float] = None,
+    message_id: Optional[str] = None,
+) -> bytes:
+    """The notification about ``recipients`` of ``envelope`` as message bytes (CRLF lines).
+
+    ``headers`` is the original header section (anything after an empty line
+    is ignored); ``now`` dates the notification; ``retry_until`` is when a
+    delayed message will be given up.  Pure apart from the random Message-ID
+    and boundary.
+    """
+    if action not in ACTIONS:
+        raise ValueError(f"unknown DSN action {action!r}")
+    utf8 = not envelope.sender.isascii()
+    status_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
+    headers_type = "message/global-headers" if utf8 else "text/rfc822-headers"
+    parts = [
+        _text_part(
+            "text/plain; charset=utf-8",
+            _human_text(envelope, recipients, hostname, action, retry_until).encode("utf-8"),
+            utf8,
+        ),
+        _text_part(
+            status_type,
+            _delivery_status(envelope, recipients, hostname, action, retry_until, utf8).encode("utf-8"),
+            utf8,
+        ),
+        _text_part(headers_type, _header_lines(headers), utf8),
+    ]
+    boundary = _boundary(envelope, hostname, parts)
+    host = _ascii_host(hostname)
+    top = _fields(
+        [
+            ("From", f"{FROM_NAME} <{FROM_LOCAL}@{host}>"),
+            ("To", f"<{envelope.sender}>"),
+            ("Subject", SUBJECT_DELAYED if action == ACTION_DELAYED else SUBJECT_FAILED),
+            ("Date", _date(now)),
+            ("Message-ID", message_id or new_message_id(hostname, now)),
+            ("Auto-Submitted", AUTO_SUBMITTED),
+            ("MIME-Version", "1.0"),
+            (
+                "Content-Type",
+                f'multipart/report; report-type=delivery-status; boundary="{boundary}"',
+            ),
+        ]
+    )
+    out = [
+        top.encode("utf-8"),
+        b"\r\nThis is a MIME-encapsulated message.\r\n",
+    ]
+    delimiter = f"\r\n--{boundary}\r\n".encode("ascii")
+    for part in parts:
+        out += [delimiter, part]
+    out.append(f"\r\n--{boundary}--\r\n".encode("ascii"))
+    return b"".join(out)
+
+
+def _body_type(message: bytes) -> str:
+    return "7BIT" if message.isascii() else "8BITMIME"
+
+
+def send_dsn(
+    spool: Spool,
+    envelope: Envelope,
+    recipients: list[Recipient],
+    hostname: str,
+    now: float,
+    action: str = ACTION_FAILED,
+    retry_until: Optional[float] = None,
+) -> Deferred:
+    """Spool a notification about ``recipients`` to the sender of ``envelope``.
+
+    Fires with the queue id of the new message (sender ``<>``, its only
+    recipient the original sender), or with None when nothing is due: a
+    null sender (never bounce a bounce) or no recipient whose NOTIFY asks for
+    this notice.  Errbacks when the spool cannot store it.
+    """
+    queue_id = envelope.queue_id
+    if envelope.sender == "":
+        log.info("{queue_id}: null sender, no {action} notification", queue_id=queue_id, action=action)
+        return defer.succeed(None)
+    wanted = [r for r in recipients if wants_notification(r, action)]
+    if not wanted:
+        log.info("{queue_id}: NOTIFY asks for no {action} notification", queue_id=queue_id, action=action)
+        return defer.succeed(None)
+    try:
+        return _spool_dsn(spool, envelope, wanted, hostname, now, action, retry_until)
+    except Exception:
+        return defer.fail(Failure())
+
+
+def _spool_dsn(
+    spool: Spool,
+    envelope: Envelope,
+    recipients: list[Recipient],
+    hostname: str,
+    now: float,
+    action: str,
+    retry_until: Optional[float],
+) -> Deferred:
+    headers = _read_original_headers(spool, envelope.queue_id)
+    incoming = spool.new_message()
+    try:
+        message = build_dsn(
+            envelope,
+            recipients,
+            headers,
+            hostname,
+            now,
+            action,
+            retry_until,
+            message_id=f"<{incoming.queue_id}@{_ascii_host(hostname)}>",
+        )
+        incoming.write(message)
+    except Exception:
+        incoming.abort()
+        raise
+    notification = Envelope(
+        queue_id=incoming.queue_id,
+        sender="",
+        recipients=(Recipient(address=envelope.sender),),
+        client=ClientInfo(address="", helo=hostname, protocol=DSN_PROTOCOL),
+        arrival=now,
+        size=len(message),
+        body=_body_type(message),
+        smtputf8=not envelope.sender.isascii(),
+    )
+    d = incoming.commit(notification)
+    d.addCallbacks(
+        _spooled,
+        _not_spooled,
+        callbackArgs=(envelope, notification, recipients, action),
+        errbackArgs=(envelope.queue_id, action),
+    )
+    return d
+
+
+def _spooled(
+    dsn_id: str, envelope: Envelope, notification: Envelope, recipients: list[Recipient], action: str
+) -> str:
+    log.info(
+        "{queue_id}: sender {action} notification: {dsn_id} to <{sender}> for {count} recipient(s)",
+        queue_id=envelope.queue_id,
+        action="non-delivery" if action == ACTION_FAILED else "delay",
+        dsn_id=dsn_id,
+        sender=envelope.sender,
+        count=len(recipients),
+    )
+    log.info(
+        "{queue_id}: {action} notification for {original}, from=<> to=<{sender}>, {size} octets",
+        queue_id=dsn_id,
+        action=action,
+        original=envelope.queue_id,
+        sender=notification.recipients[0].address,
+        size=notification.size,
+    )
+    return dsn_id
+
+
+def _not_spooled(failure: Failure, queue_id: str, action: str) -> Failure:
+    log.failure("{queue_id}: cannot spool the {action} notification", failure, queue_id=queue_id, action=action)
+    return failure
