@@ -48,6 +48,9 @@ class ServerConfig:
     max_sessions: int = 1000
     max_errors: int = 10  # protocol errors in one session before 421 and close
     source_routes: str = "ignore"  # or "honor"
+    auth_in_clear: bool = False  # offer AUTH without TLS (loopback and tests only)
+    received_auth: bool = False  # "(Authenticated sender: user)" in the Received header
+    sender_login_map: str = ""  # file of "address-or-@domain user[,user...]" lines
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class QueueConfig:
     min_retry: float = 300.0
     max_retry: float = 14400.0
     max_lifetime: float = 432000.0
+    delay_warning: float = 0.0  # seconds; one "delayed" DSN once a recipient waits this long; 0: off
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,8 @@ class DeliveryConfig:
     nameservers: tuple[tuple[str, int], ...] = ()  # (ip, port); empty: system resolver
     concurrency: int = 50
     per_destination: int = 10
+    tls_ca_file: str = ""  # PEM bundle for tls = "verify" and MTA-STS; empty: the system store
+    mta_sts: bool = False  # apply RFC 8461 policies to direct MX delivery
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,7 @@ class RouteConfig:
     username: str = ""
     password_file: str = ""
     tls: str = "may"  # may | require | verify
+    auth_in_clear: bool = False  # AUTH to the next hop even without TLS
     options: Mapping[str, Any] = field(default_factory=dict)  # the plugin's own keys
     index: int = 0  # position in the file, for naming the rule ("routes[2]")
 
@@ -183,7 +190,7 @@ def parse_hostport(value: str, default_port: Optional[int] = None) -> tuple[str,
 _T = TypeVar("_T")
 
 ROUTE_ACTIONS = ("smarthost", "via", "plugin", "reject")
-ROUTE_DELIVERY_KEYS = ("username", "password_file", "tls")
+ROUTE_DELIVERY_KEYS = ("username", "password_file", "tls", "auth_in_clear")
 SOURCE_ROUTE_MODES = ("ignore", "honor")
 ROUTE_TLS_POLICIES = ("may", "require", "verify")
 DNS_PORT = 53
@@ -479,6 +486,27 @@ def _path(value: Any, where: _Where) -> str:
     return _string(value, where)
 
 
+def _bool_value(value: Any, where: _Where) -> bool:
+    if not isinstance(value, bool):
+        where.fail(f"expected true or false, got {_type_name(value)} {_show(value)}")
+    return value
+
+
+def _ca_file(value: Any, where: _Where) -> str:
+    """A readable PEM bundle holding at least one certificate, or "" (the system store)."""
+    path = _string(value, where)
+    if not path:
+        return path
+    try:
+        with open(path, "rb") as f:
+            content = f.read(16 * 1024 * 1024)
+    except OSError as e:
+        where.fail(f"{_show(value)}: cannot read: {_os_error_text(e)}")
+    if b"-----BEGIN CERTIFICATE-----" not in content:
+        where.fail(f"{_show(value)} holds no PEM certificate")
+    return path
+
+
 _SERVER_KEYS: dict[str, _Parser] = {
     "listen": _endpoints,
     "submission_listen": _endpoints,
@@ -493,13 +521,27 @@ _SERVER_KEYS: dict[str, _Parser] = {
     "max_sessions": _positive,
     "max_errors": _positive,
     "source_routes": lambda v, w: _choice(v, w, SOURCE_ROUTE_MODES),
+    "auth_in_clear": _bool_value,
+    "received_auth": _bool_value,
+    "sender_login_map": _path,
 }
+
+def _duration_or_off(value: Any, where: _Where) -> float:
+    """A duration where 0 (or "0s") means "off"."""
+    try:
+        if parse_duration(value) == 0:
+            return 0.0
+    except ValueError:
+        pass
+    return _duration(value, where)
+
 
 _QUEUE_KEYS: dict[str, _Parser] = {
     "directory": lambda v, w: _string(v, w, allow_empty=False),
     "min_retry": _duration,
     "max_retry": _duration,
     "max_lifetime": _duration,
+    "delay_warning": _duration_or_off,
 }
 
 _DELIVERY_KEYS: dict[str, _Parser] = {
@@ -507,6 +549,8 @@ _DELIVERY_KEYS: dict[str, _Parser] = {
     "nameservers": _nameservers,
     "concurrency": _positive,
     "per_destination": _positive,
+    "tls_ca_file": _ca_file,
+    "mta_sts": _bool_value,
 }
 
 
@@ -527,6 +571,8 @@ def _server(data: Any, where: _Where) -> ServerConfig:
         where.child("submission_listen").fail(
             "clients must authenticate there: set server.auth_users too"
         )
+    if server.sender_login_map and not server.auth_users:
+        where.child("sender_login_map").fail("applies to authenticated clients: set server.auth_users too")
     return server
 
 
@@ -596,6 +642,8 @@ def _route(entry: Any, where: _Where, index: int) -> RouteConfig:
         where.child(missing).fail(f"must be set together with {where.key}.{present}")
     if "tls" in entry:
         fields["tls"] = _choice(entry["tls"], where.child("tls"), ROUTE_TLS_POLICIES)
+    if "auth_in_clear" in entry:
+        fields["auth_in_clear"] = _bool_value(entry["auth_in_clear"], where.child("auth_in_clear"))
     return RouteConfig(**fields)
 
 

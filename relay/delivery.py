@@ -20,6 +20,16 @@ The three outcome buckets are decided here and nowhere else (``classify``,
 Once a host has taken the transaction its per-recipient replies are final for
 this attempt: a 5xx from one MX host is not retried at the next one.
 
+Outbound TLS follows the route (``tls`` may / require / verify, certificates
+checked against ``[delivery] tls_ca_file`` or the system store, always for
+the next hop's configured name, never an address); every Outcome carries
+the TLS version and cipher of the session that answered, and every delivery
+log line says it (or "no TLS").  With ``[delivery] mta_sts`` on, direct MX
+delivery applies the recipient domain's MTA-STS policy (``relay.mta_sts``
+finds it): in enforce mode only matching MX hosts are used, with TLS
+verified for the MX name; in testing mode what enforce would refuse is
+logged.
+
 Connections are limited (``[delivery] concurrency`` in all,
 ``per_destination`` per destination address); work beyond the limits waits
 in line, it never fails.  A connection that finished a transaction is kept
@@ -30,7 +40,7 @@ and closed after ``ClientTimeouts.idle`` or at ``Delivery.close``.
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Optional, Union
 
 from twisted.internet import defer, error as neterror
@@ -40,11 +50,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relay.config import Config
+from relay.mta_sts import MODE_ENFORCE, MODE_TESTING
 from relay.envelope import (
     OUTCOME_DELIVERED,
     OUTCOME_PERMANENT,
     OUTCOME_TRANSIENT,
+    ROUTE_MX,
     ROUTE_REJECT,
+    TLS_VERIFY,
     Envelope,
     Outcome,
     Recipient,
@@ -77,6 +90,9 @@ TEXT_NO_REPLY = "the remote host gave no reply for this recipient"
 TEXT_PASSWORD_UNREADABLE = "cannot read password file {path}: {reason}"
 TEXT_PASSWORD_EMPTY = "password file {path} is empty"
 DNS_PREFIX = "DNS: "
+STATUS_MTA_STS = "4.7.5"
+TEXT_MTA_STS_NO_MX = "MTA-STS: no MX host matches the policy"
+TEXT_NO_TLS = "no TLS"
 
 # Why a connection failed, for the most common network errors (not their own text).
 _CONNECT_REASONS: tuple[tuple[type, str], ...] = (
@@ -457,12 +473,19 @@ class Delivery:
         spool: Any,
         reactor: Any,
         connect: Optional[Connect] = None,
+        mta_sts: Any = None,
     ) -> None:
+        """``mta_sts``: a PolicyCache (built from ``resolver`` when ``[delivery] mta_sts`` is on)."""
         self._config = config
         self._chain = chain
         self._resolver = resolver
         self._spool = spool
         self._reactor = reactor
+        if mta_sts is None and config.delivery.mta_sts:
+            from relay.mta_sts import policy_cache
+
+            mta_sts = policy_cache(resolver, reactor, config.delivery.tls_ca_file)
+        self._mta_sts = mta_sts
         self.pool = ConnectionPool(
             reactor,
             connect or smtp_client.connect,
@@ -575,10 +598,14 @@ class Delivery:
             return [_resolution_outcome(m.recipient.address, e, m.route.rule) for m in members]
         if not targets:
             return [local_outcome(m.recipient.address, OUTCOME_TRANSIENT, STATUS_NO_ANSWER, TEXT_NO_TARGETS, m.route.rule) for m in members]
+        policy = await self._sts_policy(route)
+        targets, enforce = self._apply_sts(envelope, route, targets, policy)
+        if not targets:
+            return [local_outcome(m.recipient.address, OUTCOME_TRANSIENT, STATUS_MTA_STS, TEXT_MTA_STS_NO_MX, m.route.rule) for m in members]
         transaction = self._transaction(envelope, members)
         last: Optional[_Unreachable] = None
         for target in targets:
-            options = self._options(route, target, password)
+            options = self._options(route, target, password, verify=enforce)
             result = await self._try_target(envelope, target, options, transaction, route)
             if isinstance(result, _Unreachable):
                 last = result
@@ -589,6 +616,11 @@ class Delivery:
                     next="trying the next host" if target is not targets[-1] else "no more hosts",
                 )
                 continue
+            if policy is not None and policy.mode == MODE_TESTING and not result.tls:
+                log.warn(
+                    "{queue_id}: MTA-STS testing: {host} took the mail without TLS; enforce mode would have refused it",
+                    queue_id=envelope.queue_id, host=host_label(target),
+                )
             return self._replies_to_outcomes(members, result, target)
         assert last is not None
         return [_unreachable(m, last) for m in members]
@@ -642,14 +674,56 @@ class Delivery:
             queue_id=queue_id,
         )
 
-    def _options(self, route: Route, target: Target, password: str) -> ClientOptions:
+    def _options(self, route: Route, target: Target, password: str, verify: bool = False) -> ClientOptions:
+        """The session options: the route's TLS policy (``verify`` forces "verify"), for ``target.host``.
+
+        The certificate is checked against the configured name of the next
+        hop (the smart host's or MX host's name), never against an address.
+        """
         return ClientOptions(
             hostname=self._config.hostname,
-            tls=route.tls,
+            tls=TLS_VERIFY if verify else route.tls,
             tls_hostname=target.host,
+            ca_file=self._config.delivery.tls_ca_file,
             username=route.username,
             password=password,
+            auth_in_clear=route.auth_in_clear,
         )
+
+    # -- MTA-STS ---------------------------------------------------------------
+
+    def _sts_policy(self, route: Route) -> Deferred:
+        """The MTA-STS policy of an MX route's domain (None: none, or MTA-STS off)."""
+        if self._mta_sts is None or route.kind != ROUTE_MX or not route.hosts:
+            return defer.succeed(None)
+        return self._mta_sts.policy(route.hosts[0].host)
+
+    def _apply_sts(
+        self, envelope: Envelope, route: Route, targets: list[Target], policy: Any
+    ) -> tuple[list[Target], bool]:
+        """The targets a policy allows, and whether their TLS must be verified.
+
+        enforce: only MX hosts matching the policy, TLS verified for the MX
+        name; testing: every target, and what enforce would refuse is logged;
+        none (or no policy): every target, the route's own TLS policy.
+        """
+        if policy is None or policy.mode not in (MODE_ENFORCE, MODE_TESTING):
+            return targets, False
+        domain = route.hosts[0].host
+        refused = sorted({t.host for t in targets if not policy.matches(t.host)})
+        if policy.mode == MODE_TESTING:
+            for host in refused:
+                log.warn(
+                    "{queue_id}: MTA-STS testing: {host} does not match the policy of {domain}; enforce mode would not use it",
+                    queue_id=envelope.queue_id, host=host, domain=domain,
+                )
+            return targets, False
+        for host in refused:
+            log.info(
+                "{queue_id}: MTA-STS: {host} does not match the policy of {domain}; not used",
+                queue_id=envelope.queue_id, host=host, domain=domain,
+            )
+        return [t for t in targets if policy.matches(t.host)], True
 
     # -- results ---------------------------------------------------------------
 
@@ -661,7 +735,7 @@ class Delivery:
             if reply is None:
                 outcomes.append(local_outcome(m.recipient.address, OUTCOME_TRANSIENT, STATUS_NO_ANSWER, TEXT_NO_REPLY, m.route.rule, host))
             else:
-                outcomes.append(reply_outcome(m.recipient.address, reply, host, m.route.rule))
+                outcomes.append(replace(reply_outcome(m.recipient.address, reply, host, m.route.rule), tls=result.tls))
         return outcomes
 
     def _log_outcomes(self, outcomes: list[Outcome], envelope: Envelope) -> list[Outcome]:
@@ -671,11 +745,12 @@ class Delivery:
 
     def _log_outcome(self, envelope: Envelope, outcome: Outcome) -> None:
         log.info(
-            "{queue_id}: to=<{recipient}> rule={rule} host={host} {kind}: {reply}",
+            "{queue_id}: to=<{recipient}> rule={rule} host={host} tls=({tls}) {kind}: {reply}",
             queue_id=envelope.queue_id,
             recipient=outcome.recipient,
             rule=outcome.rule or "-",
             host=outcome.host or "-",
+            tls=outcome.tls or TEXT_NO_TLS,
             kind=outcome.kind,
             reply=outcome.describe(),
         )
@@ -697,6 +772,8 @@ def _pool_key(target: Target, options: ClientOptions, route: Route) -> PoolKey:
         options.hostname,
         options.tls,
         options.tls_hostname,
+        options.ca_file,
         options.username,
         route.password_file,
+        options.auth_in_clear,
     )

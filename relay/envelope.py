@@ -64,6 +64,7 @@ class Attempt:
     reply: str  # remote reply ("550 5.1.1 no such user") or local reason
     host: str = ""  # the remote host that answered, if any
     route: str = ""  # which rule or plugin chose the route
+    tls: str = ""  # TLS version and cipher of the session, "" in clear or unknown
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,8 @@ class Recipient:
     last_error: str = ""
     next_attempt: Optional[float] = None  # epoch seconds; None: as soon as possible
     history: tuple[Attempt, ...] = ()
+    reported: bool = False  # FAILED and its DSN spooled (or none due): never reported again
+    warned: bool = False  # a "delayed" DSN was spooled for it: never warned again
 
     @property
     def domain(self) -> str:
@@ -161,6 +164,18 @@ def _params(raw: Any) -> Params:
     return tuple((str(k), None if v is None else str(v)) for k, v in raw)
 
 
+def _read_attempt(raw: dict) -> Attempt:
+    """One history entry; ``tls`` was added later and is read when present."""
+    return Attempt(
+        time=float(raw["time"]),
+        outcome=str(raw["outcome"]),
+        reply=str(raw["reply"]),
+        host=str(raw.get("host", "")),
+        route=str(raw.get("route", "")),
+        tls=str(raw.get("tls", "")),
+    )
+
+
 def _read_v1(raw: dict) -> Envelope:
     recipients = []
     for r in raw["recipients"]:
@@ -175,7 +190,9 @@ def _read_v1(raw: dict) -> Envelope:
                 attempts=int(r.get("attempts", 0)),
                 last_error=str(r.get("last_error", "")),
                 next_attempt=None if r.get("next_attempt") is None else float(r["next_attempt"]),
-                history=tuple(Attempt(**a) for a in r.get("history", ())),
+                history=tuple(_read_attempt(a) for a in r.get("history", ())),
+                reported=bool(r.get("reported", False)),
+                warned=bool(r.get("warned", False)),
             )
         )
     return Envelope(
@@ -231,10 +248,11 @@ class Route:
     tls: str = TLS_MAY
     username: str = ""  # AUTH to the next hop when set
     password_file: str = ""  # where the password is read from at delivery time
+    auth_in_clear: bool = False  # AUTH even when the session has no TLS
 
     def destination(self) -> tuple:
         """Recipients whose routes share this key share one transaction."""
-        return (self.kind, self.hosts, self.tls, self.username, self.password_file)
+        return (self.kind, self.hosts, self.tls, self.username, self.password_file, self.auth_in_clear)
 
 
 @dataclass(frozen=True)
@@ -248,6 +266,7 @@ class Outcome:
     text: str = ""  # the remote reply text or the local reason
     host: str = ""  # the remote host that answered
     rule: str = ""  # which rule or plugin chose the route ("" when none was chosen)
+    tls: str = ""  # TLS version and cipher of the session that answered, "" in clear
 
     def describe(self) -> str:
         """One line for logs, queue listings and DSN diagnostic codes."""

@@ -15,19 +15,25 @@ hide another destination in the local part of a relayed address
 After the relay decision an optional ``recipient_check`` (the routing
 layer's reject routes, for instance) is consulted with the same arguments;
 it may answer asynchronously.
+
+``RelayPolicy.check_sender`` is asked at MAIL for authenticated clients:
+with a ``sender_login_map`` (``relay.auth.SenderLoginMap``) the envelope
+sender must be owned by the authenticated user (``553 5.7.1`` otherwise),
+like Postfix's ``reject_sender_login_mismatch``; the null sender is allowed.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from twisted.internet.defer import Deferred
 
 from relay.config import ServerConfig
 from relay.domains import DomainSet, normalize_domain
 from relay.envelope import ClientInfo, Recipient
-from relay.smtp.replies import RELAY_DENIED, Reply
+from relay.smtp.replies import RELAY_DENIED, SENDER_MAP_UNAVAILABLE, Reply, sender_not_owned
+
 
 PolicyAnswer = Union[Optional[Reply], "Deferred[Optional[Reply]]"]
 RecipientCheck = Callable[[ClientInfo, str, Recipient], PolicyAnswer]
@@ -39,10 +45,25 @@ _ROUTING_CHARACTERS = ("%", "!", "@")
 class RelayPolicy:
     """Decides, per recipient and client, whether the relay accepts the recipient."""
 
-    def __init__(self, server: ServerConfig, recipient_check: Optional[RecipientCheck] = None) -> None:
+    def __init__(self, server: ServerConfig, recipient_check: Optional[RecipientCheck] = None,
+                 sender_logins: Optional[Any] = None) -> None:
         self.relay_domains = DomainSet(server.relay_domains)
         self.trusted_networks = tuple(server.trusted_networks)
         self.recipient_check = recipient_check
+        self.sender_logins = sender_logins  # a relay.auth.SenderLoginMap, or None
+
+    def check_sender(self, client: ClientInfo, sender: str) -> PolicyAnswer:
+        """None to accept ``sender`` at MAIL, a refusal Reply, or a Deferred firing with either."""
+        if self.sender_logins is None or not client.auth_user or not sender:
+            return None
+        user = client.auth_user
+
+        def judged(owned: Optional[bool]) -> Optional[Reply]:
+            if owned is None:
+                return SENDER_MAP_UNAVAILABLE
+            return None if owned else sender_not_owned(sender, user)
+
+        return self.sender_logins.may_use(user, sender).addCallback(judged)
 
     def is_trusted(self, ip: str) -> bool:
         """True when ``ip`` lies in a trusted network (IPv4-mapped IPv6 counts as IPv4)."""

@@ -20,6 +20,7 @@ from typing import Any, NoReturn, Optional, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet import ssl
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -103,6 +104,9 @@ class Options(usage.Options):
             smarthost=self["smarthost"],
         )
         build_tls_context(config.server, config.source or COMMAND_LINE)
+        from relay.auth import check_files
+
+        check_files(config.server, config.source or COMMAND_LINE)
         check_router_plugins(config)
         self.config = config
 
@@ -208,9 +212,24 @@ class RelayService(MultiService):
         super().startService()
 
     def stopService(self) -> Any:
-        d = super().stopService()
+        """Stop the parts one after another, in reverse start order.
+
+        MultiService would stop every child at once; here the listeners
+        finish their sessions (a commit in flight still gets its 250 or 451)
+        before the scheduler drains, delivery closes its connections, and the
+        spool, last, waits for its pending disk work.
+        """
+        Service.stopService(self)
+        d: Deferred = succeed(None)
+        for child in reversed(list(self)):
+            d.addCallback(lambda _, child=child: maybeDeferred(child.stopService))
+            d.addErrback(self._stop_failed, child)
         d.addCallback(self._stopped_cleanly)
         return d
+
+    @staticmethod
+    def _stop_failed(failure: Any, child: Any) -> None:
+        log.failure("stopping {name} failed", failure, name=getattr(child, "name", child))
 
     def _stopped_cleanly(self, result: Any) -> Any:
         """After a clean stop on SIGTERM, exit 0.
@@ -251,6 +270,16 @@ class Listener(StreamServerEndpointService):
             stream.write(line + "\n")
             stream.flush()
             raise SystemExit(EXIT_FAILURE) from None
+
+    def stopService(self) -> Any:
+        """Stop accepting, then let the open sessions end (they get 421 4.3.2)."""
+        from twisted.internet.defer import maybeDeferred
+
+        d = maybeDeferred(super().stopService)
+        stopping = getattr(self.factory, "stopping", None)
+        if stopping is not None:
+            d.addCallback(lambda _: stopping())
+        return d
 
 
 def _add_spool(relay: RelayService, reactor: Any) -> None:
@@ -301,10 +330,39 @@ def _add_delivery(relay: RelayService, reactor: Any) -> None:
     closing = _Closing(relay.delivery)
     closing.setName("delivery")
     closing.setServiceParent(relay)
-    relay.scheduler = Scheduler(relay.spool, relay.delivery, reactor)
+    relay.scheduler = Scheduler(
+        relay.spool, relay.delivery, reactor, config=relay.config.queue, hostname=relay.config.hostname
+    )
     relay.scheduler.setName("scheduler")
     relay.scheduler.setServiceParent(relay)
     relay.spool.on_commit(relay.scheduler.enqueue)
+
+
+def _add_control(relay: RelayService, reactor: Any) -> None:
+    """The control socket in the spool directory: relay-queue reaches the scheduler through it."""
+    from relay.control import ControlService
+
+    service = ControlService(relay.spool.directory, relay.scheduler, reactor)
+    service.setName("control")
+    service.setServiceParent(relay)
+
+
+def _auth_parts(config: Config, reactor: Any) -> tuple[Any, Any]:
+    """The AUTH portal and the sender login map of [server], each None when not configured.
+
+    Password checks (scrypt) and file reads run in the reactor's thread pool.
+    """
+    from twisted.internet.threads import deferToThreadPool
+
+    from relay.auth import SenderLoginMap, build_portal
+
+    def runner(f: Any, *args: Any) -> Any:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+    server = config.server
+    portal = build_portal(server.auth_users, runner) if server.auth_users else None
+    sender_logins = SenderLoginMap(server.sender_login_map, runner) if server.sender_login_map else None
+    return portal, sender_logins
 
 
 def _add_listeners(relay: RelayService, reactor: Any) -> None:
@@ -313,15 +371,18 @@ def _add_listeners(relay: RelayService, reactor: Any) -> None:
     from relay.smtp.server import SMTPServerFactory
 
     config = relay.config
-    relay.policy = RelayPolicy(config.server, recipient_check=rcpt_check(relay.chain, config.hostname))
+    portal, sender_logins = _auth_parts(config, reactor)
+    relay.policy = RelayPolicy(config.server, recipient_check=rcpt_check(relay.chain, config.hostname),
+                               sender_logins=sender_logins)
     relay.tls_context = build_tls_context(config.server, config.source or COMMAND_LINE)
+    etrn = getattr(relay.scheduler, "flush", None)  # (domain, subdomains) -> messages scheduled
     for submission, endpoints in ((False, config.server.listen), (True, config.server.submission_listen)):
         key = "server.submission_listen" if submission else "server.listen"
         for index, description in enumerate(endpoints):
             endpoint = _endpoint(reactor, description, f"{config.source or COMMAND_LINE}: {key}[{index}]")
             factory = SMTPServerFactory(
                 config.hostname, config.server, relay.spool, relay.policy, reactor,
-                tls_context=relay.tls_context, submission=submission,
+                tls_context=relay.tls_context, submission=submission, portal=portal, etrn=etrn,
             )
             service = Listener(description, endpoint, factory)
             service.setName(("submission:" if submission else "smtp:") + description)
@@ -336,7 +397,7 @@ def build_relay(config: Config, reactor: Any) -> RelayService:
     (scheduler, routing, delivery) are further functions in this list.
     """
     relay = RelayService(config, reactor)
-    for add in (_add_spool, _add_routing, _add_delivery, _add_listeners):
+    for add in (_add_spool, _add_routing, _add_delivery, _add_control, _add_listeners):
         add(relay, reactor)
     return relay
 

@@ -20,7 +20,8 @@ Run it as a process::
     }
 
 Record types are ``A``, ``AAAA``, ``MX`` (``[preference, exchange]`` pairs;
-``"."`` is the root, for a null MX) and ``CNAME`` (one target).  ``TTL``
+``"."`` is the root, for a null MX), ``TXT`` (strings, one record each) and
+``CNAME`` (one target).  ``TTL``
 (seconds, default ``DEFAULT_TTL``) applies to every record of the name.  A
 name mapped to ``"SERVFAIL"`` answers SERVFAIL; ``"TIMEOUT"`` never answers.
 Names absent from the data answer NXDOMAIN; a name present without the asked
@@ -180,6 +181,7 @@ def _records(zone: Zone, name: str, qtype: int, depth: int = 0) -> list:
         dns.AAAA: ("AAAA", lambda v: dns.Record_AAAA(v, ttl)),
         dns.MX: ("MX", lambda v: dns.Record_MX(int(v[0]), _wire_name(v[1]), ttl)),
         dns.CNAME: ("CNAME", lambda v: dns.Record_CNAME(_wire_name(v), ttl)),
+        dns.TXT: ("TXT", lambda v: dns.Record_TXT(v.encode("utf-8"), ttl=ttl)),
     }
     if qtype not in makers:
         return []

@@ -37,6 +37,17 @@ def relay_env(extra_path: Sequence[str] = ()) -> dict[str, str]:
     return env
 
 
+def wait_until(predicate, timeout: float = 20.0, what: str = "condition"):
+    """Poll a real, external condition (a file, a socket peer, a process), bounded in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def wait_for_port(host: str, port: int, timeout: float, proc: Optional[subprocess.Popen] = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

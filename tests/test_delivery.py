@@ -737,3 +737,201 @@ def test_loopback_failover_partial_refusal_and_reuse(tmp_path):
     assert ports.count(sink.port) == 1, out["connects"]  # the second message reused the connection
     assert [m.recipients for m in received] == [["ok@dest.test"], ["ok@dest.test"]]
     assert received[0].data.endswith(b".dot line\r\n")
+
+
+# -- outbound TLS policy, TLS in the history, MTA-STS ----------------------------------
+
+from relay.config import ConfigError, config_from_mapping  # noqa: E402
+from relay.envelope import TLS_MAY, TLS_REQUIRE, TLS_VERIFY, Attempt  # noqa: E402
+from relay.mta_sts import Policy  # noqa: E402
+from relay.routing import build_chain  # noqa: E402
+
+TLS13 = "TLSv1.3 TLS_AES_256_GCM_SHA384"
+
+
+class TLSConnector(FakeConnector):
+    """A connector whose sessions report TLS for the addresses in ``tls_by_address``."""
+
+    def __init__(self, tls_by_address: dict[str, str]) -> None:
+        super().__init__()
+        self.tls_by_address = tls_by_address
+
+    def result(self, conn: FakeConnection, transaction: Transaction) -> TransactionResult:
+        replies = {a: self.replies(conn.address, a) for a, _ in transaction.recipients}
+        return TransactionResult(replies, conn.host, self.tls_by_address.get(conn.address, ""))
+
+
+class FakePolicies:
+    """Stands for relay.mta_sts.PolicyCache: a fixed policy per domain."""
+
+    def __init__(self, policies: dict[str, Optional[Policy]]) -> None:
+        self.policies = policies
+        self.asked: list[str] = []
+
+    def policy(self, domain: str) -> Deferred:
+        self.asked.append(domain)
+        return defer.succeed(self.policies.get(domain))
+
+
+def tls_harness(routes=None, targets=None, connector=None, policies=None, ca_file="") -> Harness:
+    h = Harness(routes=routes, targets=targets, connector=connector)
+    config = Config(hostname="relay.test", delivery=DeliveryConfig(tls_ca_file=ca_file, mta_sts=policies is not None))
+    h.policies = policies
+    h.delivery = Delivery(config, h.chain, h.resolver, h.spool, h.clock, connect=h.connector, mta_sts=policies)
+    return h
+
+
+def smarthost(tls: str = TLS_MAY, **kw: Any) -> Route:
+    return Route(kind=ROUTE_SMARTHOST, hosts=(NextHop("smart.test"),), tls=tls, rule="routes[0]", **kw)
+
+
+def test_route_tls_policy_reaches_client_options_with_the_host_name():
+    """tls, the CA file and auth_in_clear go from the Route into ClientOptions; the verified name is the host name."""
+    route = smarthost(TLS_VERIFY, username="u", password_file="", auth_in_clear=True)
+    h = tls_harness(routes={"u@x.test": route}, targets={"smart.test": [Target("smart.test", "127.0.0.9", 25)]}, ca_file="/etc/ca.pem")
+    success(h.attempt(envelope("u@x.test")))
+    [(address, _, host, options)] = h.connector.calls
+    assert (address, host) == ("127.0.0.9", "smart.test")
+    assert (options.tls, options.tls_hostname, options.ca_file, options.auth_in_clear) == (TLS_VERIFY, "smart.test", "/etc/ca.pem", True)
+
+
+def test_config_route_keys_reach_the_route():
+    """[[routes]] tls and auth_in_clear travel through the router chain into the Route."""
+    config = config_from_mapping(
+        {"routes": [{"domains": ["x.test"], "smarthost": "smart.test", "tls": "require", "auth_in_clear": True}]}, "t.toml"
+    )
+    route = success(defer.maybeDeferred(build_chain(config).route, Recipient("u@x.test"), None))
+    assert (route.tls, route.auth_in_clear) == (TLS_REQUIRE, True)
+    assert config.routes[0].auth_in_clear is True
+
+
+def test_outcome_and_log_carry_the_tls_of_the_session(events):
+    """The Outcome records the session's TLS version and cipher, and the delivery log line says it."""
+    h = tls_harness(connector=TLSConnector({"127.0.0.2": TLS13}), routes={"u@a.test": mx("a.test")})
+    [outcome] = success(h.attempt(envelope("u@a.test")))
+    assert (outcome.kind, outcome.tls) == (OUTCOME_DELIVERED, TLS13)
+    lines = [formatEvent(e) for e in events if "to=<u@a.test>" in formatEvent(e)]
+    assert lines and f"tls=({TLS13})" in lines[0]
+
+
+def test_log_says_no_tls_in_clear(events):
+    """A delivery in clear is logged with "no TLS" and its Outcome has an empty tls."""
+    h = tls_harness(routes={"u@a.test": mx("a.test")})
+    [outcome] = success(h.attempt(envelope("u@a.test")))
+    assert outcome.tls == ""
+    assert any("tls=(no TLS)" in formatEvent(e) and "to=<u@a.test>" in formatEvent(e) for e in events)
+
+
+def test_connections_with_other_tls_settings_are_not_shared():
+    """An idle connection is reused only by a route with the same TLS policy and AUTH settings."""
+    routes = {"a@x.test": smarthost(TLS_MAY), "b@x.test": smarthost(TLS_MAY, auth_in_clear=True)}
+    h = tls_harness(routes=routes, targets={"smart.test": [Target("smart.test", "127.0.0.9", 25)]})
+    success(h.attempt(envelope("a@x.test")))
+    success(h.attempt(envelope("b@x.test", queue_id="Q2")))
+    assert len(h.connector.calls) == 2
+
+
+def test_attempt_tls_round_trips_and_old_history_loads():
+    """Attempt.tls is stored in the JSON and read back; a v1 history entry without it still loads."""
+    env = Envelope(queue_id="Q", sender="", recipients=(Recipient("u@a.test", history=(Attempt(1.0, OUTCOME_DELIVERED, "250 ok", "h", "r", TLS13),)),))
+    assert Envelope.from_json(env.to_json()).recipients[0].history[0].tls == TLS13
+    old = env.to_json().replace(b', "tls": "' + TLS13.encode() + b'"', b"")
+    assert b"TLSv1.3" not in old
+    assert Envelope.from_json(old).recipients[0].history[0] == Attempt(1.0, OUTCOME_DELIVERED, "250 ok", "h", "r")
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"delivery": {"mta_sts": "yes"}}, "t.toml: delivery.mta_sts: expected true or false"),
+        ({"delivery": {"tls_ca_file": 5}}, "t.toml: delivery.tls_ca_file: expected a string"),
+        ({"delivery": {"tls_ca_file": "/nonexistent/ca.pem"}}, "t.toml: delivery.tls_ca_file: \"/nonexistent/ca.pem\": cannot read"),
+        ({"routes": [{"domains": ["x.test"], "smarthost": "h.test", "auth_in_clear": 1}]}, "t.toml: routes[0].auth_in_clear: expected true or false"),
+        ({"routes": [{"domains": ["x.test"], "reject": "no", "auth_in_clear": True}]}, "t.toml: routes[0].auth_in_clear: only possible with smarthost or via"),
+    ],
+)
+def test_tls_config_keys_are_validated(data, message):
+    """delivery.mta_sts, delivery.tls_ca_file and routes[].auth_in_clear are checked with one-line errors naming the key."""
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(data, "t.toml")
+    assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)
+
+
+def test_tls_config_defaults_and_values(tmp_path):
+    """The new keys default to off/empty and accept a readable PEM bundle and booleans."""
+    assert (DeliveryConfig().tls_ca_file, DeliveryConfig().mta_sts) == ("", False)
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    config = config_from_mapping({"delivery": {"tls_ca_file": str(ca), "mta_sts": True}}, "t.toml")
+    assert (config.delivery.tls_ca_file, config.delivery.mta_sts) == (str(ca), True)
+    (tmp_path / "empty.pem").write_text("nothing\n")
+    with pytest.raises(ConfigError, match="holds no PEM certificate"):
+        config_from_mapping({"delivery": {"tls_ca_file": str(tmp_path / "empty.pem")}}, "t.toml")
+
+
+ENFORCE = Policy(mode="enforce", mx=("mx2.a.test",), max_age=86400)
+
+
+def test_mta_sts_enforce_uses_only_matching_mx_with_verified_tls():
+    """Enforce: the preferred MX outside the policy is skipped; the matching one gets TLS verified for its name."""
+    h = tls_harness(routes={"u@a.test": mx("a.test")}, policies=FakePolicies({"a.test": ENFORCE}), ca_file="/ca.pem")
+    [outcome] = success(h.attempt(envelope("u@a.test")))
+    assert outcome.kind == OUTCOME_DELIVERED
+    [(address, _, host, options)] = h.connector.calls
+    assert (address, host, options.tls, options.tls_hostname, options.ca_file) == ("127.0.0.3", "mx2.a.test", TLS_VERIFY, "mx2.a.test", "/ca.pem")
+    assert h.policies.asked == ["a.test"]
+
+
+def test_mta_sts_enforce_without_matching_mx_is_transient():
+    """Enforce with no MX host matching the policy: transient, nothing connects."""
+    policy = Policy(mode="enforce", mx=("*.elsewhere.test",), max_age=60)
+    h = tls_harness(routes={"u@a.test": mx("a.test")}, policies=FakePolicies({"a.test": policy}))
+    [outcome] = success(h.attempt(envelope("u@a.test")))
+    assert (outcome.kind, outcome.status, outcome.text) == (OUTCOME_TRANSIENT, "4.7.5", "MTA-STS: no MX host matches the policy")
+    assert h.connector.calls == []
+
+
+def test_mta_sts_testing_delivers_as_usual_and_logs(events):
+    """Testing: the preferred MX is used with the route's own TLS policy; what enforce would refuse is logged."""
+    policy = Policy(mode="testing", mx=("mx2.a.test",), max_age=60)
+    h = tls_harness(routes={"u@a.test": mx("a.test")}, policies=FakePolicies({"a.test": policy}))
+    [outcome] = success(h.attempt(envelope("u@a.test", queue_id="QT")))
+    assert outcome.kind == OUTCOME_DELIVERED
+    [(address, _, _, options)] = h.connector.calls
+    assert (address, options.tls) == ("127.0.0.2", TLS_MAY)
+    text = "\n".join(formatEvent(e) for e in events)
+    assert "QT: MTA-STS testing: mx1.a.test does not match the policy of a.test" in text
+    assert "QT: MTA-STS testing: mx1.a.test[127.0.0.2] took the mail without TLS" in text
+
+
+@pytest.mark.parametrize("policy", [None, Policy(mode="none", mx=(), max_age=60)])
+def test_no_policy_or_mode_none_changes_nothing(policy):
+    """Without a policy, or with mode none, MX delivery is as usual."""
+    h = tls_harness(routes={"u@a.test": mx("a.test")}, policies=FakePolicies({"a.test": policy}))
+    success(h.attempt(envelope("u@a.test")))
+    [(address, _, _, options)] = h.connector.calls
+    assert (address, options.tls) == ("127.0.0.2", TLS_MAY)
+
+
+def test_mta_sts_is_not_consulted_for_smart_hosts():
+    """MTA-STS applies to direct MX delivery only, never to a configured smart host."""
+    policies = FakePolicies({"smart.test": ENFORCE})
+    h = tls_harness(routes={"u@x.test": smarthost()}, targets={"smart.test": [Target("smart.test", "127.0.0.9", 25)]}, policies=policies)
+    success(h.attempt(envelope("u@x.test")))
+    assert policies.asked == [] and h.connector.calls[0][3].tls == TLS_MAY
+
+
+def test_tls_failure_text_names_the_certificate_problem():
+    """A failed handshake is described in fixed words: name mismatch, untrusted certificate, or other."""
+    from OpenSSL import SSL
+    from service_identity.exceptions import VerificationError
+    from twisted.python.failure import Failure
+
+    from relay.smtp.client import tls_failure_text
+
+    assert "does not match the name smart.test" in tls_failure_text(Failure(VerificationError(errors=[])), "smart.test")
+    untrusted = SSL.Error([("SSL routines", "", "certificate verify failed")])
+    assert "not trusted" in tls_failure_text(Failure(untrusted), "smart.test")
+    other = SSL.Error([("SSL routines", "", "secret library detail")])
+    assert tls_failure_text(Failure(other), "smart.test") == "TLS: handshake failed"

@@ -8,11 +8,8 @@ The relay is started with ``twistd -n relay``; smtplib submits.
 
 from __future__ import annotations
 
-import json
 import smtplib
 import ssl
-import time
-from pathlib import Path
 
 import pytest
 from aiosmtpd.smtp import AuthResult
@@ -20,7 +17,7 @@ from aiosmtpd.smtp import AuthResult
 from certs import make_certificate
 from dnsserver import start_dns_server
 from relay.queue.spool import Spool
-from relayproc import REPO, RelayProcess, free_port
+from relayproc import REPO, RelayProcess, free_port, wait_until
 from smtpsink import SMTPSink
 
 EXAMPLES = REPO / "examples"
@@ -38,15 +35,6 @@ ZONE = {
 }
 
 
-def wait_until(predicate, timeout: float = 20.0, what: str = "condition"):
-    """Poll a real, external condition (a file, a socket peer), bounded in time."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def send(port: int, sender: str, recipients: list[str], data: bytes, **mail_options) -> str:
@@ -58,12 +46,16 @@ def send(port: int, sender: str, recipients: list[str], data: bytes, **mail_opti
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """DNS, five downstream servers and two relays; torn down by PID at the end."""
+def world(tmp_path_factory, request):
+    """DNS, five downstream servers and two relays; each torn down by PID, even when a later one fails to start."""
     tmp = tmp_path_factory.mktemp("relay-world")
     dns_port, stop_dns = start_dns_server(ZONE, tmp)
+    request.addfinalizer(stop_dns)
     port = free_port("127.0.0.2")
-    sinks = {ip: SMTPSink(ip, port).start() for ip in ("127.0.0.2", "127.0.0.3", "127.0.0.5", "127.0.0.6", "127.0.0.8")}
+    sinks = {}
+    for ip in ("127.0.0.2", "127.0.0.3", "127.0.0.5", "127.0.0.6", "127.0.0.8"):
+        sinks[ip] = SMTPSink(ip, port).start()
+        request.addfinalizer(sinks[ip].stop)
 
     # A smart host requiring STARTTLS and AUTH.
     cert, key = make_certificate(tmp, "smarthost.test", ("127.0.0.7",))
@@ -78,6 +70,7 @@ def world(tmp_path_factory):
 
     smarthost = SMTPSink("127.0.0.7", port, tls_context=tls, require_starttls=True,
                          auth_required=True, authenticator=authenticator).start()
+    request.addfinalizer(smarthost.stop)
     (tmp / "upstream.secret").write_text("s3cret pass\n")
     (tmp / "transport").write_text("plugged.test  smarthost [127.0.0.8]\n")
 
@@ -87,7 +80,9 @@ hostname = "relay-b.test"
 [delivery]
 port = {port}
 nameservers = ["127.0.0.1:{dns_port}"]
-''').start()
+''')
+    request.addfinalizer(relay_b.kill)
+    relay_b.start()
 
     relay_a = RelayProcess(tmp / "a", f'''
 hostname = "relay-a.test"
@@ -117,14 +112,11 @@ reject = "no mail to this domain"
 domains = ["plugged.test"]
 plugin = "transport-map"
 map = "{tmp / 'transport'}"
-''', extra_path=[str(EXAMPLES)]).start()
-    yield {"a": relay_a, "b": relay_b, "sinks": sinks, "smarthost": smarthost, "logins": logins,
-           "port": port, "dns_port": dns_port}
-    relay_a.kill()
-    relay_b.kill()
-    for s in [*sinks.values(), smarthost]:
-        s.stop()
-    stop_dns()
+''', extra_path=[str(EXAMPLES)])
+    request.addfinalizer(relay_a.kill)
+    relay_a.start()
+    return {"a": relay_a, "b": relay_b, "sinks": sinks, "smarthost": smarthost, "logins": logins,
+            "port": port, "dns_port": dns_port}
 
 
 def only_message_to(sink: SMTPSink, address: str):

@@ -128,7 +128,7 @@ class Session:
 
 def make_factory(policy: Any = None, tls_context: Any = None, submission: bool = False,
                  spool: Optional[FakeSpool] = None, clock: Optional[Clock] = None,
-                 **config: Any) -> SMTPServerFactory:
+                 portal: Any = None, etrn: Any = None, **config: Any) -> SMTPServerFactory:
     config.setdefault("relay_domains", ("example.org",))
     server = ServerConfig(**config)
     if clock is None:
@@ -136,7 +136,7 @@ def make_factory(policy: Any = None, tls_context: Any = None, submission: bool =
         clock.advance(NOW)
     return SMTPServerFactory(HOST, server, spool if spool is not None else FakeSpool(),
                              policy or RelayPolicy(server), clock, tls_context=tls_context,
-                             submission=submission)
+                             submission=submission, portal=portal, etrn=etrn)
 
 
 def session(**kwargs: Any) -> Session:
@@ -182,13 +182,13 @@ def test_greeting_names_host() -> None:
 
 
 def test_ehlo_advertises_extensions() -> None:
-    """EHLO lists PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES, SMTPUTF8 and no STARTTLS without TLS."""
+    """EHLO lists PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES, SMTPUTF8, ETRN and no STARTTLS or AUTH without TLS."""
     s = session(max_message_size=1234)
     out = s.lines(b"EHLO client.test\r\n")
     assert out[0] == "250-relay.test"
     assert out[-1].startswith("250 ")
     keywords = {line[4:] for line in out[1:]}
-    assert keywords == {"PIPELINING", "SIZE 1234", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"}
+    assert keywords == {"PIPELINING", "SIZE 1234", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "ETRN"}
 
 
 def test_ehlo_advertises_starttls_with_context() -> None:
@@ -1132,3 +1132,532 @@ def test_reply_round_trip() -> None:
     for value in vars(R).values():
         if isinstance(value, Reply):
             assert Reply.parse(value.to_bytes().splitlines()) == value
+
+
+# -- AUTH (RFC 4954) ---------------------------------------------------------------------------------
+
+import base64  # noqa: E402
+
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse  # noqa: E402
+from twisted.cred.portal import Portal  # noqa: E402
+from twisted.internet.interfaces import ISSLTransport  # noqa: E402
+from zope.interface import implementer  # noqa: E402
+
+from relay.auth import SenderLoginMap, SubmitterRealm  # noqa: E402
+from relay.smtp import server as server_module  # noqa: E402
+
+PASSWORD = b"s3cret-Pa55"
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+PLAIN_OK = b"AUTH PLAIN " + b64(b"\0alice\0" + PASSWORD) + b"\r\n"
+PLAIN_BAD = b"AUTH PLAIN " + b64(b"\0alice\0wrong") + b"\r\n"
+
+
+def make_portal() -> Portal:
+    return Portal(SubmitterRealm(), [InMemoryUsernamePasswordDatabaseDontUse(alice=PASSWORD)])
+
+
+@implementer(ISSLTransport)
+class TLSTransport(RecordingTransport):
+    """A transport that is TLS from the start, as on an implicit-TLS (ssl:) listener."""
+
+    def getPeerCertificate(self) -> None:
+        return None
+
+
+class TLSSession(Session):
+    """A session accepted on an implicit-TLS listener."""
+
+    def __init__(self, factory: SMTPServerFactory) -> None:
+        self.factory = factory
+        self.transport = TLSTransport(IPv4Address("TCP", "192.0.2.7", 40000))
+        self.proto = factory.buildProtocol(None)
+        self.proto.makeConnection(self.transport)
+
+
+def auth_ready(**kwargs: Any) -> Session:
+    """A session after EHLO on which AUTH is offered (in clear, by auth_in_clear)."""
+    kwargs.setdefault("portal", make_portal())
+    kwargs.setdefault("auth_in_clear", True)
+    return ready(**kwargs)
+
+
+def test_auth_not_offered_in_clear() -> None:
+    """With a portal but no TLS, EHLO does not offer AUTH and AUTH gets 538 5.7.11."""
+    s = session(portal=make_portal(), tls_context=object())
+    assert b"AUTH" not in s.send(b"EHLO c.test\r\n")
+    assert s.send(PLAIN_OK) == b"538 5.7.11 Encryption required for requested authentication mechanism\r\n"
+    assert s.proto.auth_user == ""
+
+
+def test_auth_offered_after_starttls() -> None:
+    """After STARTTLS the new EHLO offers AUTH PLAIN LOGIN, and AUTH works."""
+    s = ready(portal=make_portal(), tls_context=object())
+    s.send(b"STARTTLS\r\n")
+    ehlo = s.send(b"EHLO c.test\r\n")
+    assert b"250-AUTH PLAIN LOGIN\r\n" in ehlo and b"STARTTLS" not in ehlo
+    assert s.send(PLAIN_OK) == b"235 2.7.0 Authentication successful\r\n"
+    assert s.proto.auth_user == "alice"
+
+
+def test_auth_offered_with_auth_in_clear() -> None:
+    """auth_in_clear offers AUTH without TLS."""
+    s = session(portal=make_portal(), auth_in_clear=True)
+    assert b"250-AUTH PLAIN LOGIN\r\n" in s.send(b"EHLO c.test\r\n")
+
+
+def test_auth_without_portal() -> None:
+    """Without auth_users there is no AUTH, even on TLS: 503 5.5.1."""
+    s = TLSSession(make_factory())
+    s.read()
+    assert b"AUTH" not in s.send(b"EHLO c.test\r\n")
+    assert s.send(PLAIN_OK) == b"503 5.5.1 Error: authentication not enabled\r\n"
+
+
+def test_implicit_tls_session() -> None:
+    """On an implicit-TLS listener the session is TLS at once: no STARTTLS, AUTH offered, ESMTPSA."""
+    s = TLSSession(make_factory(portal=make_portal(), tls_context=object()))
+    s.read()
+    ehlo = s.send(b"EHLO c.test\r\n")
+    assert b"STARTTLS" not in ehlo and b"250-AUTH PLAIN LOGIN\r\n" in ehlo
+    assert code(s.send(b"STARTTLS\r\n")) == "503 5.5.1"
+    s.send(PLAIN_OK)
+    s.send(b"MAIL FROM:<alice@x.test>\r\nRCPT TO:<u@elsewhere.test>\r\nDATA\r\nx\r\n.\r\n")
+    message = spool_of(s).committed[0]
+    assert message.envelope.client.protocol == "ESMTPSA" and message.envelope.client.auth_user == "alice"
+    assert b"\t(using TLS)\r\n\tby relay.test (relay) with ESMTPSA id Q0001\r\n" in bytes(message.data)
+
+
+def test_plain_initial_response_success_relays_anywhere() -> None:
+    """AUTH PLAIN with an initial response: 235 2.7.0, then an untrusted client may relay anywhere."""
+    s = auth_ready()
+    assert code(s.send(b"MAIL FROM:<s@x.test>\r\nRCPT TO:<u@elsewhere.test>\r\n")[14:]) == "554 5.7.1"
+    s.send(b"RSET\r\n")
+    assert s.send(PLAIN_OK) == b"235 2.7.0 Authentication successful\r\n"
+    out = s.send(b"MAIL FROM:<s@x.test>\r\nRCPT TO:<u@elsewhere.test>\r\nDATA\r\nx\r\n.\r\n")
+    assert out.endswith(b"250 2.0.0 Ok: queued as Q0001\r\n")
+    client = spool_of(s).committed[0].envelope.client
+    assert (client.auth_user, client.protocol, client.trusted) == ("alice", "ESMTPA", False)
+
+
+def test_plain_with_challenge() -> None:
+    """AUTH PLAIN alone gets an empty 334 challenge; the response then authenticates."""
+    s = auth_ready()
+    assert s.send(b"AUTH PLAIN\r\n") == b"334 \r\n"
+    assert s.send(b64(b"alice\0alice\0" + PASSWORD) + b"\r\n") == b"235 2.7.0 Authentication successful\r\n"
+
+
+def test_login_exchange() -> None:
+    """AUTH LOGIN asks Username: then Password: in base64 and authenticates."""
+    s = auth_ready()
+    assert s.send(b"AUTH LOGIN\r\n") == b"334 VXNlcm5hbWU6\r\n"
+    assert s.send(b64(b"alice") + b"\r\n") == b"334 UGFzc3dvcmQ6\r\n"
+    assert s.send(b64(PASSWORD) + b"\r\n") == b"235 2.7.0 Authentication successful\r\n"
+    assert s.proto.auth_user == "alice"
+
+
+def test_login_with_initial_response() -> None:
+    """AUTH LOGIN with the user name as initial response goes straight to Password:."""
+    s = auth_ready()
+    assert s.send(b"auth login " + b64(b"alice") + b"\r\n") == b"334 UGFzc3dvcmQ6\r\n"
+    assert s.send(b64(PASSWORD) + b"\r\n") == b"235 2.7.0 Authentication successful\r\n"
+
+
+def test_failure_answered_after_delay_with_input_paused() -> None:
+    """A wrong password gets 535 5.7.8 only after one second on the clock; pipelined commands wait."""
+    s = auth_ready()
+    clock = s.factory.clock
+    assert s.send(PLAIN_BAD + b"NOOP\r\n") == b""
+    clock.advance(0.99)
+    assert s.read() == b""
+    clock.advance(0.01)
+    assert s.read() == b"535 5.7.8 Error: authentication failed\r\n250 2.0.0 Ok\r\n"
+    assert s.proto.auth_user == "" and not s.closed
+
+
+def test_login_failure_and_unknown_user() -> None:
+    """LOGIN with an unknown user fails like a wrong password, after the delay."""
+    s = auth_ready()
+    s.send(b"AUTH LOGIN\r\n")
+    s.send(b64(b"mallory") + b"\r\n")
+    assert s.send(b64(PASSWORD) + b"\r\n") == b""
+    s.factory.clock.advance(1)
+    assert s.read() == b"535 5.7.8 Error: authentication failed\r\n"
+
+
+def test_authorization_identity_of_another_user_refused() -> None:
+    """PLAIN asking to act as another user (authzid) is refused with 535."""
+    s = auth_ready()
+    s.send(b"AUTH PLAIN " + b64(b"bob\0alice\0" + PASSWORD) + b"\r\n")
+    s.factory.clock.advance(1)
+    assert code(s.read()) == "535 5.7.8" and s.proto.auth_user == ""
+
+
+def test_failure_limit_closes_session() -> None:
+    """The third failed AUTH in a session gets 535 then 421 4.7.0, and the connection closes."""
+    s = auth_ready()
+    for _ in range(2):
+        s.send(PLAIN_BAD)
+        s.factory.clock.advance(1)
+        assert code(s.read()) == "535 5.7.8"
+    s.send(PLAIN_BAD)
+    s.factory.clock.advance(1)
+    assert s.read() == (b"535 5.7.8 Error: authentication failed\r\n"
+                        b"421 4.7.0 relay.test Error: too many authentication failures\r\n")
+    assert s.closed
+
+
+def test_cancel_exchange() -> None:
+    """A "*" response cancels the exchange with 501 5.0.0 and commands work again."""
+    s = auth_ready()
+    s.send(b"AUTH LOGIN\r\n")
+    assert s.send(b"*\r\n") == b"501 5.0.0 Authentication cancelled\r\n"
+    assert s.send(b"NOOP\r\n") == b"250 2.0.0 Ok\r\n"
+    s.send(b"AUTH PLAIN\r\n")
+    assert s.send(b"*\r\n") == b"501 5.0.0 Authentication cancelled\r\n"
+
+
+@pytest.mark.parametrize("lines", [
+    [b"AUTH PLAIN !!notbase64\r\n"],
+    [b"AUTH PLAIN\r\n", b"abc\r\n"],
+    [b"AUTH LOGIN\r\n", b"YWxp?2U=\r\n"],
+])
+def test_bad_base64(lines: list[bytes]) -> None:
+    """Responses that are not base64 get 501 5.5.2 and end the exchange."""
+    s = auth_ready()
+    for line in lines:
+        out = s.send(line)
+    assert out == b"501 5.5.2 Error: invalid base64 data\r\n"
+    assert s.send(b"NOOP\r\n") == b"250 2.0.0 Ok\r\n"
+
+
+@pytest.mark.parametrize("line, expected", [
+    (b"AUTH CRAM-MD5\r\n", b"504 5.5.4 Error: unsupported authentication mechanism\r\n"),
+    (b"AUTH\r\n", b"501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n"),
+    (b"AUTH PLAIN a b\r\n", b"501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n"),
+    (b"AUTH PLAIN " + b64(b"no-nul-here") + b"\r\n", b"501 5.5.2 Error: malformed authentication data\r\n"),
+])
+def test_auth_syntax(line: bytes, expected: bytes) -> None:
+    """Unknown mechanisms, a missing mechanism and malformed PLAIN data are refused at once."""
+    assert auth_ready().send(line) == expected
+
+
+def test_auth_twice_and_during_transaction() -> None:
+    """AUTH after success or inside a mail transaction gets 503 5.5.1; before EHLO too."""
+    s = session(portal=make_portal(), auth_in_clear=True)
+    assert s.send(PLAIN_OK) == b"503 5.5.1 Error: send EHLO first\r\n"
+    s.send(b"EHLO c.test\r\nMAIL FROM:<s@x.test>\r\n")
+    assert s.send(PLAIN_OK) == b"503 5.5.1 Error: MAIL transaction in progress\r\n"
+    s.send(b"RSET\r\n")
+    assert code(s.send(PLAIN_OK)) == "235 2.7.0"
+    assert s.send(PLAIN_OK) == b"503 5.5.1 Error: already authenticated\r\n"
+
+
+def test_starttls_forgets_authentication() -> None:
+    """An identity established in clear does not survive STARTTLS (RFC 3207 4.2)."""
+    s = auth_ready(tls_context=object())
+    s.send(PLAIN_OK)
+    s.send(b"STARTTLS\r\n")
+    assert s.proto.auth_user == ""
+
+
+def test_long_auth_line_accepted_other_long_lines_refused() -> None:
+    """An AUTH line over 512 octets is read whole (RFC 4954 allows 12288); other commands are not."""
+    s = auth_ready()
+    long_password = b"p" * 3000
+    line = b"AUTH PLAIN " + b64(b"\0alice\0" + long_password) + b"\r\n"
+    assert len(line) > 4000
+    assert s.send(line[:2000]) == b""
+    assert s.send(line[2000:]) == b""
+    s.factory.clock.advance(1)
+    assert s.read() == b"535 5.7.8 Error: authentication failed\r\n"
+    s.send(b"AUTH LOGIN\r\n" + b64(b"alice") + b"\r\n")
+    assert s.send(b64(b"q" * 1500) + b"\r\n") == b""
+    s.factory.clock.advance(1)
+    assert code(s.read()) == "535 5.7.8"
+    assert s.send(b"NOOP " + b"x" * 600 + b"\r\n") == b"500 5.5.6 Error: line too long\r\n"
+
+
+def test_auth_parameter_of_mail_accepted() -> None:
+    """MAIL FROM with AUTH=<> is accepted where AUTH is offered (RFC 4954 5)."""
+    s = auth_ready()
+    assert s.send(b"MAIL FROM:<s@x.test> AUTH=<>\r\n") == b"250 2.1.0 Ok\r\n"
+
+
+def test_password_absent_from_logs(monkeypatch: Any) -> None:
+    """Log events of successful, failed and refused AUTH carry the user name and never the password."""
+    from twisted.logger import Logger, formatEvent
+
+    events: list[dict] = []
+    monkeypatch.setattr(server_module, "log", Logger(namespace="test", observer=events.append))
+    s = auth_ready()
+    s.send(PLAIN_BAD)
+    s.factory.clock.advance(1)
+    s.send(b"AUTH LOGIN\r\n" + b64(b"alice") + b"\r\n" + b"%%" + PASSWORD + b"\r\n")
+    s.send(b"AUTH LOGIN\r\n" + b64(b"alice") + b"\r\n" + b64(PASSWORD) + b"\r\n")
+    text = "\n".join(formatEvent(e) for e in events) + repr(events)
+    assert "AUTH PLAIN as 'alice' from [192.0.2.7]:40000: failed (1 of 3)" in text
+    assert "AUTH LOGIN as alice from [192.0.2.7]:40000: success" in text
+    for secret in (PASSWORD, b"wrong", b64(PASSWORD), b64(b"\0alice\0wrong")):
+        assert secret.decode() not in text
+
+
+# -- submission (RFC 6409) ------------------------------------------------------------------------------------
+
+
+def submit(s: Session, data: bytes) -> bytes:
+    s.send(PLAIN_OK)
+    s.send(b"MAIL FROM:<alice@x.test>\r\nRCPT TO:<u@elsewhere.test>\r\nDATA\r\n")
+    out = s.send(data)
+    assert code(out) == "250 2.0.0", out
+    return bytes(spool_of(s).committed[-1].data)
+
+
+def test_submission_adds_message_id_and_date() -> None:
+    """A submitted message lacking Message-ID and Date gets both right after our Received header."""
+    s = auth_ready(submission=True)
+    stored = submit(s, b"Subject: hi\r\nFrom: alice@x.test\r\n\r\nbody\r\n.\r\n")
+    header, _, rest = stored.partition(b"\r\nMessage-ID: ")
+    assert header.startswith(b"Received: ") and header.endswith(DATE.encode())
+    assert rest == (b"<20231114221320.Q0001@relay.test>\r\nDate: " + DATE.encode() +
+                    b"\r\nSubject: hi\r\nFrom: alice@x.test\r\n\r\nbody\r\n")
+
+
+def test_submission_keeps_existing_fields() -> None:
+    """Existing Message-ID and Date (any case, folded) are kept and not added again; only the missing one is."""
+    s = auth_ready(submission=True)
+    body = b"DATE: Mon, 1 Jan 2024 00:00:00 +0000\r\nmessage-id:\r\n <x@y>\r\n\r\nMessage-ID: <in-body>\r\n.\r\n"
+    stored = submit(s, body)
+    assert stored.endswith(b"+0000\r\n" + body[:-3]) and stored.count(b"Message-ID") == 1
+    stored = submit_again(s, b"Message-ID: <a@b>\r\n\r\nx\r\n.\r\n")
+    assert b"\r\nDate: " + DATE.encode() + b"\r\nMessage-ID: <a@b>\r\n\r\nx\r\n" in stored
+
+
+def submit_again(s: Session, data: bytes) -> bytes:
+    s.send(b"MAIL FROM:<alice@x.test>\r\nRCPT TO:<u@elsewhere.test>\r\nDATA\r\n")
+    assert code(s.send(data)) == "250 2.0.0"
+    return bytes(spool_of(s).committed[-1].data)
+
+
+def test_submission_fields_with_header_only_and_split_stream() -> None:
+    """A message of headers only, sent in tiny pieces, still gets its fields before its header section."""
+    s = auth_ready(submission=True)
+    s.send(PLAIN_OK)
+    s.send(b"MAIL FROM:<alice@x.test>\r\nRCPT TO:<u@elsewhere.test>\r\nDATA\r\n")
+    data = b"Subject: only headers\r\nX-A: 1\r\n.\r\n"
+    for i in range(len(data)):
+        out = s.send(data[i:i + 1])
+    assert code(out) == "250 2.0.0"
+    stored = bytes(spool_of(s).committed[0].data)
+    assert stored.endswith(b"\r\nDate: " + DATE.encode() + b"\r\nSubject: only headers\r\nX-A: 1\r\n")
+    assert b"\r\nMessage-ID: <20231114221320.Q0001@relay.test>\r\n" in stored
+
+
+def test_submission_body_without_headers() -> None:
+    """A message whose first line is not a header field gets the fields before it, once."""
+    s = auth_ready(submission=True)
+    stored = submit(s, b"just text\r\nmore: text\r\n.\r\n")
+    assert stored.endswith(b"\r\nDate: " + DATE.encode() + b"\r\njust text\r\nmore: text\r\n")
+    assert stored.count(b"Message-ID:") == 1
+
+
+def test_plain_listener_adds_nothing() -> None:
+    """A message received on an ordinary listener is stored as sent."""
+    s = auth_ready()
+    stored = submit(s, b"Subject: hi\r\n\r\nbody\r\n.\r\n")
+    assert b"Message-ID" not in stored and stored.endswith(DATE.encode() + b"\r\nSubject: hi\r\n\r\nbody\r\n")
+
+
+def test_received_auth_header() -> None:
+    """With received_auth the Received header names the authenticated sender; without, it does not."""
+    s = auth_ready(received_auth=True)
+    stored = submit(s, b"x\r\n.\r\n")
+    assert stored.startswith(
+        b"Received: from client.test ([192.0.2.7] [192.0.2.7])\r\n"
+        b"\t(Authenticated sender: alice)\r\n"
+        b"\tby relay.test (relay) with ESMTPA id Q0001\r\n")
+    assert b"Authenticated sender" not in submit(auth_ready(), b"x\r\n.\r\n")
+
+
+def test_received_tls_comment_names_version_and_cipher() -> None:
+    """On TLS the Received header carries "(using <version> with cipher <cipher>)"."""
+    class Handle:
+        def get_protocol_version_name(self) -> str:
+            return "TLSv1.3"
+
+        def get_cipher_name(self) -> str:
+            return "TLS_AES_256_GCM_SHA384"
+
+    s = TLSSession(make_factory(portal=make_portal(), received_auth=True))
+    s.transport.getHandle = Handle  # type: ignore[method-assign]
+    s.send(b"EHLO c.test\r\n")
+    stored = submit(s, b"x\r\n.\r\n")
+    assert (b"\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384)\r\n\t(Authenticated sender: alice)\r\n"
+            b"\tby relay.test (relay) with ESMTPSA id") in stored
+
+
+def test_sender_login_map(tmp_path: Any) -> None:
+    """With a sender login map an authenticated client may only use its own senders: else 553 5.7.1."""
+    path = tmp_path / "senders"
+    path.write_text("alice@x.test alice\n")
+    server = ServerConfig(relay_domains=("example.org",))
+    policy = RelayPolicy(server, sender_logins=SenderLoginMap(str(path), lambda f, *a: maybeDeferred(f, *a)))
+    s = auth_ready(policy=policy, submission=True)
+    s.send(PLAIN_OK)
+    assert s.send(b"MAIL FROM:<bob@x.test>\r\n") == (
+        b"553 5.7.1 <bob@x.test>: Sender address rejected: not owned by user alice\r\n")
+    assert s.send(b"MAIL FROM:<alice@x.test>\r\n") == b"250 2.1.0 Ok\r\n"
+    assert s.send(b"RSET\r\nMAIL FROM:<>\r\n") == b"250 2.0.0 Ok\r\n250 2.1.0 Ok\r\n"
+
+
+# -- ETRN (RFC 1985) ------------------------------------------------------------------------------------
+
+
+class EtrnHook:
+    def __init__(self, result: Any = 2) -> None:
+        self.calls: list[tuple[str, bool]] = []
+        self.result = result
+
+    def __call__(self, domain: str, subdomains: bool) -> Any:
+        self.calls.append((domain, subdomains))
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+
+def test_etrn_from_trusted_client() -> None:
+    """A trusted client's ETRN starts the queue for the domain (or its subdomains) with 250."""
+    hook = EtrnHook()
+    s = ready(peer=IPv4Address("TCP", "127.0.0.1", 1), etrn=hook)
+    assert s.send(b"ETRN Example.ORG\r\n") == b"250 2.0.0 Queuing for node Example.ORG started\r\n"
+    assert s.send(b"ETRN @example.org\r\n") == b"250 2.0.0 Queuing for node example.org started\r\n"
+    assert hook.calls == [("example.org", False), ("example.org", True)]
+
+
+def test_etrn_from_authenticated_client() -> None:
+    """An untrusted but authenticated client may use ETRN."""
+    hook = EtrnHook(succeed(0))
+    s = auth_ready(etrn=hook)
+    s.send(PLAIN_OK)
+    assert code(s.send(b"ETRN example.org\r\n")) == "250 2.0.0"
+    assert hook.calls == [("example.org", False)]
+
+
+def test_etrn_from_untrusted_client_refused() -> None:
+    """An untrusted, unauthenticated client gets 459 4.7.1 and nothing is started."""
+    hook = EtrnHook()
+    s = ready(etrn=hook)
+    assert s.send(b"ETRN example.org\r\n") == b"459 4.7.1 Node example.org not allowed: access denied\r\n"
+    assert hook.calls == []
+
+
+@pytest.mark.parametrize("line, expected", [
+    (b"ETRN\r\n", b"501 5.5.4 Syntax: ETRN domain\r\n"),
+    (b"ETRN a.test b.test\r\n", b"501 5.5.4 Syntax: ETRN domain\r\n"),
+    (b"ETRN bad..domain\r\n", b"501 5.5.4 Error: invalid domain name in ETRN\r\n"),
+    (b"ETRN @\r\n", b"501 5.5.4 Error: invalid domain name in ETRN\r\n"),
+    (b"ETRN #queue\r\n", b"459 4.3.3 Error: queue names are not supported\r\n"),
+])
+def test_etrn_syntax(line: bytes, expected: bytes) -> None:
+    """ETRN without a valid node name is a syntax error; queue names are not supported."""
+    hook = EtrnHook()
+    assert ready(peer=IPv4Address("TCP", "127.0.0.1", 1), etrn=hook).send(line) == expected
+    assert hook.calls == []
+
+
+def test_etrn_state_and_unavailable() -> None:
+    """ETRN before HELO or inside a transaction is 503; without a hook or when it fails, 458 4.3.0."""
+    trusted = IPv4Address("TCP", "127.0.0.1", 1)
+    s = session(peer=trusted, etrn=EtrnHook())
+    assert code(s.send(b"ETRN a.test\r\n")) == "503 5.5.1"
+    s.send(b"EHLO c.test\r\nMAIL FROM:<s@x.test>\r\n")
+    assert s.send(b"ETRN a.test\r\n") == b"503 5.5.1 Error: MAIL transaction in progress\r\n"
+    assert ready(peer=trusted).send(b"ETRN a.test\r\n") == b"458 4.3.0 Unable to queue messages for node a.test\r\n"
+    failing = ready(peer=trusted, etrn=EtrnHook(RuntimeError("scheduler gone")))
+    assert failing.send(b"ETRN a.test\r\n") == b"458 4.3.0 Unable to queue messages for node a.test\r\n"
+
+
+# -- graceful shutdown ------------------------------------------------------------------------------------
+
+
+SHUTDOWN = b"421 4.3.2 relay.test Service shutting down, closing transmission channel\r\n"
+
+
+def test_stopping_closes_idle_sessions() -> None:
+    """stopping() answers 421 4.3.2 to idle sessions, closes them, and fires once they are gone."""
+    factory = make_factory()
+    first, second = Session(factory), Session(factory)
+    first.read(), second.read()
+    second.send(b"EHLO c.test\r\nMAIL FROM:<s@x.test>\r\n")
+    d = factory.stopping()
+    assert first.read() == SHUTDOWN and second.read() == SHUTDOWN
+    assert first.closed and second.closed
+    assert not d.called
+    first.proto.connectionLost(Failure(ConnectionError()))
+    second.proto.connectionLost(Failure(ConnectionError()))
+    assert d.called
+    assert first.send(b"NOOP\r\n") == b""
+
+
+def test_stopping_lets_data_finish_then_421() -> None:
+    """A session in DATA finishes its message (250 after the commit) and then gets 421."""
+    factory = make_factory()
+    s = Session(factory)
+    s.read()
+    s.send(b"EHLO c.test\r\n" + TRANSACTION + b"Subject: x\r\n")
+    d = factory.stopping()
+    assert s.read() == b"" and not s.closed
+    assert s.send(b"\r\nbody\r\n.\r\nQUIT\r\n") == b"250 2.0.0 Ok: queued as Q0001\r\n" + SHUTDOWN
+    assert s.closed and spool_of(s).committed
+    s.proto.connectionLost(Failure(ConnectionError()))
+    assert d.called
+
+
+def test_stopping_grace_period_cuts_off_slow_sessions() -> None:
+    """A message still in DATA when the grace period ends is aborted, the session gets 421 and closes."""
+    factory = make_factory()
+    s = Session(factory)
+    s.read()
+    s.send(b"EHLO c.test\r\n" + TRANSACTION + b"partial")
+    d = factory.stopping()
+    factory.clock.advance(server_module.SHUTDOWN_GRACE)
+    assert s.read() == SHUTDOWN and s.closed and d.called
+    assert spool_of(s).messages[0].state == "aborted"
+
+
+def test_stopping_with_no_sessions_and_late_connections() -> None:
+    """stopping() without sessions fires at once; a connection arriving afterwards gets 421 at greeting."""
+    factory = make_factory()
+    assert factory.stopping().called
+    s = Session(factory)
+    assert s.read() == SHUTDOWN and s.closed and factory.sessions == 0
+
+
+def test_stopping_waits_for_pending_answer() -> None:
+    """A session waiting for an answer (a slow policy) gets it, then 421."""
+    pending: Deferred = Deferred()
+
+    class Waiting(RelayPolicy):
+        def check_recipient(self, *args: Any) -> Deferred:
+            return pending
+
+    factory = make_factory(policy=Waiting(ServerConfig()))
+    s = Session(factory)
+    s.read()
+    s.send(b"EHLO c.test\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<u@example.org>\r\n")
+    factory.stopping()
+    assert s.read() == b"" and not s.closed
+    pending.callback(None)
+    assert s.read() == b"250 2.1.5 Ok\r\n" + SHUTDOWN and s.closed
+
+
+def test_overlong_auth_response_ends_exchange() -> None:
+    """An AUTH response over 12288 octets gets 500 5.5.6 and the exchange ends: the next line is a command."""
+    s = auth_ready()
+    s.send(b"AUTH PLAIN\r\n")
+    assert s.send(b"A" * 13000) == b"500 5.5.6 Error: line too long\r\n"
+    assert s.send(b"AAAA\r\nNOOP\r\n") == b"250 2.0.0 Ok\r\n"

@@ -245,7 +245,7 @@ def test_build_relay_assembles_spool_then_listeners(tmp_path: Path) -> None:
     # The queue is recovered and the scheduler picks it up before any listener accepts mail;
     # listeners stop first, then the scheduler, then delivery's connections, the spool last.
     assert [s.name for s in children[1:]] == [
-        "delivery", "scheduler", "smtp:tcp:2525:interface=127.0.0.1", "smtp:tcp:2526", "submission:tcp:2587"]
+        "delivery", "scheduler", "control", "smtp:tcp:2525:interface=127.0.0.1", "smtp:tcp:2526", "submission:tcp:2587"]
     assert relay.policy.recipient_check is not None  # reject routes refuse at RCPT
     for _, listener in relay.listeners:
         listener.privilegedStartService()
@@ -314,3 +314,35 @@ def test_twistd_bad_config_exits_with_one_line(tmp_path: Path) -> None:
     assert result.stderr == 'bad.toml: server.max_message_size: "lots" is not a size (use e.g. 35MB, 10MiB, 1000000)\n'
     assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / "relay-queue").exists() and not (tmp_path / "twistd.pid").exists()
+
+
+def test_parts_stop_one_after_another_in_reverse_order() -> None:
+    """The relay stops its parts in reverse start order, each only after the previous one has finished."""
+    from twisted.application.service import Service
+    from twisted.internet.defer import Deferred
+
+    events: list[str] = []
+    pending: dict[str, Deferred] = {}
+
+    class Part(Service):
+        def stopService(self) -> Deferred:
+            super().stopService()
+            events.append(f"stop {self.name}")
+            pending[self.name] = Deferred()
+            return pending[self.name]
+
+    relay = RelayService(Config(hostname="relay.test"))
+    for name in ("spool", "scheduler", "listener"):
+        part = Part()
+        part.setName(name)
+        part.setServiceParent(relay)
+    relay.startService()
+    finished: list = []
+    relay.stopService().addBoth(finished.append)
+    assert events == ["stop listener"]
+    pending["listener"].callback(None)
+    assert events == ["stop listener", "stop scheduler"]
+    pending["scheduler"].callback(None)
+    assert events == ["stop listener", "stop scheduler", "stop spool"] and finished == []
+    pending["spool"].callback(None)
+    assert finished == [None]

@@ -257,7 +257,12 @@ def _plugin_factory(where: str, entry: RouteConfig, plugin_lookup: Callable[[str
 def _builtin_options(entry: RouteConfig, kind: str) -> dict[str, Any]:
     options: dict[str, Any] = {kind: getattr(entry, kind)}
     if kind != "reject":
-        options.update(tls=entry.tls, username=entry.username, password_file=entry.password_file)
+        options.update(
+            tls=entry.tls,
+            username=entry.username,
+            password_file=entry.password_file,
+            auth_in_clear=entry.auth_in_clear,
+        )
     return options
 
 

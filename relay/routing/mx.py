@@ -309,6 +309,27 @@ def resolve_host(resolver: dns.resolver.Resolver, name: str, mx: bool) -> Resolu
     return _host_resolution(resolver, qname, name)
 
 
+def resolve_txt(resolver: dns.resolver.Resolver, name: str) -> list[str]:
+    """The TXT records of ``name`` (blocking), each one's strings joined; [] for none.
+
+    NXDOMAIN and NODATA give []; any other failure raises a transient
+    ResolutionError.
+    """
+    qname = _qname(name)
+    if qname is None:
+        return []
+    try:
+        rrset, _ = _query(resolver, qname, "TXT", mx=True)
+    except ResolutionError as e:
+        if e.permanent:  # NXDOMAIN
+            return []
+        raise
+    records = []
+    for rdata in rrset or ():
+        records.append(b"".join(rdata.strings).decode("utf-8", "replace"))
+    return records
+
+
 # -- literals --------------------------------------------------------------------
 
 
@@ -372,6 +393,14 @@ class MXResolver:
         d = defer.DeferredList(hops, consumeErrors=True)
         d.addCallback(self._combine, route)
         return d
+
+    def txt(self, name: str) -> defer.Deferred:
+        """Fire with the TXT records of ``name`` (not cached); errback ResolutionError."""
+        return defer.maybeDeferred(self._runner, self._lookup_txt, normalize_domain(name))
+
+    def _lookup_txt(self, name: str) -> list[str]:
+        """One TXT lookup; runs in the pool (or in the injected runner)."""
+        return resolve_txt(self._get_resolver(), name)
 
     def stop(self) -> None:
         """Stop the lookup threads (called at reactor shutdown when the pool runs)."""

@@ -83,6 +83,13 @@ def _tls(options: dict[str, Any]) -> str:
     return str(tls)
 
 
+def _auth_in_clear(options: dict[str, Any]) -> bool:
+    value = options.get("auth_in_clear", False)
+    if not isinstance(value, bool):
+        raise OptionError("auth_in_clear", f"{value!r} is not true or false")
+    return value
+
+
 def _check_keys(options: dict[str, Any], allowed: Iterable[str]) -> None:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
@@ -99,6 +106,7 @@ class SmartHostRouter:
         tls: str = TLS_MAY,
         username: str = "",
         password_file: str = "",
+        auth_in_clear: bool = False,
     ) -> None:
         self.answer = Route(
             kind=ROUTE_SMARTHOST,
@@ -106,6 +114,7 @@ class SmartHostRouter:
             tls=tls,
             username=username,
             password_file=password_file,
+            auth_in_clear=auth_in_clear,
         )
         if not self.answer.hosts:
             raise ValueError("a smart host route needs at least one host")
@@ -125,6 +134,7 @@ class ViaRouter:
         tls: str = TLS_MAY,
         username: str = "",
         password_file: str = "",
+        auth_in_clear: bool = False,
     ) -> None:
         self.answer = Route(
             kind=ROUTE_SOURCE,
@@ -133,6 +143,7 @@ class ViaRouter:
             tls=tls,
             username=username,
             password_file=password_file,
+            auth_in_clear=auth_in_clear,
         )
 
     def route(self, recipient: Recipient, context: Any) -> Route:
@@ -175,7 +186,7 @@ def _may_choose_route(context: Any) -> bool:
 
 # -- factories: [[routes]] keys -> routers -------------------------------------
 
-_TRANSPORT_KEYS = ("tls", "username", "password_file")
+_TRANSPORT_KEYS = ("tls", "username", "password_file", "auth_in_clear")
 
 
 @implementer(IRouterFactory)
@@ -197,6 +208,7 @@ class SmartHostRouterFactory:
             tls=_tls(options),
             username=str(options.get("username", "")),
             password_file=str(options.get("password_file", "")),
+            auth_in_clear=_auth_in_clear(options),
         )
 
 
@@ -224,6 +236,7 @@ class ViaRouterFactory:
             tls=_tls(options),
             username=str(options.get("username", "")),
             password_file=str(options.get("password_file", "")),
+            auth_in_clear=_auth_in_clear(options),
         )
 
 

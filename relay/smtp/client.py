@@ -69,6 +69,12 @@ REPLY_NO_8BITMIME = Reply(
 REPLY_BAD_ADDRESS = Reply(553, "5.1.3", "relay: address contains characters not allowed in SMTP")
 TEXT_TOO_BIG = "relay: message size {size} exceeds the remote server's limit of {limit} octets"
 
+# Why a TLS handshake failed, for logs and the queue (fixed texts, never the library's).
+TEXT_TLS_NAME_MISMATCH = "TLS: certificate verification failed: the certificate does not match the name {name}"
+TEXT_TLS_UNTRUSTED = "TLS: certificate verification failed: the certificate is not trusted (unknown issuer, expired or invalid)"
+TEXT_TLS_HANDSHAKE = "TLS: handshake failed"
+TEXT_TLS_LOST = "TLS: connection lost during the handshake"
+
 _REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])(?:([ -])(.*))?$", re.DOTALL)
 _PEM_CERT = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
@@ -393,8 +399,12 @@ class SMTPClientProtocol(LineReceiver):
         self.closed = True
         if self._dead:
             return
-        stage = STAGE_STARTTLS if self._stage == STAGE_STARTTLS else STAGE_LOST
-        self._fail(SessionError(None, True, stage, f"connection to {self.host} lost"), drop=False)
+        if self._stage == STAGE_STARTTLS:
+            why = tls_failure_text(reason, self.options.tls_hostname or self.host)
+            log.warn("{host}: {why}", host=self.host, why=why)
+            self._fail(SessionError(None, True, STAGE_STARTTLS, why), drop=False)
+            return
+        self._fail(SessionError(None, True, STAGE_LOST, f"connection to {self.host} lost"), drop=False)
 
     def lineReceived(self, line: bytes) -> None:
         if self._dead:
@@ -924,6 +934,22 @@ class SMTPClientProtocol(LineReceiver):
 
         self._command(b"QUIT", "the reply to QUIT", self.options.timeouts.mail, on_reply)
         return d
+
+
+def tls_failure_text(reason: Optional[Failure], name: str) -> str:
+    """Why a TLS handshake ended the connection, in fixed words (never the library's text)."""
+    error = reason.value if reason is not None else None
+    if type(error).__name__ == "VerificationError":  # service_identity: the name does not match
+        return TEXT_TLS_NAME_MISMATCH.format(name=name)
+    try:
+        from OpenSSL import SSL
+    except ImportError:  # pragma: no cover - pyOpenSSL is a dependency of Twisted's TLS
+        SSL = None
+    if SSL is not None and isinstance(error, SSL.Error):
+        if "certificate verify failed" in str(error):
+            return TEXT_TLS_UNTRUSTED
+        return TEXT_TLS_HANDSHAKE
+    return TEXT_TLS_LOST
 
 
 def _unsafe(address: str) -> bool:

@@ -198,3 +198,53 @@ BARE_NEWLINE_DATA = Reply(
 LINE_TOO_LONG_DATA = Reply(
     554, "5.6.0", "Error: message refused: text line longer than 1000 octets")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Error: too many hops (mail loop)")
+
+
+# -- AUTH, ETRN, submission and shutdown ------------------------------------------------
+
+CHALLENGE_EMPTY = b"334 \r\n"  # AUTH PLAIN without an initial response
+CHALLENGE_USERNAME = b"334 VXNlcm5hbWU6\r\n"  # "Username:"
+CHALLENGE_PASSWORD = b"334 UGFzc3dvcmQ6\r\n"  # "Password:"
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_FAILED = Reply(535, "5.7.8", "Error: authentication failed")
+AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
+AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
+AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Error: invalid base64 data")
+AUTH_MALFORMED = Reply(501, "5.5.2", "Error: malformed authentication data")
+AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
+AUTH_NEED_EHLO = Reply(503, "5.5.1", "Error: send EHLO first")
+AUTH_TWICE = Reply(503, "5.5.1", "Error: already authenticated")
+AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+AUTH_MECHANISM_UNKNOWN = Reply(504, "5.5.4", "Error: unsupported authentication mechanism")
+AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+SYNTAX_AUTH = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+ETRN_IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+SYNTAX_ETRN = Reply(501, "5.5.4", "Syntax: ETRN domain")
+ETRN_BAD_DOMAIN = Reply(501, "5.5.4", "Error: invalid domain name in ETRN")
+ETRN_NO_QUEUE_NAMES = Reply(459, "4.3.3", "Error: queue names are not supported")
+
+
+def too_many_auth_failures(hostname: str) -> Reply:
+    return Reply(421, "4.7.0", f"{hostname} Error: too many authentication failures")
+
+
+def shutting_down(hostname: str) -> Reply:
+    return Reply(421, "4.3.2", f"{hostname} Service shutting down, closing transmission channel")
+
+
+def etrn_started(domain: str) -> Reply:
+    return Reply(250, "2.0.0", f"Queuing for node {domain} started")
+
+
+def etrn_unavailable(domain: str) -> Reply:
+    return Reply(458, "4.3.0", f"Unable to queue messages for node {domain}")
+
+
+def etrn_denied(domain: str) -> Reply:
+    return Reply(459, "4.7.1", f"Node {domain} not allowed: access denied")
+
+SENDER_MAP_UNAVAILABLE = Reply(451, "4.3.0", "Error: sender ownership cannot be checked, try again later")
+
+
+def sender_not_owned(sender: str, user: str) -> Reply:
+    return Reply(553, "5.7.1", f"<{sender}>: Sender address rejected: not owned by user {user}")

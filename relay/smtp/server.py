@@ -20,24 +20,44 @@ bytes do not depend on how the stream is split into reads.
 
 A ``250`` to the end of DATA is sent only when the spool's commit has fired
 (the message is durable); a failed commit answers ``451``.
+
+AUTH (RFC 4954) PLAIN and LOGIN is offered when the factory has a
+twisted.cred portal, and only on a TLS-protected session (after STARTTLS or
+on an implicit-TLS listener) unless ``auth_in_clear`` is set.  Credentials
+are checked through the portal (in a thread: see ``relay.auth``); a failure
+is answered after a delay on the injected clock with input paused, and too
+many failures close the session.  Passwords are never logged.
+
+On a submission listener (RFC 6409) MAIL needs a successful AUTH, and a
+message without Message-ID or Date gets them right after our Received
+header.  ETRN (RFC 1985) from a trusted or authenticated client calls the
+factory's ``etrn`` hook.  ``SMTPServerFactory.stopping()`` makes every
+session answer 421 4.3.2 and close, letting a message in DATA finish first.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 from email.utils import format_datetime
 from typing import Any, Callable, Optional, Union
 
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import address as _address
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.internet.protocol import ServerFactory
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from relay.config import ServerConfig
+from relay.auth import ISubmitter
+from relay.config import ServerConfig, domain_problem
+from relay.domains import normalize_domain
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.policy import RelayPolicy
 from relay.smtp import replies as R
@@ -49,11 +69,45 @@ log = Logger(namespace="relay.smtp.server")
 MAX_COMMAND_LINE = 512  # octets including CRLF (RFC 5321 4.5.3.1.4)
 MAX_TEXT_LINE = 1000  # octets including CRLF (RFC 5321 4.5.3.1.6)
 MAX_RECEIVED = 100  # more Received headers than this: a mail loop (RFC 5321 6.3)
+MAX_AUTH_LINE = 12288  # octets including CRLF of AUTH lines and responses (RFC 4954 4)
+AUTH_MECHANISMS = ("PLAIN", "LOGIN")
+AUTH_FAILURE_DELAY = 1.0  # seconds before a 535, input paused meanwhile
+AUTH_FAILURE_LIMIT = 3  # failed AUTH attempts in one session before 421 and close
+SHUTDOWN_GRACE = 10.0  # seconds a message in DATA may take to finish when the relay stops
+MAX_HEADER_BUFFER = 1 << 20  # header section held to complete a submitted message
 
 BODY_7BIT = "7BIT"
 BODY_8BITMIME = "8BITMIME"
 
 Answer = Union[Optional[Reply], Deferred]
+
+from relay.smtp.replies import (  # AUTH, ETRN and shutdown
+    CHALLENGE_EMPTY,
+    CHALLENGE_USERNAME,
+    CHALLENGE_PASSWORD,
+    AUTH_OK,
+    AUTH_FAILED,
+    AUTH_TEMPORARY_FAILURE,
+    AUTH_BAD_BASE64,
+    AUTH_CANCELLED,
+    AUTH_MALFORMED,
+    AUTH_NOT_ENABLED,
+    AUTH_NEED_EHLO,
+    AUTH_TWICE,
+    AUTH_IN_TRANSACTION,
+    AUTH_MECHANISM_UNKNOWN,
+    AUTH_NEEDS_TLS,
+    SYNTAX_AUTH,
+    ETRN_IN_TRANSACTION,
+    SYNTAX_ETRN,
+    ETRN_BAD_DOMAIN,
+    ETRN_NO_QUEUE_NAMES,
+    too_many_auth_failures,
+    shutting_down,
+    etrn_started,
+    etrn_unavailable,
+    etrn_denied,
+)
 
 
 # -- the DATA stream ---------------------------------------------------------------
@@ -173,6 +227,69 @@ class DataReader:
         self._midline = True
 
 
+class HeaderCompleter:
+    """Adds the Message-ID and Date fields a submitted message lacks (RFC 6409 8.2, 8.3).
+
+    Sits between the DataReader and the queue file, which receive whole
+    lines: the header section is held back (up to ``MAX_HEADER_BUFFER``
+    octets) until its end is seen (an empty line, a line that is not a
+    header field, or the end of data), then the missing fields are written
+    before it, that is right after our Received header, and the rest
+    streams through.  A header section longer than the limit is passed on
+    unchanged.
+    """
+
+    def __init__(self, sink: Callable[[bytes], None], missing: Callable[[set[bytes]], bytes]) -> None:
+        self._sink = sink
+        self._missing = missing
+        self._held: list[bytes] = []
+        self._held_size = 0
+        self._names: set[bytes] = set()
+        self._done = False
+        self.added = b""
+
+    def write(self, text: bytes) -> None:
+        if self._done:
+            self._sink(text)
+            return
+        start = 0
+        while start < len(text):
+            end = text.find(b"\r\n", start)
+            end = len(text) if end < 0 else end + 2
+            line = text[start:end]
+            if not self._header_line(line):
+                self._held.append(text[:start])
+                self.finish()
+                self._sink(text[start:])
+                return
+            start = end
+        self._held.append(text)
+        self._held_size += len(text)
+        if self._held_size > MAX_HEADER_BUFFER:
+            self._release(b"")
+
+    def finish(self) -> None:
+        """The header section is complete: write the missing fields and what was held."""
+        if not self._done:
+            self.added = self._missing(self._names)
+            self._release(self.added)
+
+    def _release(self, prefix: bytes) -> None:
+        self._done = True
+        held, self._held = b"".join(self._held), []
+        if prefix or held:
+            self._sink(prefix + held)
+
+    def _header_line(self, line: bytes) -> bool:
+        if line[:1] in (b" ", b"\t"):
+            return bool(self._names)  # a continuation of the previous field
+        name, colon, _ = line.partition(b":")
+        if not colon or not name or any(c <= 32 or c >= 127 for c in name):
+            return False
+        self._names.add(name.lower())
+        return True
+
+
 # -- the session ---------------------------------------------------------------------
 
 
@@ -191,7 +308,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     """One inbound SMTP session."""
 
     delimiter = b"\r\n"
-    MAX_LENGTH = MAX_COMMAND_LINE - 2  # LineReceiver counts without the delimiter
+    # LineReceiver counts without the delimiter.  AUTH lines may be longer than
+    # other commands: lineReceived refuses the others over MAX_COMMAND_LINE.
+    MAX_LENGTH = MAX_AUTH_LINE - 2
 
     factory: "SMTPServerFactory"
 
@@ -222,6 +341,10 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._reason = ""  # why the current command is refused, for the log
         self._stored = 0  # octets written for the current message
         self._write_failed = False
+        self._completer: Optional[HeaderCompleter] = None
+        self._exchange: Optional[_AuthExchange] = None
+        self.auth_failures = 0
+        self.shutting_down = False
 
     # -- connection ----------------------------------------------------------
 
@@ -230,6 +353,11 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if isinstance(peer, (_address.IPv4Address, _address.IPv6Address)):
             self.peer_host, self.peer_port = peer.host, peer.port
         self.trusted = self.factory.policy.is_trusted(self.peer_host) if self.peer_host else False
+        self.tls = ISSLTransport.providedBy(self.transport)  # an implicit-TLS listener
+        if self.factory.shutting_down:
+            self._send(shutting_down(self.hostname))
+            self._close()
+            return
         if not self.factory.session_opened(self):
             log.warn("refused connection from {peer}: too many sessions", peer=self._peer())
             self._send(R.too_many_connections(self.hostname))
@@ -305,6 +433,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             while self._reprocess and not self.paused and not self._closed:
                 self._reprocess = False
                 super().dataReceived(b"")
+            self._check_partial_line()
         except Exception:
             log.failure("unexpected error from {peer}", peer=self._peer())
             self._abort_message()
@@ -316,6 +445,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def lineLengthExceeded(self, line: bytes) -> None:
         """Answer 500 5.5.6 and drop the overlong line up to its CRLF; go on after it."""
         log.info("line too long from {peer}", peer=self._peer())
+        self._exchange = None  # an overlong AUTH response ends the exchange
         self._send(R.LINE_TOO_LONG)
         end = line.find(b"\r\n")
         if end < 0:
@@ -324,6 +454,15 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         else:
             self._buffer = line[end + 2:]
             self._reprocess = True
+
+    def _check_partial_line(self) -> None:
+        """An unfinished command line already over 512 octets is refused now (AUTH lines may be longer)."""
+        buffer = self._buffer
+        if (not self.line_mode or self.paused or self._closed or len(buffer) < MAX_COMMAND_LINE
+                or self._exchange is not None or buffer[:5].upper() == b"AUTH " or b"\r\n" in buffer):
+            return
+        self._buffer = b""
+        self.lineLengthExceeded(buffer)
 
     def _discard_overlong(self, data: bytes) -> bytes:
         if self._discard_cr and data.startswith(b"\n"):
@@ -340,14 +479,24 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def lineReceived(self, line: bytes) -> None:
         if self._closed:
             return
+        if self.shutting_down:
+            self._say_goodbye()
+            return
         self._reason = ""
+        exchange = self._exchange
+        if len(line) > MAX_COMMAND_LINE - 2 and exchange is None and line[:5].upper() != b"AUTH ":
+            log.info("line too long from {peer}", peer=self._peer())
+            self._send(R.LINE_TOO_LONG)
+            return
         try:
-            answer = self._command(line)
+            answer = self._auth_response(exchange, line) if exchange is not None else self._command(line)
         except Exception:
             log.failure("error handling a command from {peer}", peer=self._peer())
+            self._exchange = None
             answer = R.INTERNAL_ERROR
         if isinstance(answer, Reply) and answer.code >= 400:
-            self._log_refusal(line, answer)
+            # An AUTH response line is a secret: only its verb is ever logged.
+            self._log_refusal(b"AUTH" if exchange is not None else line, answer)
         self._answer(answer)
 
     def _log_refusal(self, line: bytes, reply: Reply) -> None:
@@ -369,6 +518,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
                 return
             if reply is not None:
                 self._send(reply if isinstance(reply, Reply) else R.INTERNAL_ERROR)
+            if self.shutting_down and self._reader is None:
+                self._say_goodbye()
+                return
             if self._waiting:
                 self._waiting = False
                 self._flush()
@@ -428,8 +580,14 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         extensions = ["PIPELINING", f"SIZE {self.config.max_message_size}"]
         if self.factory.tls_context is not None and not self.tls:
             extensions.append("STARTTLS")
-        extensions += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"]
+        if self._auth_offered():
+            extensions.append("AUTH " + " ".join(AUTH_MECHANISMS))
+        extensions += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", "ETRN"]
         return extensions
+
+    def _auth_offered(self) -> bool:
+        """AUTH is offered with a portal, on a TLS session or with auth_in_clear."""
+        return self.factory.portal is not None and (self.tls or self.config.auth_in_clear)
 
     def do_MAIL(self, argument: str) -> Answer:
         if self.helo is None:
@@ -461,7 +619,24 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         except ValueError as e:
             self._reason = str(e)
             return R.BAD_SENDER
-        self._transaction = _Transaction(path.mailbox, body, smtputf8, others)
+        transaction = _Transaction(path.mailbox, body, smtputf8, others)
+        check_sender = getattr(self.factory.policy, "check_sender", None)
+        if not self.auth_user or check_sender is None:
+            self._transaction = transaction
+            return R.SENDER_OK
+        answer = maybeDeferred(check_sender, self.client_info(smtputf8), path.mailbox)
+        return answer.addCallback(self._sender_checked, transaction)
+
+    def _sender_checked(self, refusal: Optional[Reply], transaction: _Transaction) -> Reply:
+        if refusal is not None and not isinstance(refusal, Reply):
+            log.error("policy answered {answer!r} for sender <{sender}>, not a Reply",
+                      answer=refusal, sender=transaction.sender)
+            return R.INTERNAL_ERROR
+        if refusal is not None and refusal.code >= 400:
+            log.info("refused sender <{sender}> for user {user} from {peer}: {reply}",
+                     sender=transaction.sender, user=self.auth_user, peer=self._peer(), reply=str(refusal))
+            return refusal
+        self._transaction = transaction
         return R.SENDER_OK
 
     def _mail_options(self, params: list) -> Union[Reply, tuple[str, bool, tuple]]:
@@ -480,6 +655,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
                 if value is not None:
                     return R.BAD_SMTPUTF8
                 smtputf8 = True
+            elif keyword == "AUTH" and self._auth_offered():
+                pass  # RFC 4954 5: accepted; the identity we pass on is our own
             else:
                 return R.UNSUPPORTED_PARAM
         return body, smtputf8, tuple(others)
@@ -538,12 +715,29 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return R.SYNTAX_DATA
         message = self.factory.spool.new_message()
         self._message = message
-        self._reader = DataReader(self._store, self.config.max_message_size)
+        sink = self._store
+        self._completer = None
+        if self.factory.submission:
+            self._completer = HeaderCompleter(self._store, self._missing_fields(message.queue_id))
+            sink = self._completer.write
+        self._reader = DataReader(sink, self.config.max_message_size)
         self._stored = 0
         self._write_failed = False
         self._store(self._received_header(message.queue_id, transaction))
         self.setRawMode()
         return R.START_DATA
+
+    def _missing_fields(self, queue_id: str) -> Callable[[set[bytes]], bytes]:
+        """The Message-ID and Date fields a submitted message lacks, given its field names."""
+        def missing(names: set[bytes]) -> bytes:
+            fields = b""
+            if b"message-id" not in names:
+                moment = datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc)
+                fields += f"Message-ID: <{moment:%Y%m%d%H%M%S}.{queue_id}@{self.hostname}>\r\n".encode("ascii")
+            if b"date" not in names:
+                fields += f"Date: {self._date()}\r\n".encode("ascii")
+            return fields
+        return missing
 
     def do_RSET(self, argument: str) -> Answer:
         if argument.strip():
@@ -584,7 +778,156 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.helo = None
         self.esmtp = False
         self._transaction = None
+        self.auth_user = ""  # RFC 3207 4.2: forget what the client said in clear
         return None
+
+    # -- AUTH (RFC 4954) -------------------------------------------------------
+
+    def do_AUTH(self, argument: str) -> Answer:
+        if self.factory.portal is None:
+            return AUTH_NOT_ENABLED
+        if not self.esmtp:
+            return AUTH_NEED_EHLO
+        if not self._auth_offered():
+            return AUTH_NEEDS_TLS
+        if self.auth_user:
+            return AUTH_TWICE
+        if self._transaction is not None:
+            return AUTH_IN_TRANSACTION
+        words = argument.split(" ")
+        if not words[0] or len(words) > 2:
+            return SYNTAX_AUTH
+        mechanism = words[0].upper()
+        if mechanism not in AUTH_MECHANISMS:
+            return AUTH_MECHANISM_UNKNOWN
+        exchange = _AuthExchange(mechanism)
+        if len(words) == 1:
+            self._exchange = exchange
+            self._out.append(CHALLENGE_EMPTY if mechanism == "PLAIN" else CHALLENGE_USERNAME)
+            return None
+        return self._auth_response(exchange, words[1].encode("ascii", "replace"), initial=True)
+
+    def _auth_response(self, exchange: "_AuthExchange", line: bytes, initial: bool = False) -> Answer:
+        """One client response of an AUTH exchange (or the initial response)."""
+        self._exchange = None
+        if line == b"*" and not initial:
+            return AUTH_CANCELLED
+        if line == b"=" and initial:
+            data = b""
+        else:
+            try:
+                data = base64.b64decode(line, validate=True)
+            except (binascii.Error, ValueError):
+                return AUTH_BAD_BASE64
+        if exchange.mechanism == "PLAIN":
+            parts = data.split(b"\0")
+            if len(parts) != 3:
+                return AUTH_MALFORMED
+            authzid, username, password = parts
+            if authzid and authzid != username:
+                return self._verify(exchange.mechanism, username, None)
+            return self._verify(exchange.mechanism, username, password)
+        if exchange.username is None:
+            exchange.username = data
+            self._exchange = exchange
+            self._out.append(CHALLENGE_PASSWORD)
+            return None
+        return self._verify(exchange.mechanism, exchange.username, data)
+
+    def _verify(self, mechanism: str, username: bytes, password: Optional[bytes]) -> Deferred:
+        """Ask the portal; 235, or 535 after a delay (``password`` None: refused without asking)."""
+        user = username.decode("utf-8", "replace")
+        if password is None:
+            checked: Deferred = Deferred()
+            checked.errback(UnauthorizedLogin())
+        else:
+            checked = self.factory.portal.login(UsernamePassword(username, password), None, ISubmitter)
+        return checked.addCallbacks(self._auth_succeeded, self._auth_failed,
+                                    callbackArgs=(mechanism,), errbackArgs=(mechanism, user))
+
+    def _auth_succeeded(self, result: tuple, mechanism: str) -> Reply:
+        _, avatar, logout = result
+        logout()
+        self.auth_user = avatar.name
+        log.info("AUTH {mechanism} as {user} from {peer}: success",
+                 mechanism=mechanism, user=self.auth_user, peer=self._peer())
+        return AUTH_OK
+
+    def _auth_failed(self, failure: Failure, mechanism: str, user: str) -> Answer:
+        if not failure.check(UnauthorizedLogin):
+            log.error("AUTH {mechanism} as {user!r} from {peer}: checker unavailable ({error})",
+                      mechanism=mechanism, user=user, peer=self._peer(),
+                      error=failure.type.__name__)
+            return AUTH_TEMPORARY_FAILURE
+        self.auth_failures += 1
+        log.info("AUTH {mechanism} as {user!r} from {peer}: failed ({count} of {limit})",
+                 mechanism=mechanism, user=user, peer=self._peer(),
+                 count=self.auth_failures, limit=AUTH_FAILURE_LIMIT)
+        return deferLater(self.clock, AUTH_FAILURE_DELAY, self._auth_failure_reply)
+
+    def _auth_failure_reply(self) -> Optional[Reply]:
+        if self.auth_failures < AUTH_FAILURE_LIMIT or self._closed:
+            return AUTH_FAILED
+        log.warn("too many authentication failures from {peer}", peer=self._peer())
+        self._send(AUTH_FAILED)
+        self._send(too_many_auth_failures(self.hostname))
+        self._close()
+        return None
+
+    # -- ETRN (RFC 1985) -------------------------------------------------------
+
+    def do_ETRN(self, argument: str) -> Answer:
+        if self.helo is None:
+            return R.NEED_HELO
+        if self._transaction is not None:
+            return ETRN_IN_TRANSACTION
+        node = argument.strip()
+        if not node or " " in node:
+            return SYNTAX_ETRN
+        if node.startswith("#"):
+            return ETRN_NO_QUEUE_NAMES
+        subdomains = node.startswith("@")
+        name = node[1:] if subdomains else node
+        if domain_problem(name) is not None:
+            return ETRN_BAD_DOMAIN
+        if not (self.trusted or self.auth_user):
+            return etrn_denied(name)
+        hook = self.factory.etrn
+        if hook is None:
+            return etrn_unavailable(name)
+        domain = normalize_domain(name)
+        started = maybeDeferred(hook, domain, subdomains)
+        return started.addCallbacks(self._etrn_started, self._etrn_failed,
+                                    callbackArgs=(name, subdomains), errbackArgs=(name,))
+
+    def _etrn_started(self, count: Any, name: str, subdomains: bool) -> Reply:
+        log.info("ETRN {node} from {peer}: {count} message(s) scheduled now",
+                 node=("@" if subdomains else "") + name, peer=self._peer(), count=count)
+        return etrn_started(name)
+
+    def _etrn_failed(self, failure: Failure, name: str) -> Reply:
+        log.failure("ETRN {node} from {peer} failed", failure, node=name, peer=self._peer())
+        return etrn_unavailable(name)
+
+    # -- shutdown --------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """The relay stops: 421 and close now, or after the answer a message in DATA is waiting for."""
+        self.shutting_down = True
+        if not self._closed and self._reader is None and not self._waiting:
+            self._say_goodbye()
+
+    def abort_for_shutdown(self) -> None:
+        """The grace period is over: drop whatever is in progress, 421 and close."""
+        if not self._closed:
+            self._abort_message()
+            self._say_goodbye()
+
+    def _say_goodbye(self) -> None:
+        log.info("shutting down: closing the session from {peer}", peer=self._peer())
+        self._exchange = None
+        self._send(shutting_down(self.hostname))
+        self._close()
 
     # -- DATA ----------------------------------------------------------------
 
@@ -615,11 +958,14 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             self._write_failed = True
 
     def _end_of_data(self, reader: DataReader) -> Answer:
+        refusal = reader.refusal()
+        completer, self._completer = self._completer, None
+        if refusal is None and completer is not None:
+            self._complete_header(completer)
         message, transaction = self._message, self._transaction
         self._message, self._transaction = None, None
         assert transaction is not None
         queue_id = message.queue_id
-        refusal = reader.refusal()
         if refusal is None and self._write_failed:
             refusal = R.QUEUE_WRITE_ERROR
         if refusal is not None:
@@ -635,6 +981,13 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return R.QUEUE_WRITE_ERROR
         return committed.addCallbacks(self._committed, self._commit_failed,
                                       callbackArgs=(envelope,), errbackArgs=(envelope,))
+
+    def _complete_header(self, completer: HeaderCompleter) -> None:
+        """Write what the completer held back, with the fields it adds (submission only)."""
+        completer.finish()
+        if completer.added:
+            names = [field.partition(b":")[0].decode("ascii") for field in completer.added.splitlines()]
+            log.info("{queue_id}: added {fields}", queue_id=self._message.queue_id, fields=" and ".join(names))
 
     def _committed(self, result: Any, envelope: Envelope) -> Reply:
         log.info("{queue_id}: accepted from {peer} <{sender}>, {count} recipients, {size} octets",
@@ -693,15 +1046,40 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         ip = self.peer_host or "unknown"
         literal = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
         line = (f"Received: from {self.helo} ({literal} {literal})\r\n"
+                f"{self._received_comments()}"
                 f"\tby {self.hostname} (relay) with {self.protocol_name(transaction.smtputf8)}"
                 f" id {queue_id}\r\n")
         if len(transaction.recipients) == 1:
             return (line + f"\tfor <{transaction.recipients[0].address}>; {self._date()}\r\n").encode("utf-8")
         return (line[:-2] + f";\r\n\t{self._date()}\r\n").encode("utf-8")
 
+    def _received_comments(self) -> str:
+        """The TLS and, with received_auth, the authenticated-sender comments of our Received header."""
+        comments = ""
+        if self.tls:
+            version, _, cipher = self._tls_description().partition(" ")
+            comments += f"\t(using {version} with cipher {cipher})\r\n" if cipher else f"\t(using {version})\r\n"
+        if self.auth_user and self.config.received_auth:
+            comments += f"\t(Authenticated sender: {_comment_text(self.auth_user)})\r\n"
+        return comments
+
     def _date(self) -> str:
         moment = datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc)
         return format_datetime(moment)
+
+
+class _AuthExchange:
+    """An AUTH exchange waiting for the client's next response line."""
+
+    def __init__(self, mechanism: str) -> None:
+        self.mechanism = mechanism
+        self.username: Optional[bytes] = None  # LOGIN: given, waiting for the password
+
+
+def _comment_text(text: str) -> str:
+    """``text`` safe inside a header comment: printable, parentheses and backslashes quoted."""
+    safe = "".join(c if c.isprintable() else "?" for c in text)
+    return safe.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
 
 
 def _valid_helo(name: str) -> bool:
@@ -712,13 +1090,22 @@ def _valid_helo(name: str) -> bool:
 # -- the factory ---------------------------------------------------------------------
 
 
+EtrnHook = Callable[[str, bool], Any]  # (domain, subdomains) -> messages scheduled
+
+
 class SMTPServerFactory(ServerFactory):
-    """Builds one SMTPServerProtocol per connection and counts the live sessions."""
+    """Builds one SMTPServerProtocol per connection and keeps the live sessions.
+
+    ``portal`` (a twisted.cred Portal answering ``relay.auth.ISubmitter``)
+    enables AUTH; ``etrn(domain, subdomains)`` starts the delivery of the
+    mail queued for a domain (None: ETRN answers 458).
+    """
 
     protocol = SMTPServerProtocol
 
     def __init__(self, hostname: str, config: ServerConfig, spool: Any, policy: RelayPolicy,
-                 clock: IReactorTime, tls_context: Any = None, submission: bool = False) -> None:
+                 clock: IReactorTime, tls_context: Any = None, submission: bool = False,
+                 portal: Any = None, etrn: Optional[EtrnHook] = None) -> None:
         self.hostname = hostname
         self.config = config
         self.spool = spool
@@ -726,7 +1113,13 @@ class SMTPServerFactory(ServerFactory):
         self.clock = clock
         self.tls_context = tls_context
         self.submission = submission
+        self.portal = portal
+        self.etrn = etrn
         self.sessions = 0
+        self.shutting_down = False
+        self._live: set[SMTPServerProtocol] = set()
+        self._drained: list[Deferred] = []
+        self._grace: Any = None
 
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
         return SMTPServerProtocol(self)
@@ -736,7 +1129,46 @@ class SMTPServerFactory(ServerFactory):
         if self.sessions >= self.config.max_sessions:
             return False
         self.sessions += 1
+        self._live.add(session)
         return True
 
     def session_closed(self, session: SMTPServerProtocol) -> None:
         self.sessions -= 1
+        self._live.discard(session)
+        if self.shutting_down and not self._live:
+            self._all_closed()
+
+    def stopping(self, grace: float = SHUTDOWN_GRACE) -> Deferred:
+        """The relay stops: every session answers 421 4.3.2 and closes.
+
+        Idle sessions are closed now; a session reading DATA or waiting for
+        an answer gets it first (the spool's commit decides 250 or 451).
+        The Deferred fires when every session has closed, or after ``grace``
+        seconds, when the remaining ones are cut off.
+        """
+        self.shutting_down = True
+        for session in list(self._live):
+            session.shutdown()
+        if not self._live:
+            return succeed(None)
+        log.info("waiting up to {grace:g} s for {count} session(s) to finish", grace=grace, count=len(self._live))
+        drained: Deferred = Deferred()
+        self._drained.append(drained)
+        if self._grace is None:
+            self._grace = self.clock.callLater(grace, self._grace_over)
+        return drained
+
+    def _grace_over(self) -> None:
+        self._grace = None
+        for session in list(self._live):
+            log.warn("session from {peer} still busy at shutdown: closed", peer=session._peer())
+            session.abort_for_shutdown()
+        self._all_closed()
+
+    def _all_closed(self) -> None:
+        if self._grace is not None and self._grace.active():
+            self._grace.cancel()
+        self._grace = None
+        drained, self._drained = self._drained, []
+        for d in drained:
+            d.callback(None)
