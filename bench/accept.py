@@ -4,27 +4,51 @@ Starts ``twistd -n relay`` on a free loopback port in a temporary directory
 (every 250 is after fsync, as always), then smtplib clients, each on its own
 connection, send messages back to back.  Clients run in a few processes so
 the client side does not bottleneck on one GIL.  Bounded in count and time.
-Outbound delivery goes to a loopback port where nothing listens, so the
-numbers measure acceptance and the queue, not a downstream server.
+
+What a run measures depends on the next hop (``--next-hop``); every message
+is handed to the scheduler the moment it is durable, as in production, and
+the relay has no "hold on arrival" switch, so the next hop decides what that
+costs:
+
+* ``down`` (default): the catch-all smart host is a loopback port where
+  nothing listens, an upstream outage.  Each message costs acceptance plus
+  one refused connect and one durable deferral (its envelope rewritten and
+  fsynced with the next attempt time): two commits per message.  This is
+  the figure for "the queue grows while the upstream is down".
+* ``stalled``: the smart host accepts TCP connections and never answers.
+  At most the scheduler's attempt cap (100) of attempts hang, the rest wait
+  in the schedule: acceptance alone, as near as the product gets to it.
+* ``sink``: an aiosmtpd sink on loopback takes every message; acceptance
+  runs alongside delivery and removal.  ``bench/relay_rate.py`` times that
+  case to the last delivery (end to end).
+
+After each run the daemon's resident set size is printed (``VmRSS``, and
+the peak ``VmHWM``) with the number of messages still queued on disk.
 
     .venv/bin/python bench/accept.py [--messages N] [--size BYTES] [--clients 1,50]
+        [--next-hop down|stalled|sink] [--repeat R]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import smtplib
+import socket
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from relayproc import RelayProcess, free_port  # noqa: E402
 
 TIME_LIMIT = 120.0  # seconds per run, whatever the count
+NEXT_HOPS = ("down", "stalled", "sink")
+STALLED_LIMIT = 1000  # connections a stalled next hop holds open at most
 
 
 def message(size: int) -> bytes:
@@ -57,20 +81,98 @@ def worker(port: int, clients: int, per_client: int, size: int, limit: float, qu
     queue.put(sum(results))
 
 
-def run(port: int, clients: int, total: int, size: int) -> tuple[int, float]:
+def run(port: int, clients: int, total: int, size: int, limit: float = TIME_LIMIT) -> tuple[int, float]:
     processes = min(clients, 4)
     per_process = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
     per_client = max(1, total // clients)
     q = multiprocessing.Queue()
-    procs = [multiprocessing.Process(target=worker, args=(port, n, per_client, size, TIME_LIMIT, q)) for n in per_process]
+    procs = [multiprocessing.Process(target=worker, args=(port, n, per_client, size, limit, q)) for n in per_process]
     start = time.monotonic()
     for p in procs:
         p.start()
-    sent = sum(q.get(timeout=TIME_LIMIT + 60) for _ in procs)
+    sent = sum(q.get(timeout=limit + 60) for _ in procs)
     elapsed = time.monotonic() - start
     for p in procs:
         p.join(10)
     return sent, elapsed
+
+
+class StalledHost:
+    """A loopback TCP listener that accepts connections and never says a word."""
+
+    def __init__(self) -> None:
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(128)
+        self._listener.settimeout(0.2)
+        self.port = self._listener.getsockname()[1]
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set() and len(self._held) < STALLED_LIMIT:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                continue
+            self._held.append(conn)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for conn in self._held:
+            conn.close()
+        self._listener.close()
+
+
+@contextlib.contextmanager
+def next_hop(kind: str) -> Iterator[tuple[str, int]]:
+    """The (host, port) of the catch-all smart host for a run of kind ``kind``."""
+    if kind == "down":
+        yield "127.0.0.1", free_port()
+    elif kind == "stalled":
+        stalled = StalledHost()
+        try:
+            yield "127.0.0.1", stalled.port
+        finally:
+            stalled.close()
+    elif kind == "sink":
+        from smtpsink import SMTPSink
+
+        with SMTPSink("127.0.0.9") as sink:
+            yield sink.host, sink.port
+    else:
+        raise ValueError(f"unknown next hop {kind!r}")
+
+
+def memory(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of process ``pid`` in KiB, from /proc."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                fields[name] = int(value.split()[0])
+    return fields.get("VmRSS", 0), fields.get("VmHWM", 0)
+
+
+def bench(clients: int, args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp, next_hop(args.next_hop) as (host, port):
+        config = f'[[routes]]\ndomains = ["*"]\nsmarthost = "{host}:{port}"\n'
+        with RelayProcess(Path(tmp), config, args=["--hostname", "bench.relay.test"]) as relay:
+            assert relay.proc is not None
+            sent, elapsed = run(relay.port, clients, args.messages, args.size)
+            rss, peak = memory(relay.proc.pid)
+            relay.stop()
+            queued = len(list(relay.queue_dir.glob("queue/*.json")))
+    print(
+        f"clients={clients:3d} next_hop={args.next_hop} messages={sent:6d} size={args.size}B "
+        f"elapsed={elapsed:6.2f}s rate={sent / elapsed:8.1f} msg/s (durable, fsync per commit) "
+        f"queued_on_disk={queued} rss={rss / 1024:.1f}MiB peak={peak / 1024:.1f}MiB",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -78,20 +180,13 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=2000, help="messages per run (default 2000)")
     parser.add_argument("--size", type=int, default=4000, help="message size in bytes (default 4000)")
     parser.add_argument("--clients", default="1,50", help="comma-separated client counts (default 1,50)")
+    parser.add_argument("--next-hop", choices=NEXT_HOPS, default="down", help="what the smart host does (default down)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per client count (default 1)")
     args = parser.parse_args()
 
     for clients in [int(c) for c in args.clients.split(",")]:
-        with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
-            config = f'[[routes]]\ndomains = ["*"]\nsmarthost = "127.0.0.1:{free_port()}"\n'
-            with RelayProcess(Path(tmp), config, args=["--hostname", "bench.relay.test"]) as relay:
-                sent, elapsed = run(relay.port, clients, args.messages, args.size)
-                relay.stop()
-                queued = len(list(relay.queue_dir.glob("queue/*.json")))
-            print(
-                f"clients={clients:3d} messages={sent:6d} size={args.size}B "
-                f"elapsed={elapsed:6.2f}s rate={sent / elapsed:8.1f} msg/s (durable, fsync per commit) "
-                f"queued_on_disk={queued}"
-            )
+        for _ in range(max(1, args.repeat)):
+            bench(clients, args)
 
 
 if __name__ == "__main__":
