@@ -415,7 +415,7 @@ def send_one(port: int) -> str:
 
 def test_flush_reaches_a_running_daemon_and_fails_without_one(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Against twistd -n relay: flush exits 0 and hold reaches the daemon; once it stopped, flush exits 1 with one line."""
-    from relayproc import RelayProcess, free_port
+    from relayproc import RelayProcess, free_port, wait_until
 
     config = f'hostname = "relay.test"\n\n[[routes]]\ndomains = ["*"]\nsmarthost = "127.0.0.1:{free_port()}"\n'
     workdir = tmp_path_factory.mktemp("ctl")
@@ -425,6 +425,8 @@ def test_flush_reaches_a_running_daemon_and_fails_without_one(tmp_path_factory: 
     relay = RelayProcess(workdir, config).start()
     try:
         sock = relay.queue_dir / "control.sock"
+        # The SMTP port can answer before the control service has replaced the stale socket.
+        wait_until(lambda: "control: listening on" in relay.log(), what="the control socket")
         assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
         done = relay_queue("--queue", str(relay.queue_dir), "flush")
         assert done.returncode == 0, done.stderr + relay.log()
