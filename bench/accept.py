@@ -22,11 +22,20 @@ costs:
   runs alongside delivery and removal.  ``bench/relay_rate.py`` times that
   case to the last delivery (end to end).
 
+Besides the rate, each run prints the CPU time the daemon used per message
+(user plus system, every thread: steadier than the rate on a shared
+machine, where the clients and other work compete for the same cores).
 After each run the daemon's resident set size is printed (``VmRSS``, and
 the peak ``VmHWM``) with the number of messages still queued on disk.
 
     .venv/bin/python bench/accept.py [--messages N] [--size BYTES] [--clients 1,50]
-        [--next-hop down|stalled|sink] [--repeat R]
+        [--next-hop down|stalled|sink] [--repeat R] [--tmpdir DIR]
+
+The queue lives in a new temporary directory under ``--tmpdir`` (default:
+the system's).  Where it lives matters on ext4: creating a file costs what
+the inode allocator has to search in the directory's block group, from some
+20 microseconds to a millisecond of CPU on the same disk, and the spool
+creates two or three files per message.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import multiprocessing
+import os
 import smtplib
 import socket
 import sys
@@ -49,6 +59,7 @@ from relayproc import RelayProcess, free_port  # noqa: E402
 TIME_LIMIT = 120.0  # seconds per run, whatever the count
 NEXT_HOPS = ("down", "stalled", "sink")
 STALLED_LIMIT = 1000  # connections a stalled next hop holds open at most
+SETTLE = 6.0  # seconds between runs after a sync (see settle)
 
 
 def message(size: int) -> bytes:
@@ -158,18 +169,42 @@ def memory(pid: int) -> tuple[int, int]:
     return fields.get("VmRSS", 0), fields.get("VmHWM", 0)
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time that process ``pid`` (all its threads) has used, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def settle() -> None:
+    """Let the filesystem forget earlier runs: write back dirty blocks, wait out ext4's window.
+
+    Without a journal, ext4 skips inodes freed in the last few seconds (five
+    minutes while their inode table block is dirty) when it allocates a new
+    one, at a cost per skipped inode: the files an earlier run deleted would
+    make this run's file creations slower.
+    """
+    os.sync()
+    time.sleep(SETTLE)
+
+
 def bench(clients: int, args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp, next_hop(args.next_hop) as (host, port):
+    settle()
+    with tempfile.TemporaryDirectory(prefix="relay-bench-", dir=args.tmpdir) as tmp, next_hop(args.next_hop) as (host, port):
         config = f'[[routes]]\ndomains = ["*"]\nsmarthost = "{host}:{port}"\n'
         with RelayProcess(Path(tmp), config, args=["--hostname", "bench.relay.test"]) as relay:
             assert relay.proc is not None
+            cpu_before = cpu_seconds(relay.proc.pid)
             sent, elapsed = run(relay.port, clients, args.messages, args.size)
+            user, system = (after - before for after, before in zip(cpu_seconds(relay.proc.pid), cpu_before))
             rss, peak = memory(relay.proc.pid)
             relay.stop()
             queued = len(list(relay.queue_dir.glob("queue/*.json")))
     print(
         f"clients={clients:3d} next_hop={args.next_hop} messages={sent:6d} size={args.size}B "
         f"elapsed={elapsed:6.2f}s rate={sent / elapsed:8.1f} msg/s (durable, fsync per commit) "
+        f"daemon_cpu={1000 * (user + system) / max(1, sent):.2f}ms/msg (user {1000 * user / max(1, sent):.2f}) "
         f"queued_on_disk={queued} rss={rss / 1024:.1f}MiB peak={peak / 1024:.1f}MiB",
         flush=True,
     )
@@ -182,6 +217,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,50", help="comma-separated client counts (default 1,50)")
     parser.add_argument("--next-hop", choices=NEXT_HOPS, default="down", help="what the smart host does (default down)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per client count (default 1)")
+    parser.add_argument("--tmpdir", help="where the temporary queue directory goes (default: the system's)")
     args = parser.parse_args()
 
     for clients in [int(c) for c in args.clients.split(",")]:

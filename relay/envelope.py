@@ -13,7 +13,7 @@ in ``tests/fixtures``.  Never pickle.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterable, Optional
 
 FORMAT_VERSION = 1
@@ -140,7 +140,8 @@ class Envelope:
     # -- JSON --------------------------------------------------------------
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True).encode("utf-8")
+        """The stored form: UTF-8 JSON, keys sorted (the same text ``dataclasses.asdict`` gave)."""
+        return _ENCODER.encode(_envelope_fields(self)).encode("utf-8")
 
     @classmethod
     def from_json(cls, data: bytes) -> "Envelope":
@@ -158,6 +159,38 @@ class Envelope:
             return reader(raw)
         except (KeyError, TypeError, ValueError) as e:
             raise EnvelopeFormatError(f"bad envelope: {e!r}") from None
+
+
+# -- writing JSON ------------------------------------------------------------------
+#
+# Direct field-by-field dictionaries instead of ``dataclasses.asdict``, which
+# deep-copies every value through generic recursion (most of the cost of
+# writing an envelope with a delivery history).  Field names come from the
+# dataclasses, so a field added to a class is written without a change here;
+# tuples are written as JSON arrays, as the lists asdict made were.
+
+_ENCODER = json.JSONEncoder(ensure_ascii=False, sort_keys=True)
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+def _plain(value: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    return {name: getattr(value, name) for name in names}
+
+
+def _recipient_fields(recipient: "Recipient") -> dict[str, Any]:
+    out = _plain(recipient, _RECIPIENT_NAMES)
+    out["history"] = [_plain(a, _ATTEMPT_NAMES) for a in recipient.history]
+    return out
+
+
+def _envelope_fields(envelope: "Envelope") -> dict[str, Any]:
+    out = _plain(envelope, _ENVELOPE_NAMES)
+    out["recipients"] = [_recipient_fields(r) for r in envelope.recipients]
+    out["client"] = _plain(envelope.client, _CLIENT_NAMES)
+    return out
 
 
 def _params(raw: Any) -> Params:
@@ -211,6 +244,11 @@ def _read_v1(raw: dict) -> Envelope:
 
 
 _READERS = {1: _read_v1}
+
+_ATTEMPT_NAMES = _names(Attempt)
+_RECIPIENT_NAMES = _names(Recipient)
+_CLIENT_NAMES = _names(ClientInfo)
+_ENVELOPE_NAMES = _names(Envelope)
 
 
 # -- routing and delivery ------------------------------------------------------

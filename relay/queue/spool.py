@@ -29,11 +29,18 @@ readers see the old or the new envelope, never a torn one.  A removal unlinks
 the envelope first, then the message, so no envelope is ever left without its
 message.
 
-Group commit.  Disk work runs in a private one-thread pool, so DNS lookups in
+Group commit.  Disk work runs in the spool's own threads, so DNS lookups in
 the reactor's shared pool cannot starve it and the reactor never waits on a
-disk.  Commits, updates and removals are queued as operations; while one batch
-is being made durable, new operations accumulate and go together in the next
-batch, which shares one fsync of ``queue/``.
+disk (not even to create the file of an incoming message: creating a file can
+wait on the journal, or, on ext4 without one, scan past every inode freed in
+the last minutes).  Commits, updates and removals
+are queued as operations; while one batch is being made durable, new
+operations accumulate and go together in the next batch.  A batch runs the
+operations of different messages side by side in ``IO_THREADS`` threads (and
+fsyncs a message and its envelope side by side), because concurrent fsyncs
+share journal commits where serial ones pay one each; the operations of one
+message run in order.  The whole batch then shares one fsync of ``queue/``,
+and only after it does any of its Deferreds fire.
 
 Concurrent writers.  The daemon and the queue administration tool may change
 one message at the same time.  Updates and removals take an exclusive
@@ -65,6 +72,7 @@ import re
 import secrets
 import string
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO, Callable, NamedTuple, Optional
 
@@ -101,6 +109,8 @@ FILE_MODE = 0o600
 DIR_MODE = 0o700
 WRITE_BUFFER = 64 * 1024  # octets held in memory per incoming message before a write
 READ_CHUNK = 64 * 1024  # octets per read of an envelope
+IO_THREADS = 8  # messages of one batch made durable side by side (concurrent fsyncs coalesce)
+MAX_BATCHES = 4  # batches being made durable at once
 
 Runner = Callable[..., Deferred]
 
@@ -214,6 +224,38 @@ class OsFileSystem:
 
     def stat(self, path: str) -> os.stat_result:
         return os.stat(path)
+
+
+class _OneAtATime:
+    """A filesystem seam whose calls that change a directory are made one at a time.
+
+    Creating, renaming and removing files take the directory's lock in the
+    kernel, which spins while another thread holds it; creating a file can
+    take long (ext4 without a journal scans the inodes freed in the last
+    minutes).  The spool's threads therefore queue for these calls on a lock
+    of their own, asleep, while their fsyncs still run side by side.
+    """
+
+    def __init__(self, fs: Any) -> None:
+        self._fs = fs
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fs, name)
+
+    def open(self, path: str, flags: int, mode: int = FILE_MODE) -> int:
+        if not flags & os.O_CREAT:
+            return self._fs.open(path, flags, mode)
+        with self._lock:
+            return self._fs.open(path, flags, mode)
+
+    def rename(self, src: str, dst: str) -> None:
+        with self._lock:
+            self._fs.rename(src, dst)
+
+    def unlink(self, path: str) -> None:
+        with self._lock:
+            self._fs.unlink(path)
 
 
 # -- results -------------------------------------------------------------------
@@ -351,8 +393,7 @@ class _CommitOperation(_Operation):
         queued_msg = spool.message_path(self.queue_id)
         renamed = False
         try:
-            self.message._finish()
-            _write_file(fs, tmp_env, self.envelope, os.O_EXCL)
+            self._write_files(tmp_env)
             fs.rename(self.message._tmp_path, queued_msg)
             renamed = True
             fs.rename(tmp_env, spool._envelope_path(self.queue_id))  # the commit point
@@ -361,6 +402,22 @@ class _CommitOperation(_Operation):
             _ignore_errors(fs.unlink, queued_msg if renamed else self.message._tmp_path)
             raise
         return self.queue_id
+
+    def _write_files(self, tmp_env: str) -> None:
+        """Fsync the message and write and fsync the envelope, side by side when the
+        spool has the threads for it: concurrent fsyncs share one journal commit."""
+        fs = self.spool._fs
+        helpers = self.spool._file_executor()
+        if helpers is None:
+            self.message._finish()
+            _write_file(fs, tmp_env, self.envelope, os.O_EXCL)
+            return
+        finished = helpers.submit(self.message._finish)
+        try:
+            _write_file(fs, tmp_env, self.envelope, os.O_EXCL)
+        finally:
+            wait([finished])  # both files are done with before anything is renamed or removed
+        finished.result()
 
     def undo(self) -> None:
         # Never acknowledged: withdraw it rather than deliver a message the
@@ -411,6 +468,13 @@ class _RemoveOperation(_Operation):
 class IncomingMessage:
     """A message being received: bytes go to a file under ``tmp/`` until commit.
 
+    The file is created off the reactor thread when the spool runs its own
+    threads (creating a file can take milliseconds while other messages are
+    being fsynced); bytes written meanwhile stay in the buffer.
+    A message that fits in the buffer (``WRITE_BUFFER``) is written in one go
+    by the commit, in the spool's threads; only larger ones are written
+    while they arrive.
+
     ``write`` never raises on a disk error: the first error is kept, later
     data is dropped, and ``commit`` errbacks with it (the session answers 451).
     """
@@ -424,10 +488,10 @@ class IncomingMessage:
         self._error: Optional[BaseException] = None
         self._state = "open"  # open -> committing -> committed | aborted | failed
         self._fd: Optional[int] = None
-        try:
-            self._fd = spool._fs.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        except Exception as e:
-            self._error = e
+        self._opened = False  # the file's creation has finished, well or not
+        self._after_open: Optional[Callable[[], None]] = None  # a commit waiting for it
+        opening = spool._io_call(spool._fs.open, self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        opening.addCallbacks(self._file_opened, self._open_failed)
 
     def write(self, data: bytes) -> None:
         """Append ``data`` (buffered; nothing is fsynced before commit)."""
@@ -437,12 +501,8 @@ class IncomingMessage:
         if self._error is not None:
             return
         self._buffer += data
-        if len(self._buffer) >= WRITE_BUFFER:
-            try:
-                self._flush(self._fd)
-            except Exception as e:
-                self._error = e
-                self._buffer.clear()
+        if len(self._buffer) >= WRITE_BUFFER and self._fd is not None:
+            self._spill()
 
     def commit(self, envelope: Envelope) -> Deferred:
         """Make the message and ``envelope`` durable; fires with the queue id.
@@ -461,7 +521,12 @@ class IncomingMessage:
             )
         if envelope.size != self.size:
             envelope = replace(envelope, size=self.size)
-        d = self._spool._submit(_CommitOperation(self._spool, self, envelope.to_json()))
+        operation = _CommitOperation(self._spool, self, envelope.to_json())
+        if self._opened:
+            d = self._spool._submit(operation)
+        else:
+            d = self._spool._submit_later()
+            self._after_open = lambda: self._spool._release(operation, d)
         d.addBoth(self._committed)
         return d
 
@@ -474,6 +539,35 @@ class IncomingMessage:
 
     # -- internals ----------------------------------------------------------
 
+    def _file_opened(self, fd: int) -> None:
+        self._fd = fd
+        self._opened_now()
+
+    def _open_failed(self, failure: Failure) -> None:
+        if self._error is None:
+            self._error = failure.value
+        self._buffer = bytearray()
+        self._opened_now()
+
+    def _opened_now(self) -> None:
+        self._opened = True
+        if self._state in ("aborted", "failed"):
+            self._discard()
+            return
+        if self._after_open is not None:
+            after, self._after_open = self._after_open, None
+            after()
+        elif self._state == "open" and len(self._buffer) >= WRITE_BUFFER and self._fd is not None:
+            self._spill()
+
+    def _spill(self) -> None:
+        """Write the buffer to the file while the message still arrives (large messages)."""
+        try:
+            self._flush(self._fd)
+        except Exception as e:
+            self._error = e
+            self._buffer.clear()
+
     def _committed(self, result: Any) -> Any:
         self._state = "failed" if isinstance(result, Failure) else "committed"
         if self._state == "committed":
@@ -481,12 +575,14 @@ class IncomingMessage:
         return result
 
     def _discard(self) -> None:
+        """Close and remove the file, once its creation has finished (in the spool's threads)."""
         self._buffer = bytearray()
-        fs = self._spool._fs
-        if self._fd is not None:
-            _ignore_errors(fs.close, self._fd)
-            self._fd = None
-        _ignore_errors(fs.unlink, self._tmp_path)
+        if not self._opened:
+            return  # _opened_now discards it
+        fd, self._fd = self._fd, None
+        if fd is None and self._error is not None:
+            return  # never created
+        self._spool._io_call(_discard_file, self._spool._fs, fd, self._tmp_path)
 
     def _flush(self, fd: Optional[int]) -> None:
         if self._buffer and fd is not None:
@@ -494,7 +590,7 @@ class IncomingMessage:
             _write_all(self._spool._fs, fd, data)
 
     def _finish(self) -> None:
-        """Write what is buffered, fsync and close (in the spool's thread)."""
+        """Write what is buffered, fsync and close (in the spool's threads)."""
         fs, fd = self._spool._fs, self._fd
         self._fd = None
         try:
@@ -506,6 +602,12 @@ class IncomingMessage:
         finally:
             if fd is not None:
                 fs.close(fd)
+
+
+def _discard_file(fs: Any, fd: Optional[int], path: str) -> None:
+    if fd is not None:
+        _ignore_errors(fs.close, fd)
+    _ignore_errors(fs.unlink, path)
 
 
 # -- the spool -----------------------------------------------------------------
@@ -521,17 +623,40 @@ class Spool:
         clock: Optional[IReactorTime] = None,
         runner: Optional[Runner] = None,
         fs: Any = None,
+        io_threads: Optional[int] = None,
+        max_batches: Optional[int] = None,
     ) -> None:
+        """A spool on ``directory``.
+
+        ``runner`` runs each batch (default: the spool's own threads).
+        ``io_threads`` is how many messages of a batch are made durable at
+        once, ``max_batches`` how many batches run at once; both default to
+        ``IO_THREADS`` and ``MAX_BATCHES`` with the spool's own threads and to
+        one with an injected runner (whose batches then run one by one and
+        in order).  The files of incoming messages are created in the I/O
+        threads with the spool's own threads, at once on the calling thread
+        with an injected runner.
+        """
         self.directory = directory
         self._clock = clock
-        self._fs = fs if fs is not None else OsFileSystem()
         self._runner: Runner = runner if runner is not None else self._run_in_pool
+        self._io_async = runner is None  # create incoming files off the calling thread
+        self._io_threads = max(1, io_threads if io_threads is not None else (IO_THREADS if runner is None else 1))
+        self._max_batches = max(1, max_batches if max_batches is not None else (MAX_BATCHES if runner is None else 1))
+        self._fs = fs if fs is not None else OsFileSystem()
+        if self._io_async or self._io_threads > 1 or self._max_batches > 1:
+            self._fs = _OneAtATime(self._fs)
+        self._io_pool: Optional[ThreadPoolExecutor] = None
+        self._file_pool: Optional[ThreadPoolExecutor] = None
+        self._io_lock = threading.Lock()
+        self._waiting = 0  # commits submitted while their file is still being created
         self._tmp = os.path.join(directory, TMP_DIR)
         self._queue = os.path.join(directory, QUEUE_DIR)
         self._queue_prefix = os.path.join(self._queue, "")
         self._corrupt = os.path.join(directory, CORRUPT_DIR)
         self._pending: list[tuple[_Operation, Deferred]] = []
-        self._in_flight = False
+        self._running = 0  # batches being made durable
+        self._busy: dict[str, int] = {}  # queue id -> operations on it in running batches
         self._idle_waiters: list[Deferred] = []
         self._pool: Optional[ThreadPool] = None
         self._shutdown_trigger: Any = None
@@ -558,7 +683,7 @@ class Spool:
             return
         from twisted.internet import reactor
 
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="relay-spool")
+        self._pool = ThreadPool(minthreads=1, maxthreads=self._max_batches, name="relay-spool")
         self._pool.start()
         self._shutdown_trigger = reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
             "during", "shutdown", self._stop_pool
@@ -571,6 +696,10 @@ class Spool:
         return d
 
     def _stop_pool(self) -> None:
+        for executor in (self._io_pool, self._file_pool):
+            if executor is not None:
+                executor.shutdown(wait=True)
+        self._io_pool = self._file_pool = None
         pool, self._pool = self._pool, None
         if pool is None:
             return
@@ -580,6 +709,48 @@ class Spool:
             _ignore_errors(reactor.removeSystemEventTrigger, self._shutdown_trigger)  # type: ignore[attr-defined]
             self._shutdown_trigger = None
         pool.stop()
+
+    def _io_executor(self) -> ThreadPoolExecutor:
+        """The threads that make the messages of a batch durable side by side."""
+        with self._io_lock:
+            if self._io_pool is None:
+                self._io_pool = ThreadPoolExecutor(max_workers=self._io_threads, thread_name_prefix="relay-spool-io")
+            return self._io_pool
+
+    def _file_executor(self) -> Optional[ThreadPoolExecutor]:
+        """Threads for the files of one operation (never waiting on other work, so
+        operations running in the I/O threads may wait on them); None: one by one."""
+        if self._io_threads == 1:
+            return None
+        with self._io_lock:
+            if self._file_pool is None:
+                self._file_pool = ThreadPoolExecutor(max_workers=self._io_threads, thread_name_prefix="relay-spool-file")
+            return self._file_pool
+
+    def _io_call(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        """Run ``f(*args)`` in the spool's I/O threads; the result arrives in the reactor thread.
+
+        With an injected runner it runs at once, on the calling thread.
+        """
+        if not self._io_async:
+            return defer.maybeDeferred(f, *args)
+        from twisted.internet import reactor
+
+        d: Deferred = Deferred()
+
+        def deliver(future: Future) -> None:
+            error = future.exception()
+            if error is None:
+                d.callback(future.result())
+            else:
+                d.errback(Failure(error))
+
+        try:
+            future = self._io_executor().submit(f, *args)
+        except RuntimeError:  # the interpreter is shutting down
+            return defer.fail()
+        future.add_done_callback(lambda done: reactor.callFromThread(deliver, done))  # type: ignore[attr-defined]
+        return d
 
     def _run_in_pool(self, f: Callable[..., Any], *args: Any) -> Deferred:
         from twisted.internet import reactor
@@ -785,18 +956,44 @@ class Spool:
     def _submit(self, operation: _Operation) -> Deferred:
         d: Deferred = Deferred()
         self._pending.append((operation, d))
-        if not self._in_flight:
-            self._next_batch()
+        self._next_batch()
         return d
 
+    def _submit_later(self) -> Deferred:
+        """The Deferred of an operation that ``_release`` submits later (stop waits for it)."""
+        self._waiting += 1
+        return Deferred()
+
+    def _release(self, operation: _Operation, d: Deferred) -> None:
+        self._waiting -= 1
+        self._submit(operation).chainDeferred(d)
+
     def _next_batch(self) -> None:
+        """Start a batch of what is pending, when a batch may start.
+
+        Up to ``max_batches`` batches run at once; an operation on a message
+        that a running batch touches waits for that batch, so the operations
+        of one message are run in the order they were submitted.
+        """
         if not self._pending:
+            if self._running or self._waiting:
+                return  # the end of those fires the waiters
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
             return
-        batch, self._pending = self._pending, []
-        self._in_flight = True
+        if self._running >= self._max_batches:
+            return
+        batch: list[tuple[_Operation, Deferred]] = []
+        later: list[tuple[_Operation, Deferred]] = []
+        for entry in self._pending:
+            (later if entry[0].queue_id in self._busy else batch).append(entry)
+        if not batch:
+            return
+        self._pending = later
+        self._running += 1
+        for op, _ in batch:
+            self._busy[op.queue_id] = self._busy.get(op.queue_id, 0) + 1
         operations = [op for op, _ in batch]
         try:
             d = self._runner(self._run_batch, operations)
@@ -805,13 +1002,34 @@ class Spool:
         d.addBoth(self._batch_done, batch)
 
     def _run_batch(self, operations: list[_Operation]) -> list[tuple[bool, Any]]:
-        """Run every operation, then one fsync of queue/ (in the spool's thread)."""
-        results: list[tuple[bool, Any]] = []
-        for op in operations:
-            try:
-                results.append((True, op.run()))
-            except Exception as e:
-                results.append((False, e))
+        """Run every operation, then one fsync of queue/ (in the spool's thread).
+
+        Operations on different messages run side by side in the I/O threads
+        (concurrent fsyncs share journal commits); those on one message run
+        in the order they were submitted, each keeping its own order of
+        fsyncs and renames.  Nothing is answered before the directory fsync.
+        """
+        results: list[tuple[bool, Any]] = [(False, None)] * len(operations)
+
+        def run(indexes: list[int]) -> None:
+            for i in indexes:
+                try:
+                    results[i] = (True, operations[i].run())
+                except Exception as e:
+                    results[i] = (False, e)
+
+        by_message: dict[str, list[int]] = {}
+        for i, op in enumerate(operations):
+            by_message.setdefault(op.queue_id, []).append(i)
+        groups = list(by_message.values())
+        if len(groups) == 1 or self._io_threads == 1:
+            for indexes in groups:
+                run(indexes)
+        else:
+            futures = [self._io_executor().submit(run, indexes) for indexes in groups[1:]]
+            run(groups[0])
+            for future in futures:
+                future.result()
         if any(ok for ok, _ in results):
             try:
                 self._fs.fsync_dir(self._queue)
@@ -834,7 +1052,13 @@ class Spool:
             else:
                 self._log_failed(op, value)
                 d.errback(value if isinstance(value, Failure) else Failure(value))
-        self._in_flight = False  # operations submitted by the callbacks above wait for this
+        self._running -= 1  # operations submitted by the callbacks above wait for this
+        for op, _ in batch:
+            left = self._busy[op.queue_id] - 1
+            if left:
+                self._busy[op.queue_id] = left
+            else:
+                del self._busy[op.queue_id]
         self._next_batch()
 
     def _log_done(self, op: _Operation, value: Any) -> None:
@@ -861,7 +1085,7 @@ class Spool:
             )
 
     def _when_idle(self) -> Deferred:
-        if not self._in_flight and not self._pending:
+        if not self._running and not self._pending and not self._waiting:
             return defer.succeed(None)
         d: Deferred = Deferred()
         self._idle_waiters.append(d)

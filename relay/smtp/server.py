@@ -41,6 +41,7 @@ import base64
 import binascii
 import datetime
 from email.utils import format_datetime
+from functools import lru_cache
 from typing import Any, Callable, Optional, Union
 
 from twisted.cred.credentials import UsernamePassword
@@ -397,7 +398,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     # -- output --------------------------------------------------------------
 
     def _send(self, reply: Reply) -> None:
-        self._out.append(reply.to_bytes())
+        self._out.append(_wire(reply))
         if reply.code in R.PROTOCOL_ERROR_CODES:
             self.errors += 1
             if self.errors >= self.config.max_errors and not self._closed:
@@ -685,10 +686,12 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if len(transaction.recipients) >= self.config.max_recipients:
             return R.TOO_MANY_RECIPIENTS
         recipient = Recipient(address=path.mailbox, source_route=path.source_route, params=tuple(params))
-        answer = maybeDeferred(
-            self.factory.policy.check_recipient, self.client_info(), transaction.sender, recipient)
-        answer.addCallback(self._recipient_checked, transaction, recipient)
-        return answer
+        # An answer the policy has at once is used at once (no Deferred per
+        # recipient); an exception ends as 451 through lineReceived.
+        answer = self.factory.policy.check_recipient(self.client_info(), transaction.sender, recipient)
+        if isinstance(answer, Deferred):
+            return answer.addCallback(self._recipient_checked, transaction, recipient)
+        return self._recipient_checked(answer, transaction, recipient)
 
     def _recipient_checked(self, refusal: Optional[Reply], transaction: _Transaction,
                            recipient: Recipient) -> Reply:
@@ -1064,8 +1067,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         return comments
 
     def _date(self) -> str:
-        moment = datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc)
-        return format_datetime(moment)
+        return self.factory.date_text(self.clock.seconds())
 
 
 class _AuthExchange:
@@ -1074,6 +1076,12 @@ class _AuthExchange:
     def __init__(self, mechanism: str) -> None:
         self.mechanism = mechanism
         self.username: Optional[bytes] = None  # LOGIN: given, waiting for the password
+
+
+@lru_cache(maxsize=1024)
+def _wire(reply: Reply) -> bytes:
+    """The wire form of a reply; the constant ones are made once."""
+    return reply.to_bytes()
 
 
 def _comment_text(text: str) -> str:
@@ -1120,6 +1128,16 @@ class SMTPServerFactory(ServerFactory):
         self._live: set[SMTPServerProtocol] = set()
         self._drained: list[Deferred] = []
         self._grace: Any = None
+        self._date_second: Optional[int] = None
+        self._date_text = ""
+
+    def date_text(self, when: float) -> str:
+        """RFC 5322 date-time of ``when`` in UTC, as trace fields carry it (made once per second)."""
+        second = int(when)
+        if second != self._date_second:
+            moment = datetime.datetime.fromtimestamp(second, datetime.timezone.utc)
+            self._date_second, self._date_text = second, format_datetime(moment)
+        return self._date_text
 
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
         return SMTPServerProtocol(self)
