@@ -42,7 +42,7 @@ ARRIVAL = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 +0000
 NOW = ARRIVAL + 3600
 
 ORIGINAL_HEADERS = (
-    b"Received: from app.example.org ([192.0.2.10] [192.0.2.10])\r\n"
+    b"Received: from app.example.org ([192.0.2.10])\r\n"
     b"\tby relay.example.org (relay) with ESMTP id Q1; Tue, 14 Nov 2023 22:13:20 +0000\r\n"
     b"From: Alice <alice@example.org>\r\n"
     b"To: bob@example.net, carol@example.com\r\n"

@@ -407,7 +407,7 @@ def test_message_stored_with_envelope() -> None:
     assert s.send(b"DATA\r\n") == b"354 End data with <CR><LF>.<CR><LF>\r\n"
     assert s.send(b"Subject: hi\r\n\r\nbody\r\n.\r\n") == b"250 2.0.0 Ok: queued as Q0001\r\n"
     message = spool_of(s).messages[0]
-    header = (b"Received: from client.test ([192.0.2.7] [192.0.2.7])\r\n"
+    header = (b"Received: from client.test ([192.0.2.7])\r\n"
               b"\tby relay.test (relay) with ESMTP id Q0001\r\n"
               b"\tfor <u@example.org>; " + DATE.encode() + b"\r\n")
     assert bytes(message.data) == header + b"Subject: hi\r\n\r\nbody\r\n"
@@ -427,7 +427,7 @@ def test_received_header_without_for_when_many_recipients() -> None:
     s.send(b"x\r\n.\r\n")
     message = spool_of(s).messages[0]
     assert bytes(message.data).startswith(
-        b"Received: from client.test ([IPv6:::1] [IPv6:::1])\r\n"
+        b"Received: from client.test ([IPv6:::1])\r\n"
         b"\tby relay.test (relay) with UTF8SMTP id Q0001;\r\n"
         b"\t" + DATE.encode() + b"\r\nx\r\n")
     assert message.envelope.sender == "" and message.envelope.smtputf8
@@ -1477,7 +1477,7 @@ def test_received_auth_header() -> None:
     s = auth_ready(received_auth=True)
     stored = submit(s, b"x\r\n.\r\n")
     assert stored.startswith(
-        b"Received: from client.test ([192.0.2.7] [192.0.2.7])\r\n"
+        b"Received: from client.test ([192.0.2.7])\r\n"
         b"\t(Authenticated sender: alice)\r\n"
         b"\tby relay.test (relay) with ESMTPA id Q0001\r\n")
     assert b"Authenticated sender" not in submit(auth_ready(), b"x\r\n.\r\n")

@@ -1046,9 +1046,11 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         )
 
     def _received_header(self, queue_id: str, transaction: _Transaction) -> bytes:
+        # RFC 5321 4.4: "from" Domain "(" TCP-info ")", where TCP-info is the
+        # peer's address literal (no reverse lookup: it would block).
         ip = self.peer_host or "unknown"
         literal = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
-        line = (f"Received: from {self.helo} ({literal} {literal})\r\n"
+        line = (f"Received: from {self.helo} ({literal})\r\n"
                 f"{self._received_comments()}"
                 f"\tby {self.hostname} (relay) with {self.protocol_name(transaction.smtputf8)}"
                 f" id {queue_id}\r\n")
