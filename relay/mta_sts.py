@@ -51,6 +51,7 @@ from zope.interface import implementer
 
 from relay.domains import normalize_domain
 from relay.envelope import ROUTE_SMARTHOST, NextHop, Route
+from relay.smtp.client import trust_root
 
 log = Logger()
 
@@ -191,19 +192,6 @@ def policy_url(domain: str) -> str:
 
 
 # -- fetching ---------------------------------------------------------------------
-
-
-def trust_root(ca_file: str) -> Any:
-    """Twisted's trust root: the certificates of ``ca_file``, or the platform's store."""
-    from twisted.internet import ssl
-
-    if not ca_file:
-        return ssl.platformTrust()
-    with open(ca_file, "rb") as f:
-        pems = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", f.read(), re.DOTALL)
-    if not pems:
-        raise ValueError(f"no certificate in {ca_file}")
-    return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(p) for p in pems])
 
 
 def addresses_from(resolver: Any) -> Callable[[str, int], Deferred]:

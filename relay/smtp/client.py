@@ -24,7 +24,7 @@ import collections
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Optional
+from typing import Any, BinaryIO, Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -609,15 +609,7 @@ class SMTPClientProtocol(LineReceiver):
         if self.options.tls != TLS_VERIFY:
             return ssl.CertificateOptions(verify=False)
         name = self.options.tls_hostname or self.host
-        if self.options.ca_file:
-            with open(self.options.ca_file, "rb") as f:
-                pems = _PEM_CERT.findall(f.read())
-            if not pems:
-                raise ValueError(f"no certificate in {self.options.ca_file}")
-            trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(p) for p in pems])
-        else:
-            trust = ssl.platformTrust()
-        return ssl.optionsForClientTLS(name, trustRoot=trust)
+        return ssl.optionsForClientTLS(name, trustRoot=trust_root(self.options.ca_file))
 
     def _tls_established(self) -> None:
         self._stage = STAGE_EHLO
@@ -988,6 +980,19 @@ class SMTPClientFactory(Factory):
         protocol = SMTPClientProtocol(self.options, self.host, self.clock)
         protocol.factory = self
         return protocol
+
+
+def trust_root(ca_file: str) -> Any:
+    """Twisted's trust root: the certificates of ``ca_file``, or the platform's store."""
+    from twisted.internet import ssl
+
+    if not ca_file:
+        return ssl.platformTrust()
+    with open(ca_file, "rb") as f:
+        pems = _PEM_CERT.findall(f.read())
+    if not pems:
+        raise ValueError(f"no certificate in {ca_file}")
+    return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(p) for p in pems])
 
 
 def connect(reactor, address: str, port: int, host: str, options: ClientOptions) -> Deferred:
