@@ -2,9 +2,9 @@
 
 Data flow, one direction:
 
-    relay.smtp.server (inbound session) -> relay.queue.spool (durable)
+    relay.smtp.server (inbound session) -> relay.queue.store (durable)
       -> relay.queue.scheduler (timers) -> relay.routing (per recipient)
-      -> relay.delivery / relay.smtp.client -> relay.queue.spool
+      -> relay.delivery / relay.smtp.client -> relay.queue.store
 """
 
 __version__ = "0.1.0"

@@ -48,7 +48,7 @@ from relay.envelope import (
     Params,
     Recipient,
 )
-from relay.queue.spool import Spool
+from relay.queue.store import Spool
 
 log = Logger(namespace="relay.bounce")
 

@@ -43,7 +43,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from relay.queue.spool import valid_queue_id
+from relay.queue.store import valid_queue_id
 
 log = Logger(namespace="relay.control")
 

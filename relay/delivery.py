@@ -524,8 +524,16 @@ class Delivery:
                 self._log_outcome(envelope, outcomes[index])
             else:
                 groups.setdefault(route.destination(), []).append((index, _Member(recipient, route)))
+        opener: Any = None
+        if groups:
+            try:
+                opener = await self._spool.message_opener(envelope.queue_id)
+            except Exception:
+                log.failure("{queue_id}: cannot read the queued message; deferred", queue_id=envelope.queue_id)
+                return [outcomes.get(i) or local_outcome(r.address, OUTCOME_TRANSIENT, STATUS_LOCAL_ERROR, TEXT_INTERNAL)
+                        for i, r in enumerate(pending)]
         results = await defer.gatherResults(
-            [self._deliver_group(envelope, [m for _, m in members]) for members in groups.values()]
+            [self._deliver_group(envelope, [m for _, m in members], opener) for members in groups.values()]
         )
         for members, group_outcomes in zip(groups.values(), results):
             for (index, _), outcome in zip(members, group_outcomes):
@@ -557,9 +565,9 @@ class Delivery:
 
     # -- one destination -------------------------------------------------------
 
-    def _deliver_group(self, envelope: Envelope, members: list[_Member]) -> Deferred:
+    def _deliver_group(self, envelope: Envelope, members: list[_Member], opener: Callable[[], Any]) -> Deferred:
         """Fire with one Outcome per member, in order; an unexpected error makes them transient."""
-        d = Deferred.fromCoroutine(self._deliver(envelope, members))
+        d = Deferred.fromCoroutine(self._deliver(envelope, members, opener))
 
         def failed(failure: Failure) -> list[Outcome]:
             log.failure(
@@ -577,7 +585,7 @@ class Delivery:
         d.addCallback(self._log_outcomes, envelope)
         return d
 
-    async def _deliver(self, envelope: Envelope, members: list[_Member]) -> list[Outcome]:
+    async def _deliver(self, envelope: Envelope, members: list[_Member], opener: Callable[[], Any]) -> list[Outcome]:
         route = members[0].route
         try:
             password = read_password(route.password_file) if route.password_file else ""
@@ -602,7 +610,7 @@ class Delivery:
         targets, enforce = self._apply_sts(envelope, route, targets, policy)
         if not targets:
             return [local_outcome(m.recipient.address, OUTCOME_TRANSIENT, STATUS_MTA_STS, TEXT_MTA_STS_NO_MX, m.route.rule) for m in members]
-        transaction = self._transaction(envelope, members)
+        transaction = self._transaction(envelope, members, opener)
         last: Optional[_Unreachable] = None
         for target in targets:
             options = self._options(route, target, password, verify=enforce)
@@ -661,17 +669,15 @@ class Delivery:
 
     # -- building the transaction ----------------------------------------------
 
-    def _transaction(self, envelope: Envelope, members: list[_Member]) -> Transaction:
-        queue_id = envelope.queue_id
-        spool = self._spool
+    def _transaction(self, envelope: Envelope, members: list[_Member], opener: Callable[[], Any]) -> Transaction:
         return Transaction(
             sender=envelope.sender,
             recipients=tuple((m.recipient.address, tuple(m.route.rcpt_route)) for m in members),
             size=envelope.size,
             body=envelope.body,
             smtputf8=envelope.smtputf8,
-            open_message=lambda: spool.open_message(queue_id),
-            queue_id=queue_id,
+            open_message=opener,
+            queue_id=envelope.queue_id,
         )
 
     def _options(self, route: Route, target: Target, password: str, verify: bool = False) -> ClientOptions:

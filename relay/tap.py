@@ -282,11 +282,38 @@ class Listener(StreamServerEndpointService):
         return d
 
 
+class _Store(Service):
+    """Runs the queue store; a store that cannot be opened stops start-up with one line."""
+
+    def __init__(self, spool: Any) -> None:
+        from relay.queue.store import SpoolService
+
+        self.inner = SpoolService(spool)
+
+    def startService(self) -> None:
+        from relay.queue.store import StoreError
+
+        try:
+            self.inner.startService()
+        except (StoreError, OSError) as e:
+            line = f"{PROGRAM}: cannot open the queue: {' '.join(str(e).split())}"
+            log.critical("{line}", line=line)
+            stream = sys.__stderr__ or sys.stderr
+            stream.write(line + "\n")
+            stream.flush()
+            raise SystemExit(EXIT_FAILURE) from None
+        super().startService()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.inner.stopService()
+
+
 def _add_spool(relay: RelayService, reactor: Any) -> None:
-    from relay.queue.spool import Spool, SpoolService
+    from relay.queue.store import Spool
 
     relay.spool = Spool(relay.config.queue.directory, clock=reactor)
-    service = SpoolService(relay.spool)
+    service = _Store(relay.spool)
     service.setName("spool")
     service.setServiceParent(relay)
 

@@ -6,7 +6,9 @@ import email
 import email.policy
 import io
 import re
+import os
 import shutil
+import sqlite3
 import tempfile
 from dataclasses import replace
 from email.message import EmailMessage, Message
@@ -35,7 +37,7 @@ from relay.envelope import (
     Envelope,
     Recipient,
 )
-from relay.queue.spool import Spool
+from relay.queue.store import Spool
 
 HOST = "relay.example.org"
 ARRIVAL = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 +0000
@@ -411,7 +413,7 @@ class SendDsnTests(SynchronousTestCase):
         self.spool.opened = []
         self.spool.recover()
         self.committed: list[str] = []
-        self.spool.on_commit(self.committed.append)
+        self.spool.on_commit(lambda queue_id, envelope: self.committed.append(queue_id))
 
     def queue(self, envelope: Envelope, message: bytes = ORIGINAL) -> Envelope:
         incoming = self.spool.new_message()
@@ -495,7 +497,8 @@ class SendDsnTests(SynchronousTestCase):
     def test_missing_message_bytes_still_notify(self) -> None:
         """When the original bytes are gone, the sender is still told, with an empty headers part."""
         original = self.queue(original_envelope())
-        self.spool._fs.unlink(self.spool.message_path(original.queue_id))
+        with sqlite3.connect(os.path.join(self.spool.directory, "queue.db")) as db:
+            db.execute("DELETE FROM body WHERE id = ?", (original.queue_id,))
         dsn_id = self.successResultOf(send_dsn(self.spool, original, list(original.recipients), HOST, NOW))
         with self.spool.open_message(dsn_id) as f:
             message = parse(f.read())

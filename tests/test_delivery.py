@@ -162,6 +162,9 @@ class FakeSpool:
         self.opened.append(queue_id)
         return io.BytesIO(b"Subject: hi\r\n\r\nbody\r\n")
 
+    def message_opener(self, queue_id: str) -> Deferred:
+        return defer.succeed(lambda: self.open_message(queue_id))
+
 
 def refused(address: str, host: str = "mx") -> SessionError:
     return SessionError(None, True, STAGE_CONNECT, f"cannot connect to {host} [{address}]:25: Connection was refused by other side: 111: Connection refused.")
@@ -668,8 +671,8 @@ class Resolver:
                               Target("sink.test", "127.0.0.1", sink_port, 20)])
 
 class Spool:
-    def open_message(self, queue_id):
-        return io.BytesIO(b"Subject: " + queue_id.encode() + b"\r\n\r\n.dot line\r\n")
+    def message_opener(self, queue_id):
+        return defer.succeed(lambda: io.BytesIO(b"Subject: " + queue_id.encode() + b"\r\n\r\n.dot line\r\n"))
 
 def counting_connect(*args):
     connects.append(args[1:3])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.queue.spool import Spool
+from relay.queue.store import Spool
 from relayproc import TWISTD, RelayProcess, free_port, relay_env, wait_for_port
 
 
@@ -178,7 +178,7 @@ def test_twistd_relay_with_no_configuration_listens_on_2525(tmp_path):
             code, reply = s.data(b"Subject: default\r\n\r\nhi\r\n")
         assert code == 250
         # Delivery may already be under way; the spool directory and the log tell where it went.
-        assert (tmp_path / "relay-queue" / "queue").is_dir()
+        assert (tmp_path / "relay-queue" / "queue.db").is_file()
         wait_until_logged = queue_id_of(reply)
         assert wait_until_logged in (tmp_path / "relay.log").read_text()
     finally:

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from twisted.internet.task import Clock
 from relay.cli import queue as cli
 from relay.control import DaemonError, Flush, Forget, Reschedule
 from relay.envelope import DELIVERED, FAILED, PENDING, Attempt, ClientInfo, Envelope, Recipient
-from relay.queue.spool import Spool
+from relay.queue.store import Spool
 
 NOW = 1_700_000_000.0
 HEADERS = b"Received: from client.test\r\n\tby relay.test; id X\r\nSubject: quarterly report\r\nFrom: a@origin.test\r\n"
@@ -190,7 +191,8 @@ def test_list_never_opens_message_bodies(queue: Queue, monkeypatch: pytest.Monke
 
 def test_list_reports_an_unreadable_envelope_and_goes_on(queue: Queue) -> None:
     """An envelope that cannot be read is one line on stderr and exit 1; the others are listed."""
-    (queue.directory / "queue" / f"{queue.bounce}.json").write_bytes(b"{not json")
+    with sqlite3.connect(queue.directory / "queue.db") as db:
+        db.execute("UPDATE envelope SET data = ? WHERE id = ?", (b"{not json", queue.bounce))
     status, out, err = run("--queue", str(queue.directory), "list")
     assert status == 1
     assert err.startswith(f"relay-queue: {queue.bounce}: cannot read the envelope: not JSON")
@@ -450,8 +452,9 @@ def test_root_changes_files_as_the_spool_owner() -> None:
             os.chown(path, nobody, nobody)
         held = relay_queue("--queue", str(base / "spool"), "hold", queue_id)
         assert held.returncode == 0, held.stderr
-        envelope = base / "spool" / "queue" / f"{queue_id}.json"
-        assert envelope.stat().st_uid == nobody
+        spool.close()
+        owners = {p.name: p.stat().st_uid for p in (base / "spool").iterdir() if p.name.startswith("queue.db")}
+        assert "queue.db" in owners and set(owners.values()) == {nobody}, owners
         assert spool.load(queue_id).held is True
     finally:
         shutil.rmtree(base)

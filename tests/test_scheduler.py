@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +29,7 @@ from relay.envelope import (
 from relay.bounce import recipient_status
 from relay.config import ConfigError, QueueConfig, load_config
 from relay.queue.scheduler import Scheduler, apply_outcomes, settle
-from relay.queue.spool import QueueSummary, Spool
+from relay.queue.store import QueueSummary, Spool
 
 NOW = 1_700_000_000.0
 CONFIG = QueueConfig(min_retry=300.0, max_retry=3600.0, max_lifetime=86400.0)
@@ -143,6 +144,15 @@ class FakeSpool:
     def peek(self, queue_id: str) -> QueueSummary:
         self.peeks.append(queue_id)
         return QueueSummary.of(self.envelopes[queue_id])
+
+    def read(self, queue_id: str) -> Deferred:
+        return defer.maybeDeferred(self.load, queue_id)
+
+    def summary(self, queue_id: str) -> Deferred:
+        return defer.maybeDeferred(self.peek, queue_id)
+
+    def summaries(self) -> Deferred:
+        return defer.succeed([self.peek(queue_id) for queue_id in self.ids()])
 
     def modify(self, queue_id: str, change: Callable[[Envelope], Envelope]) -> Deferred:
         if queue_id not in self.envelopes:
@@ -721,16 +731,17 @@ def test_startup_schedules_pending_messages_and_skips_held_ones():
 
 
 def test_startup_reads_in_batches_per_reactor_turn():
-    """Pickup reads pickup_batch envelopes per turn, so the reactor keeps serving while the schedule fills."""
-    spool = FakeSpool([envelope("u@a.test", queue_id=f"Q{i}", held=True) for i in range(5)])
+    """Pickup schedules pickup_batch messages per turn, so the reactor keeps serving while the schedule fills."""
+    later = lambda env: env.with_recipients([replace(r, next_attempt=NOW + 1000) for r in env.recipients])
+    spool = FakeSpool([later(envelope("u@a.test", queue_id=f"Q{i}")) for i in range(5)])
     s, clock = scheduler(spool, FakeDelivery(all_delivered), pickup_batch=2)
     s.startService()
-    assert len(spool.peeks) == 2
+    assert s.scheduled == 2
     no_result(s._pickup)
-    assert [c.getTime() for c in clock.getDelayedCalls()] == [NOW]  # the next batch, on the next turn
+    assert sorted(c.getTime() for c in clock.getDelayedCalls()) == [NOW, NOW + 1000]  # the next batch, on the next turn
     clock.advance(0)
     success(s._pickup)
-    assert len(spool.peeks) == 5
+    assert s.scheduled == 5 and spool.loads == []
 
 
 def test_global_attempt_cap_is_respected():
@@ -820,20 +831,21 @@ def store(spool: Spool, env: Envelope, data: bytes = b"Subject: t\r\n\r\nhi\r\n"
     return success(message.commit(env))
 
 
-def real_spool(tmp_path: Path, check_envelopes: bool = True) -> Spool:
+def real_spool(tmp_path: Path) -> Spool:
     spool = Spool(str(tmp_path / "q"), clock=Clock(), runner=sync_runner)
-    spool.recover(check_envelopes=check_envelopes)
+    spool.recover()
     return spool
 
 
 def test_real_spool_delivered_message_is_removed(tmp_path):
-    """With the on-disk spool, a delivered message's files are gone afterwards."""
+    """With the on-disk store, a delivered message's envelope and bytes are gone afterwards."""
     spool = real_spool(tmp_path)
     queue_id = store(spool, envelope("u@a.test"))
     s, _ = scheduler(spool, FakeDelivery(all_delivered))
     success(s.enqueue(queue_id))
     assert spool.ids() == []
-    assert not os.path.exists(spool.message_path(queue_id))
+    with pytest.raises(KeyError):
+        spool.open_message(queue_id)
 
 
 def test_restart_rebuilds_the_schedule_from_the_spool(tmp_path):
@@ -853,7 +865,7 @@ def test_restart_rebuilds_the_schedule_from_the_spool(tmp_path):
     assert stored.recipient("later@b.test").last_error == "451 4.3.0 try later"
 
     restarted = Spool(spool.directory, clock=Clock(), runner=sync_runner)
-    restarted.recover(check_envelopes=False)
+    restarted.recover()
     delivery = FakeDelivery(all_delivered)
     s2, clock2 = scheduler(restarted, delivery)
     clock2.advance(200)
@@ -884,24 +896,25 @@ def test_flush_by_domain_after_restart_uses_stored_domains(tmp_path):
 
 
 def test_unreadable_envelope_is_quarantined_when_first_read(tmp_path):
-    """An envelope that start-up recovery did not read is moved to corrupt/ when pickup finds it unreadable."""
+    """A stored envelope that cannot be read is moved to corrupt/ when its attempt reads it; the others go on."""
     spool = real_spool(tmp_path)
+    bad = store(spool, envelope("v@a.test"), b"body")
     good = store(spool, envelope("u@a.test"))
-    queue = tmp_path / "q" / "queue"
-    (queue / "B000000000000001.json").write_bytes(b"{not json")
-    (queue / "B000000000000001.msg").write_bytes(b"body")
-    spool = real_spool(tmp_path, check_envelopes=False)
-    assert sorted(spool.ids()) == sorted(["B000000000000001", good])
+    with sqlite3.connect(tmp_path / "q" / "queue.db") as db:
+        db.execute("UPDATE envelope SET data = ? WHERE id = ?", (b"{not json", bad))
+    spool = real_spool(tmp_path)
+    assert sorted(spool.ids()) == sorted([bad, good])
     delivery = FakeDelivery(all_delivered)
     s, _ = scheduler(spool, delivery)
     s.startService()
     assert spool.ids() == []
-    assert sorted(os.listdir(tmp_path / "q" / "corrupt")) == ["B000000000000001.json", "B000000000000001.msg", "B000000000000001.reason"]
+    assert sorted(os.listdir(tmp_path / "q" / "corrupt")) == [bad + ".json", bad + ".msg", bad + ".reason"]
+    assert (tmp_path / "q" / "corrupt" / (bad + ".msg")).read_bytes() == b"body"
     assert delivery.attempted() == [["u@a.test"]]
 
 
 def test_peek_summarizes_without_building_an_envelope(tmp_path):
-    """Spool.peek reads held, pending next attempts, domains and unreported failures, matching QueueSummary.of."""
+    """Spool.peek reads held, the earliest pending next attempt, domains and unreported failures from columns."""
     spool = real_spool(tmp_path)
     env = envelope("a@a.test", "b@B.test", "c@c.test", "d@d.test", held=True)
     env = env.with_recipients([
@@ -912,8 +925,10 @@ def test_peek_summarizes_without_building_an_envelope(tmp_path):
     queue_id = store(spool, env)
     summary = spool.peek(queue_id)
     assert summary == QueueSummary.of(spool.load(queue_id))
-    assert (summary.held, summary.next_attempts, summary.domains, summary.unreported) == (
-        True, (NOW + 5, None), ("a.test", "B.test"), 1)
+    assert (summary.held, summary.due, summary.domains, summary.unreported) == (True, None, ("a.test", "B.test"), 1)
+    later = store(spool, envelope("a@a.test", "b@b.test").with_recipients(
+        [Recipient("a@a.test", next_attempt=NOW + 9), Recipient("b@b.test", next_attempt=NOW + 5)]))
+    assert spool.peek(later).due == NOW + 5
     try:
         spool.peek("0000000000000000")
     except KeyError:

@@ -17,7 +17,7 @@ Options may stand before or after the subcommand.  The spool is
 (relative to the current directory, as for the daemon), else
 ``./relay-queue``.
 
-Files are read and changed only through ``relay.queue.spool.Spool``
+Files are read and changed only through ``relay.queue.store.Spool``
 (``load``, ``open_message``, ``modify_sync``, ``remove_sync``), which lock
 against a daemon writing the same envelope; ``Spool.recover`` is never
 called here.  After a change the running daemon is told over its control
@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence, TextIO
 from relay import control
 from relay.config import ConfigError, load_config
 from relay.envelope import DELIVERED, FAILED, PENDING, Envelope, EnvelopeFormatError, Recipient
-from relay.queue.spool import Spool, valid_queue_id
+from relay.queue.store import Spool, valid_queue_id
 
 PROG = "relay-queue"
 DEFAULT_QUEUE = "relay-queue"

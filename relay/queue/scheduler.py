@@ -10,9 +10,11 @@ tries a message again.
 * ``Scheduler`` keeps the schedule: a heap of (due time, queue id) with one
   timer on the injected clock for the earliest entry, and per queued message
   only its due time and the domains of its pending recipients (for ETRN).
-  The schedule is a cache of the spool: at start-up it is rebuilt by reading
-  every envelope once (``Spool.peek``, in batches, so the reactor keeps
-  serving), and after each attempt from the envelope as stored.
+  The schedule is a cache of the store: at start-up it is rebuilt from the
+  summaries the store keeps beside each envelope (one query in a reader
+  thread, then scheduled in batches, so the reactor keeps serving), and
+  after each attempt from the envelope as stored.  A new message's
+  envelope comes with the commit, so its first attempt reads nothing back.
 
 An attempt takes the message's pending recipients that are due (every one
 on a flush); their outcomes are written back durably before anything else
@@ -63,7 +65,7 @@ from relay.envelope import (
     Recipient,
 )
 from relay.queue.retry import RandomSource, deadline, next_attempt
-from relay.queue.spool import QueueSummary
+from relay.queue.store import QueueSummary
 
 log = Logger()
 
@@ -181,7 +183,7 @@ def first_arrival(envelope: Envelope, now: float) -> float:
 def due_time(summary: QueueSummary, now: float, report_at: Optional[float] = None) -> float:
     """When a message is due: its earliest pending recipient, or ``now`` when it has
     nothing pending (it only needs finishing) or owes a notification (at ``report_at``)."""
-    candidates = [now if when is None else when for when in summary.next_attempts]
+    candidates = [now if summary.due is None else summary.due] if summary.domains else []
     if summary.unreported:
         candidates.append(now if report_at is None else report_at)
     return min(candidates) if candidates else now
@@ -258,6 +260,7 @@ class Scheduler(Service):
         self._timer: Optional[IDelayedCall] = None
         self._in_flight: dict[str, Deferred] = {}
         self._recheck: set[str] = set()  # changed on disk during their attempt
+        self._fresh: dict[str, Envelope] = {}  # envelopes of new messages, as committed
         self._dispatching = False
         self._dispatch_again = False
         self._stopping = False
@@ -265,8 +268,9 @@ class Scheduler(Service):
 
     # -- public: the queue's other parts call these --------------------------------
 
-    def enqueue(self, queue_id: str) -> Deferred:
-        """Attempt ``queue_id`` now (a new message), within the attempt cap.
+    def enqueue(self, queue_id: str, envelope: Optional[Envelope] = None) -> Deferred:
+        """Attempt ``queue_id`` now (a new message, whose ``envelope`` as committed
+        saves reading it back), within the attempt cap.
 
         Fires (with None, never an error) when the attempt started by this call
         is written back, or at once when the message is already being
@@ -274,6 +278,8 @@ class Scheduler(Service):
         """
         if self._stopping or queue_id in self._in_flight:
             return defer.succeed(None)
+        if envelope is not None:
+            self._fresh[queue_id] = envelope
         self._set_due(queue_id, self.clock.seconds())
         self._dispatch()
         running = self._in_flight.get(queue_id)
@@ -325,13 +331,24 @@ class Scheduler(Service):
         if queue_id in self._in_flight:
             self._recheck.add(queue_id)
             return
-        known = queue_id in self._entries
-        try:
-            summary = self._peek(queue_id)
-        except Exception:
-            log.failure("{queue_id}: cannot read the envelope to reschedule it", queue_id=queue_id)
+        self._fresh.pop(queue_id, None)
+        d = self.spool.summary(queue_id)
+        d.addCallbacks(self._rescheduled, self._reschedule_failed, callbackArgs=(queue_id, queue_id in self._entries),
+                       errbackArgs=(queue_id,))
+
+    def _reschedule_failed(self, failure: Failure, queue_id: str) -> None:
+        if failure.check(KeyError):
+            self._drop(queue_id)
+        else:
+            log.failure("{queue_id}: cannot read the envelope to reschedule it", failure, queue_id=queue_id)
+
+    def _rescheduled(self, summary: QueueSummary, queue_id: str, known: bool) -> None:
+        if self._stopping:
             return
-        if summary is None or summary.held:
+        if queue_id in self._in_flight:
+            self._recheck.add(queue_id)
+            return
+        if summary.held:
             self._drop(queue_id)
             return
         now = self.clock.seconds()
@@ -344,6 +361,7 @@ class Scheduler(Service):
         """The message was deleted or held: drop it from the schedule."""
         if queue_id in self._in_flight:
             self._recheck.add(queue_id)
+        self._fresh.pop(queue_id, None)
         self._drop(queue_id)
 
     def due(self, queue_id: str) -> Optional[float]:
@@ -383,21 +401,27 @@ class Scheduler(Service):
         """Schedule every queued message that is not held; fires once all are scheduled."""
         done: Deferred = Deferred()
         counts = {"scheduled": 0, "held": 0}
-        self._pickup_step(iter(self.spool.ids()), done, counts)
+
+        def failed(failure: Failure) -> None:
+            log.failure("queue: cannot read the queue to schedule it", failure)
+            done.callback(None)
+
+        d = self.spool.summaries()
+        d.addCallbacks(lambda summaries: self._pickup_step(iter(summaries), done, counts), failed)
         return done
 
     # -- start-up ------------------------------------------------------------------
 
-    def _pickup_step(self, ids: Iterator[str], done: Deferred, counts: dict[str, int]) -> None:
+    def _pickup_step(self, summaries: Iterator[QueueSummary], done: Deferred, counts: dict[str, int]) -> None:
         if self._stopping:
             done.callback(None)
             return
-        batch = list(islice(ids, self.pickup_batch))
-        for queue_id in batch:
-            self._pick(queue_id, counts)
+        batch = list(islice(summaries, self.pickup_batch))
+        for summary in batch:
+            self._pick(summary, counts)
         self._dispatch()
         if len(batch) == self.pickup_batch:
-            self.clock.callLater(0, self._pickup_step, ids, done, counts)
+            self.clock.callLater(0, self._pickup_step, summaries, done, counts)
             return
         log.info(
             "queue: {scheduled} message(s) scheduled, {held} held",
@@ -406,34 +430,16 @@ class Scheduler(Service):
         )
         done.callback(None)
 
-    def _pick(self, queue_id: str, counts: dict[str, int]) -> None:
+    def _pick(self, summary: QueueSummary, counts: dict[str, int]) -> None:
+        queue_id = summary.queue_id
         if queue_id in self._entries or queue_id in self._in_flight:
             return  # arrived or was rescheduled since start-up
-        try:
-            summary = self._peek(queue_id)
-        except Exception:
-            retry = self.clock.seconds() + self.config.min_retry
-            log.failure("{queue_id}: cannot read the envelope; next try {when}", queue_id=queue_id, when=_clock_text(retry))
-            self._set_due(queue_id, retry)
-            return
-        if summary is None:
-            return
         if summary.held:
             counts["held"] += 1
             return
         counts["scheduled"] += 1
         now = self.clock.seconds()
         self._set_due(queue_id, due_time(summary, now), _domain_key(summary.domains))
-
-    def _peek(self, queue_id: str) -> Optional[QueueSummary]:
-        """The summary of ``queue_id``; None when it is gone or unreadable (then quarantined)."""
-        try:
-            return self.spool.peek(queue_id)
-        except KeyError:
-            return None
-        except EnvelopeFormatError as e:
-            self._quarantine(queue_id, str(e))
-            return None
 
     # -- the schedule --------------------------------------------------------------
 
@@ -536,7 +542,7 @@ class Scheduler(Service):
         d.addBoth(self._ran, queue_id, done)
 
     async def _run(self, queue_id: str, forced: bool) -> None:
-        envelope = self._load(queue_id)
+        envelope = self._fresh.pop(queue_id, None) or await self._load(queue_id)
         if envelope is None:
             return
         if envelope.held:
@@ -606,9 +612,9 @@ class Scheduler(Service):
             log.info("{queue_id}: removed while being attempted", queue_id=queue_id)
             return None
 
-    def _load(self, queue_id: str) -> Optional[Envelope]:
+    async def _load(self, queue_id: str) -> Optional[Envelope]:
         try:
-            return self.spool.load(queue_id)
+            return await self.spool.read(queue_id)
         except KeyError:
             log.debug("{queue_id}: no longer queued", queue_id=queue_id)
         except EnvelopeFormatError as e:

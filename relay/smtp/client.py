@@ -35,6 +35,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relay.smtp import set_nodelay
 from relay.envelope import TLS_REQUIRE, TLS_VERIFY
 from relay.smtp.replies import Reply
 
@@ -298,6 +299,9 @@ class MessageProducer:
                     self._end()
                     return
                 data = self._stuffer.feed(chunk)
+                if len(chunk) < self._chunk_size:  # a short read is the end: one write with the dot
+                    self._end(data)
+                    return
                 if data:
                     self._consumer.write(data)
                     return
@@ -309,9 +313,9 @@ class MessageProducer:
     def stopProducing(self) -> None:
         self._stop()
 
-    def _end(self) -> None:
+    def _end(self, data: bytes = b"") -> None:
         self._stop()
-        self._consumer.write(self._stuffer.finish())
+        self._consumer.write(data + self._stuffer.finish())
         self._consumer.unregisterProducer()
         self._done()
 
@@ -393,6 +397,7 @@ class SMTPClientProtocol(LineReceiver):
     # -- connection events ---------------------------------------------------
 
     def connectionMade(self) -> None:
+        set_nodelay(self.transport)
         self._expect("greeting", self.options.timeouts.greeting, self._on_greeting)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]

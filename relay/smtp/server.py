@@ -56,6 +56,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from relay.smtp import set_nodelay
 from relay.auth import ISubmitter
 from relay.config import ServerConfig, domain_problem
 from relay.domains import normalize_domain
@@ -365,6 +366,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             self._close()
             return
         self._counted = True
+        set_nodelay(self.transport)
         log.info("connect from {peer}", peer=self._peer())
         self.setTimeout(self.config.idle_timeout)
         self._send(R.greeting(self.hostname))

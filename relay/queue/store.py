@@ -1,0 +1,1114 @@
+"""The durable queue store: the only code that touches the queue.
+
+Every accepted message enters the queue through one door
+(``Spool.new_message`` then ``IncomingMessage.commit``), and the store is the
+single truth about it: every timer and in-flight set elsewhere is rebuilt
+from it at start-up (``Spool.recover``, then ``Spool.summaries``).
+
+Layout under ``Spool.directory``::
+
+    queue.db (-wal, -shm)  SQLite in WAL mode, synchronous=FULL: one row per
+                           message in ``envelope`` (the versioned envelope JSON
+                           and the columns scheduling needs) and in ``body``
+                           (the message bytes exactly as received, our
+                           Received first; NULL for a large message)
+    large/<id>.msg         the bytes of a message over ``large_message``
+                           octets, written while it arrives, fsynced before
+                           its row is committed
+    tmp/                   large messages still arriving; emptied at start-up
+    corrupt/               entries that could not be read, moved aside as
+                           ``<id>.json``, ``<id>.msg`` and ``<id>.reason``
+                           files, never deleted
+
+The database's ``user_version`` is the store's format (``STORE_VERSION``);
+a queue directory in the file-per-message format of earlier releases is
+imported at start-up (``relay.queue.legacy``).
+
+Durability ("250 means durable").  A commit is durable when SQLite's WAL is
+fsynced (``synchronous=FULL``); the commit Deferred fires only after that.
+A crash before it leaves no row (and at most a large file without a row,
+which recovery deletes: never acknowledged); after it, a complete entry.
+A removal deletes the rows first and the large file after the commit, so
+no row ever names a missing file by our doing.
+
+Group commit.  Writes are queued as operations; one thread owns the
+writing connection and runs everything pending as one transaction, so the
+messages of many concurrent sessions share one fsync; while one batch
+commits, new operations accumulate for the next.  Reads for the daemon run
+in a small pool of reader threads (WAL readers never wait on the writer),
+so the reactor thread does no database or file I/O on the hot path.  The
+bytes of a message just committed stay in memory (``RECENT_BYTES`` in all)
+until its first attempt takes them, so delivery reads nothing back.
+
+Concurrent writers.  The daemon and ``relay-queue`` may change one message
+at once: each change reads and writes the row inside one ``BEGIN
+IMMEDIATE`` transaction, which SQLite serialises between processes.
+
+Filesystem calls for large messages go through a small object
+(``OsFileSystem``) and database transactions through ``runner``, so tests
+can record their order and simulate a crash at any step.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import io
+import os
+import sqlite3
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any, BinaryIO, Callable, Iterable, NamedTuple, Optional
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from relay.envelope import FAILED, Envelope, EnvelopeFormatError
+from relay.queue.ids import new_queue_id, valid_queue_id
+
+log = Logger(namespace="relay.store")
+
+STORE_FILE = "queue.db"
+STORE_VERSION = 1
+TMP_DIR = "tmp"
+LARGE_DIR = "large"
+CORRUPT_DIR = "corrupt"
+MESSAGE_SUFFIX = ".msg"
+ENVELOPE_SUFFIX = ".json"
+REASON_SUFFIX = ".reason"
+MISSING_MESSAGE = "message file missing"
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+LARGE_MESSAGE = 1024 * 1024  # octets kept in memory (and stored in the database) per message
+WRITE_BUFFER = 256 * 1024  # octets of a large message written to its file at once
+READ_CHUNK = 64 * 1024
+MAX_BATCH = 1000  # operations in one transaction
+READ_THREADS = 2
+IO_THREADS = 2  # large-message files
+RECENT_BYTES = 32 * 1024 * 1024  # bytes of just-committed messages kept for their first attempt
+BUSY_TIMEOUT = 30.0  # seconds a connection waits for another process's write lock
+
+Runner = Callable[..., Deferred]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS envelope (
+    id TEXT PRIMARY KEY,
+    held INTEGER NOT NULL,
+    due REAL,
+    domains TEXT NOT NULL,
+    unreported INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS body (
+    id TEXT PRIMARY KEY,
+    data BLOB
+);
+"""
+
+
+class StoreError(Exception):
+    """The queue store cannot be used (not a database, a newer format...); ``str()`` names the file."""
+
+
+class QueueSummary(NamedTuple):
+    """What scheduling needs to know of a queued message, kept in columns beside its envelope."""
+
+    queue_id: str
+    held: bool
+    due: Optional[float]  # the earliest next attempt of a pending recipient; None: at once
+    domains: tuple[str, ...]  # the domain of each pending recipient, as stored
+    unreported: int = 0  # FAILED recipients whose notification is not spooled yet
+
+    @classmethod
+    def of(cls, envelope: Envelope) -> "QueueSummary":
+        pending = envelope.pending()
+        times = [r.next_attempt for r in pending]
+        due = None if not times or None in times else min(times)  # type: ignore[type-var]
+        return cls(
+            queue_id=envelope.queue_id,
+            held=envelope.held,
+            due=due,
+            domains=tuple(r.domain for r in pending),
+            unreported=sum(1 for r in envelope.recipients if r.status == FAILED and not r.reported),
+        )
+
+
+@dataclass
+class RecoveryReport:
+    """What start-up recovery found and did."""
+
+    count: int = 0  # messages queued
+    removed_tmp: int = 0  # files under tmp/ deleted
+    removed_orphans: int = 0  # large files without a row deleted (never acknowledged)
+    imported: int = 0  # entries imported from the file-per-message format
+    quarantined: list[str] = field(default_factory=list)  # ids moved to corrupt/ by the import
+
+
+# -- the filesystem seam -------------------------------------------------------
+
+
+class OsFileSystem:
+    """Every filesystem call the store makes for large messages and corrupt entries."""
+
+    def open(self, path: str, flags: int, mode: int = FILE_MODE) -> int:
+        return os.open(path, flags | getattr(os, "O_CLOEXEC", 0), mode)
+
+    def write(self, fd: int, data: bytes) -> int:
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def rename(self, src: str, dst: str) -> None:
+        os.rename(src, dst)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def fsync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def listdir(self, path: str) -> list[str]:
+        return os.listdir(path)
+
+    def makedirs(self, path: str) -> None:
+        os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+
+    def read_file(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    def open_read(self, path: str) -> BinaryIO:
+        return open(path, "rb")
+
+
+def _ignore_errors(call: Callable[..., Any], *args: Any) -> None:
+    try:
+        call(*args)
+    except Exception:
+        pass
+
+
+def write_all(fs: Any, fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = fs.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.EIO, "short write")
+        view = view[written:]
+
+
+def write_file(fs: Any, path: str, data: bytes, flags: int = os.O_TRUNC) -> None:
+    """Write ``data`` to a new file at ``path`` and fsync it."""
+    fd = fs.open(path, os.O_WRONLY | os.O_CREAT | flags)
+    try:
+        write_all(fs, fd, data)
+        fs.fsync(fd)
+    finally:
+        fs.close(fd)
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """A connection to the store at ``path`` in WAL mode with synchronous=FULL (autocommit)."""
+    try:
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+    except sqlite3.Error as e:
+        raise StoreError(f"{path}: cannot open the queue store: {e}") from None
+    return conn
+
+
+def _row(envelope: Envelope) -> tuple:
+    summary = QueueSummary.of(envelope)
+    return (int(summary.held), summary.due, "\n".join(summary.domains), summary.unreported, envelope.to_json())
+
+
+def _summary(row: tuple) -> QueueSummary:
+    queue_id, held, due, domains, unreported = row
+    return QueueSummary(queue_id, bool(held), due, tuple(domains.split("\n")) if domains else (), unreported)
+
+
+def _envelope(queue_id: str, data: bytes) -> Envelope:
+    envelope = Envelope.from_json(data)
+    if envelope.queue_id != queue_id:
+        raise EnvelopeFormatError(f"envelope names queue id {envelope.queue_id!r}")
+    return envelope
+
+
+# -- operations run in a transaction -------------------------------------------
+
+
+class _Operation:
+    """One change to the queue, run in the writer's transaction."""
+
+    queue_id: str
+    action: str
+
+    def run(self, conn: sqlite3.Connection) -> Any:
+        raise NotImplementedError
+
+    def committed(self) -> None:
+        """After the transaction is durable (in the writer's thread)."""
+
+    def undo(self) -> None:
+        """After the transaction failed (in the writer's thread)."""
+
+
+class _StoreOperation(_Operation):
+    action = "store"
+
+    def __init__(self, spool: "Spool", envelope: Envelope, body: Optional[bytes]) -> None:
+        self.spool = spool
+        self.queue_id = envelope.queue_id
+        self.envelope = envelope
+        self.body = body  # None: in large/
+
+    def run(self, conn: sqlite3.Connection) -> str:
+        conn.execute("INSERT INTO envelope VALUES (?, ?, ?, ?, ?, ?)", (self.queue_id, *_row(self.envelope)))
+        conn.execute("INSERT INTO body VALUES (?, ?)", (self.queue_id, self.body))
+        return self.queue_id
+
+    def undo(self) -> None:
+        if self.body is None:  # never acknowledged: its file goes too
+            _ignore_errors(self.spool._fs.unlink, self.spool.large_path(self.queue_id))
+
+
+class _ModifyOperation(_Operation):
+    action = "update"
+
+    def __init__(self, queue_id: str, change: Callable[[Envelope], Envelope]) -> None:
+        self.queue_id = queue_id
+        self.change = change
+
+    def run(self, conn: sqlite3.Connection) -> Envelope:
+        return modify_in(conn, self.queue_id, self.change)
+
+
+class _RemoveOperation(_Operation):
+    action = "remove"
+
+    def __init__(self, spool: "Spool", queue_id: str) -> None:
+        self.spool = spool
+        self.queue_id = queue_id
+        self.large = False
+
+    def run(self, conn: sqlite3.Connection) -> bool:
+        existed, self.large = remove_in(conn, self.queue_id)
+        return existed
+
+    def committed(self) -> None:
+        if self.large:
+            _ignore_errors(self.spool._fs.unlink, self.spool.large_path(self.queue_id))
+
+
+class _QuarantineOperation(_Operation):
+    action = "quarantine"
+
+    def __init__(self, spool: "Spool", queue_id: str, reason: str) -> None:
+        self.spool = spool
+        self.queue_id = queue_id
+        self.reason = reason
+        self.moved = False
+
+    def run(self, conn: sqlite3.Connection) -> bool:
+        row = conn.execute("SELECT data FROM envelope WHERE id = ?", (self.queue_id,)).fetchone()
+        if row is None:
+            return False
+        try:
+            _envelope(self.queue_id, row[0])
+            return False  # reads well by now
+        except EnvelopeFormatError:
+            pass
+        self.spool._write_corrupt(conn, self.queue_id, row[0], self.reason)
+        remove_in(conn, self.queue_id)
+        self.moved = True
+        return True
+
+    def committed(self) -> None:
+        if self.moved:
+            _ignore_errors(self.spool._fs.unlink, self.spool.large_path(self.queue_id))
+
+
+def modify_in(conn: sqlite3.Connection, queue_id: str, change: Callable[[Envelope], Envelope]) -> Envelope:
+    """Replace the envelope of ``queue_id`` by ``change(current)`` in the open transaction."""
+    row = conn.execute("SELECT data FROM envelope WHERE id = ?", (queue_id,)).fetchone()
+    if row is None:
+        raise KeyError(queue_id)
+    new = change(_envelope(queue_id, row[0]))
+    if new.queue_id != queue_id:
+        raise ValueError(f"envelope is for {new.queue_id!r}, not {queue_id!r}")
+    conn.execute(
+        "UPDATE envelope SET held = ?, due = ?, domains = ?, unreported = ?, data = ? WHERE id = ?",
+        (*_row(new), queue_id),
+    )
+    return new
+
+
+def remove_in(conn: sqlite3.Connection, queue_id: str) -> tuple[bool, bool]:
+    """Delete the rows of ``queue_id``: (whether it was queued, whether its bytes are a large file)."""
+    body = conn.execute("SELECT data IS NULL FROM body WHERE id = ?", (queue_id,)).fetchone()
+    existed = conn.execute("DELETE FROM envelope WHERE id = ?", (queue_id,)).rowcount > 0
+    conn.execute("DELETE FROM body WHERE id = ?", (queue_id,))
+    return existed, bool(body and body[0])
+
+
+# -- incoming messages ---------------------------------------------------------
+
+
+class _LargeFile:
+    """The file of a large message under ``tmp/``, written in order off the reactor thread."""
+
+    def __init__(self, spool: "Spool", queue_id: str) -> None:
+        self.spool = spool
+        self.queue_id = queue_id
+        self.tmp_path = spool._tmp_path(queue_id + MESSAGE_SUFFIX)
+        fs = spool._fs
+        self._tail: Deferred = spool._io_call(fs.open, self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        self._tail.addErrback(self._failed)
+        self.error: Optional[BaseException] = None
+
+    def _failed(self, failure: Failure) -> None:
+        if self.error is None:
+            self.error = failure.value
+        return None
+
+    def write(self, data: bytes) -> None:
+        def write(fd: Optional[int]) -> Any:
+            if fd is None or self.error is not None:
+                return fd
+            return self.spool._io_call(_write_returning_fd, self.spool._fs, fd, data).addErrback(self._lost, fd)
+        self._tail.addCallback(write)
+
+    def _lost(self, failure: Failure, fd: int) -> int:
+        self._failed(failure)
+        return fd
+
+    def finish(self) -> Deferred:
+        """Fsync, close and move the file into ``large/``; fires when it is durable there."""
+        spool = self.spool
+
+        def finish(fd: Optional[int]) -> Any:
+            if fd is None or self.error is not None:
+                if fd is not None:
+                    spool._io_call(_discard_file, spool._fs, fd, self.tmp_path)
+                return defer.fail(self.error or OSError(errno.EIO, "large message file lost"))
+            return spool._io_call(_finish_large, spool._fs, fd, self.tmp_path, spool.large_path(self.queue_id), spool._large)
+        return self._tail.addCallback(finish)
+
+    def discard(self) -> None:
+        def discard(fd: Optional[int]) -> None:
+            self.spool._io_call(_discard_file, self.spool._fs, fd, self.tmp_path)
+        self._tail.addCallback(discard)
+
+
+def _write_returning_fd(fs: Any, fd: int, data: bytes) -> int:
+    write_all(fs, fd, data)
+    return fd
+
+
+def _finish_large(fs: Any, fd: int, tmp_path: str, path: str, directory: str) -> None:
+    try:
+        fs.fsync(fd)
+    finally:
+        fs.close(fd)
+    try:
+        fs.rename(tmp_path, path)
+        fs.fsync_dir(directory)
+    except Exception:
+        _ignore_errors(fs.unlink, tmp_path)
+        _ignore_errors(fs.unlink, path)
+        raise
+
+
+def _discard_file(fs: Any, fd: Optional[int], path: str) -> None:
+    if fd is not None:
+        _ignore_errors(fs.close, fd)
+    _ignore_errors(fs.unlink, path)
+
+
+class IncomingMessage:
+    """A message being received: bytes in memory, or in a file under ``tmp/`` once large.
+
+    ``write`` never raises on a disk error: the first error is kept, later
+    data is dropped, and ``commit`` errbacks with it (the session answers 451).
+    """
+
+    def __init__(self, spool: "Spool", queue_id: str) -> None:
+        self.queue_id = queue_id
+        self.size = 0
+        self._spool = spool
+        self._buffer = bytearray()
+        self._file: Optional[_LargeFile] = None
+        self._state = "open"  # open -> committing -> committed | aborted | failed
+
+    def write(self, data: bytes) -> None:
+        """Append ``data`` (nothing is durable before commit)."""
+        if self._state != "open":
+            raise ValueError(f"message {self.queue_id} is no longer open for writing")
+        self.size += len(data)
+        self._buffer += data
+        if self._file is None:
+            if len(self._buffer) <= self._spool.large_message:
+                return
+            self._file = _LargeFile(self._spool, self.queue_id)
+        if len(self._buffer) >= WRITE_BUFFER:
+            self._spill()
+
+    def _spill(self) -> None:
+        assert self._file is not None
+        data, self._buffer = bytes(self._buffer), bytearray()
+        self._file.write(data)
+
+    def commit(self, envelope: Envelope) -> Deferred:
+        """Make the message and ``envelope`` durable; fires with the queue id.
+
+        The stored envelope carries this message's queue id and its size in
+        octets.  On failure the Deferred errbacks and nothing is queued.
+        """
+        if self._state != "open":
+            return defer.fail(ValueError(f"message {self.queue_id} cannot be committed twice"))
+        self._state = "committing"
+        if envelope.queue_id != self.queue_id:
+            self.abort(force=True)
+            return defer.fail(ValueError(f"envelope is for {envelope.queue_id!r}, not {self.queue_id!r}"))
+        if envelope.size != self.size:
+            envelope = replace(envelope, size=self.size)
+        spool = self._spool
+        if self._file is None:
+            body = bytes(self._buffer)
+            self._buffer = bytearray()
+            d = spool._submit(_StoreOperation(spool, envelope, body))
+            d.addCallback(self._committed)
+        else:
+            if self._buffer:
+                self._spill()
+            d = self._file.finish()
+            d.addCallback(lambda _: spool._submit(_StoreOperation(spool, envelope, None)))
+            d.addCallback(self._committed)
+        d.addErrback(self._failed)
+        return d
+
+    def abort(self, force: bool = False) -> None:
+        """Forget the message and remove its temporary file; idempotent."""
+        if self._state != "open" and not force:
+            return
+        self._state = "aborted"
+        self._buffer = bytearray()
+        if self._file is not None:
+            self._file.discard()
+            self._file = None
+
+    def _committed(self, queue_id: str) -> str:
+        self._state = "committed"
+        return queue_id
+
+    def _failed(self, failure: Failure) -> Failure:
+        self._state = "failed"
+        return failure
+
+
+# -- the store -----------------------------------------------------------------
+
+
+class Spool:
+    """A queue directory: the one door in, the single truth, start-up recovery."""
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        clock: Optional[IReactorTime] = None,
+        runner: Optional[Runner] = None,
+        fs: Any = None,
+        large_message: int = LARGE_MESSAGE,
+        recent_bytes: int = RECENT_BYTES,
+    ) -> None:
+        """A store in ``directory``.
+
+        ``runner(f, *args)`` runs each transaction and every read for the
+        daemon (default: the store's own threads); with an injected runner
+        everything runs at once on the calling thread, which tests use.
+        """
+        self.directory = directory
+        self.large_message = large_message
+        self._clock = clock
+        self._runner: Runner = runner if runner is not None else self._run_in_writer
+        self._threaded = runner is None
+        self._fs = fs if fs is not None else OsFileSystem()
+        self._path = os.path.join(directory, STORE_FILE)
+        self._tmp = os.path.join(directory, TMP_DIR)
+        self._large = os.path.join(directory, LARGE_DIR)
+        self._corrupt = os.path.join(directory, CORRUPT_DIR)
+        self._lock = threading.Lock()
+        self._local = threading.local()  # a reading connection per thread
+        self._writer_conn: Optional[sqlite3.Connection] = None
+        self._writer: Optional[ThreadPool] = None
+        self._readers: Optional[ThreadPoolExecutor] = None
+        self._io: Optional[ThreadPoolExecutor] = None
+        self._shutdown_trigger: Any = None
+        self._pending: list[tuple[_Operation, Deferred]] = []
+        self._running = False
+        self._idle_waiters: list[Deferred] = []
+        self._commit_listeners: list[Callable[[str, Envelope], Any]] = []
+        self._recent: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._recent_size = 0
+        self._recent_limit = recent_bytes
+        self._checked = False
+
+    # -- the one door in: who hears of new messages -------------------------
+
+    def on_commit(self, listener: Callable[[str, Envelope], Any]) -> None:
+        """Call ``listener(queue_id, envelope)`` each time a new message has become durable."""
+        self._commit_listeners.append(listener)
+
+    def _committed(self, envelope: Envelope, body: Optional[bytes]) -> None:
+        if body is not None and self._commit_listeners and len(body) <= self._recent_limit:
+            self._recent[envelope.queue_id] = body
+            self._recent_size += len(body)
+            while self._recent_size > self._recent_limit:
+                _, old = self._recent.popitem(last=False)
+                self._recent_size -= len(old)
+        for listener in self._commit_listeners:
+            try:
+                listener(envelope.queue_id, envelope)
+            except Exception:
+                log.failure("{queue_id}: commit listener failed", queue_id=envelope.queue_id)
+
+    def _forget_recent(self, queue_id: str) -> Optional[bytes]:
+        body = self._recent.pop(queue_id, None)
+        if body is not None:
+            self._recent_size -= len(body)
+        return body
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the writer thread (only used without an injected runner)."""
+        if self._writer is not None or not self._threaded:
+            return
+        from twisted.internet import reactor
+
+        self._writer = ThreadPool(minthreads=1, maxthreads=1, name="relay-store-writer")
+        self._writer.start()
+        self._shutdown_trigger = reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
+            "during", "shutdown", self._stop_threads
+        )
+
+    def stop(self) -> Deferred:
+        """Fire once every queued operation is durable and the threads have stopped."""
+        d = self._when_idle()
+        d.addCallback(lambda _: self._stop_threads())
+        return d
+
+    def _stop_threads(self) -> None:
+        for executor in (self._readers, self._io):
+            if executor is not None:
+                executor.shutdown(wait=True)
+        self._readers = self._io = None
+        pool, self._writer = self._writer, None
+        if self._shutdown_trigger is not None:
+            from twisted.internet import reactor
+
+            _ignore_errors(reactor.removeSystemEventTrigger, self._shutdown_trigger)  # type: ignore[attr-defined]
+            self._shutdown_trigger = None
+        if pool is not None:
+            pool.stop()
+
+    def close(self) -> None:
+        """Close the connections of the calling thread and the writer (tools, tests)."""
+        for conn in (getattr(self._local, "conn", None), self._writer_conn):
+            if conn is not None:
+                _ignore_errors(conn.close)
+        self._local.conn = None
+        self._writer_conn = None
+
+    # -- connections and threads --------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        """The calling thread's reading connection."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._open()
+            self._local.conn = conn
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
+        if not self._checked:
+            self._ensure_schema()
+        return connect(self._path)
+
+    def _ensure_schema(self) -> None:
+        with self._lock:
+            if self._checked:
+                return
+            self._fs.makedirs(self.directory)
+            conn = connect(self._path)
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > STORE_VERSION:
+                    raise StoreError(
+                        f"{self._path}: queue store format {version} is newer than this relay reads ({STORE_VERSION})"
+                    )
+                if version < STORE_VERSION:
+                    conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {STORE_VERSION}; COMMIT;")
+            except sqlite3.DatabaseError as e:
+                raise StoreError(f"{self._path}: not a usable queue store: {e}") from None
+            finally:
+                conn.close()
+            self._checked = True
+
+    def _writing(self) -> sqlite3.Connection:
+        if self._writer_conn is None:
+            self._writer_conn = self._open()
+        return self._writer_conn
+
+    def _run_in_writer(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        from twisted.internet import reactor
+        from twisted.internet.threads import deferToThreadPool
+
+        if self._writer is None:
+            self.start()
+        assert self._writer is not None
+        return deferToThreadPool(reactor, self._writer, f, *args)  # type: ignore[arg-type]
+
+    def _executor(self, name: str, threads: int) -> ThreadPoolExecutor:
+        with self._lock:
+            executor = getattr(self, name)
+            if executor is None:
+                executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="relay-store" + name)
+                setattr(self, name, executor)
+            return executor
+
+    def _in_thread(self, name: str, threads: int, f: Callable[..., Any], *args: Any) -> Deferred:
+        """Run ``f(*args)`` in the named threads; the result arrives in the reactor thread.
+
+        With an injected runner it runs at once, on the calling thread.
+        """
+        if not self._threaded:
+            return defer.maybeDeferred(f, *args)
+        from twisted.internet import reactor
+
+        d: Deferred = Deferred()
+
+        def deliver(future: Future) -> None:
+            error = future.exception()
+            if error is None:
+                d.callback(future.result())
+            else:
+                d.errback(Failure(error))
+
+        try:
+            future = self._executor(name, threads).submit(f, *args)
+        except RuntimeError:  # shutting down
+            return defer.fail()
+        future.add_done_callback(lambda done: reactor.callFromThread(deliver, done))  # type: ignore[attr-defined]
+        return d
+
+    def _io_call(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        return self._in_thread("_io", IO_THREADS, f, *args)
+
+    def _read_call(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        return self._in_thread("_readers", READ_THREADS, f, *args)
+
+    # -- paths --------------------------------------------------------------
+
+    def _tmp_path(self, name: str) -> str:
+        return os.path.join(self._tmp, name)
+
+    def large_path(self, queue_id: str) -> str:
+        """Where the bytes of a large message ``queue_id`` are kept."""
+        return os.path.join(self._large, queue_id + MESSAGE_SUFFIX)
+
+    # -- reading (blocking: tools, tests, and the reader threads) ------------
+
+    def ids(self) -> list[str]:
+        """Committed queue ids, oldest first."""
+        if not os.path.exists(self._path):
+            return []
+        return [r[0] for r in self._conn().execute("SELECT id FROM envelope ORDER BY id")]
+
+    def load(self, queue_id: str) -> Envelope:
+        """Read the envelope of ``queue_id``; KeyError when it is not queued, EnvelopeFormatError when unreadable."""
+        if not valid_queue_id(queue_id) or not os.path.exists(self._path):
+            raise KeyError(queue_id)
+        row = self._conn().execute("SELECT data FROM envelope WHERE id = ?", (queue_id,)).fetchone()
+        if row is None:
+            raise KeyError(queue_id)
+        return _envelope(queue_id, row[0])
+
+    def peek(self, queue_id: str) -> QueueSummary:
+        """What scheduling needs of ``queue_id``; KeyError when it is not queued."""
+        if not valid_queue_id(queue_id) or not os.path.exists(self._path):
+            raise KeyError(queue_id)
+        row = self._conn().execute(
+            "SELECT id, held, due, domains, unreported FROM envelope WHERE id = ?", (queue_id,)
+        ).fetchone()
+        if row is None:
+            raise KeyError(queue_id)
+        return _summary(row)
+
+    def all_summaries(self) -> list[QueueSummary]:
+        """Every queued message's summary, oldest first (one query: start-up)."""
+        if not os.path.exists(self._path):
+            return []
+        rows = self._conn().execute("SELECT id, held, due, domains, unreported FROM envelope ORDER BY id")
+        return [_summary(row) for row in rows]
+
+    def message_bytes(self, queue_id: str) -> Optional[bytes]:
+        """The bytes of ``queue_id`` kept in the database, or None for a large message (a file).
+
+        KeyError when it is not queued.
+        """
+        if not valid_queue_id(queue_id) or not os.path.exists(self._path):
+            raise KeyError(queue_id)
+        row = self._conn().execute("SELECT data FROM body WHERE id = ?", (queue_id,)).fetchone()
+        if row is None:
+            raise KeyError(queue_id)
+        return row[0]
+
+    def open_message(self, queue_id: str) -> BinaryIO:
+        """Open the message bytes of ``queue_id`` for reading; the caller closes."""
+        data = self.message_bytes(queue_id)
+        if data is not None:
+            return io.BytesIO(data)
+        try:
+            return self._fs.open_read(self.large_path(queue_id))
+        except FileNotFoundError:
+            raise KeyError(queue_id) from None
+
+    # -- reading for the daemon (off the reactor thread) --------------------
+
+    def read(self, queue_id: str) -> Deferred:
+        """``load`` in a reader thread."""
+        return self._read_call(self.load, queue_id)
+
+    def summaries(self) -> Deferred:
+        """``all_summaries`` in a reader thread."""
+        return self._read_call(self.all_summaries)
+
+    def summary(self, queue_id: str) -> Deferred:
+        """``peek`` in a reader thread."""
+        return self._read_call(self.peek, queue_id)
+
+    def message_opener(self, queue_id: str) -> Deferred:
+        """Fires with a function that opens the message's bytes (a memory buffer for
+        all but large messages, whose file it opens); KeyError when not queued.
+
+        The bytes of a message just committed come from memory, read once.
+        """
+        body = self._forget_recent(queue_id)
+        if body is not None:
+            return defer.succeed(lambda: io.BytesIO(body))
+        d = self._read_call(self.message_bytes, queue_id)
+
+        def opener(data: Optional[bytes]) -> Callable[[], BinaryIO]:
+            if data is not None:
+                return lambda: io.BytesIO(data)
+            path = self.large_path(queue_id)
+
+            def open_large() -> BinaryIO:
+                try:
+                    return self._fs.open_read(path)
+                except FileNotFoundError:
+                    raise OSError(errno.ENOENT, f"{MISSING_MESSAGE}: {path}") from None
+            return open_large
+        return d.addCallback(opener)
+
+    # -- writing ------------------------------------------------------------
+
+    def new_message(self) -> IncomingMessage:
+        """Start receiving a message under a new queue id."""
+        return IncomingMessage(self, new_queue_id(self._get_clock()))
+
+    def update(self, envelope: Envelope) -> Deferred:
+        """Durably replace the envelope of ``envelope.queue_id``; KeyError when not queued."""
+        return self.modify(envelope.queue_id, lambda _current: envelope).addCallback(lambda _: None)
+
+    def modify(self, queue_id: str, change: Callable[[Envelope], Envelope]) -> Deferred:
+        """Durably replace an envelope by ``change(current)``, read in the same transaction.
+
+        ``change`` runs in the writer's thread and must be a pure function.
+        Fires with the stored envelope; KeyError when the message is not queued.
+        """
+        if not valid_queue_id(queue_id):
+            return defer.fail(KeyError(queue_id))
+        return self._submit(_ModifyOperation(queue_id, change))
+
+    def remove(self, queue_id: str) -> Deferred:
+        """Durably remove a message; removing one that is not queued succeeds and does nothing."""
+        if not valid_queue_id(queue_id):
+            return defer.fail(KeyError(queue_id))
+        self._forget_recent(queue_id)
+        return self._submit(_RemoveOperation(self, queue_id)).addCallback(lambda _: None)
+
+    def quarantine(self, queue_id: str, reason: str) -> Deferred:
+        """Move an entry whose envelope cannot be read into corrupt/.
+
+        Fires with True when it was moved; False when it was not queued or
+        reads well by now (replaced meanwhile).
+        """
+        if not valid_queue_id(queue_id):
+            return defer.fail(KeyError(queue_id))
+        self._forget_recent(queue_id)
+        return self._submit(_QuarantineOperation(self, queue_id, reason))
+
+    def modify_sync(self, queue_id: str, change: Callable[[Envelope], Envelope]) -> Envelope:
+        """``modify`` for tools that run without a reactor (blocking)."""
+        if not valid_queue_id(queue_id):
+            raise KeyError(queue_id)
+        stored = self._transaction(lambda conn: modify_in(conn, queue_id, change))
+        log.info("{queue_id}: envelope updated", queue_id=queue_id)
+        return stored
+
+    def update_sync(self, envelope: Envelope) -> None:
+        """``update`` for tools that run without a reactor (blocking)."""
+        self.modify_sync(envelope.queue_id, lambda _current: envelope)
+
+    def remove_sync(self, queue_id: str) -> None:
+        """``remove`` for tools that run without a reactor (blocking)."""
+        if not valid_queue_id(queue_id):
+            raise KeyError(queue_id)
+        existed, large = self._transaction(lambda conn: remove_in(conn, queue_id))
+        if large:
+            _ignore_errors(self._fs.unlink, self.large_path(queue_id))
+        if existed:
+            log.info("{queue_id}: removed", queue_id=queue_id)
+
+    def _transaction(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = work(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            _ignore_errors(conn.execute, "ROLLBACK")
+            raise
+        return result
+
+    # -- group commit -------------------------------------------------------
+
+    def _submit(self, operation: _Operation) -> Deferred:
+        d: Deferred = Deferred()
+        self._pending.append((operation, d))
+        if not self._running:
+            self._next_batch()
+        return d
+
+    def _next_batch(self) -> None:
+        """Start a transaction of what is pending (one at a time: one writer)."""
+        if not self._pending:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+            return
+        batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+        self._running = True
+        try:
+            d = self._runner(self._run_batch, [op for op, _ in batch])
+        except Exception:
+            d = defer.fail()
+        d.addBoth(self._batch_done, batch)
+
+    def _run_batch(self, operations: list[_Operation]) -> list[tuple[bool, Any]]:
+        """Run every operation in one transaction and commit it (in the writer's thread).
+
+        An operation that fails on its own (an unknown id, a change that
+        raises) fails alone, before it wrote anything; a database error fails
+        the whole transaction, and nothing of it is answered as done.
+        """
+        results: list[tuple[bool, Any]] = []
+        try:
+            conn = self._writing()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for op in operations:
+                    try:
+                        results.append((True, op.run(conn)))
+                    except sqlite3.Error:
+                        raise
+                    except Exception as e:
+                        results.append((False, e))
+                conn.execute("COMMIT")
+            except BaseException:
+                _ignore_errors(conn.execute, "ROLLBACK")
+                raise
+        except Exception as e:
+            for op in operations:
+                op.undo()
+            return [(False, e)] * len(operations)
+        for op, (ok, _) in zip(operations, results):
+            if ok:
+                op.committed()
+        return results
+
+    def _batch_done(self, outcome: Any, batch: list[tuple[_Operation, Deferred]]) -> None:
+        if isinstance(outcome, Failure):
+            results: list[tuple[bool, Any]] = [(False, outcome)] * len(batch)
+        else:
+            results = outcome
+        self._running = False
+        stored = []
+        for (op, d), (ok, value) in zip(batch, results):
+            if ok:
+                if isinstance(op, _StoreOperation):
+                    stored.append(op)
+                if not isinstance(op, _ModifyOperation):
+                    log.debug("{queue_id}: {action} done", queue_id=op.queue_id, action=op.action)
+                d.callback(value)
+            else:
+                self._log_failed(op, value)
+                d.errback(value if isinstance(value, Failure) else Failure(value))
+        for op in stored:  # after every 250 of the batch is written
+            self._committed(op.envelope, op.body)
+        if not self._running:
+            self._next_batch()
+
+    def _log_failed(self, op: _Operation, error: Any) -> None:
+        if isinstance(error, Failure):
+            error = error.value
+        if isinstance(error, KeyError):
+            log.info("{queue_id}: cannot {action}: not queued", queue_id=op.queue_id, action=op.action)
+        else:
+            log.error("{queue_id}: cannot {action}: {error}", queue_id=op.queue_id, action=op.action,
+                      error=describe(error))
+
+    def _when_idle(self) -> Deferred:
+        if not self._running and not self._pending:
+            return defer.succeed(None)
+        d: Deferred = Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def _get_clock(self) -> IReactorTime:
+        if self._clock is None:
+            from twisted.internet import reactor
+
+            self._clock = reactor  # type: ignore[assignment]
+        return self._clock  # type: ignore[return-value]
+
+    # -- start-up recovery --------------------------------------------------
+
+    def recover(self) -> RecoveryReport:
+        """Bring the directory to a clean state at start-up (synchronous; the daemon only).
+
+        Creates the directories and the database; deletes everything under
+        ``tmp/`` and every large file without a row (never acknowledged);
+        imports a queue in the file-per-message format.
+        """
+        from relay.queue import legacy
+
+        fs, report = self._fs, RecoveryReport()
+        for path in (self._tmp, self._large, self._corrupt):
+            fs.makedirs(path)
+        self._ensure_schema()
+        for name in fs.listdir(self._tmp):
+            _ignore_errors(fs.unlink, self._tmp_path(name))
+            report.removed_tmp += 1
+        legacy.import_queue(self, report)
+        conn = self._conn()
+        known = {r[0] for r in conn.execute("SELECT id FROM body WHERE data IS NULL")}
+        for name in fs.listdir(self._large):
+            stem = name[: -len(MESSAGE_SUFFIX)] if name.endswith(MESSAGE_SUFFIX) else None
+            if stem is None or stem not in known:
+                _ignore_errors(fs.unlink, os.path.join(self._large, name))
+                report.removed_orphans += 1
+                log.info("{queue_id}: removed message never acknowledged", queue_id=stem or name)
+        for path in (self._tmp, self._large):
+            fs.fsync_dir(path)
+        report.count = conn.execute("SELECT count(*) FROM envelope").fetchone()[0]
+        log.info(
+            "store: {count} queued messages in {directory}"
+            " ({tmp} temporary files and {orphans} unacknowledged messages removed, {imported} imported)",
+            count=report.count, directory=self.directory, tmp=report.removed_tmp,
+            orphans=report.removed_orphans, imported=report.imported,
+        )
+        return report
+
+    def insert_sync(self, entries: Iterable[tuple[Envelope, bytes]]) -> int:
+        """Store finished entries at once in one transaction, keeping their ids; those
+        already queued are left as they are.  Returns how many were new (the import)."""
+        def insert(conn: sqlite3.Connection) -> int:
+            added = 0
+            for envelope, body in entries:
+                cursor = conn.execute("INSERT OR IGNORE INTO envelope VALUES (?, ?, ?, ?, ?, ?)",
+                                      (envelope.queue_id, *_row(envelope)))
+                if cursor.rowcount:
+                    large = len(body) > self.large_message
+                    if large:
+                        write_file(self._fs, self.large_path(envelope.queue_id), body)
+                    conn.execute("INSERT OR REPLACE INTO body VALUES (?, ?)", (envelope.queue_id, None if large else body))
+                    added += 1
+            if added:
+                self._fs.fsync_dir(self._large)
+            return added
+        return self._transaction(insert)
+
+    def _write_corrupt(self, conn: sqlite3.Connection, queue_id: str, envelope: bytes, reason: str) -> str:
+        """Write an unreadable entry into corrupt/ as files (fsynced); returns the base path."""
+        fs = self._fs
+        fs.makedirs(self._corrupt)
+        base = self._free_corrupt_name(queue_id)
+        row = conn.execute("SELECT data FROM body WHERE id = ?", (queue_id,)).fetchone()
+        if row is not None and row[0] is not None:
+            write_file(fs, base + MESSAGE_SUFFIX, row[0])
+        elif row is not None:
+            _ignore_errors(fs.rename, self.large_path(queue_id), base + MESSAGE_SUFFIX)
+        write_file(fs, base + ENVELOPE_SUFFIX, envelope)
+        write_file(fs, base + REASON_SUFFIX, (reason + "\n").encode("utf-8"))
+        fs.fsync_dir(self._corrupt)
+        log.error("{queue_id}: quarantined in {path}: {reason}", queue_id=queue_id,
+                  path=base + ENVELOPE_SUFFIX, reason=reason)
+        return base
+
+    def _free_corrupt_name(self, queue_id: str) -> str:
+        taken = set(self._fs.listdir(self._corrupt))
+        name, n = queue_id, 0
+        while any(name + s in taken for s in (MESSAGE_SUFFIX, ENVELOPE_SUFFIX, REASON_SUFFIX)):
+            n += 1
+            name = f"{queue_id}-{n}"
+        return os.path.join(self._corrupt, name)
+
+
+class SpoolService(Service):
+    """Runs a store with the application: recovery and threads at start, drain at stop."""
+
+    name = "spool"
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.report: Optional[RecoveryReport] = None
+
+    def startService(self) -> None:
+        self.report = self.spool.recover()
+        self.spool.start()
+        Service.startService(self)
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        return self.spool.stop()
+
+
+def describe(error: BaseException) -> str:
+    """A one-line description of an error for the log (never sent to a peer)."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror} ({errno.errorcode.get(error.errno or 0, error.errno)})"
+    return str(error) or type(error).__name__
+
+
+__all__ = ["Spool", "SpoolService", "IncomingMessage", "QueueSummary", "RecoveryReport", "StoreError",
+           "new_queue_id", "valid_queue_id"]
