@@ -1,11 +1,10 @@
 """Benchmark: start-up with a large queue (spool recovery plus rebuilding the schedule).
 
-Writes a spool of N queued messages (default 100,000) with the Spool API:
-small bodies, envelopes of 1-3 recipients over a few hundred domains, some
-already deferred (attempts, history, a next attempt within the next four
-hours), some held.  Writing skips fsync (the numbers measured are about
-reading), and takes a while: give ``--directory`` to keep the spool and reuse
-it on the next run.
+Writes a queue of N messages (default 100,000) into the store
+(``Spool.insert_sync``, a thousand per transaction): small bodies, envelopes
+of 1-3 recipients over a few hundred domains, some already deferred
+(attempts, history, a next attempt within the next four hours), some held.
+Give ``--directory`` to keep the queue and reuse it on the next run.
 
 Then, in a fresh process, measures what the daemon does at start-up:
 ``Spool.recover`` as SpoolService runs it, and the scheduler's pickup until
@@ -13,10 +12,7 @@ every message is scheduled (a Clock drives the batches; delivery never
 answers, so the attempts started stay in flight, at most the attempt cap).
 Prints the times and the peak resident set size before and after.
 
-    .venv/bin/python bench/queue_startup.py [--messages N] [--directory DIR] [--compare]
-
-``--compare`` also times a recovery that reads every envelope, as recovery
-did before start-up learned to leave that to the scheduler.
+    .venv/bin/python bench/queue_startup.py [--messages N] [--directory DIR]
 """
 
 from __future__ import annotations
@@ -41,7 +37,8 @@ from twisted.internet.task import Clock  # noqa: E402
 from relay.config import QueueConfig  # noqa: E402
 from relay.envelope import OUTCOME_TRANSIENT, Attempt, ClientInfo, Envelope, Recipient  # noqa: E402
 from relay.queue.scheduler import Scheduler  # noqa: E402
-from relay.queue.spool import OsFileSystem, Spool  # noqa: E402
+from relay.queue.ids import new_queue_id  # noqa: E402
+from relay.queue.store import Spool  # noqa: E402
 
 MAX_MESSAGES = 1_000_000  # the loop that writes the spool is bounded by this, whatever is asked
 DOMAINS = 300
@@ -53,14 +50,8 @@ BODY = (
 )
 
 
-class _NoSyncFileSystem(OsFileSystem):
-    """Writing the test spool only: fsync is what the relay pays at accept time, not here."""
-
-    def fsync(self, fd: int) -> None:
-        pass
-
-    def fsync_dir(self, path: str) -> None:
-        pass
+class _WallClock:
+    seconds = staticmethod(time.time)
 
 
 def _sync_runner(f: Callable[..., Any], *args: Any) -> Deferred:
@@ -104,17 +95,20 @@ def _envelope(queue_id: str, n: int, rng: random.Random, now: float) -> Envelope
 
 
 def write_spool(directory: str, count: int) -> None:
-    """Write ``count`` queued messages through the Spool API (bounded loop)."""
-    spool = Spool(directory, runner=_sync_runner, fs=_NoSyncFileSystem())
-    spool.recover(check_envelopes=False)
+    """Write ``count`` queued messages into the store (bounded loop)."""
+    spool = Spool(directory, runner=_sync_runner)
+    spool.recover()
     rng, now = random.Random(2024), time.time()
     started = time.monotonic()
+    batch = []
     for n in range(min(count, MAX_MESSAGES)):
-        message = spool.new_message()
-        message.write(BODY)
-        message.commit(_envelope(message.queue_id, n, rng, now))
+        batch.append((_envelope(new_queue_id(_WallClock), n, rng, now), BODY))
+        if len(batch) == 1000:
+            spool.insert_sync(batch)
+            batch = []
         if n and n % 20000 == 0:
             print(f"  written {n} messages ({time.monotonic() - started:.0f} s)", flush=True)
+    spool.insert_sync(batch)
     print(f"spool of {count} messages written in {time.monotonic() - started:.1f} s", flush=True)
 
 
@@ -142,17 +136,12 @@ def _peak_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def measure(directory: str, compare: bool) -> None:
+def measure(directory: str) -> None:
     """Run in a fresh process: recovery, then pickup until everything is scheduled."""
-    if compare:
-        started = time.perf_counter()
-        report = Spool(directory, runner=_sync_runner).recover(check_envelopes=True)
-        print(f"recover reading every envelope (for comparison): {time.perf_counter() - started:.2f} s, "
-              f"{len(report.ids)} entries")
     peak_before, rss_before = _peak_kib(), _rss_kib()
     started = time.perf_counter()
     spool = Spool(directory, runner=_sync_runner)
-    report = spool.recover(check_envelopes=False)
+    report = spool.recover()
     recovered = time.perf_counter()
     clock = Clock()
     clock.advance(time.time())
@@ -166,10 +155,10 @@ def measure(directory: str, compare: bool) -> None:
     finished = time.perf_counter()
     peak_after, rss_after = _peak_kib(), _rss_kib()
     total = scheduler.scheduled + len(scheduler.in_flight)
-    print(f"queued entries found by recover: {len(report.ids)}")
-    print(f"Spool.recover (listing only):  {recovered - started:6.2f} s")
+    print(f"queued entries found by recover: {report.count}")
+    print(f"Spool.recover:                 {recovered - started:6.2f} s")
     print(f"scheduler pickup:              {finished - recovered:6.2f} s "
-          f"({total} scheduled, {len(report.ids) - total} held, {delivery.started} attempts started, "
+          f"({total} scheduled, {report.count - total} held, {delivery.started} attempts started, "
           f"cap {scheduler.max_attempts})")
     print(f"start-up to all scheduled:     {finished - started:6.2f} s")
     print(f"peak RSS before / after:       {peak_before / 1024:6.1f} MiB / {peak_after / 1024:6.1f} MiB "
@@ -182,21 +171,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--directory", help="spool to create or reuse (kept); default: a temporary one")
-    parser.add_argument("--compare", action="store_true", help="also time a recovery that reads every envelope")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # the fresh measuring process
     args = parser.parse_args()
     if args.measure:
-        measure(args.measure, args.compare)
+        measure(args.measure)
         return
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
         directory = args.directory or os.path.join(tmp, "queue")
-        queue = Path(directory, "queue")
-        existing = sum(1 for name in os.listdir(queue) if name.endswith(".json")) if queue.is_dir() else 0
+        existing = len(Spool(directory).ids())
         if existing < args.messages:
             write_spool(directory, args.messages - existing)
         else:
             print(f"reusing {directory} ({existing} messages)")
-        command = [sys.executable, __file__, "--measure", directory] + (["--compare"] if args.compare else [])
+        command = [sys.executable, __file__, "--measure", directory]
         subprocess.run(command, check=True, timeout=600)
 
 

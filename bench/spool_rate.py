@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from twisted.internet import defer, reactor  # noqa: E402
 
 from relay.envelope import ClientInfo, Envelope, Recipient  # noqa: E402
-from relay.queue.spool import Spool  # noqa: E402
+from relay.queue.store import Spool  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accept import settle  # noqa: E402

@@ -43,7 +43,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
-from twisted.logger import Logger
+from relay.log import Logger
 from zope.interface import Attribute, Interface, implementer
 
 log = Logger(namespace="relay.auth")

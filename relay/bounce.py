@@ -37,7 +37,7 @@ from typing import BinaryIO, Iterable, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
+from relay.log import Logger
 from twisted.python.failure import Failure
 
 from relay.envelope import (

@@ -40,7 +40,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
+from relay.log import Logger
 from twisted.protocols import amp
 
 from relay.queue.store import valid_queue_id

@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 from twisted.internet import defer, error as neterror
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import Logger
+from relay.log import Logger
 from twisted.python.failure import Failure
 
 from relay.config import Config

@@ -23,7 +23,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet import ssl
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
+from relay.log import Logger, daemon_observer
 from twisted.python import usage
 
 from relay.config import (
@@ -196,6 +196,15 @@ class RelayService(MultiService):
         self.resolver: Any = None
         self.delivery: Any = None
         self.scheduler: Any = None
+        self.log_observer: Any = None  # the daemon's text log, offered to twistd
+
+    def setServiceParent(self, parent: Any) -> None:
+        """Join twistd's application, offering it the relay's own text log observer."""
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
 
     def startService(self) -> None:
         config = self.config
@@ -435,6 +444,8 @@ def makeService(options: Options) -> IService:
 
     config = options.config if options.config is not None else Config()
     try:
-        return build_relay(config, reactor)
+        relay = build_relay(config, reactor)
     except ConfigError as e:
         _exit_with(str(e))
+    relay.log_observer = daemon_observer(getattr(options, "parent", None))
+    return relay

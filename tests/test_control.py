@@ -49,7 +49,7 @@ from relay.control import (
 )
 from relay.control import probe as control_probe
 from relay.envelope import Envelope, Recipient
-from relay.queue.spool import Spool
+from relay.queue.store import Spool
 
 _t = SynchronousTestCase()
 success = _t.successResultOf

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.logger import Logger
+from relay.log import Logger
 
 from relay.envelope import Envelope, EnvelopeFormatError
 from relay.queue.ids import valid_queue_id

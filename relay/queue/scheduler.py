@@ -46,7 +46,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
+from relay.log import Logger
 from twisted.python.failure import Failure
 
 from relay.config import QueueConfig

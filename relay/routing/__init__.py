@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
+from relay.log import Logger
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 

@@ -65,7 +65,7 @@ import dns.resolver
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from relay.log import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 

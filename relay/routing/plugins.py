@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional
 
-from twisted.logger import Logger
+from relay.log import Logger
 from twisted.plugin import getPlugins
 from zope.interface import Invalid
 from zope.interface.verify import verifyObject

@@ -30,7 +30,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPullProducer, IReactorTime, ITLSTransport
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
+from relay.log import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -907,7 +907,7 @@ class SMTPClientProtocol(LineReceiver):
 
     def _log_replies(self, transaction: Transaction, replies: dict[str, Reply]) -> None:
         for address, reply in replies.items():
-            log.info(
+            log.debug(
                 "{queue_id}: to <{recipient}> via {host}: {reply}",
                 queue_id=transaction.queue_id, recipient=address, host=self.host, reply=describe(reply),
             )
@@ -1018,7 +1018,7 @@ def connect(reactor, address: str, port: int, host: str, options: ClientOptions)
     d = endpoint.connect(SMTPClientFactory(options, host, reactor))
 
     def connected(protocol: SMTPClientProtocol) -> Deferred:
-        log.info("connected to {host} [{address}]:{port}", host=host, address=address, port=port)
+        log.debug("connected to {host} [{address}]:{port}", host=host, address=address, port=port)
         return protocol.ready
 
     def not_connected(failure: Failure) -> Failure:

@@ -51,7 +51,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import deferLater
-from twisted.logger import Logger
+from relay.log import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
