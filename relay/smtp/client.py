@@ -35,7 +35,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.smtp import set_nodelay
+from relay.smtp import set_nodelay, write_now
 from relay.envelope import TLS_REQUIRE, TLS_VERIFY
 from relay.smtp.replies import Reply
 
@@ -315,8 +315,8 @@ class MessageProducer:
 
     def _end(self, data: bytes = b"") -> None:
         self._stop()
-        self._consumer.write(data + self._stuffer.finish())
         self._consumer.unregisterProducer()
+        write_now(self._consumer, data + self._stuffer.finish())
         self._done()
 
     def _stop(self) -> None:
@@ -472,7 +472,7 @@ class SMTPClientProtocol(LineReceiver):
         """Send commands in one write (a pipelined group) and wait for each reply in order."""
         for _, what, timeout, handler in commands:
             self._expect(what, timeout, handler)
-        self.transport.write(b"".join(line + CRLF for line, _, _, _ in commands))
+        write_now(self.transport, b"".join(line + CRLF for line, _, _, _ in commands))
 
     # -- timers --------------------------------------------------------------
 

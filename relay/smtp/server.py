@@ -56,7 +56,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from relay.smtp import set_nodelay
+from relay.smtp import set_nodelay, write_now
 from relay.auth import ISubmitter
 from relay.config import ServerConfig, domain_problem
 from relay.domains import normalize_domain
@@ -412,7 +412,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if self._out:
             data, self._out = b"".join(self._out), []
             if self.transport is not None:
-                self.transport.write(data)
+                write_now(self.transport, data)
 
     def _close(self) -> None:
         self._flush()
