@@ -1,15 +1,13 @@
-"""Benchmark: durable commits per second of the spool alone, no SMTP.
+"""Benchmark: durable commits per second of the queue store alone, no SMTP.
 
-Runs a real reactor and a ``Spool`` with its own threads in a temporary
-directory; C writers each commit a message (4 KB by default), wait for the
-commit to fire and start the next, like C SMTP sessions would, until N
-messages are committed.  With ``--update`` each committed envelope is also
-rewritten once (as the deferral of a failed first attempt does).  Prints
-commits per second, to compare ``--io-threads`` and ``--max-batches``
-settings on this disk.
+Runs a real reactor and a ``Spool`` (relay.queue.store) with its own
+threads in a temporary directory; C writers each commit a message (4 KB by
+default), wait for the commit to fire and start the next, like C SMTP
+sessions would, until N messages are committed.  With ``--update`` each
+committed envelope is also rewritten once (as the deferral of a failed
+first attempt does).  Prints commits per second and CPU per message.
 
-    .venv/bin/python bench/spool_rate.py [--messages N] [--writers C] [--io-threads T]
-        [--max-batches B] [--update] [--tmpdir DIR]
+    .venv/bin/python bench/spool_rate.py [--messages N] [--writers C] [--update] [--tmpdir DIR]
 """
 
 from __future__ import annotations
@@ -56,7 +54,7 @@ async def main(args: argparse.Namespace) -> None:
     settle()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     with tempfile.TemporaryDirectory(prefix="relay-spool-bench-", dir=args.tmpdir) as tmp:
-        spool = Spool(tmp, io_threads=args.io_threads, max_batches=args.max_batches)
+        spool = Spool(tmp)
         spool.recover()
         spool.start()
         body = b"x" * 57 + b"\r\n"
@@ -73,7 +71,7 @@ async def main(args: argparse.Namespace) -> None:
     done = total - max(0, left[0])
     after = resource.getrusage(resource.RUSAGE_SELF)
     user, system = after.ru_utime - usage.ru_utime, after.ru_stime - usage.ru_stime
-    print(f"writers={args.writers} io_threads={args.io_threads} max_batches={args.max_batches} update={args.update} "
+    print(f"writers={args.writers} update={args.update} "
           f"messages={done} rate={done / elapsed:.1f} commits/s "
           f"cpu={1000 * (user + system) / max(1, done):.2f}ms/msg (system {1000 * system / max(1, done):.2f})")
 
@@ -83,14 +81,13 @@ def run() -> None:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--writers", type=int, default=50)
     parser.add_argument("--size", type=int, default=4000)
-    parser.add_argument("--io-threads", type=int, default=None)
-    parser.add_argument("--max-batches", type=int, default=None)
     parser.add_argument("--update", action="store_true")
     parser.add_argument("--tmpdir")
     args = parser.parse_args()
     failure: list = []
     d = defer.Deferred.fromCoroutine(main(args))
     d.addErrback(failure.append).addBoth(lambda _: reactor.stop())
+    reactor.callWhenRunning(lambda: None)
     reactor.run()
     if failure:
         failure[0].printTraceback()

@@ -399,3 +399,59 @@ def test_held_message_waits_for_release(start_relay, start_sink):
     assert done.returncode == 0, done.stderr
     assert len(wait_message(sink, "kept@hold.test", timeout=10)) == 1
     wait_gone(relay, held_id)
+
+
+def test_sigkill_under_load_loses_no_acknowledged_message(start_relay, start_sink):
+    """kill -9 of the daemon while ten clients submit and it delivers: after a restart every message
+    that got a 250 arrives intact, and nothing that was not acknowledged is ever delivered."""
+    sink = start_sink(BULK_MX)
+    relay = start_relay(min_retry="1h", max_retry="2h", max_lifetime="1d")
+    acknowledged: set[str] = set()
+    tried: set[str] = set()
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as s:
+                s.ehlo("client.origin.test")
+                for i in range(400):  # bounded; the kill ends it sooner
+                    if stop.is_set():
+                        return
+                    mid = f"<load.{n}.{i}@origin.test>"
+                    with lock:
+                        tried.add(mid)
+                    submit(s, ORIGIN, [f"user{n}@bulk.test"], message(f"load {n} {i}", mid))
+                    with lock:
+                        acknowledged.add(mid)
+        except (smtplib.SMTPException, OSError, AssertionError):
+            return  # the daemon was killed under this session
+
+    threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(10)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(acknowledged) >= 300, timeout=60, what="300 acknowledged messages")
+    relay.kill()  # SIGKILL, mid-transaction for some sessions
+    stop.set()
+    for t in threads:
+        t.join(timeout=20)
+    with lock:
+        acked = set(acknowledged)
+    relay = start_relay(min_retry="1h", max_retry="2h", max_lifetime="1d")
+
+    def arrived() -> Optional[set[str]]:
+        with sink.lock:
+            seen = {parse(m.data)["Message-ID"] for m in sink.messages}
+        if not acked <= seen:
+            relay_queue(relay, "flush")
+            return None
+        return seen
+
+    seen = wait_until(arrived, timeout=60, what=f"every acknowledged message delivered\n{relay.log()[-3000:]}")
+    assert seen <= tried  # nothing half-received was delivered
+    with sink.lock:
+        for m in sink.messages:
+            parsed = parse(m.data)
+            n, i = parsed["Message-ID"][1:].split("@")[0].split(".")[1:]
+            assert parsed.get_payload().strip() == f"body of load {n} {i}"
+    wait_until(lambda: queue_list(relay) == [], what="an empty queue")

@@ -16,7 +16,7 @@ from aiosmtpd.smtp import AuthResult
 
 from certs import make_certificate
 from dnsserver import start_dns_server
-from relay.queue.spool import Spool
+from relay.queue.store import Spool
 from relayproc import REPO, RelayProcess, free_port, wait_until
 from smtpsink import SMTPSink
 

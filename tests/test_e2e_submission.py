@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from certs import make_certificate
-from relay.queue.spool import Spool
+from relay.queue.store import Spool
 from relayproc import RelayProcess, free_port, relay_env, wait_until
 
 PASSWORD = "corr3ct horse"

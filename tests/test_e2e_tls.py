@@ -23,7 +23,7 @@ import pytest
 from certs import make_certificate
 from dnsserver import start_dns_server
 from relay.envelope import Recipient
-from relay.queue.spool import Spool
+from relay.queue.store import Spool
 from relayproc import RelayProcess, free_port, wait_until
 from smtpsink import SMTPSink
 

@@ -931,7 +931,7 @@ def test_big_message_fast_path() -> None:
 
 def test_real_spool_commit(tmp_path: Any) -> None:
     """With the on-disk spool, 250 comes only once the commit ran, and the queued files hold the message."""
-    spool_module = pytest.importorskip("relay.queue.spool")
+    spool_module = pytest.importorskip("relay.queue.store")
     jobs: list[tuple[Callable[..., Any], tuple]] = []
 
     def runner(f: Callable[..., Any], *args: Any) -> Deferred:
@@ -966,7 +966,7 @@ def test_real_spool_commit(tmp_path: Any) -> None:
 
 def test_real_spool_refused_message_leaves_nothing(tmp_path: Any) -> None:
     """With the on-disk spool, a refused message leaves no file behind."""
-    spool_module = pytest.importorskip("relay.queue.spool")
+    spool_module = pytest.importorskip("relay.queue.store")
     clock = Clock()
     spool = spool_module.Spool(str(tmp_path), clock=clock, runner=lambda f, *a: maybeDeferred(f, *a))
     spool.recover()

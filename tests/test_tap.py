@@ -226,7 +226,7 @@ def test_clean_stop_on_sigterm_exits_zero() -> None:
 
 def test_build_relay_assembles_spool_then_listeners(tmp_path: Path) -> None:
     """build_relay puts the spool first, then one listener per endpoint, submission ones with their own factory."""
-    pytest.importorskip("relay.queue.spool")
+    pytest.importorskip("relay.queue.store")
     pytest.importorskip("relay.policy")
     pytest.importorskip("relay.smtp.server")
     reactor = MemoryReactorClock()
@@ -236,7 +236,7 @@ def test_build_relay_assembles_spool_then_listeners(tmp_path: Path) -> None:
                             submission_listen=("tcp:2587",), auth_users=str(tmp_path / "users")),
         queue=QueueConfig(directory=str(tmp_path / "q")),
     )
-    from relay.queue.spool import Spool
+    from relay.queue.store import Spool
 
     relay = build_relay(config, reactor)
     children = list(relay)

@@ -93,6 +93,8 @@ def import_queue(spool: Any, report: Any) -> None:
             report.removed_orphans += 1
             log.info("{queue_id}: removed message never acknowledged", queue_id=stem)
     fs.fsync_dir(directory)
+    if report.quarantined:
+        fs.fsync_dir(spool._corrupt)
     left = fs.listdir(directory)
     if left:
         log.warn("store: {count} unexpected files left in {directory}", count=len(left), directory=directory)

@@ -235,12 +235,13 @@ def connect(path: str) -> sqlite3.Connection:
 
 def _row(envelope: Envelope) -> tuple:
     summary = QueueSummary.of(envelope)
-    return (int(summary.held), summary.due, "\n".join(summary.domains), summary.unreported, envelope.to_json())
+    domains = "".join("\n" + d for d in summary.domains)  # each after a newline: "" is no domain, "\n" one empty
+    return (int(summary.held), summary.due, domains, summary.unreported, envelope.to_json())
 
 
 def _summary(row: tuple) -> QueueSummary:
     queue_id, held, due, domains, unreported = row
-    return QueueSummary(queue_id, bool(held), due, tuple(domains.split("\n")) if domains else (), unreported)
+    return QueueSummary(queue_id, bool(held), due, tuple(domains.split("\n")[1:]), unreported)
 
 
 def _envelope(queue_id: str, data: bytes) -> Envelope:
@@ -324,6 +325,8 @@ class _QuarantineOperation(_Operation):
         self.queue_id = queue_id
         self.reason = reason
         self.moved = False
+        self.large = False
+        self.base = ""
 
     def run(self, conn: sqlite3.Connection) -> bool:
         row = conn.execute("SELECT data FROM envelope WHERE id = ?", (self.queue_id,)).fetchone()
@@ -334,14 +337,23 @@ class _QuarantineOperation(_Operation):
             return False  # reads well by now
         except EnvelopeFormatError:
             pass
-        self.spool._write_corrupt(conn, self.queue_id, row[0], self.reason)
-        remove_in(conn, self.queue_id)
+        self.base = self.spool._write_corrupt(conn, self.queue_id, row[0], self.reason)
+        _, self.large = remove_in(conn, self.queue_id)
         self.moved = True
         return True
 
     def committed(self) -> None:
+        """The rows are gone: now the large file, if any, joins the entry in corrupt/."""
+        if self.moved and self.large:
+            fs = self.spool._fs
+            _ignore_errors(fs.rename, self.spool.large_path(self.queue_id), self.base + MESSAGE_SUFFIX)
+            _ignore_errors(fs.fsync_dir, self.spool._corrupt)
+
+    def undo(self) -> None:
+        """The rows stay queued: take back the copy written into corrupt/."""
         if self.moved:
-            _ignore_errors(self.spool._fs.unlink, self.spool.large_path(self.queue_id))
+            for suffix in (MESSAGE_SUFFIX, ENVELOPE_SUFFIX, REASON_SUFFIX):
+                _ignore_errors(self.spool._fs.unlink, self.base + suffix)
 
 
 def modify_in(conn: sqlite3.Connection, queue_id: str, change: Callable[[Envelope], Envelope]) -> Envelope:
@@ -378,9 +390,9 @@ class _LargeFile:
         self.queue_id = queue_id
         self.tmp_path = spool._tmp_path(queue_id + MESSAGE_SUFFIX)
         fs = spool._fs
+        self.error: Optional[BaseException] = None
         self._tail: Deferred = spool._io_call(fs.open, self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         self._tail.addErrback(self._failed)
-        self.error: Optional[BaseException] = None
 
     def _failed(self, failure: Failure) -> None:
         if self.error is None:
@@ -423,9 +435,13 @@ def _write_returning_fd(fs: Any, fd: int, data: bytes) -> int:
 
 def _finish_large(fs: Any, fd: int, tmp_path: str, path: str, directory: str) -> None:
     try:
-        fs.fsync(fd)
-    finally:
-        fs.close(fd)
+        try:
+            fs.fsync(fd)
+        finally:
+            fs.close(fd)
+    except Exception:
+        _ignore_errors(fs.unlink, tmp_path)
+        raise
     try:
         fs.rename(tmp_path, path)
         fs.fsync_dir(directory)
@@ -497,7 +513,9 @@ class IncomingMessage:
         else:
             if self._buffer:
                 self._spill()
+            spool._finishing += 1  # stop() waits for it
             d = self._file.finish()
+            d.addBoth(spool._finished_file)
             d.addCallback(lambda _: spool._submit(_StoreOperation(spool, envelope, None)))
             d.addCallback(self._committed)
         d.addErrback(self._failed)
@@ -563,6 +581,7 @@ class Spool:
         self._shutdown_trigger: Any = None
         self._pending: list[tuple[_Operation, Deferred]] = []
         self._running = False
+        self._finishing = 0  # large messages whose file is being made durable before their commit
         self._idle_waiters: list[Deferred] = []
         self._commit_listeners: list[Callable[[str, Envelope], Any]] = []
         self._recent: collections.OrderedDict[str, bytes] = collections.OrderedDict()
@@ -912,6 +931,8 @@ class Spool:
     def _next_batch(self) -> None:
         """Start a transaction of what is pending (one at a time: one writer)."""
         if not self._pending:
+            if self._finishing:
+                return  # its commit comes next; the waiters wait for it
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
@@ -987,8 +1008,15 @@ class Spool:
             log.error("{queue_id}: cannot {action}: {error}", queue_id=op.queue_id, action=op.action,
                       error=describe(error))
 
+    def _finished_file(self, result: Any) -> Any:
+        """A large file is durable (its commit is submitted next) or failed (nothing follows)."""
+        self._finishing -= 1
+        if isinstance(result, Failure) and not self._running:
+            self._next_batch()  # fires the idle waiters when nothing else is left
+        return result
+
     def _when_idle(self) -> Deferred:
-        if not self._running and not self._pending:
+        if not self._running and not self._pending and not self._finishing:
             return defer.succeed(None)
         d: Deferred = Deferred()
         self._idle_waiters.append(d)
@@ -1059,15 +1087,16 @@ class Spool:
         return self._transaction(insert)
 
     def _write_corrupt(self, conn: sqlite3.Connection, queue_id: str, envelope: bytes, reason: str) -> str:
-        """Write an unreadable entry into corrupt/ as files (fsynced); returns the base path."""
+        """Write an unreadable entry into corrupt/ as files (fsynced); returns the base path.
+
+        A large message's file is moved there by the caller once the rows are gone.
+        """
         fs = self._fs
         fs.makedirs(self._corrupt)
         base = self._free_corrupt_name(queue_id)
         row = conn.execute("SELECT data FROM body WHERE id = ?", (queue_id,)).fetchone()
         if row is not None and row[0] is not None:
             write_file(fs, base + MESSAGE_SUFFIX, row[0])
-        elif row is not None:
-            _ignore_errors(fs.rename, self.large_path(queue_id), base + MESSAGE_SUFFIX)
         write_file(fs, base + ENVELOPE_SUFFIX, envelope)
         write_file(fs, base + REASON_SUFFIX, (reason + "\n").encode("utf-8"))
         fs.fsync_dir(self._corrupt)
