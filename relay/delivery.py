@@ -678,6 +678,7 @@ class Delivery:
             smtputf8=envelope.smtputf8,
             open_message=opener,
             queue_id=envelope.queue_id,
+            crlf_only=True,  # the server refuses bare CR and LF: the store holds CRLF text only
         )
 
     def _options(self, route: Route, target: Target, password: str, verify: bool = False) -> ClientOptions:

@@ -94,6 +94,10 @@ READ_THREADS = 2
 IO_THREADS = 2  # large-message files
 RECENT_BYTES = 32 * 1024 * 1024  # bytes of just-committed messages kept for their first attempt
 BUSY_TIMEOUT = 30.0  # seconds a connection waits for another process's write lock
+# 16 KiB pages: a 100 KiB message is 7 pages written to the WAL (and checkpointed) instead
+# of 26 at SQLite's default 4 KiB; measured 0.64 -> 0.40 ms of store CPU per 100 KiB message,
+# 0.13 -> 0.16 ms per 4 KiB one.
+PAGE_SIZE = 16384
 
 Runner = Callable[..., Deferred]
 
@@ -226,6 +230,7 @@ def connect(path: str) -> sqlite3.Connection:
     """A connection to the store at ``path`` in WAL mode with synchronous=FULL (autocommit)."""
     try:
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # takes effect when the database is created
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
     except sqlite3.Error as e:
@@ -468,7 +473,8 @@ class IncomingMessage:
         self.queue_id = queue_id
         self.size = 0
         self._spool = spool
-        self._buffer = bytearray()
+        self._chunks: list[bytes] = []  # what arrived since the last write to the file
+        self._buffered = 0
         self._file: Optional[_LargeFile] = None
         self._state = "open"  # open -> committing -> committed | aborted | failed
 
@@ -477,18 +483,23 @@ class IncomingMessage:
         if self._state != "open":
             raise ValueError(f"message {self.queue_id} is no longer open for writing")
         self.size += len(data)
-        self._buffer += data
+        self._chunks.append(data)
+        self._buffered += len(data)
         if self._file is None:
-            if len(self._buffer) <= self._spool.large_message:
+            if self._buffered <= self._spool.large_message:
                 return
             self._file = _LargeFile(self._spool, self.queue_id)
-        if len(self._buffer) >= WRITE_BUFFER:
+        if self._buffered >= WRITE_BUFFER:
             self._spill()
+
+    def _take(self) -> bytes:
+        data = b"".join(self._chunks)
+        self._chunks, self._buffered = [], 0
+        return data
 
     def _spill(self) -> None:
         assert self._file is not None
-        data, self._buffer = bytes(self._buffer), bytearray()
-        self._file.write(data)
+        self._file.write(self._take())
 
     def commit(self, envelope: Envelope) -> Deferred:
         """Make the message and ``envelope`` durable; fires with the queue id.
@@ -506,12 +517,11 @@ class IncomingMessage:
             envelope = replace(envelope, size=self.size)
         spool = self._spool
         if self._file is None:
-            body = bytes(self._buffer)
-            self._buffer = bytearray()
+            body = self._take()
             d = spool._submit(_StoreOperation(spool, envelope, body))
             d.addCallback(self._committed)
         else:
-            if self._buffer:
+            if self._chunks:
                 self._spill()
             spool._finishing += 1  # stop() waits for it
             d = self._file.finish()
@@ -526,7 +536,7 @@ class IncomingMessage:
         if self._state != "open" and not force:
             return
         self._state = "aborted"
-        self._buffer = bytearray()
+        self._chunks, self._buffered = [], 0
         if self._file is not None:
             self._file.discard()
             self._file = None

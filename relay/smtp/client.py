@@ -142,6 +142,7 @@ class Transaction:
     smtputf8: bool = False
     open_message: Callable[[], BinaryIO] = field(kw_only=True)
     queue_id: str = field(default="", kw_only=True)  # for the logs
+    crlf_only: bool = field(default=False, kw_only=True)  # no bare CR or LF in the message (queued mail)
 
 
 @dataclass(frozen=True)
@@ -218,12 +219,15 @@ class DotStuffer:
     A line starting with "." gets one more ".".  The state "at the start of a
     line" and a trailing CR are carried from one chunk to the next, so a "."
     line is stuffed wherever the chunk boundaries fall.  Bare CR and bare LF
-    become CRLF: only CRLF ever goes on the wire.
+    become CRLF: only CRLF ever goes on the wire.  With ``crlf_only`` the
+    source is known to hold no bare CR or LF (the queue store holds nothing
+    else: the server refuses them), and the scan for them is skipped.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, crlf_only: bool = False) -> None:
         self._at_line_start = True
         self._pending_cr = False
+        self._crlf_only = crlf_only
 
     def feed(self, chunk: bytes) -> bytes:
         if self._pending_cr:
@@ -234,9 +238,10 @@ class DotStuffer:
             self._pending_cr = True
         if not chunk:
             return b""
-        crlf = chunk.count(b"\r\n")
-        if chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf:
-            chunk = _BARE_LINE_END.sub(b"\r\n", chunk)
+        if not self._crlf_only:
+            crlf = chunk.count(b"\r\n")
+            if chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf:
+                chunk = _BARE_LINE_END.sub(b"\r\n", chunk)
         out = chunk.replace(b"\n.", b"\n..")
         if self._at_line_start and out.startswith(b"."):
             out = b"." + out
@@ -275,6 +280,7 @@ class MessageProducer:
         done: Callable[[], None],
         failed: Callable[[BaseException], None],
         chunk_size: Optional[int] = None,
+        crlf_only: bool = False,
     ) -> None:
         self._source = source
         self._consumer = consumer
@@ -282,7 +288,7 @@ class MessageProducer:
         self._done = done
         self._failed = failed
         self._chunk_size = chunk_size or CHUNK_SIZE
-        self._stuffer = DotStuffer()
+        self._stuffer = DotStuffer(crlf_only)
         self._finished = False
 
     def start(self) -> None:
@@ -852,6 +858,7 @@ class SMTPClientProtocol(LineReceiver):
             done=lambda: self._expect("the reply to the end of data", t.final_dot, self._on_final_dot),
             failed=self._read_failed,
             chunk_size=self.chunk_size,
+            crlf_only=self._txn.transaction.crlf_only,
         )
         self._arm(t.data_block, "the peer to read the message data")
         producer.start()
