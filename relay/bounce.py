@@ -545,7 +545,21 @@ def _spool_dsn(
     action: str,
     retry_until: Optional[float],
 ) -> Deferred:
-    headers = _read_original_headers(spool, envelope.queue_id)
+    d = spool.call_reading(_read_original_headers, spool, envelope.queue_id)
+    d.addCallback(_spool_with_headers, spool, envelope, recipients, hostname, now, action, retry_until)
+    return d
+
+
+def _spool_with_headers(
+    headers: bytes,
+    spool: Spool,
+    envelope: Envelope,
+    recipients: list[Recipient],
+    hostname: str,
+    now: float,
+    action: str,
+    retry_until: Optional[float],
+) -> Deferred:
     incoming = spool.new_message()
     try:
         message = build_dsn(

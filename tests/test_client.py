@@ -28,6 +28,7 @@ from relay.smtp.client import (
     ClientOptions,
     ClientTimeouts,
     DotStuffer,
+    MessageProducer,
     SessionError,
     SMTPClientProtocol,
     Transaction,
@@ -1000,3 +1001,22 @@ def test_delivers_exact_bytes_to_aiosmtpd(tmp_path, tls):
     assert out["refused"] == ["connect", True]
     if tls == "verify":
         assert out["mismatch"] == ["starttls", True]  # a certificate for another name is refused
+
+
+def test_queued_message_in_memory_goes_out_in_one_write_with_its_dot():
+    """A queued (crlf_only) message held in memory is sent dot-stuffed with its end-of-data in one write."""
+    writes: list[bytes] = []
+
+    class Recording(StringTransport):
+        def write(self, data: bytes) -> None:
+            writes.append(data)
+            super().write(data)
+
+    transport = Recording()
+    done: list[bool] = []
+    message = b"Subject: x\r\n\r\n.dot\r\n" + b"y" * 200_000 + b"\r\n"
+    producer = MessageProducer(io.BytesIO(message), transport, progress=lambda: None, done=lambda: done.append(True),
+                               failed=lambda e: None, crlf_only=True, whole=True)
+    producer.start()
+    assert writes == [b"Subject: x\r\n\r\n..dot\r\n" + b"y" * 200_000 + b"\r\n.\r\n"]
+    assert done == [True] and transport.producer is None

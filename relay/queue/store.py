@@ -834,6 +834,10 @@ class Spool:
         """``peek`` in a reader thread."""
         return self._read_call(self.peek, queue_id)
 
+    def call_reading(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        """Run ``f(*args)``, which reads with the blocking methods above, in a reader thread."""
+        return self._read_call(f, *args)
+
     def message_opener(self, queue_id: str) -> Deferred:
         """Fires with a function that opens the message's bytes (a memory buffer for
         all but large messages, whose file it opens); KeyError when not queued.

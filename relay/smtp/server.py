@@ -182,13 +182,16 @@ class DataReader:
             self._check_overlong()
             return None
         complete, self._pending = buf[: last + 2], buf[last + 2:]
-        end = self._find_end(complete)
+        # One scan tells whether any line after the first starts with ".": in most
+        # chunks none does, and then there is neither an end nor a dot to remove.
+        dots = complete.find(b"\r\n.") >= 0
+        end = self._find_end(complete) if dots or complete.startswith(b".") else -1
         if end >= 0:
             self._consume(complete[:end])
             rest = complete[end + 3:] + self._pending
             self._pending = b""
             return rest
-        self._consume(complete)
+        self._consume(complete, dots)
         self._check_overlong()
         return None
 
@@ -199,8 +202,11 @@ class DataReader:
         i = complete.find(b"\r\n.\r\n")
         return -1 if i < 0 else i + 2
 
-    def _consume(self, region: bytes) -> None:
-        """Check and store whole lines (``region`` is empty or ends with CRLF)."""
+    def _consume(self, region: bytes, dots: bool = True) -> None:
+        """Check and store whole lines (``region`` is empty or ends with CRLF).
+
+        ``dots`` False: no line after the first starts with "." (nothing to unstuff there).
+        """
         if not region:
             return
         lines = region.count(b"\r\n")
@@ -209,7 +215,7 @@ class DataReader:
         if not self._midline and region.startswith(b"."):
             region = region[1:]
         self._midline = False
-        text = region.replace(b"\r\n.", b"\r\n")
+        text = region.replace(b"\r\n.", b"\r\n") if dots else region
         if len(text) >= MAX_TEXT_LINE and _has_long_line(text):
             self.too_long = True
         if self._in_headers:
