@@ -55,6 +55,7 @@ from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from relayproc import RelayProcess, free_port  # noqa: E402
+from relay.queue.store import Spool  # noqa: E402
 
 TIME_LIMIT = 120.0  # seconds per run, whatever the count
 NEXT_HOPS = ("down", "stalled", "sink")
@@ -200,7 +201,7 @@ def bench(clients: int, args: argparse.Namespace) -> None:
             user, system = (after - before for after, before in zip(cpu_seconds(relay.proc.pid), cpu_before))
             rss, peak = memory(relay.proc.pid)
             relay.stop()
-            queued = len(list(relay.queue_dir.glob("queue/*.json")))
+            queued = len(Spool(str(relay.queue_dir)).ids())
     print(
         f"clients={clients:3d} next_hop={args.next_hop} messages={sent:6d} size={args.size}B "
         f"elapsed={elapsed:6.2f}s rate={sent / elapsed:8.1f} msg/s (durable, fsync per commit) "

@@ -23,6 +23,7 @@ from accept import memory, next_hop, run, settle  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from relayproc import RelayProcess  # noqa: E402
+from relay.queue.store import Spool  # noqa: E402
 
 MAX_MESSAGES = 200_000
 STEP_LIMIT = 300.0  # seconds per step, whatever the count
@@ -51,7 +52,7 @@ def main() -> None:
                 sent, elapsed = run(relay.port, args.clients, target - accepted, args.size, STEP_LIMIT)
                 accepted += sent
                 rss, peak = memory(relay.proc.pid)
-                queued = len(list(relay.queue_dir.glob("queue/*.json")))
+                queued = len(Spool(str(relay.queue_dir)).ids())
                 if first is None:
                     first = (accepted, rss)
                     slope = ""

@@ -25,6 +25,7 @@ from smtpsink import SMTPSink  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accept import client, cpu_seconds, message, settle  # noqa: E402
+from relay.queue.store import Spool  # noqa: E402
 
 TIME_LIMIT = 180.0
 
@@ -61,7 +62,7 @@ def main() -> None:
             elapsed = time.monotonic() - start
             user, system = (after - before for after, before in zip(cpu_seconds(relay.proc.pid), cpu_before))
             relay.stop()
-            left = len(list(relay.queue_dir.glob("queue/*.json")))
+            left = len(Spool(str(relay.queue_dir)).ids())
     print(
         f"messages={len(received)}/{total} clients={args.clients} size={args.size}B "
         f"accepted_in={accepted:.2f}s relayed_in={elapsed:.2f}s "
