@@ -530,27 +530,12 @@ def send_dsn(
     if not wanted:
         log.info("{queue_id}: NOTIFY asks for no {action} notification", queue_id=queue_id, action=action)
         return defer.succeed(None)
-    try:
-        return _spool_dsn(spool, envelope, wanted, hostname, now, action, retry_until)
-    except Exception:
-        return defer.fail(Failure())
-
-
-def _spool_dsn(
-    spool: Spool,
-    envelope: Envelope,
-    recipients: list[Recipient],
-    hostname: str,
-    now: float,
-    action: str,
-    retry_until: Optional[float],
-) -> Deferred:
-    d = spool.call_reading(_read_original_headers, spool, envelope.queue_id)
-    d.addCallback(_spool_with_headers, spool, envelope, recipients, hostname, now, action, retry_until)
+    d = spool.call_reading(_read_original_headers, spool, queue_id)  # off the reactor thread
+    d.addCallback(_spool_dsn, spool, envelope, wanted, hostname, now, action, retry_until)
     return d
 
 
-def _spool_with_headers(
+def _spool_dsn(
     headers: bytes,
     spool: Spool,
     envelope: Envelope,

@@ -254,6 +254,17 @@ class RelayService(MultiService):
         return result
 
 
+def _stop_start_up(why: str) -> NoReturn:
+    """End start-up with one line on the original stderr (twistd has redirected
+    sys.stderr to the log by then), a critical log line, and exit status 1."""
+    line = f"{PROGRAM}: {why}"
+    log.critical("{line}", line=line)
+    stream = sys.__stderr__ or sys.stderr
+    stream.write(line + "\n")
+    stream.flush()
+    raise SystemExit(EXIT_FAILURE) from None
+
+
 class Listener(StreamServerEndpointService):
     """One SMTP listener; failing to listen stops start-up instead of running deaf.
 
@@ -273,12 +284,7 @@ class Listener(StreamServerEndpointService):
         try:
             super().privilegedStartService()
         except Exception as e:
-            line = f"{PROGRAM}: cannot listen on {self.description}: {' '.join(str(e).split())}"
-            log.critical("{line}", line=line)
-            stream = sys.__stderr__ or sys.stderr
-            stream.write(line + "\n")
-            stream.flush()
-            raise SystemExit(EXIT_FAILURE) from None
+            _stop_start_up(f"cannot listen on {self.description}: {' '.join(str(e).split())}")
 
     def stopService(self) -> Any:
         """Stop accepting, then let the open sessions end (they get 421 4.3.2)."""
@@ -305,12 +311,7 @@ class _Store(Service):
         try:
             self.inner.startService()
         except (StoreError, OSError) as e:
-            line = f"{PROGRAM}: cannot open the queue: {' '.join(str(e).split())}"
-            log.critical("{line}", line=line)
-            stream = sys.__stderr__ or sys.stderr
-            stream.write(line + "\n")
-            stream.flush()
-            raise SystemExit(EXIT_FAILURE) from None
+            _stop_start_up(f"cannot open the queue: {' '.join(str(e).split())}")
         super().startService()
 
     def stopService(self) -> Any:

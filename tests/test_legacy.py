@@ -10,14 +10,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
-import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from relay.envelope import FAILED, Attempt, ClientInfo, Envelope, Recipient
 from relay.queue.ids import new_queue_id
-from relay.queue.store import STORE_FILE, OsFileSystem, Spool
+from recordingfs import Crash, RecordingFS
+from relay.queue.store import STORE_FILE, Spool
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_ID = "0lPq3Rz8Xa2Kd9Wb"  # the queue id inside envelope-v1.json
@@ -26,67 +26,6 @@ LARGE = 1000
 
 def sync_runner(f: Any, *args: Any) -> defer.Deferred:
     return defer.maybeDeferred(f, *args)
-
-
-class Crash(Exception):
-    """The process died at this filesystem call."""
-
-
-class RecordingFS(OsFileSystem):
-    """The real filesystem, recording each call; from call number ``crash_at`` on, every call raises Crash."""
-
-    def __init__(self, crash_at: Optional[int] = None) -> None:
-        self.events: list = []
-        self.crash_at = crash_at
-        self.calls = 0
-        self.crashed = False
-
-    def _step(self, name: str, *detail: Any) -> None:
-        self.calls += 1
-        if self.crashed or (self.crash_at is not None and self.calls >= self.crash_at):
-            self.crashed = True
-            raise Crash(name)
-        self.events.append((name, *detail))
-
-    def open(self, path: str, flags: int, mode: int = 0o600) -> int:
-        self._step("open", path)
-        return super().open(path, flags, mode)
-
-    def write(self, fd: int, data: bytes) -> int:
-        self._step("write", fd)
-        return super().write(fd, data)
-
-    def fsync(self, fd: int) -> None:
-        self._step("fsync", fd)
-        super().fsync(fd)
-
-    def close(self, fd: int) -> None:
-        self._step("close", fd)
-        super().close(fd)
-
-    def rename(self, src: str, dst: str) -> None:
-        self._step("rename", src, dst)
-        super().rename(src, dst)
-
-    def unlink(self, path: str) -> None:
-        self._step("unlink", path)
-        super().unlink(path)
-
-    def fsync_dir(self, path: str) -> None:
-        self._step("fsync_dir", path)
-        super().fsync_dir(path)
-
-    def listdir(self, path: str) -> list[str]:
-        self._step("listdir", path)
-        return super().listdir(path)
-
-    def makedirs(self, path: str) -> None:
-        self._step("makedirs", path)
-        super().makedirs(path)
-
-    def read_file(self, path: str) -> bytes:
-        self._step("read_file", path)
-        return super().read_file(path)
 
 
 def old_envelope(queue_id: str, size: int, **changes: Any) -> Envelope:
@@ -295,7 +234,7 @@ class InterruptedImportTests(LegacyTestCase):
         for crash_at in range(1, 400):
             root = self.base / f"crash-{crash_at}"
             shutil.copytree(template, root)
-            fs = RecordingFS(crash_at)
+            fs = RecordingFS(crash_at=crash_at)
             try:
                 self.spool(root, fs=fs).recover()
             except Crash:
