@@ -11,6 +11,7 @@ import copy
 import ipaddress
 import json
 import math
+import os
 import re
 import socket
 import tomllib
@@ -51,6 +52,7 @@ class ServerConfig:
     auth_in_clear: bool = False  # offer AUTH without TLS (loopback and tests only)
     received_auth: bool = False  # "(Authenticated sender: user)" in the Received header
     sender_login_map: str = ""  # file of "address-or-@domain user[,user...]" lines
+    workers: int = 1  # worker processes sharing the listeners ("auto": one per CPU core)
 
 
 @dataclass(frozen=True)
@@ -524,7 +526,19 @@ _SERVER_KEYS: dict[str, _Parser] = {
     "auth_in_clear": _bool_value,
     "received_auth": _bool_value,
     "sender_login_map": _path,
+    "workers": lambda v, w: _workers(v, w),
 }
+
+MAX_WORKERS = 256
+
+
+def _workers(value: Any, where: _Where) -> int:
+    """A number of worker processes, or "auto": one per CPU core."""
+    if value == "auto":
+        return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    if isinstance(value, str):
+        where.fail(f'{_show(value)} is not a number of workers or "auto"')
+    return _integer(value, where, low=1, high=MAX_WORKERS)
 
 def _duration_or_off(value: Any, where: _Where) -> float:
     """A duration where 0 (or "0s") means "off"."""

@@ -66,8 +66,9 @@ class TextLogObserver:
     before the reactor runs, and at shutdown).
     """
 
-    def __init__(self, out: IO[str]) -> None:
+    def __init__(self, out: IO[str], tag: str = "") -> None:
         self._out = out
+        self._tag = tag  # before the system of every line: which worker wrote it
         self._lines: list[str] = []
         self._size = 0
         self._lock = threading.Lock()
@@ -84,6 +85,12 @@ class TextLogObserver:
         return self._stamp
 
     def __call__(self, event: dict) -> None:
+        if self._tag:
+            system = event.get("log_system")
+            if system is None:
+                level = event.get("log_level")
+                system = f"{event.get('log_namespace', '-')}#{getattr(level, 'name', '-')}"
+            event = dict(event, log_system=f"{self._tag} {system}")
         with self._lock:
             line = formatEventAsClassicLogText(event, formatTime=self._time)
             if not line:
@@ -103,6 +110,15 @@ class TextLogObserver:
             self._flush_due = True
             reactor.callLater(0, self.flush)  # type: ignore[attr-defined]
         return True
+
+    def write_raw(self, text: str) -> None:
+        """Lines formatted elsewhere (a worker's), written with this log's own."""
+        with self._lock:
+            self._lines.append(text)
+            self._size += len(text)
+            later = self._size < BUFFER_LIMIT and self._can_wait()
+        if not later:
+            self.flush()
 
     def flush(self) -> None:
         with self._lock:

@@ -85,6 +85,7 @@ class Options(usage.Options):
 
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
         """Parse, or leave the process with one line on stderr and status 2."""
+        self.args = list(sys.argv[1:] if options is None else options)  # handed on to worker processes
         try:
             super().parseOptions(options)
         except ConfigError as e:
@@ -197,6 +198,8 @@ class RelayService(MultiService):
         self.delivery: Any = None
         self.scheduler: Any = None
         self.log_observer: Any = None  # the daemon's text log, offered to twistd
+        self.inherited: dict = {}  # listener description -> socket handed down (a worker)
+        self.siblings: list[str] = []  # the other workers' parts of the queue (a worker)
 
     def setServiceParent(self, parent: Any) -> None:
         """Join twistd's application, offering it the relay's own text log observer."""
@@ -328,8 +331,15 @@ def _add_spool(relay: RelayService, reactor: Any) -> None:
     service.setServiceParent(relay)
 
 
-def _endpoint(reactor: Any, description: str, where: str) -> Any:
-    """The server endpoint for ``description``; a failure is a ConfigError at ``where``."""
+def _endpoint(reactor: Any, description: str, where: str, inherited: Optional[dict] = None) -> Any:
+    """The server endpoint for ``description``; a failure is a ConfigError at ``where``.
+
+    In a worker process, a listener the master bound is the socket it handed down.
+    """
+    if inherited and description in inherited:
+        from relay.workers import InheritedEndpoint
+
+        return InheritedEndpoint(reactor, inherited[description], description)
     try:
         return serverFromString(reactor, description)
     except Exception as e:
@@ -413,10 +423,13 @@ def _add_listeners(relay: RelayService, reactor: Any) -> None:
                                sender_logins=sender_logins)
     relay.tls_context = build_tls_context(config.server, config.source or COMMAND_LINE)
     etrn = getattr(relay.scheduler, "flush", None)  # (domain, subdomains) -> messages scheduled
+    if etrn is not None and relay.siblings:
+        etrn = _flush_everywhere(etrn, relay.siblings)
     for submission, endpoints in ((False, config.server.listen), (True, config.server.submission_listen)):
         key = "server.submission_listen" if submission else "server.listen"
         for index, description in enumerate(endpoints):
-            endpoint = _endpoint(reactor, description, f"{config.source or COMMAND_LINE}: {key}[{index}]")
+            endpoint = _endpoint(reactor, description, f"{config.source or COMMAND_LINE}: {key}[{index}]",
+                                 relay.inherited)
             factory = SMTPServerFactory(
                 config.hostname, config.server, relay.spool, relay.policy, reactor,
                 tls_context=relay.tls_context, submission=submission, portal=portal, etrn=etrn,
@@ -427,13 +440,35 @@ def _add_listeners(relay: RelayService, reactor: Any) -> None:
             relay.listeners.append((description, service))
 
 
-def build_relay(config: Config, reactor: Any) -> RelayService:
+def _flush_everywhere(flush: Any, siblings: Sequence[str]) -> Any:
+    """ETRN in one worker: flush here, and ask the daemons of the other parts of the queue to flush too."""
+    from twisted.internet.threads import deferToThread
+
+    from relay import control
+
+    def everywhere(domain: Optional[str] = None, subdomains: bool = False) -> int:
+        for directory in siblings:
+            d = deferToThread(control.call, directory, control.Flush, domain=domain, subdomains=subdomains)
+            d.addErrback(lambda f, directory=directory: log.warn(
+                "ETRN: cannot reach the worker of {directory}: {error}", directory=directory, error=f.getErrorMessage()))
+        return flush(domain, subdomains)
+
+    return everywhere
+
+
+def build_relay(config: Config, reactor: Any, inherited: Optional[dict] = None,
+                siblings: Sequence[str] = ()) -> RelayService:
     """Assemble the relay from ``config``; ``reactor`` is also the clock.
 
     Each part is added by one small function, in start-up order; later parts
-    (scheduler, routing, delivery) are further functions in this list.
+    (scheduler, routing, delivery) are further functions in this list.  In a
+    worker process, ``inherited`` maps listener descriptions to the sockets
+    the master handed down, and ``siblings`` are the other workers' parts of
+    the queue (ETRN reaches them too).
     """
     relay = RelayService(config, reactor)
+    relay.inherited = inherited or {}
+    relay.siblings = list(siblings)
     for add in (_add_spool, _add_routing, _add_delivery, _add_control, _add_listeners):
         add(relay, reactor)
     return relay
@@ -444,9 +479,23 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     config = options.config if options.config is not None else Config()
+    observer = daemon_observer(getattr(options, "parent", None))
+    if config.server.workers > 1:
+        return build_master(config, reactor, getattr(options, "args", []), observer)
     try:
         relay = build_relay(config, reactor)
     except ConfigError as e:
         _exit_with(str(e))
-    relay.log_observer = daemon_observer(getattr(options, "parent", None))
+    relay.log_observer = observer
     return relay
+
+
+def build_master(config: Config, reactor: Any, relay_args: Sequence[str], observer: Any = None) -> RelayService:
+    """The master of ``[server] workers`` processes: it binds the listeners and supervises the workers."""
+    from relay.workers import Supervisor
+
+    master = RelayService(config, reactor)
+    master.log_observer = observer
+    supervisor = Supervisor(config, reactor, relay_args, observer)
+    supervisor.setServiceParent(master)
+    return master

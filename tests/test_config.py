@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from pathlib import Path
 
@@ -193,6 +194,20 @@ def test_sizes(text: object, octets: int) -> None:
     assert parse_size(text) == octets
 
 
+@pytest.mark.parametrize("value, workers", [(1, 1), (4, 4), (256, 256)])
+def test_workers_is_a_number_of_processes(value: int, workers: int) -> None:
+    """[server] workers takes an integer from 1 to 256; without it there is one worker."""
+    assert parse(f"[server]\nworkers = {value}").server.workers == workers
+    assert parse("").server.workers == 1
+
+
+@pytest.mark.parametrize("cores, workers", [(6, 6), (None, 1), (1000, 256)])
+def test_workers_auto_is_one_per_cpu_core(monkeypatch: pytest.MonkeyPatch, cores: object, workers: int) -> None:
+    """workers = "auto" is os.cpu_count(), 1 when the count is unknown, at most 256."""
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert parse('[server]\nworkers = "auto"').server.workers == workers
+
+
 @pytest.mark.parametrize("pattern", ["a.test", ".a.test", "*", "Bücher.example", "xn--bcher-kva.example", "[192.0.2.1]", "[IPv6:2001:db8::1]"])
 def test_valid_domain_patterns(pattern: str) -> None:
     """Plain domains, leading-dot subdomain patterns, "*", IDNA names and address literals are accepted."""
@@ -248,6 +263,13 @@ BAD = [
     ("[server]\ntrusted_networks = ['localhost']", "server.trusted_networks[0]", "not an IP network"),
     ("[server]\ntls_certificate = 'c.pem'", "server.tls_key", "together with server.tls_certificate"),
     ("[server]\nsource_routes = 'follow'", "server.source_routes", "not one of ignore, honor"),
+    ("[server]\nworkers = 0", "server.workers", "0 is out of range (must be from 1 to 256)"),
+    ("[server]\nworkers = 257", "server.workers", "257 is out of range (must be from 1 to 256)"),
+    ("[server]\nworkers = 'many'", "server.workers", '"many" is not a number of workers or "auto"'),
+    ("[server]\nworkers = '4'", "server.workers", '"4" is not a number of workers or "auto"'),
+    ("[server]\nworkers = 'Auto'", "server.workers", '"Auto" is not a number of workers or "auto"'),
+    ("[server]\nworkers = true", "server.workers", "expected an integer"),
+    ("[server]\nworkers = 1.5", "server.workers", "expected an integer"),
     ("[delivery]\nnameservers = ['ns1.example']", "delivery.nameservers[0]", "not a name server"),
     ("[delivery]\nnameservers = ['192.0.2.1:99999']", "delivery.nameservers[0]", "not a name server"),
     ("[delivery]\nport = 0", "delivery.port", "out of range"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import select
 import shutil
 import sqlite3
 import subprocess
@@ -26,6 +27,7 @@ from twisted.internet.task import Clock
 from relay.cli import queue as cli
 from relay.control import DaemonError, Flush, Forget, Reschedule
 from relay.envelope import DELIVERED, FAILED, PENDING, Attempt, ClientInfo, Envelope, Recipient
+from relay.queue.partitions import part_directory
 from relay.queue.store import Spool
 
 NOW = 1_700_000_000.0
@@ -332,6 +334,211 @@ def test_flush_without_daemon_is_exit_1_with_one_line(queue: Queue) -> None:
     directory = str(queue.directory)
     assert run("flush", "--queue", directory) == (
         1, "", f"relay-queue: no relay daemon is running for {directory} (cannot connect to {directory}/control.sock)\n")
+
+
+# -- a queue in several parts ------------------------------------------------------------------
+
+
+@dataclass
+class Parted:
+    directory: Path  # part 0
+    second: Path  # part 1, <directory>/worker-1
+    ids: list[str]  # in creation order: part 0, part 1, part 0, part 1 (held)
+    spools: tuple[Spool, Spool]
+
+
+@pytest.fixture
+def parted(tmp_path: Path) -> Parted:
+    directory = tmp_path / "spool"
+    first = make_spool(directory)
+    second = make_spool(Path(part_directory(str(directory), 1)))
+    ids = [
+        store(first, "a@origin.test", (Recipient("one@dest.test"),), arrival=NOW - 400),
+        store(second, "b@origin.test", (Recipient("two@dest.test"),), arrival=NOW - 300),
+        store(first, "c@origin.test", (Recipient("three@dest.test"),), arrival=NOW - 200),
+        store(second, "d@origin.test", (Recipient("four@dest.test"),), arrival=NOW - 100, held=True),
+    ]
+    return Parted(directory, directory / "worker-1", ids, (first, second))
+
+
+@pytest.fixture
+def told(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Record control calls with the directory each went to; answer as running daemons do."""
+    from relay import control
+
+    calls: list = []
+
+    def call(directory: str, command: Any, timeout: float = 10.0, **arguments: Any) -> dict:
+        calls.append((directory, command, arguments))
+        return {"count": 2} if command is Flush else {}
+
+    monkeypatch.setattr(control, "call", call)
+    return calls
+
+
+def test_list_merges_every_part_oldest_first(parted: Parted) -> None:
+    """list shows the messages of every part in one id order under one totals line."""
+    status, out, err = run("--queue", str(parted.directory), "list")
+    assert status == 0 and err == ""
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines if not line.startswith(" ")][:4] == parted.ids
+    assert lines[-1] == "4 messages (1 held), 4 pending recipients"
+    status, out, _ = run("--queue", str(parted.directory), "--json", "list")
+    messages = json.loads(out)
+    assert status == 0 and [m["id"] for m in messages] == parted.ids
+    assert sorted(messages[1]) == ["arrival", "held", "id", "recipients", "sender", "size"]
+
+
+def test_list_shows_a_message_in_two_parts_once(parted: Parted) -> None:
+    """A message caught between two parts while being moved at start-up is listed and counted once."""
+    first, second = parted.spools
+    with second.open_message(parted.ids[1]) as f:
+        first.insert_sync([(second.load(parted.ids[1]), f.read())])
+    status, out, _ = run("--queue", str(parted.directory), "--json", "list")
+    assert status == 0 and [m["id"] for m in json.loads(out)] == parted.ids
+
+
+def test_show_finds_a_message_in_another_part(parted: Parted) -> None:
+    """show prints a message that part 1 holds, headers included."""
+    status, out, err = run("--queue", str(parted.directory), "show", parted.ids[1])
+    assert status == 0 and err == ""
+    assert out.splitlines()[0] == f"queue id:  {parted.ids[1]}"
+    assert "sender:    <b@origin.test>" in out and "  Subject: quarterly report" in out
+
+
+def test_hold_release_delete_act_in_the_part_and_tell_its_daemon(parted: Parted, told: list) -> None:
+    """hold, release and delete change the message in the part that holds it and tell that part's daemon."""
+    directory, queue_id = str(parted.directory), parted.ids[1]
+    second = str(parted.second)
+    assert run("--queue", directory, "hold", queue_id) == (0, f"{queue_id}: held\n", "")
+    assert Spool(second).load(queue_id).held is True
+    assert run("--queue", directory, "release", queue_id, parted.ids[0]) == (
+        0, f"{queue_id}: released\n{parted.ids[0]}: already released\n", "")
+    assert Spool(second).load(queue_id).held is False
+    assert run("--queue", directory, "delete", queue_id) == (0, f"{queue_id}: deleted\n", "")
+    assert Spool(second).ids() == [parted.ids[3]]
+    assert Spool(directory).ids() == [parted.ids[0], parted.ids[2]]
+    assert told == [
+        (second, Forget, {"queue_id": queue_id}), (second, Reschedule, {"queue_id": queue_id}),
+        (directory, Reschedule, {"queue_id": parted.ids[0]}), (second, Forget, {"queue_id": queue_id})]
+
+
+def test_unknown_id_in_every_part_is_the_same_error(parted: Parted, told: list) -> None:
+    """An id that no part holds is one line naming the queue directory and exit 1, as with one part."""
+    missing = "0000000000ABCDEF"
+    for command in ("show", "hold", "release", "delete"):
+        assert run("--queue", str(parted.directory), command, missing) == (
+            1, "", f"relay-queue: {missing}: no such message in {parted.directory}\n")
+    assert told == []
+
+
+def test_parts_are_never_created(parted: Parted, told: list) -> None:
+    """An empty part directory is read as an empty part; nothing is created in it or next to it."""
+    empty = parted.directory / "worker-2"
+    empty.mkdir()
+    status, out, _ = run("--queue", str(parted.directory), "list")
+    assert status == 0 and out.endswith("4 messages (1 held), 4 pending recipients\n")
+    assert run("--queue", str(parted.directory), "hold", "0000000000ABCDEF")[0] == 1
+    assert list(empty.iterdir()) == []
+    assert sorted(p.name for p in parted.directory.iterdir() if p.name.startswith("worker-")) == [
+        "worker-1", "worker-2"]
+
+
+def test_flush_without_any_daemon_names_every_part(parted: Parted) -> None:
+    """flush with no daemon on any part exits 1 with one line naming the parts."""
+    directory = str(parted.directory)
+    assert run("--queue", directory, "flush") == (
+        1, "", f"relay-queue: no relay daemon is running for parts 0, 1 of {directory}"
+        " (cannot connect to their control.sock)\n")
+
+
+def test_flush_sums_the_parts_and_names_one_without_daemon(parted: Parted, monkeypatch: pytest.MonkeyPatch) -> None:
+    """flush adds up the counts of the daemons that answer and names, in one line, the part with none (exit 0)."""
+    from relay import control
+
+    counts = {str(parted.directory): 3, str(parted.directory / "worker-2"): 4}
+    (parted.directory / "worker-2").mkdir()
+
+    def call(directory: str, command: Any, timeout: float = 10.0, **arguments: Any) -> dict:
+        if directory not in counts:
+            raise control.DaemonNotRunning(directory, control.socket_path(directory), "No such file or directory")
+        return {"count": counts[directory]}
+
+    monkeypatch.setattr(control, "call", call)
+    absent = f"relay-queue: no relay daemon is running for part 1 of {parted.directory}" \
+             f" (cannot connect to {parted.second}/control.sock)\n"
+    assert run("--queue", str(parted.directory), "flush", "dest.test") == (
+        0, "flush: 7 messages scheduled for dest.test\n", absent)
+    status, out, err = run("--queue", str(parted.directory), "--json", "flush")
+    assert (status, err) == (0, absent)
+    assert json.loads(out) == {"scheduled": 7, "parts": [
+        {"part": 0, "scheduled": 3, "daemon": "told"}, {"part": 1, "scheduled": 0, "daemon": "not running"},
+        {"part": 2, "scheduled": 4, "daemon": "told"}]}
+
+
+def test_flush_that_fails_in_one_part_is_exit_1(parted: Parted, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon that answers flush with an error is one line naming its part and exit 1; the others' sum is printed."""
+    from relay import control
+
+    def call(directory: str, command: Any, timeout: float = 10.0, **arguments: Any) -> dict:
+        if directory == str(parted.second):
+            raise DaemonError("UNKNOWN", "Unknown Error")
+        return {"count": 1}
+
+    monkeypatch.setattr(control, "call", call)
+    assert run("--queue", str(parted.directory), "flush") == (
+        1, "flush: 1 message scheduled\n", f"relay-queue: part 1 ({parted.second}): the relay daemon could not"
+        " carry out the command (its log says why)\n")
+
+
+PART_DAEMON = """
+import sys
+from twisted.internet import reactor
+from relay.control import ControlService
+
+class Scheduler:
+    def flush(self, domain=None, subdomains=False):
+        print("flush", domain, subdomains, flush=True)
+        return int(sys.argv[2])
+    def reschedule(self, queue_id):
+        print("reschedule", queue_id, flush=True)
+    def forget(self, queue_id):
+        print("forget", queue_id, flush=True)
+
+service = ControlService(sys.argv[1], Scheduler(), reactor)
+service.privilegedStartService()
+service.startService()
+print("listening" if service.port is not None else "not listening", flush=True)
+reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+reactor.run()
+"""
+
+
+def test_flush_and_hold_reach_the_daemon_of_each_part(parted: Parted) -> None:
+    """Two ControlServices on real sockets, one per part: flush sums their counts, hold reaches the right one."""
+    from relayproc import relay_env
+
+    daemons = [
+        subprocess.Popen([sys.executable, "-c", PART_DAEMON, str(directory), count], env=relay_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for directory, count in ((parted.directory, "3"), (parted.second, "4"))
+    ]
+    try:
+        for daemon in daemons:
+            assert daemon.stdout is not None
+            assert select.select([daemon.stdout], [], [], 30)[0], "a part daemon did not start"
+            assert daemon.stdout.readline() == "listening\n"
+        flushed = relay_queue("--queue", str(parted.directory), "flush")
+        assert (flushed.returncode, flushed.stdout, flushed.stderr) == (0, "flush: 7 messages scheduled\n", "")
+        held = relay_queue("--queue", str(parted.directory), "hold", parted.ids[1])
+        assert (held.returncode, held.stdout, held.stderr) == (0, f"{parted.ids[1]}: held\n", "")
+    finally:
+        outputs = []
+        for daemon in daemons:
+            daemon.terminate()
+            outputs.append(daemon.communicate(timeout=15)[0])
+    assert outputs[0].splitlines() == ["flush None False"]
+    assert outputs[1].splitlines() == ["flush None False", f"forget {parted.ids[1]}"]
 
 
 # -- options and configuration -----------------------------------------------------------------

@@ -17,22 +17,37 @@ Options may stand before or after the subcommand.  The spool is
 (relative to the current directory, as for the daemon), else
 ``./relay-queue``.
 
+The whole queue, every part.  With ``[server] workers = N`` the queue
+directory is split into parts, one per worker (``relay.queue.partitions``):
+part 0 is the directory itself, part ``i`` is ``<DIR>/worker-<i>``, each a
+complete store with its own daemon and control socket.  The tool acts on
+every part whose directory exists (it never creates one): ``list`` merges
+the messages of all parts oldest first (queue ids sort by creation time
+across parts) under one totals line; ``show``, ``delete``, ``hold`` and
+``release`` find the part that holds each id and tell that part's daemon;
+``flush`` asks the daemon of every part and adds up their counts.  With one
+part (one worker, the default) nothing differs from a single store.
+
 Files are read and changed only through ``relay.queue.store.Spool``
-(``load``, ``open_message``, ``modify_sync``, ``remove_sync``), which lock
-against a daemon writing the same envelope; ``Spool.recover`` is never
-called here.  After a change the running daemon is told over its control
-socket (``relay.control``); when none runs the change simply takes effect
-at its next start.
+(``ids``, ``load``, ``open_message``, ``modify_sync``, ``remove_sync``),
+which lock against a daemon writing the same envelope; ``Spool.recover`` is
+never called here.  After a change the daemon of that part is told over its
+control socket (``relay.control``); when none runs the change simply takes
+effect at its next start.
 
 Exit status: 0 done; 1 an unknown queue id, an unreadable entry, or the
 daemon could not be reached (flush) or failed to act; 2 a bad option,
-configuration, queue id or queue directory.  Every error is one line on
-stderr, never a traceback.
+configuration, queue id or queue directory.  With several parts, flush
+exits 0 when at least one daemon acted and every daemon that answered
+acted; parts with no daemon running are named in one line on stderr (exit
+1 only when no part has one).  Every error is one line on stderr, never a
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import os
 import sys
@@ -43,6 +58,7 @@ from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence, TextIO
 from relay import control
 from relay.config import ConfigError, load_config
 from relay.envelope import DELIVERED, FAILED, PENDING, Envelope, EnvelopeFormatError, Recipient
+from relay.queue.partitions import part_directory, part_indexes
 from relay.queue.store import Spool, valid_queue_id
 
 PROG = "relay-queue"
@@ -122,11 +138,45 @@ def queue_directory(options: argparse.Namespace) -> str:
     return DEFAULT_QUEUE
 
 
-def open_spool(directory: str) -> Spool:
-    """The spool in ``directory``, which must exist (nothing is created or recovered)."""
+@dataclass(frozen=True)
+class Part:
+    """One part of the queue: its number and its store."""
+
+    index: int
+    spool: Spool
+
+    @property
+    def directory(self) -> str:
+        return self.spool.directory
+
+
+@dataclass(frozen=True)
+class Queue:
+    """Every part of the queue in ``directory`` that exists, part 0 first."""
+
+    directory: str
+    parts: tuple[Part, ...]
+
+    def find(self, queue_id: str) -> tuple[Part, Envelope]:
+        """The part that holds ``queue_id`` and its envelope; Failed when no part does or it is unreadable."""
+        for part in self.parts:
+            try:
+                return part, part.spool.load(queue_id)
+            except KeyError:
+                continue
+            except (OSError, EnvelopeFormatError) as e:
+                raise Failed(f"{queue_id}: cannot read the envelope: {_error_text(e)}") from None
+        raise self.missing(queue_id)
+
+    def missing(self, queue_id: str) -> Failed:
+        return Failed(f"{queue_id}: no such message in {self.directory}")
+
+
+def open_queue(directory: str) -> Queue:
+    """Every part of the queue in ``directory``, which must exist (nothing is created or recovered)."""
     if not os.path.isdir(directory):
         raise UsageError(f"no queue directory at {directory} (give --queue DIR or --config FILE)")
-    return Spool(directory)
+    return Queue(directory, tuple(Part(i, Spool(part_directory(directory, i))) for i in part_indexes(directory)))
 
 
 def become_owner(directory: str) -> None:
@@ -216,15 +266,22 @@ class Totals:
         return f"{plural(self.messages, 'message')}{held}, {plural(self.pending, 'pending recipient')}"
 
 
-def envelopes(spool: Any, err: TextIO, totals: Totals) -> Iterator[Envelope]:
-    """Queued envelopes oldest first (queue ids sort by arrival), one at a time.
+def envelopes(queue: Queue, err: TextIO, totals: Totals) -> Iterator[Envelope]:
+    """Queued envelopes of every part, oldest first (queue ids sort by creation time), one at a time.
 
     Entries removed meanwhile are skipped; unreadable ones are reported on
-    ``err`` and counted.  Message bodies are never read.
+    ``err`` and counted.  An id in two parts (a message caught while being
+    moved between parts at start-up) is listed once, from the lower part,
+    where it is bound.  Message bodies are never read.
     """
-    for queue_id in spool.ids():
+    streams = [_tagged(part) for part in queue.parts]
+    previous = None
+    for queue_id, part in heapq.merge(*streams, key=lambda entry: entry[0]):
+        if queue_id == previous:
+            continue
+        previous = queue_id
         try:
-            envelope = spool.load(queue_id)
+            envelope = part.spool.load(queue_id)
         except KeyError:
             continue
         except (OSError, EnvelopeFormatError) as e:
@@ -235,6 +292,10 @@ def envelopes(spool: Any, err: TextIO, totals: Totals) -> Iterator[Envelope]:
         totals.held += envelope.held
         totals.pending += len(envelope.pending())
         yield envelope
+
+
+def _tagged(part: Part) -> Iterator[tuple[str, Part]]:
+    return ((queue_id, part) for queue_id in part.spool.ids())
 
 
 def list_human(envelope: Envelope, now: float) -> str:
@@ -286,32 +347,22 @@ def list_json(envelope: Envelope) -> dict[str, Any]:
     }
 
 
-def cmd_list(spool: Any, options: argparse.Namespace, out: TextIO, err: TextIO, now: float) -> int:
+def cmd_list(queue: Queue, options: argparse.Namespace, out: TextIO, err: TextIO, now: float) -> int:
     totals = Totals()
     if options.json:
         out.write("[")
-        for position, envelope in enumerate(envelopes(spool, err, totals)):
+        for position, envelope in enumerate(envelopes(queue, err, totals)):
             out.write(",\n" if position else "\n")
             out.write(json.dumps(list_json(envelope), ensure_ascii=False, sort_keys=True))
         out.write("\n]\n" if totals.messages else "]\n")
     else:
-        for envelope in envelopes(spool, err, totals):
+        for envelope in envelopes(queue, err, totals):
             out.write(list_human(envelope, now))
         out.write(totals.summary() + "\n")
     return EXIT_FAILED if totals.unreadable else EXIT_OK
 
 
 # -- show ----------------------------------------------------------------------------
-
-
-def load(spool: Any, queue_id: str) -> Envelope:
-    """The envelope of ``queue_id``; Failed when it is not queued or unreadable."""
-    try:
-        return spool.load(queue_id)
-    except KeyError:
-        raise Failed(f"{queue_id}: no such message in {spool.directory}") from None
-    except (OSError, EnvelopeFormatError) as e:
-        raise Failed(f"{queue_id}: cannot read the envelope: {_error_text(e)}") from None
 
 
 def read_headers(spool: Any, queue_id: str, limit: int = HEADER_LIMIT) -> tuple[list[str], bool]:
@@ -406,12 +457,12 @@ def _recipient_block(r: Recipient, held: bool, now: float) -> list[str]:
     return lines
 
 
-def cmd_show(spool: Any, options: argparse.Namespace, out: TextIO, err: TextIO, now: float) -> int:
-    envelope = load(spool, options.id)
+def cmd_show(queue: Queue, options: argparse.Namespace, out: TextIO, err: TextIO, now: float) -> int:
+    part, envelope = queue.find(options.id)
     try:
-        headers, truncated = read_headers(spool, options.id)
+        headers, truncated = read_headers(part.spool, options.id)
     except KeyError:
-        raise Failed(f"{options.id}: no such message in {spool.directory}") from None
+        raise queue.missing(options.id) from None
     except OSError as e:
         raise Failed(f"{options.id}: cannot read the message: {_error_text(e)}") from None
     if options.json:
@@ -446,9 +497,10 @@ def tell_daemon(directory: str, command: Any, queue_id: str) -> str:
     return "told"
 
 
-def change_one(spool: Any, action: str, queue_id: str) -> Change:
-    """Make one change on disk, then tell the daemon; Failed for an unknown id."""
-    load(spool, queue_id)
+def change_one(queue: Queue, action: str, queue_id: str) -> Change:
+    """Make one change in the part that holds ``queue_id``, then tell that part's daemon; Failed for an unknown id."""
+    part, _ = queue.find(queue_id)
+    spool = part.spool
     try:
         if action == "deleted":
             spool.remove_sync(queue_id)
@@ -464,11 +516,11 @@ def change_one(spool: Any, action: str, queue_id: str) -> Change:
             spool.modify_sync(queue_id, set_held)
             changed = before[-1] != want
     except KeyError:
-        raise Failed(f"{queue_id}: no such message in {spool.directory}") from None
+        raise queue.missing(queue_id) from None
     except (OSError, EnvelopeFormatError) as e:
         raise Failed(f"{queue_id}: cannot change the message: {_error_text(e)}") from None
     command = control.Reschedule if action == "released" else control.Forget
-    return Change(queue_id, action, changed, tell_daemon(spool.directory, command, queue_id))
+    return Change(queue_id, action, changed, tell_daemon(part.directory, command, queue_id))
 
 
 def change_text(change: Change) -> str:
@@ -479,13 +531,13 @@ def change_text(change: Change) -> str:
     return text
 
 
-def cmd_change(spool: Any, options: argparse.Namespace, out: TextIO, err: TextIO, now: float) -> int:
+def cmd_change(queue: Queue, options: argparse.Namespace, out: TextIO, err: TextIO, now: float) -> int:
     action = {"delete": "deleted", "hold": "held", "release": "released"}[options.command]
     status = EXIT_OK
     results = []
     for queue_id in options.ids:
         try:
-            change = change_one(spool, action, queue_id)
+            change = change_one(queue, action, queue_id)
         except Failed as e:
             err.write(f"{PROG}: {e}\n")
             status = EXIT_FAILED
@@ -513,20 +565,86 @@ def _change_json(change: Change) -> dict[str, Any]:
 # -- flush ------------------------------------------------------------------------------------
 
 
-def cmd_flush(spool: Any, options: argparse.Namespace, out: TextIO, err: TextIO, now: float) -> int:
+def cmd_flush(queue: Queue, options: argparse.Namespace, out: TextIO, err: TextIO, now: float) -> int:
     if options.subdomains and not options.domain:
         raise UsageError("--subdomains needs a DOMAIN")
-    try:
-        answer = control.call(spool.directory, control.Flush, domain=options.domain, subdomains=options.subdomains)
-    except control.ControlError as e:
-        raise Failed(str(e)) from None
-    count = int(answer["count"])
+    if len(queue.parts) == 1:
+        try:
+            answer = control.call(queue.directory, control.Flush, domain=options.domain, subdomains=options.subdomains)
+        except control.ControlError as e:
+            raise Failed(str(e)) from None
+        count = int(answer["count"])
+        if options.json:
+            out.write(json.dumps({"scheduled": count}) + "\n")
+        else:
+            out.write(_flush_text(count, options) + "\n")
+        return EXIT_OK
+    return flush_parts(queue, options, out, err)
+
+
+@dataclass(frozen=True)
+class Flushed:
+    """What the daemon of one part made of a flush."""
+
+    part: Part
+    count: int = 0
+    daemon: str = "told"  # "told", "not running", or the one-line error
+
+
+def flush_parts(queue: Queue, options: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Flush every part; the sum on stdout, each failure and the parts without a daemon on stderr."""
+    results = []
+    for part in queue.parts:
+        try:
+            answer = control.call(part.directory, control.Flush, domain=options.domain, subdomains=options.subdomains)
+        except control.DaemonNotRunning:
+            results.append(Flushed(part, daemon="not running"))
+            continue
+        except control.ControlError as e:
+            results.append(Flushed(part, daemon=one_line(str(e))))
+            err.write(f"{PROG}: part {part.index} ({part.directory}): {one_line(str(e))}\n")
+            continue
+        results.append(Flushed(part, int(answer["count"])))
+    absent = [r.part for r in results if r.daemon == "not running"]
+    if absent:
+        err.write(f"{PROG}: {_not_running_text(queue, absent)}\n")
+    told = [r for r in results if r.daemon == "told"]
+    if not told:
+        return EXIT_FAILED
+    count = sum(r.count for r in told)
     if options.json:
-        out.write(json.dumps({"scheduled": count}) + "\n")
+        parts = [
+            {
+                "part": r.part.index,
+                "scheduled": r.count,
+                "daemon": r.daemon if r.daemon in ("told", "not running") else "error",
+            }
+            for r in results
+        ]
+        out.write(json.dumps({"scheduled": count, "parts": parts}) + "\n")
     else:
-        scope = f" for {options.domain}{' and its subdomains' if options.subdomains else ''}" if options.domain else ""
-        out.write(f"flush: {plural(count, 'message')} scheduled{scope}\n")
-    return EXIT_OK
+        out.write(_flush_text(count, options) + "\n")
+    return EXIT_OK if len(told) + len(absent) == len(results) else EXIT_FAILED
+
+
+def _flush_text(count: int, options: argparse.Namespace) -> str:
+    scope = f" for {options.domain}{' and its subdomains' if options.subdomains else ''}" if options.domain else ""
+    return f"flush: {plural(count, 'message')} scheduled{scope}"
+
+
+def _not_running_text(queue: Queue, parts: Sequence[Part]) -> str:
+    """One line naming the parts of ``queue`` that no daemon answers for."""
+    if len(parts) == 1:
+        part = parts[0]
+        return (
+            f"no relay daemon is running for part {part.index} of {queue.directory}"
+            f" (cannot connect to {control.socket_path(part.directory)})"
+        )
+    numbers = ", ".join(str(part.index) for part in parts)
+    return (
+        f"no relay daemon is running for parts {numbers} of {queue.directory}"
+        f" (cannot connect to their {control.SOCKET_NAME})"
+    )
 
 
 COMMANDS: dict[str, Callable[[Any, argparse.Namespace, TextIO, TextIO, float], int]] = {
@@ -556,10 +674,10 @@ def run(
         directory = queue_directory(options)
         if options.command in ("show", "delete", "hold", "release"):
             check_ids([options.id] if options.command == "show" else options.ids)
-        spool = open_spool(directory)
+        queue = open_queue(directory)
         if options.command in ("delete", "hold", "release"):
             become_owner(directory)
-        return COMMANDS[options.command](spool, options, out, err, clock())
+        return COMMANDS[options.command](queue, options, out, err, clock())
     except (UsageError, ConfigError) as e:
         err.write(f"{PROG}: {one_line(str(e))}\n")
         return EXIT_USAGE

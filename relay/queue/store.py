@@ -90,6 +90,7 @@ LARGE_MESSAGE = 1024 * 1024  # octets kept in memory (and stored in the database
 WRITE_BUFFER = 256 * 1024  # octets of a large message written to its file at once
 READ_CHUNK = 64 * 1024
 MAX_BATCH = 1000  # operations in one transaction
+LAZY_DELAY = 0.05  # seconds an outcome or a removal waits to share a new message's transaction
 READ_THREADS = 2
 IO_THREADS = 2  # large-message files
 RECENT_BYTES = 32 * 1024 * 1024  # bytes of just-committed messages kept for their first attempt
@@ -565,12 +566,15 @@ class Spool:
         fs: Any = None,
         large_message: int = LARGE_MESSAGE,
         recent_bytes: int = RECENT_BYTES,
+        lazy_delay: Optional[float] = None,
     ) -> None:
         """A store in ``directory``.
 
         ``runner(f, *args)`` runs each transaction and every read for the
         daemon (default: the store's own threads); with an injected runner
         everything runs at once on the calling thread, which tests use.
+        ``lazy_delay`` is how long outcomes and removals wait for company
+        (``LAZY_DELAY`` with the store's own threads, none with a runner).
         """
         self.directory = directory
         self.large_message = large_message
@@ -591,6 +595,9 @@ class Spool:
         self._shutdown_trigger: Any = None
         self._pending: list[tuple[_Operation, Deferred]] = []
         self._running = False
+        self._urgent = 0  # pending operations that start a transaction at once
+        self._lazy_delay = LAZY_DELAY if lazy_delay is None and runner is None else (lazy_delay or 0.0)
+        self._lazy_timer: Any = None
         self._finishing = 0  # large messages whose file is being made durable before their commit
         self._idle_waiters: list[Deferred] = []
         self._commit_listeners: list[Callable[[str, Envelope], Any]] = []
@@ -880,14 +887,14 @@ class Spool:
         """
         if not valid_queue_id(queue_id):
             return defer.fail(KeyError(queue_id))
-        return self._submit(_ModifyOperation(queue_id, change))
+        return self._submit(_ModifyOperation(queue_id, change), lazy=True)
 
     def remove(self, queue_id: str) -> Deferred:
         """Durably remove a message; removing one that is not queued succeeds and does nothing."""
         if not valid_queue_id(queue_id):
             return defer.fail(KeyError(queue_id))
         self._forget_recent(queue_id)
-        return self._submit(_RemoveOperation(self, queue_id)).addCallback(lambda _: None)
+        return self._submit(_RemoveOperation(self, queue_id), lazy=True).addCallback(lambda _: None)
 
     def quarantine(self, queue_id: str, reason: str) -> Deferred:
         """Move an entry whose envelope cannot be read into corrupt/.
@@ -935,15 +942,41 @@ class Spool:
 
     # -- group commit -------------------------------------------------------
 
-    def _submit(self, operation: _Operation) -> Deferred:
+    def _submit(self, operation: _Operation, lazy: bool = False) -> Deferred:
+        """Queue ``operation`` for the next transaction.
+
+        A new message starts a transaction at once (a client waits for its
+        250).  A ``lazy`` change (an outcome, a removal) waits up to
+        ``lazy_delay`` for company: it goes with the next new message's
+        transaction, or alone when the delay is up, so under load outcomes
+        and removals cost no fsync of their own.
+        """
         d: Deferred = Deferred()
         self._pending.append((operation, d))
+        if not lazy:
+            self._urgent += 1
         if not self._running:
             self._next_batch()
         return d
 
-    def _next_batch(self) -> None:
-        """Start a transaction of what is pending (one at a time: one writer)."""
+    def _lazy_due(self) -> None:
+        self._lazy_timer = None
+        if not self._running:
+            self._next_batch(now=True)
+
+    def _next_batch(self, now: bool = False) -> None:
+        """Start a transaction of what is pending (one at a time: one writer).
+
+        Only lazy changes pending: wait for company, up to ``lazy_delay``.
+        """
+        if self._pending and not now and not self._urgent and self._lazy_delay > 0 and not self._idle_waiters:
+            if self._lazy_timer is None:
+                self._lazy_timer = self._get_clock().callLater(self._lazy_delay, self._lazy_due)
+            return
+        if self._lazy_timer is not None:
+            if self._lazy_timer.active():
+                self._lazy_timer.cancel()
+            self._lazy_timer = None
         if not self._pending:
             if self._finishing:
                 return  # its commit comes next; the waiters wait for it
@@ -952,6 +985,7 @@ class Spool:
                 waiter.callback(None)
             return
         batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+        self._urgent = sum(1 for op, _ in self._pending if isinstance(op, (_StoreOperation, _QuarantineOperation)))
         self._running = True
         try:
             d = self._runner(self._run_batch, [op for op, _ in batch])
@@ -1034,6 +1068,8 @@ class Spool:
             return defer.succeed(None)
         d: Deferred = Deferred()
         self._idle_waiters.append(d)
+        if not self._running:
+            self._next_batch(now=True)  # lazy changes go now
         return d
 
     def _get_clock(self) -> IReactorTime:
