@@ -68,6 +68,7 @@ class TextLogObserver:
 
     def __init__(self, out: IO[str], tag: str = "") -> None:
         self._out = out
+        self.output = out
         self._tag = tag  # before the system of every line: which worker wrote it
         self._lines: list[str] = []
         self._size = 0

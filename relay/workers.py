@@ -157,7 +157,8 @@ class Supervisor(Service):
         self.timers.pop(index, None)
         if self.stopping:
             return
-        fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        shared = self._shared_log_fd()
+        fds: dict[int, Any] = {0: "w", 1: shared if shared is not None else "r", 2: "r"}
         listen_args = []
         for n, (description, port) in enumerate(self.ports):
             fds[FIRST_FD + n] = port.fileno()
@@ -170,6 +171,21 @@ class Supervisor(Service):
             proto, sys.executable, args, env=dict(os.environ), path=os.getcwd(), childFDs=fds)
         self.started_at[index] = self.reactor.seconds()
         log.info("workers: worker-{index} started (pid {pid})", index=index, pid=self.processes[index].pid)
+
+    def _shared_log_fd(self) -> Optional[int]:
+        """The master's log as a plain file on standard output (``twistd -n`` to a file): the
+        workers write their lines straight into it (each write whole lines, at the file's end);
+        anything else (a terminal, a pipe, a rotated log file) goes through the master."""
+        out = getattr(self.log_out, "output", None)
+        if out is not sys.stdout:
+            return None
+        try:
+            fd = sys.stdout.fileno()
+            import stat
+
+            return fd if stat.S_ISREG(os.fstat(fd).st_mode) else None
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def worker_output(self, index: int, data: bytes) -> None:
         """Lines a worker wrote: into the master's log as they are."""
