@@ -94,13 +94,8 @@ class TextLogObserver:
             event = dict(event, log_system=f"{self._tag} {system}")
         with self._lock:
             line = formatEventAsClassicLogText(event, formatTime=self._time)
-            if not line:
-                return
-            self._lines.append(line)
-            self._size += len(line)
-            later = self._size < BUFFER_LIMIT and self._can_wait()
-        if not later:
-            self.flush()
+        if line:
+            self.write_raw(line)
 
     def _can_wait(self) -> bool:
         from twisted.internet import reactor
