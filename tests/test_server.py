@@ -465,12 +465,25 @@ def test_dot_unstuffing() -> None:
     assert spool_of(s).messages[0].data.endswith(b"\r\n.\r\n..x\r\na.b\r\ny\r\n")
 
 
-def test_nul_and_8bit_stored_as_is() -> None:
-    """NUL and 8-bit octets in the content are stored unchanged."""
+def test_8bit_stored_as_is() -> None:
+    """8-bit octets in the content are stored unchanged."""
     s = ready()
-    content = b"Subject: \xe9\xff\r\n\r\na\x00b\xc3\xa9\x80\r\n"
+    content = b"Subject: \xe9\xff\r\n\r\nab\xc3\xa9\x80\r\n"
     assert code(deliver(s, content + b".\r\n")) == "250 2.0.0"
     assert spool_of(s).messages[0].data.endswith(content)
+
+
+@pytest.mark.parametrize("content", [
+    b"Subject: x\r\n\r\na\x00b\r\n",
+    b"Subject: x\r\n\r\n\x00.\r\nMAIL FROM:<admin@partner.test>\r\n",  # smuggling past a NUL-dropping hop
+    b"Subject: x\r\n\r\n" + b"y" * 2000 + b"\x00" + b"y" * 10 + b"\r\n",  # inside an overlong line
+])
+def test_nul_in_content_is_refused_and_nothing_stored(content: bytes) -> None:
+    """A NUL anywhere in the content gets 554 5.6.0 at the end of data, and nothing is queued."""
+    s = ready()
+    reply = deliver(s, content + b".\r\n")
+    assert code(reply) == "554 5.6.0" and b"NUL" in reply
+    assert [m.state for m in spool_of(s).messages] == ["aborted"]
 
 
 def test_commands_pipelined_behind_data_are_processed() -> None:
@@ -858,6 +871,8 @@ def reference_verdict(stream: bytes, max_size: int) -> tuple[Optional[bytes], by
         hops += l.lower().startswith(b"received:")
     if any(b"\r" in l or b"\n" in l for l in lines):
         return R.BARE_NEWLINE_DATA.to_bytes(), content
+    if any(b"\0" in l for l in lines):
+        return R.NUL_IN_DATA.to_bytes(), content
     if any(len(l) + 2 > 1000 for l in unstuffed):
         return R.LINE_TOO_LONG_DATA.to_bytes(), content
     if len(content) > max_size:

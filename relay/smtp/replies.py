@@ -192,6 +192,9 @@ QUEUE_WRITE_ERROR = Reply(451, "4.3.0", "Error: queue file write error")
 
 BARE_NEWLINE_DATA = Reply(
     554, "5.6.0", "Error: message refused: bare <CR> or <LF> in message content")
+# NUL is not text, and RFC 6152 excludes it from 8BITMIME data too; a next hop
+# that drops NULs would read a "\0." line as the end of the data (smuggling).
+NUL_IN_DATA = Reply(554, "5.6.0", "Error: message refused: NUL character in message content")
 # A text line over 1000 octets (RFC 5321 4.5.3.1.6) is a content-format violation
 # (5.6.x), refused permanently like the other content errors rather than as a
 # storage-size problem (552): the same message will never become acceptable.

@@ -154,17 +154,20 @@ class DataReader:
         self.size = 0  # octets of the message after dot-unstuffing
         self.received_headers = 0
         self.bare_newline = False
+        self.nul = False
         self.too_long = False
         self.oversize = False
 
     @property
     def failed(self) -> bool:
-        return self.bare_newline or self.too_long or self.oversize or self.received_headers > MAX_RECEIVED
+        return self.bare_newline or self.nul or self.too_long or self.oversize or self.received_headers > MAX_RECEIVED
 
     def refusal(self) -> Optional[Reply]:
         """The reply refusing the message, by fixed precedence; None when it is fine."""
         if self.bare_newline:
             return R.BARE_NEWLINE_DATA
+        if self.nul:
+            return R.NUL_IN_DATA
         if self.too_long:
             return R.LINE_TOO_LONG_DATA
         if self.oversize:
@@ -212,6 +215,8 @@ class DataReader:
         lines = region.count(b"\r\n")
         if region.count(b"\r") != lines or region.count(b"\n") != lines:
             self.bare_newline = True
+        if b"\0" in region:
+            self.nul = True
         if not self._midline and region.startswith(b"."):
             region = region[1:]
         self._midline = False
@@ -245,6 +250,8 @@ class DataReader:
         self.too_long = True
         if b"\n" in pending or b"\r" in pending[:-1]:
             self.bare_newline = True
+        if b"\0" in pending:
+            self.nul = True
         self.size += len(pending)
         if self.size > self._max_size:
             self.oversize = True
