@@ -72,7 +72,7 @@ class TextLogObserver:
         self._tag = tag  # before the system of every line: which worker wrote it
         self._lines: list[str] = []
         self._size = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a signal handler may log while this thread writes
         self._flush_due = False
         self._second: Optional[int] = None
         self._stamp = ""
