@@ -194,3 +194,33 @@ def test_sigkill_of_the_master_leaves_no_worker_serving(start):
         pids = worker_pids(relay)
         relay.kill()
         wait_until(lambda: not any(alive(pid) for pid in pids.values()), timeout=20, what="the workers to stop")
+
+
+def test_implicit_tls_listener_is_served_by_the_workers(tmp_path: Path, request) -> None:
+    """An ssl: listener bound by the master is served with TLS by the workers it was handed to."""
+    import ssl
+
+    from certs import make_certificate
+
+    cert, key = make_certificate(tmp_path, "relay-w.test", ips=("127.0.0.1",))
+    tls_port = free_port()
+    with SMTPSink() as sink:
+        relay = RelayProcess(tmp_path / "relay", config(sink.port), args=[
+            "--listen", f"ssl:{tls_port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"])
+
+        def end() -> None:
+            pids = worker_pids(relay)
+            relay.kill()
+            for pid in pids.values():
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+        request.addfinalizer(end)
+        relay.start()
+        wait_until(lambda: serving(relay), what=f"both workers serving\n{relay.log()[-3000:]}")
+        context = ssl.create_default_context(cafile=str(cert))
+        with smtplib.SMTP_SSL("127.0.0.1", tls_port, timeout=20, context=context) as s:
+            s.ehlo("client.origin.test")
+            s.sendmail("app@origin.test", ["tls@dest.test"], b"Message-ID: <tls.1@origin.test>\r\n\r\nover TLS\r\n")
+        sink.wait_for(1)
+        assert message_ids(sink) == ["<tls.1@origin.test>"]
