@@ -75,8 +75,8 @@ def serving(relay: RelayProcess) -> bool:
 def start(tmp_path: Path, request) -> Callable[..., RelayProcess]:
     """Start a two-worker relay in this test's directory; every process it started is killed at the end."""
 
-    def start_relay(sink_port: int, **kw) -> RelayProcess:
-        relay = RelayProcess(tmp_path / "relay", config(sink_port, **kw))
+    def start_relay(sink_port: int, args: tuple[str, ...] = (), **kw) -> RelayProcess:
+        relay = RelayProcess(tmp_path / "relay", config(sink_port, **kw), args=args)
 
         def end() -> None:
             pids = worker_pids(relay)
@@ -196,7 +196,7 @@ def test_sigkill_of_the_master_leaves_no_worker_serving(start):
         wait_until(lambda: not any(alive(pid) for pid in pids.values()), timeout=20, what="the workers to stop")
 
 
-def test_implicit_tls_listener_is_served_by_the_workers(tmp_path: Path, request) -> None:
+def test_implicit_tls_listener_is_served_by_the_workers(tmp_path: Path, start) -> None:
     """An ssl: listener bound by the master is served with TLS by the workers it was handed to."""
     import ssl
 
@@ -205,19 +205,7 @@ def test_implicit_tls_listener_is_served_by_the_workers(tmp_path: Path, request)
     cert, key = make_certificate(tmp_path, "relay-w.test", ips=("127.0.0.1",))
     tls_port = free_port()
     with SMTPSink() as sink:
-        relay = RelayProcess(tmp_path / "relay", config(sink.port), args=[
-            "--listen", f"ssl:{tls_port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"])
-
-        def end() -> None:
-            pids = worker_pids(relay)
-            relay.kill()
-            for pid in pids.values():
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
-
-        request.addfinalizer(end)
-        relay.start()
-        wait_until(lambda: serving(relay), what=f"both workers serving\n{relay.log()[-3000:]}")
+        start(sink.port, args=("--listen", f"ssl:{tls_port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"))
         context = ssl.create_default_context(cafile=str(cert))
         with smtplib.SMTP_SSL("127.0.0.1", tls_port, timeout=20, context=context) as s:
             s.ehlo("client.origin.test")

@@ -37,7 +37,8 @@ BATCH_BYTES = 64 * 1024 * 1024
 
 def import_queue(spool: Any, report: Any) -> None:
     """Move every entry of ``<directory>/queue/`` into ``spool``; counts go into ``report``."""
-    from relay.queue.store import ENVELOPE_SUFFIX, MESSAGE_SUFFIX, MISSING_MESSAGE, describe
+    from relay.queue.files import ENVELOPE_SUFFIX, MESSAGE_SUFFIX, describe
+    from relay.queue.store import MISSING_MESSAGE
 
     fs = spool._fs
     directory = os.path.join(spool.directory, LEGACY_DIR)
@@ -106,7 +107,7 @@ def import_queue(spool: Any, report: Any) -> None:
 
 def _quarantine(spool: Any, directory: str, queue_id: str, reason: str) -> None:
     """Move an unreadable file-format entry into corrupt/: the message first, as before."""
-    from relay.queue.store import ENVELOPE_SUFFIX, MESSAGE_SUFFIX, REASON_SUFFIX, write_file
+    from relay.queue.files import ENVELOPE_SUFFIX, MESSAGE_SUFFIX, REASON_SUFFIX, write_file
 
     fs = spool._fs
     base = spool._free_corrupt_name(queue_id)

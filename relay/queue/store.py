@@ -44,9 +44,11 @@ Concurrent writers.  The daemon and ``relay-queue`` may change one message
 at once: each change reads and writes the row inside one ``BEGIN
 IMMEDIATE`` transaction, which SQLite serialises between processes.
 
-Filesystem calls for large messages go through a small object
-(``OsFileSystem``) and database transactions through ``runner``, so tests
-can record their order and simulate a crash at any step.
+A message still arriving is a ``relay.queue.incoming.IncomingMessage``;
+filesystem calls for large messages and corrupt entries go through
+``relay.queue.files.OsFileSystem`` and database transactions through
+``runner``, so tests can record their order and simulate a crash at any
+step.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ import os
 import sqlite3
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Iterable, NamedTuple, Optional
 
 from twisted.application.service import Service
@@ -70,7 +72,17 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from relay.envelope import FAILED, Envelope, EnvelopeFormatError
+from relay.queue.files import (
+    ENVELOPE_SUFFIX,
+    MESSAGE_SUFFIX,
+    REASON_SUFFIX,
+    OsFileSystem,
+    describe,
+    ignore_errors,
+    write_file,
+)
 from relay.queue.ids import new_queue_id, valid_queue_id
+from relay.queue.incoming import IncomingMessage
 
 log = Logger(namespace="relay.store")
 
@@ -79,16 +91,9 @@ STORE_VERSION = 1
 TMP_DIR = "tmp"
 LARGE_DIR = "large"
 CORRUPT_DIR = "corrupt"
-MESSAGE_SUFFIX = ".msg"
-ENVELOPE_SUFFIX = ".json"
-REASON_SUFFIX = ".reason"
 MISSING_MESSAGE = "message file missing"
 
-FILE_MODE = 0o600
-DIR_MODE = 0o700
 LARGE_MESSAGE = 1024 * 1024  # octets kept in memory (and stored in the database) per message
-WRITE_BUFFER = 256 * 1024  # octets of a large message written to its file at once
-READ_CHUNK = 64 * 1024
 MAX_BATCH = 1000  # operations in one transaction
 LAZY_DELAY = 0.05  # seconds an outcome or a removal waits to share a new message's transaction
 READ_THREADS = 2
@@ -156,77 +161,6 @@ class RecoveryReport:
     quarantined: list[str] = field(default_factory=list)  # ids moved to corrupt/ by the import
 
 
-# -- the filesystem seam -------------------------------------------------------
-
-
-class OsFileSystem:
-    """Every filesystem call the store makes for large messages and corrupt entries."""
-
-    def open(self, path: str, flags: int, mode: int = FILE_MODE) -> int:
-        return os.open(path, flags | getattr(os, "O_CLOEXEC", 0), mode)
-
-    def write(self, fd: int, data: bytes) -> int:
-        return os.write(fd, data)
-
-    def fsync(self, fd: int) -> None:
-        os.fsync(fd)
-
-    def close(self, fd: int) -> None:
-        os.close(fd)
-
-    def rename(self, src: str, dst: str) -> None:
-        os.rename(src, dst)
-
-    def unlink(self, path: str) -> None:
-        os.unlink(path)
-
-    def fsync_dir(self, path: str) -> None:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def listdir(self, path: str) -> list[str]:
-        return os.listdir(path)
-
-    def makedirs(self, path: str) -> None:
-        os.makedirs(path, mode=DIR_MODE, exist_ok=True)
-
-    def read_file(self, path: str) -> bytes:
-        with open(path, "rb") as f:
-            return f.read()
-
-    def open_read(self, path: str) -> BinaryIO:
-        return open(path, "rb")
-
-
-def _ignore_errors(call: Callable[..., Any], *args: Any) -> None:
-    try:
-        call(*args)
-    except Exception:
-        pass
-
-
-def write_all(fs: Any, fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = fs.write(fd, view)
-        if written <= 0:
-            raise OSError(errno.EIO, "short write")
-        view = view[written:]
-
-
-def write_file(fs: Any, path: str, data: bytes, flags: int = os.O_TRUNC) -> None:
-    """Write ``data`` to a new file at ``path`` and fsync it."""
-    fd = fs.open(path, os.O_WRONLY | os.O_CREAT | flags)
-    try:
-        write_all(fs, fd, data)
-        fs.fsync(fd)
-    finally:
-        fs.close(fd)
-
-
 def connect(path: str) -> sqlite3.Connection:
     """A connection to the store at ``path`` in WAL mode with synchronous=FULL (autocommit)."""
     try:
@@ -292,7 +226,7 @@ class _StoreOperation(_Operation):
 
     def undo(self) -> None:
         if self.body is None:  # never acknowledged: its file goes too
-            _ignore_errors(self.spool._fs.unlink, self.spool.large_path(self.queue_id))
+            ignore_errors(self.spool._fs.unlink, self.spool.large_path(self.queue_id))
 
 
 class _ModifyOperation(_Operation):
@@ -320,7 +254,7 @@ class _RemoveOperation(_Operation):
 
     def committed(self) -> None:
         if self.large:
-            _ignore_errors(self.spool._fs.unlink, self.spool.large_path(self.queue_id))
+            ignore_errors(self.spool._fs.unlink, self.spool.large_path(self.queue_id))
 
 
 class _QuarantineOperation(_Operation):
@@ -352,14 +286,14 @@ class _QuarantineOperation(_Operation):
         """The rows are gone: now the large file, if any, joins the entry in corrupt/."""
         if self.moved and self.large:
             fs = self.spool._fs
-            _ignore_errors(fs.rename, self.spool.large_path(self.queue_id), self.base + MESSAGE_SUFFIX)
-            _ignore_errors(fs.fsync_dir, self.spool._corrupt)
+            ignore_errors(fs.rename, self.spool.large_path(self.queue_id), self.base + MESSAGE_SUFFIX)
+            ignore_errors(fs.fsync_dir, self.spool._corrupt)
 
     def undo(self) -> None:
         """The rows stay queued: take back the copy written into corrupt/."""
         if self.moved:
             for suffix in (MESSAGE_SUFFIX, ENVELOPE_SUFFIX, REASON_SUFFIX):
-                _ignore_errors(self.spool._fs.unlink, self.base + suffix)
+                ignore_errors(self.spool._fs.unlink, self.base + suffix)
 
 
 def modify_in(conn: sqlite3.Connection, queue_id: str, change: Callable[[Envelope], Envelope]) -> Envelope:
@@ -383,172 +317,6 @@ def remove_in(conn: sqlite3.Connection, queue_id: str) -> tuple[bool, bool]:
     existed = conn.execute("DELETE FROM envelope WHERE id = ?", (queue_id,)).rowcount > 0
     conn.execute("DELETE FROM body WHERE id = ?", (queue_id,))
     return existed, bool(body and body[0])
-
-
-# -- incoming messages ---------------------------------------------------------
-
-
-class _LargeFile:
-    """The file of a large message under ``tmp/``, written in order off the reactor thread."""
-
-    def __init__(self, spool: "Spool", queue_id: str) -> None:
-        self.spool = spool
-        self.queue_id = queue_id
-        self.tmp_path = spool._tmp_path(queue_id + MESSAGE_SUFFIX)
-        fs = spool._fs
-        self.error: Optional[BaseException] = None
-        self._tail: Deferred = spool._io_call(fs.open, self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        self._tail.addErrback(self._failed)
-
-    def _failed(self, failure: Failure) -> None:
-        if self.error is None:
-            self.error = failure.value
-        return None
-
-    def write(self, data: bytes) -> None:
-        def write(fd: Optional[int]) -> Any:
-            if fd is None or self.error is not None:
-                return fd
-            return self.spool._io_call(_write_returning_fd, self.spool._fs, fd, data).addErrback(self._lost, fd)
-        self._tail.addCallback(write)
-
-    def _lost(self, failure: Failure, fd: int) -> int:
-        self._failed(failure)
-        return fd
-
-    def finish(self) -> Deferred:
-        """Fsync, close and move the file into ``large/``; fires when it is durable there."""
-        spool = self.spool
-
-        def finish(fd: Optional[int]) -> Any:
-            if fd is None or self.error is not None:
-                if fd is not None:
-                    spool._io_call(_discard_file, spool._fs, fd, self.tmp_path)
-                return defer.fail(self.error or OSError(errno.EIO, "large message file lost"))
-            return spool._io_call(_finish_large, spool._fs, fd, self.tmp_path, spool.large_path(self.queue_id), spool._large)
-        return self._tail.addCallback(finish)
-
-    def discard(self) -> None:
-        def discard(fd: Optional[int]) -> None:
-            self.spool._io_call(_discard_file, self.spool._fs, fd, self.tmp_path)
-        self._tail.addCallback(discard)
-
-
-def _write_returning_fd(fs: Any, fd: int, data: bytes) -> int:
-    write_all(fs, fd, data)
-    return fd
-
-
-def _finish_large(fs: Any, fd: int, tmp_path: str, path: str, directory: str) -> None:
-    try:
-        try:
-            fs.fsync(fd)
-        finally:
-            fs.close(fd)
-    except Exception:
-        _ignore_errors(fs.unlink, tmp_path)
-        raise
-    try:
-        fs.rename(tmp_path, path)
-        fs.fsync_dir(directory)
-    except Exception:
-        _ignore_errors(fs.unlink, tmp_path)
-        _ignore_errors(fs.unlink, path)
-        raise
-
-
-def _discard_file(fs: Any, fd: Optional[int], path: str) -> None:
-    if fd is not None:
-        _ignore_errors(fs.close, fd)
-    _ignore_errors(fs.unlink, path)
-
-
-class IncomingMessage:
-    """A message being received: bytes in memory, or in a file under ``tmp/`` once large.
-
-    ``write`` never raises on a disk error: the first error is kept, later
-    data is dropped, and ``commit`` errbacks with it (the session answers 451).
-    """
-
-    def __init__(self, spool: "Spool", queue_id: str) -> None:
-        self.queue_id = queue_id
-        self.size = 0
-        self._spool = spool
-        self._chunks: list[bytes] = []  # what arrived since the last write to the file
-        self._buffered = 0
-        self._file: Optional[_LargeFile] = None
-        self._state = "open"  # open -> committing -> committed | aborted | failed
-
-    def write(self, data: bytes) -> None:
-        """Append ``data`` (nothing is durable before commit)."""
-        if self._state != "open":
-            raise ValueError(f"message {self.queue_id} is no longer open for writing")
-        self.size += len(data)
-        self._chunks.append(data)
-        self._buffered += len(data)
-        if self._file is None:
-            if self._buffered <= self._spool.large_message:
-                return
-            self._file = _LargeFile(self._spool, self.queue_id)
-        if self._buffered >= WRITE_BUFFER:
-            self._spill()
-
-    def _take(self) -> bytes:
-        data = b"".join(self._chunks)
-        self._chunks, self._buffered = [], 0
-        return data
-
-    def _spill(self) -> None:
-        assert self._file is not None
-        self._file.write(self._take())
-
-    def commit(self, envelope: Envelope) -> Deferred:
-        """Make the message and ``envelope`` durable; fires with the queue id.
-
-        The stored envelope carries this message's queue id and its size in
-        octets.  On failure the Deferred errbacks and nothing is queued.
-        """
-        if self._state != "open":
-            return defer.fail(ValueError(f"message {self.queue_id} cannot be committed twice"))
-        self._state = "committing"
-        if envelope.queue_id != self.queue_id:
-            self.abort(force=True)
-            return defer.fail(ValueError(f"envelope is for {envelope.queue_id!r}, not {self.queue_id!r}"))
-        if envelope.size != self.size:
-            envelope = replace(envelope, size=self.size)
-        spool = self._spool
-        if self._file is None:
-            body = self._take()
-            d = spool._submit(_StoreOperation(spool, envelope, body))
-            d.addCallback(self._committed)
-        else:
-            if self._chunks:
-                self._spill()
-            spool._finishing += 1  # stop() waits for it
-            d = self._file.finish()
-            d.addBoth(spool._finished_file)
-            d.addCallback(lambda _: spool._submit(_StoreOperation(spool, envelope, None)))
-            d.addCallback(self._committed)
-        d.addErrback(self._failed)
-        return d
-
-    def abort(self, force: bool = False) -> None:
-        """Forget the message and remove its temporary file; idempotent."""
-        if self._state != "open" and not force:
-            return
-        self._state = "aborted"
-        self._chunks, self._buffered = [], 0
-        if self._file is not None:
-            self._file.discard()
-            self._file = None
-
-    def _committed(self, queue_id: str) -> str:
-        self._state = "committed"
-        return queue_id
-
-    def _failed(self, failure: Failure) -> Failure:
-        self._state = "failed"
-        return failure
 
 
 # -- the store -----------------------------------------------------------------
@@ -660,7 +428,7 @@ class Spool:
         if self._shutdown_trigger is not None:
             from twisted.internet import reactor
 
-            _ignore_errors(reactor.removeSystemEventTrigger, self._shutdown_trigger)  # type: ignore[attr-defined]
+            ignore_errors(reactor.removeSystemEventTrigger, self._shutdown_trigger)  # type: ignore[attr-defined]
             self._shutdown_trigger = None
         if pool is not None:
             pool.stop()
@@ -669,7 +437,7 @@ class Spool:
         """Close the connections of the calling thread and the writer (tools, tests)."""
         for conn in (getattr(self._local, "conn", None), self._writer_conn):
             if conn is not None:
-                _ignore_errors(conn.close)
+                ignore_errors(conn.close)
         self._local.conn = None
         self._writer_conn = None
 
@@ -875,6 +643,10 @@ class Spool:
         """Start receiving a message under a new queue id."""
         return IncomingMessage(self, new_queue_id(self._get_clock()))
 
+    def _store(self, envelope: Envelope, body: Optional[bytes]) -> Deferred:
+        """Queue a new message (its bytes, or None when they are in ``large/`` already)."""
+        return self._submit(_StoreOperation(self, envelope, body))
+
     def update(self, envelope: Envelope) -> Deferred:
         """Durably replace the envelope of ``envelope.queue_id``; KeyError when not queued."""
         return self.modify(envelope.queue_id, lambda _current: envelope).addCallback(lambda _: None)
@@ -925,7 +697,7 @@ class Spool:
             raise KeyError(queue_id)
         existed, large = self._transaction(lambda conn: remove_in(conn, queue_id))
         if large:
-            _ignore_errors(self._fs.unlink, self.large_path(queue_id))
+            ignore_errors(self._fs.unlink, self.large_path(queue_id))
         if existed:
             log.info("{queue_id}: removed", queue_id=queue_id)
 
@@ -936,7 +708,7 @@ class Spool:
             result = work(conn)
             conn.execute("COMMIT")
         except BaseException:
-            _ignore_errors(conn.execute, "ROLLBACK")
+            ignore_errors(conn.execute, "ROLLBACK")
             raise
         return result
 
@@ -1014,7 +786,7 @@ class Spool:
                         results.append((False, e))
                 conn.execute("COMMIT")
             except BaseException:
-                _ignore_errors(conn.execute, "ROLLBACK")
+                ignore_errors(conn.execute, "ROLLBACK")
                 raise
         except Exception as e:
             for op in operations:
@@ -1095,7 +867,7 @@ class Spool:
             fs.makedirs(path)
         self._ensure_schema()
         for name in fs.listdir(self._tmp):
-            _ignore_errors(fs.unlink, self._tmp_path(name))
+            ignore_errors(fs.unlink, self._tmp_path(name))
             report.removed_tmp += 1
         legacy.import_queue(self, report)
         conn = self._conn()
@@ -1103,7 +875,7 @@ class Spool:
         for name in fs.listdir(self._large):
             stem = name[: -len(MESSAGE_SUFFIX)] if name.endswith(MESSAGE_SUFFIX) else None
             if stem is None or stem not in known:
-                _ignore_errors(fs.unlink, os.path.join(self._large, name))
+                ignore_errors(fs.unlink, os.path.join(self._large, name))
                 report.removed_orphans += 1
                 log.info("{queue_id}: removed message never acknowledged", queue_id=stem or name)
         for path in (self._tmp, self._large):
@@ -1182,12 +954,5 @@ class SpoolService(Service):
         return self.spool.stop()
 
 
-def describe(error: BaseException) -> str:
-    """A one-line description of an error for the log (never sent to a peer)."""
-    if isinstance(error, OSError) and error.strerror:
-        return f"{error.strerror} ({errno.errorcode.get(error.errno or 0, error.errno)})"
-    return str(error) or type(error).__name__
-
-
-__all__ = ["Spool", "SpoolService", "IncomingMessage", "QueueSummary", "RecoveryReport", "StoreError",
-           "new_queue_id", "valid_queue_id"]
+__all__ = ["Spool", "SpoolService", "IncomingMessage", "OsFileSystem", "QueueSummary", "RecoveryReport",
+           "StoreError", "new_queue_id", "valid_queue_id"]
