@@ -62,6 +62,7 @@ class QueueConfig:
     max_retry: float = 14400.0
     max_lifetime: float = 432000.0
     delay_warning: float = 0.0  # seconds; one "delayed" DSN once a recipient waits this long; 0: off
+    active_limit: int = 5000  # messages being delivered at once (waiting for a connection included)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,9 @@ class DeliveryConfig:
     per_destination: int = 10
     tls_ca_file: str = ""  # PEM bundle for tls = "verify" and MTA-STS; empty: the system store
     mta_sts: bool = False  # apply RFC 8461 policies to direct MX delivery
+    connection_reuse_count: int = 100  # transactions per outbound connection
+    connection_reuse_time: float = 300.0  # seconds after which a connection is not reused
+    source_address: tuple[str, ...] = ()  # local addresses to connect from (one IPv4, one IPv6)
 
 
 @dataclass(frozen=True)
@@ -417,6 +421,24 @@ def _nameserver(value: Any, where: _Where) -> tuple[str, int]:
     return str(address), port if port is not None else DNS_PORT
 
 
+def _source_address(value: Any, where: _Where) -> str:
+    text = _string(value, where, allow_empty=False).strip()
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        where.fail(f"{_show(value)} is not an IP address (use e.g. 192.0.2.25 or 2001:db8::25)")
+    return str(address)
+
+
+def _source_addresses(value: Any, where: _Where) -> tuple[str, ...]:
+    """One local address or a list of them, at most one per IP version."""
+    addresses = (_source_address(value, where),) if isinstance(value, str) else _each(value, where, _source_address)
+    versions = [ipaddress.ip_address(a).version for a in addresses]
+    if len(set(versions)) != len(versions):
+        where.fail("give at most one IPv4 and one IPv6 address")
+    return addresses
+
+
 def _network(value: Any, where: _Where) -> IPNetwork:
     text = _string(value, where, allow_empty=False).strip()
     try:
@@ -556,6 +578,7 @@ _QUEUE_KEYS: dict[str, _Parser] = {
     "max_retry": _duration,
     "max_lifetime": _duration,
     "delay_warning": _duration_or_off,
+    "active_limit": _positive,
 }
 
 _DELIVERY_KEYS: dict[str, _Parser] = {
@@ -563,6 +586,9 @@ _DELIVERY_KEYS: dict[str, _Parser] = {
     "nameservers": _nameservers,
     "concurrency": _positive,
     "per_destination": _positive,
+    "connection_reuse_count": _positive,
+    "connection_reuse_time": _duration,
+    "source_address": lambda v, w: _source_addresses(v, w),
     "tls_ca_file": _ca_file,
     "mta_sts": _bool_value,
 }

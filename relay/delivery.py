@@ -39,17 +39,16 @@ and closed after ``ClientTimeouts.idle`` or at ``Delivery.close``.
 
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Optional, Union
 
 from twisted.internet import defer, error as neterror
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
 from relay.log import Logger
 from twisted.python.failure import Failure
 
 from relay.config import Config
+from relay.connections import ConnectionPool, PoolKey
 from relay.mta_sts import MODE_ENFORCE, MODE_TESTING
 from relay.envelope import (
     OUTCOME_DELIVERED,
@@ -57,6 +56,7 @@ from relay.envelope import (
     OUTCOME_TRANSIENT,
     ROUTE_MX,
     ROUTE_REJECT,
+    TLS_MAY,
     TLS_VERIFY,
     Envelope,
     Outcome,
@@ -93,6 +93,9 @@ DNS_PREFIX = "DNS: "
 STATUS_MTA_STS = "4.7.5"
 TEXT_MTA_STS_NO_MX = "MTA-STS: no MX host matches the policy"
 TEXT_NO_TLS = "no TLS"
+TEXT_TLS_FALLBACK = "no TLS: the TLS handshake failed, sent in clear"
+TEXT_SUSPENDED = "delivery temporarily suspended"
+TEXT_NO_ANSWER_BEFORE = "the destination did not answer"
 
 # Why a connection failed, for the most common network errors (not their own text).
 _CONNECT_REASONS: tuple[tuple[type, str], ...] = (
@@ -107,6 +110,8 @@ _CONNECT_REASONS: tuple[tuple[type, str], ...] = (
 )
 
 Connect = Callable[..., Deferred]
+# progress(outcomes): the outcomes of one destination, while the message's others still run.
+Progress = Callable[[list[Outcome]], None]
 
 
 # -- the one place where outcomes are classified ---------------------------------
@@ -207,242 +212,6 @@ def read_password(path: str) -> str:
     return password
 
 
-# -- connection limits and idle connections --------------------------------------
-
-PoolKey = tuple
-
-
-@dataclass(eq=False)
-class _Idle:
-    key: PoolKey
-    address: str
-    conn: Any
-    timer: IDelayedCall
-
-
-@dataclass(eq=False)
-class _Waiter:
-    key: PoolKey
-    address: str
-    deferred: Deferred = field(default_factory=Deferred)
-
-
-_SLOT = object()  # what a waiter gets when it may open a new connection
-
-
-class ConnectionPool:
-    """Open outbound connections: counted against the limits, idle ones kept for reuse.
-
-    Every connection counts from the moment it is being opened until it is
-    closed, idle ones included.  When the limits are reached, ``checkout``
-    waits in line (first come, first served among those that can go); an
-    idle connection is closed early when that lets a waiting one proceed,
-    and handed over directly when a waiting one wants the same destination.
-    """
-
-    def __init__(self, reactor: Any, connect: Connect, total: int, per_destination: int) -> None:
-        self._reactor = reactor
-        self._connect = connect
-        self._total = max(1, total)
-        self._per_destination = max(1, per_destination)
-        self._open = 0
-        self._by_address: collections.Counter[str] = collections.Counter()
-        self._idle: list[_Idle] = []  # oldest first
-        self._waiting: collections.deque[_Waiter] = collections.deque()
-        self._closing = False
-        self._serving = False
-        self._serve_again = False
-
-    # -- introspection (logs and tests) -------------------------------------------
-
-    @property
-    def open_connections(self) -> int:
-        return self._open
-
-    @property
-    def idle_connections(self) -> int:
-        return len(self._idle)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
-    # -- checkout and checkin -----------------------------------------------------
-
-    def checkout(
-        self, key: PoolKey, target: Target, options: ClientOptions, fresh: bool = False
-    ) -> Deferred:
-        """Fire with ``(connection, reused)`` for ``target``; errback when it cannot connect."""
-        grant = self._grant_now(key, target.address, reuse=not fresh)
-        if grant is None:
-            waiter = _Waiter(key if not fresh else ("fresh", key), target.address)
-            self._waiting.append(waiter)
-            d = waiter.deferred
-        else:
-            d = defer.succeed(grant)
-        self._serve_waiting()  # a dead idle connection found above may have freed a place
-        d.addCallback(self._use, key, target, options)
-        return d
-
-    def checkin(
-        self,
-        key: PoolKey,
-        address: str,
-        conn: Any,
-        reusable: bool,
-        idle_timeout: float = smtp_client.ClientTimeouts.idle,
-    ) -> None:
-        """Give a connection back after a transaction: kept idle, handed over, or closed."""
-        if not reusable or self._closing or getattr(conn, "closed", False):
-            self._close(conn, address)
-            return
-        for waiter in self._waiting:
-            if waiter.key == key:
-                self._waiting.remove(waiter)
-                waiter.deferred.callback(conn)
-                return
-        if self._waiting and any(self._would_unblock(address, w) for w in self._waiting):
-            self._close(conn, address)
-            return
-        entry = _Idle(key, address, conn, None)  # type: ignore[arg-type]
-        entry.timer = self._reactor.callLater(idle_timeout, self._expire, entry)
-        self._idle.append(entry)
-
-    def close(self) -> Deferred:
-        """Close every idle connection; later checkins close theirs.  Fires when QUITs are done."""
-        self._closing = True
-        idle, self._idle = self._idle, []
-        quits = []
-        for entry in idle:
-            if entry.timer.active():
-                entry.timer.cancel()
-            quits.append(self._quit(entry.conn))
-            self._forget(entry.address)
-        return defer.gatherResults(quits, consumeErrors=True).addCallback(lambda _: None)
-
-    # -- internals ----------------------------------------------------------------
-
-    def _grant_now(self, key: PoolKey, address: str, reuse: bool) -> Any:
-        """An idle connection for ``key``, a slot, or None (wait)."""
-        if reuse:
-            conn = self._take_idle(key)
-            if conn is not None:
-                return conn
-        if not self._fits(address):
-            self._evict_for(address)
-        if self._fits(address):
-            self._count(address)
-            return _SLOT
-        return None
-
-    def _use(self, grant: Any, key: PoolKey, target: Target, options: ClientOptions) -> Any:
-        if grant is not _SLOT:
-            return (grant, True)
-        d = defer.maybeDeferred(self._connect, self._reactor, target.address, target.port, target.host, options)
-
-        def failed(failure: Failure) -> Failure:
-            self._forget(target.address)
-            return failure
-
-        d.addCallbacks(lambda conn: (conn, False), failed)
-        return d
-
-    def _fits(self, address: str) -> bool:
-        return self._open < self._total and self._by_address[address] < self._per_destination
-
-    def _count(self, address: str) -> None:
-        self._open += 1
-        self._by_address[address] += 1
-
-    def _uncount(self, address: str) -> None:
-        self._open -= 1
-        self._by_address[address] -= 1
-        if self._by_address[address] <= 0:
-            del self._by_address[address]
-
-    def _forget(self, address: str) -> None:
-        """A connection is gone: count it out and let waiting work use its place."""
-        self._uncount(address)
-        self._serve_waiting()
-
-    def _take_idle(self, key: PoolKey) -> Any:
-        for entry in list(self._idle):
-            if entry.key != key:
-                continue
-            self._idle.remove(entry)
-            if entry.timer.active():
-                entry.timer.cancel()
-            if getattr(entry.conn, "closed", False) or getattr(entry.conn, "busy", False):
-                self._uncount(entry.address)
-                continue
-            return entry.conn
-        return None
-
-    def _would_unblock(self, address: str, waiter: _Waiter) -> bool:
-        """Whether closing a connection to ``address`` lets ``waiter`` open one."""
-        total_ok = self._open - 1 < self._total
-        per = self._by_address[waiter.address] - (1 if waiter.address == address else 0)
-        return total_ok and per < self._per_destination and not self._fits(waiter.address)
-
-    def _evict_for(self, address: str) -> None:
-        """Close one idle connection whose place ``address`` needs, if there is one."""
-        if self._by_address[address] >= self._per_destination:
-            candidates = [e for e in self._idle if e.address == address]
-        else:
-            candidates = list(self._idle)
-        if not candidates:
-            return
-        entry = candidates[0]
-        self._idle.remove(entry)
-        if entry.timer.active():
-            entry.timer.cancel()
-        self._quit(entry.conn)
-        self._uncount(entry.address)
-
-    def _serve_waiting(self) -> None:
-        """Let waiting checkouts go, in order, as far as the limits allow.
-
-        Not re-entered: a grant whose callbacks free or take places makes the
-        running loop look again instead.
-        """
-        if self._serving:
-            self._serve_again = True
-            return
-        self._serving = True
-        try:
-            self._serve_again = True
-            while self._serve_again:
-                self._serve_again = False
-                for waiter in list(self._waiting):
-                    if waiter not in self._waiting:
-                        continue
-                    grant = self._grant_now(waiter.key, waiter.address, reuse=waiter.key[:1] != ("fresh",))
-                    if grant is None:
-                        continue
-                    self._waiting.remove(waiter)
-                    waiter.deferred.callback(grant)
-                    self._serve_again = True
-                    break
-        finally:
-            self._serving = False
-
-    def _expire(self, entry: _Idle) -> None:
-        if entry in self._idle:
-            self._idle.remove(entry)
-            self._close(entry.conn, entry.address)
-
-    def _close(self, conn: Any, address: str) -> None:
-        self._quit(conn)
-        self._forget(address)
-
-    def _quit(self, conn: Any) -> Deferred:
-        if getattr(conn, "closed", False):
-            return defer.succeed(None)
-        d = defer.maybeDeferred(conn.quit)
-        d.addErrback(lambda f: log.debug("QUIT failed: {error}", error=f.getErrorMessage()))
-        return d
-
-
 # -- delivery ----------------------------------------------------------------------
 
 
@@ -460,6 +229,53 @@ class _Unreachable:
 
     text: str
     host: str
+    status: str = STATUS_NO_ANSWER
+
+
+@dataclass(frozen=True)
+class _Suspension:
+    """A destination that failed to answer: until when its mail is deferred without a connection."""
+
+    until: float
+    text: str
+    host: str
+
+
+class _Body:
+    """The message bytes of one attempt, read once, when the first connection is ready for them."""
+
+    def __init__(self, spool: Any, queue_id: str) -> None:
+        self._spool = spool
+        self._queue_id = queue_id
+        self._loading: Optional[Deferred] = None
+        self._opener: Optional[Callable[[], Any]] = None
+
+    def load(self) -> Deferred:
+        """Fire once the bytes can be opened; errback when the message cannot be read."""
+        if self._opener is not None:
+            return defer.succeed(None)
+        if self._loading is None:
+            self._loading = defer.maybeDeferred(self._spool.message_opener, self._queue_id)
+            self._loading.addCallback(self._loaded)
+        waiter: Deferred = Deferred()
+        self._loading.addBoth(_relay_to, waiter)
+        return waiter
+
+    def _loaded(self, opener: Callable[[], Any]) -> None:
+        self._opener = opener
+
+    def open(self) -> Any:
+        assert self._opener is not None, "the message is opened before it was loaded"
+        return self._opener()
+
+
+def _relay_to(result: Any, waiter: Deferred) -> Any:
+    """Fire ``waiter`` with a copy of ``result`` and pass ``result`` on unchanged."""
+    if isinstance(result, Failure):
+        waiter.errback(result)
+        return None  # each waiter reports the failure; the shared Deferred keeps none
+    waiter.callback(result)
+    return result
 
 
 class Delivery:
@@ -491,15 +307,24 @@ class Delivery:
             connect or smtp_client.connect,
             config.delivery.concurrency,
             config.delivery.per_destination,
+            reuse_count=config.delivery.connection_reuse_count,
+            reuse_time=config.delivery.connection_reuse_time,
         )
+        self._suspended: dict[tuple, _Suspension] = {}
+        self._parked: dict[tuple, set[Deferred]] = {}  # destination -> checkouts waiting for a place
 
     # -- public ----------------------------------------------------------------
 
-    def attempt(self, envelope: Envelope) -> Deferred:
-        """One attempt for every pending recipient; fires with one Outcome each, never errbacks."""
+    def attempt(self, envelope: Envelope, progress: Optional[Progress] = None, forced: bool = False) -> Deferred:
+        """One attempt for every pending recipient; fires with one Outcome each, never errbacks.
+
+        ``progress`` hears the outcomes of each destination whose transaction
+        ended while others of the message are still running, so they can be
+        recorded at once.  ``forced`` (a flush) ignores suspended destinations.
+        """
         pending = envelope.pending()
         try:
-            d = Deferred.fromCoroutine(self._attempt(envelope, pending))
+            d = Deferred.fromCoroutine(self._attempt(envelope, pending, progress, forced))
         except Exception:
             d = defer.fail()
         d.addErrback(self._attempt_failed, envelope, pending)
@@ -509,9 +334,19 @@ class Delivery:
         """Close the idle connections (at shutdown); fires when they are closed."""
         return self.pool.close()
 
+    def suspended(self, destination: tuple) -> Optional[_Suspension]:
+        """The suspension in force for a destination (``Route.destination()``), if any."""
+        suspension = self._suspended.get(destination)
+        if suspension is not None and suspension.until <= self._reactor.seconds():
+            del self._suspended[destination]
+            return None
+        return suspension
+
     # -- one attempt -----------------------------------------------------------
 
-    async def _attempt(self, envelope: Envelope, pending: tuple[Recipient, ...]) -> list[Outcome]:
+    async def _attempt(
+        self, envelope: Envelope, pending: tuple[Recipient, ...], progress: Optional[Progress], forced: bool
+    ) -> list[Outcome]:
         context = RouteContext.from_envelope(envelope, self._config.hostname)
         routed = await defer.gatherResults([self._route(envelope, r, context) for r in pending])
         outcomes: dict[int, Outcome] = {}
@@ -524,16 +359,20 @@ class Delivery:
                 self._log_outcome(envelope, outcomes[index])
             else:
                 groups.setdefault(route.destination(), []).append((index, _Member(recipient, route)))
-        opener: Any = None
-        if groups:
-            try:
-                opener = await self._spool.message_opener(envelope.queue_id)
-            except Exception:
-                log.failure("{queue_id}: cannot read the queued message; deferred", queue_id=envelope.queue_id)
-                return [outcomes.get(i) or local_outcome(r.address, OUTCOME_TRANSIENT, STATUS_LOCAL_ERROR, TEXT_INTERNAL)
-                        for i, r in enumerate(pending)]
+        body = _Body(self._spool, envelope.queue_id)
+        running = [len(groups)]
+
+        def ended(group_outcomes: list[Outcome]) -> list[Outcome]:
+            running[0] -= 1
+            if progress is not None and running[0] > 0:
+                progress(group_outcomes)
+            return group_outcomes
+
         results = await defer.gatherResults(
-            [self._deliver_group(envelope, [m for _, m in members], opener) for members in groups.values()]
+            [
+                self._deliver_group(envelope, [m for _, m in members], body, forced).addCallback(ended)
+                for members in groups.values()
+            ]
         )
         for members, group_outcomes in zip(groups.values(), results):
             for (index, _), outcome in zip(members, group_outcomes):
@@ -565,9 +404,9 @@ class Delivery:
 
     # -- one destination -------------------------------------------------------
 
-    def _deliver_group(self, envelope: Envelope, members: list[_Member], opener: Callable[[], Any]) -> Deferred:
+    def _deliver_group(self, envelope: Envelope, members: list[_Member], body: _Body, forced: bool) -> Deferred:
         """Fire with one Outcome per member, in order; an unexpected error makes them transient."""
-        d = Deferred.fromCoroutine(self._deliver(envelope, members, opener))
+        d = Deferred.fromCoroutine(self._deliver(envelope, members, body, forced))
 
         def failed(failure: Failure) -> list[Outcome]:
             log.failure(
@@ -585,8 +424,12 @@ class Delivery:
         d.addCallback(self._log_outcomes, envelope)
         return d
 
-    async def _deliver(self, envelope: Envelope, members: list[_Member], opener: Callable[[], Any]) -> list[Outcome]:
+    async def _deliver(self, envelope: Envelope, members: list[_Member], body: _Body, forced: bool) -> list[Outcome]:
         route = members[0].route
+        destination = route.destination()
+        suspension = None if forced else self.suspended(destination)
+        if suspension is not None:
+            return self._suspended_outcomes(envelope, members, suspension)
         try:
             password = read_password(route.password_file) if route.password_file else ""
         except PasswordError as e:
@@ -610,11 +453,19 @@ class Delivery:
         targets, enforce = self._apply_sts(envelope, route, targets, policy)
         if not targets:
             return [local_outcome(m.recipient.address, OUTCOME_TRANSIENT, STATUS_MTA_STS, TEXT_MTA_STS_NO_MX, m.route.rule) for m in members]
-        transaction = self._transaction(envelope, members, opener)
+        transaction = self._transaction(envelope, members, body)
         last: Optional[_Unreachable] = None
         for target in targets:
             options = self._options(route, target, password, verify=enforce)
-            result = await self._try_target(envelope, target, options, transaction, route)
+            try:
+                result, in_clear = await self._try_target(envelope, target, options, transaction, route, body)
+            except _DestinationSuspended:
+                suspension = self.suspended(destination)
+                if suspension is None:
+                    suspension = _Suspension(0.0, TEXT_NO_ANSWER_BEFORE, host_label(target))
+                return self._suspended_outcomes(envelope, members, suspension)
+            except _BodyUnavailable:
+                return [local_outcome(m.recipient.address, OUTCOME_TRANSIENT, STATUS_LOCAL_ERROR, TEXT_INTERNAL, m.route.rule) for m in members]
             if isinstance(result, _Unreachable):
                 last = result
                 log.info(
@@ -629,28 +480,76 @@ class Delivery:
                     "{queue_id}: MTA-STS testing: {host} took the mail without TLS; enforce mode would have refused it",
                     queue_id=envelope.queue_id, host=host_label(target),
                 )
-            return self._replies_to_outcomes(members, result, target)
+            self._suspended.pop(destination, None)
+            return self._replies_to_outcomes(members, result, target, in_clear)
         assert last is not None
+        if not forced:
+            self._suspend(envelope, destination, last)
         return [_unreachable(m, last) for m in members]
 
+    def _suspend(self, envelope: Envelope, destination: tuple, last: _Unreachable) -> None:
+        """No host of ``destination`` answered: defer its mail without connecting until the next retry."""
+        until = self._reactor.seconds() + self._config.queue.min_retry
+        self._suspended[destination] = _Suspension(until, last.text, last.host)
+        parked = self._parked.pop(destination, set())
+        log.info(
+            "{queue_id}: delivery to {host} temporarily suspended for {seconds:.0f}s: {error}{waiting}",
+            queue_id=envelope.queue_id,
+            host=last.host,
+            seconds=self._config.queue.min_retry,
+            error=last.text,
+            waiting=f"; {len(parked)} waiting transaction(s) deferred" if parked else "",
+        )
+        for d in list(parked):
+            d.cancel()
+
+    def _suspended_outcomes(self, envelope: Envelope, members: list[_Member], suspension: _Suspension) -> list[Outcome]:
+        text = f"{TEXT_SUSPENDED}: {suspension.text}"
+        return [local_outcome(m.recipient.address, OUTCOME_TRANSIENT, STATUS_NO_ANSWER, text, m.route.rule, suspension.host) for m in members]
+
     async def _try_target(
-        self, envelope: Envelope, target: Target, options: ClientOptions, transaction: Transaction, route: Route
-    ) -> Union[TransactionResult, _Unreachable]:
-        """Hand the transaction to ``target``: its result, or why it could not take it.
+        self, envelope: Envelope, target: Target, options: ClientOptions, transaction: Transaction, route: Route,
+        body: _Body,
+    ) -> tuple[Union[TransactionResult, _Unreachable], bool]:
+        """Hand the transaction to ``target``: its result (or why it could not take it),
+        and whether it went in clear after a failed TLS handshake.
 
         A reused idle connection that fails before any reply is replaced by a
-        fresh one once (the peer may have dropped it while idle).
+        fresh one once (the peer may have dropped it while idle).  With
+        ``tls = "may"``, a STARTTLS handshake that fails is followed at once
+        by a session in clear.  Raises _DestinationSuspended when the wait for
+        a connection was cut short by a suspension, _BodyUnavailable when the
+        message cannot be read.
         """
-        key = _pool_key(target, options, route)
         fresh = False
         while True:
+            key = _pool_key(target, options, route)
+            checkout = self.pool.checkout(key, target, options, fresh=fresh)
+            destination = route.destination()
+            parked = self._parked.setdefault(destination, set())
+            parked.add(checkout)
             try:
-                conn, reused = await self.pool.checkout(key, target, options, fresh=fresh)
+                conn, reused = await checkout
+            except defer.CancelledError:
+                raise _DestinationSuspended() from None
             except Exception:
                 failure = Failure()
+                if self._may_fall_back(options, failure.value):
+                    options = self._in_clear(envelope, target, options)
+                    continue
                 if not failure.check(SessionError, neterror.ConnectError, OSError):
                     log.failure("{queue_id}: connecting to {host} failed", failure, queue_id=envelope.queue_id, host=host_label(target))
-                return _Unreachable(connect_error_text(target, failure), host_label(target))
+                return _Unreachable(connect_error_text(target, failure), host_label(target)), not options.starttls
+            finally:
+                parked.discard(checkout)
+                if not parked and self._parked.get(destination) is parked:
+                    del self._parked[destination]
+            try:
+                await body.load()
+            except Exception:
+                log.failure("{queue_id}: cannot read the queued message; deferred", queue_id=envelope.queue_id)
+                self.pool.checkin(key, target.address, conn, reusable=True, idle_timeout=options.timeouts.idle)
+                raise _BodyUnavailable() from None
             try:
                 result = await conn.send(transaction)
             except SessionError as e:
@@ -659,24 +558,42 @@ class Delivery:
                     fresh = True
                     continue
                 if not e.transient and e.reply is not None and classify(e.reply.code) == OUTCOME_PERMANENT:
-                    return TransactionResult({a: e.reply for a, _ in transaction.recipients}, target.host, "")
-                return _Unreachable(connect_error_text(target, Failure(e)), host_label(target))
+                    return TransactionResult({a: e.reply for a, _ in transaction.recipients}, target.host, ""), not options.starttls
+                return _Unreachable(connect_error_text(target, Failure(e)), host_label(target)), not options.starttls
             except Exception:
                 self.pool.checkin(key, target.address, conn, reusable=False)
                 raise
-            self.pool.checkin(key, target.address, conn, reusable=True, idle_timeout=options.timeouts.idle)
-            return result
+            self.pool.checkin(key, target.address, conn, reusable=_clean(result), idle_timeout=options.timeouts.idle)
+            return result, not options.starttls
+
+    def _may_fall_back(self, options: ClientOptions, error: BaseException) -> bool:
+        """Whether a failed session may be tried again in clear: opportunistic TLS whose handshake failed."""
+        return (
+            options.tls == TLS_MAY
+            and options.starttls
+            and isinstance(error, SessionError)
+            and error.stage == smtp_client.STAGE_STARTTLS
+            and error.reply is None  # the handshake failed; a refused STARTTLS already went on in clear
+        )
+
+    def _in_clear(self, envelope: Envelope, target: Target, options: ClientOptions) -> ClientOptions:
+        log.warn(
+            "{queue_id}: TLS handshake with {host} failed; trying again in clear (tls = \"may\")",
+            queue_id=envelope.queue_id,
+            host=host_label(target),
+        )
+        return replace(options, starttls=False)
 
     # -- building the transaction ----------------------------------------------
 
-    def _transaction(self, envelope: Envelope, members: list[_Member], opener: Callable[[], Any]) -> Transaction:
+    def _transaction(self, envelope: Envelope, members: list[_Member], body: _Body) -> Transaction:
         return Transaction(
             sender=envelope.sender,
             recipients=tuple((m.recipient.address, tuple(m.route.rcpt_route)) for m in members),
             size=envelope.size,
             body=envelope.body,
             smtputf8=envelope.smtputf8,
-            open_message=opener,
+            open_message=body.open,
             queue_id=envelope.queue_id,
             crlf_only=True,  # the server refuses bare CR and LF: the store holds CRLF text only
         )
@@ -695,6 +612,7 @@ class Delivery:
             username=route.username,
             password=password,
             auth_in_clear=route.auth_in_clear,
+            source=self._config.delivery.source_address,
         )
 
     # -- MTA-STS ---------------------------------------------------------------
@@ -734,7 +652,10 @@ class Delivery:
 
     # -- results ---------------------------------------------------------------
 
-    def _replies_to_outcomes(self, members: list[_Member], result: TransactionResult, target: Target) -> list[Outcome]:
+    def _replies_to_outcomes(
+        self, members: list[_Member], result: TransactionResult, target: Target, in_clear: bool = False
+    ) -> list[Outcome]:
+        """One Outcome per member from the peer's replies; ``in_clear``: sent in clear after a failed handshake."""
         host = host_label(target)
         outcomes = []
         for m in members:
@@ -742,7 +663,8 @@ class Delivery:
             if reply is None:
                 outcomes.append(local_outcome(m.recipient.address, OUTCOME_TRANSIENT, STATUS_NO_ANSWER, TEXT_NO_REPLY, m.route.rule, host))
             else:
-                outcomes.append(replace(reply_outcome(m.recipient.address, reply, host, m.route.rule), tls=result.tls))
+                outcome = reply_outcome(m.recipient.address, reply, host, m.route.rule)
+                outcomes.append(replace(outcome, tls=result.tls, tls_fallback=in_clear))
         return outcomes
 
     def _log_outcomes(self, outcomes: list[Outcome], envelope: Envelope) -> list[Outcome]:
@@ -757,7 +679,7 @@ class Delivery:
             recipient=outcome.recipient,
             rule=outcome.rule or "-",
             host=outcome.host or "-",
-            tls=outcome.tls or TEXT_NO_TLS,
+            tls=outcome.tls or (TEXT_TLS_FALLBACK if outcome.tls_fallback else TEXT_NO_TLS),
             kind=outcome.kind,
             reply=outcome.describe(),
         )
@@ -783,4 +705,23 @@ def _pool_key(target: Target, options: ClientOptions, route: Route) -> PoolKey:
         options.username,
         route.password_file,
         options.auth_in_clear,
+        options.starttls,
     )
+
+
+def _clean(result: TransactionResult) -> bool:
+    """Whether a connection may carry another transaction: the peer accepted something in this one.
+
+    A session whose every recipient was refused is not reused: peers count
+    such transactions as errors and cut the client off (Postfix's "too many
+    errors", Exim's "too many nonmail commands").
+    """
+    return any(200 <= reply.code < 300 for reply in result.replies.values())
+
+
+class _DestinationSuspended(Exception):
+    """The wait for a connection ended because the destination was suspended meanwhile."""
+
+
+class _BodyUnavailable(Exception):
+    """The queued message could not be read for sending."""

@@ -65,6 +65,7 @@ class Attempt:
     host: str = ""  # the remote host that answered, if any
     route: str = ""  # which rule or plugin chose the route
     tls: str = ""  # TLS version and cipher of the session, "" in clear or unknown
+    tls_fallback: bool = False  # sent in clear after a failed STARTTLS handshake (tls = "may")
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,7 @@ def _read_attempt(raw: dict) -> Attempt:
         host=str(raw.get("host", "")),
         route=str(raw.get("route", "")),
         tls=str(raw.get("tls", "")),
+        tls_fallback=bool(raw.get("tls_fallback", False)),
     )
 
 
@@ -305,6 +307,7 @@ class Outcome:
     host: str = ""  # the remote host that answered
     rule: str = ""  # which rule or plugin chose the route ("" when none was chosen)
     tls: str = ""  # TLS version and cipher of the session that answered, "" in clear
+    tls_fallback: bool = False  # sent in clear after a failed STARTTLS handshake (tls = "may")
 
     def describe(self) -> str:
         """One line for logs, queue listings and DSN diagnostic codes."""

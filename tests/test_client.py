@@ -330,6 +330,41 @@ class TLSTests(ClientTestCase):
         self.assertEqual((err.transient, err.stage), (True, "starttls"))
 
 
+    def test_session_in_clear_after_a_failed_handshake_skips_starttls(self):
+        """starttls=False (the retry of tls="may" after a failed handshake) does not send STARTTLS although it is offered."""
+        self.connect(ClientOptions("relay.test", tls="may", starttls=False, timeouts=TIMEOUTS), TLSTransport())
+        self.server("220 mx.test")
+        self.sent()
+        self.server(*self.ehlo_lines(("STARTTLS", "PIPELINING")))
+        self.successResultOf(self.proto.ready)
+        self.assertEqual(self.sent(), b"")
+        self.assertEqual(self.proto.tls, "")
+
+    def test_required_tls_ignores_starttls_false(self):
+        """tls="require" starts TLS even with starttls=False: nothing required ever goes in clear."""
+        self.connect(ClientOptions("relay.test", tls="require", starttls=False, timeouts=TIMEOUTS), TLSTransport())
+        self.server("220 mx.test")
+        self.sent()
+        self.server(*self.ehlo_lines(("STARTTLS",)))
+        self.assertEqual(self.sent(), b"STARTTLS\r\n")
+
+
+class SourceAddressTests(SynchronousTestCase):
+    def test_connect_binds_the_source_address_of_the_targets_ip_version(self):
+        """connect() makes the connection from the configured local address of the target's IP version."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from relay.smtp.client import connect
+
+        reactor = MemoryReactorClock()
+        options = ClientOptions("relay.test", source=("127.0.0.3", "::1"), timeouts=TIMEOUTS)
+        connect(reactor, "127.0.0.2", 25, "mx.test", options)
+        connect(reactor, "::1", 25, "mx6.test", options)
+        connect(reactor, "127.0.0.2", 25, "mx.test", ClientOptions("relay.test", timeouts=TIMEOUTS))
+        binds = [client[4] for client in reactor.tcpClients]
+        self.assertEqual(binds, [("127.0.0.3", 0), ("::1", 0), None])
+
+
 class AuthTests(ClientTestCase):
     PASSWORD = "s3cret-Pa55"
 

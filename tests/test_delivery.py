@@ -194,6 +194,7 @@ class Harness:
         connector: Optional[FakeConnector] = None,
         concurrency: int = 50,
         per_destination: int = 10,
+        **delivery: Any,
     ) -> None:
         self.router = MapRouter(routes or {})
         verifyObject(IRouter, self.router)
@@ -202,11 +203,11 @@ class Harness:
         self.connector = connector or FakeConnector()
         self.clock = Clock()
         self.spool = FakeSpool()
-        config = Config(hostname="relay.test", delivery=DeliveryConfig(concurrency=concurrency, per_destination=per_destination))
+        config = Config(hostname="relay.test", delivery=DeliveryConfig(concurrency=concurrency, per_destination=per_destination, **delivery))
         self.delivery = Delivery(config, self.chain, self.resolver, self.spool, self.clock, connect=self.connector)
 
-    def attempt(self, env: Envelope) -> Deferred:
-        return self.delivery.attempt(env)
+    def attempt(self, env: Envelope, **options: Any) -> Deferred:
+        return self.delivery.attempt(env, **options)
 
 
 @pytest.fixture

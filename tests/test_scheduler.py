@@ -184,7 +184,7 @@ class FakeDelivery:
         self.attempts: list[Envelope] = []
         self.waiting: list[tuple[Envelope, Deferred]] = []
 
-    def attempt(self, env: Envelope) -> Deferred:
+    def attempt(self, env: Envelope, **options: Any) -> Deferred:
         self.attempts.append(env)
         if self.manual:
             d: Deferred = Deferred()

@@ -26,8 +26,12 @@ one "delayed" DSN per recipient.  A recipient is marked ``reported`` (or
 DSN twice, never lose one.  A message is removed once nothing is pending and
 every failure is reported.
 
-Work is bounded: at most ``max_attempts`` messages are attempted at once
-(the rest wait in the heap, oldest first), and start-up reads
+Work is bounded: at most ``max_attempts`` (``[queue] active_limit``)
+messages are attempted at once (the rest wait in the heap, oldest first).
+The limit is a bound on memory, not the means of isolation: a message
+waiting for a busy destination waits in that destination's line in
+delivery, where it keeps no other destination from its connections.
+Start-up reads
 ``pickup_batch`` envelopes per reactor turn.  Held messages are never
 attempted; they are not in the schedule at all.
 """
@@ -69,8 +73,8 @@ from relay.queue.store import QueueSummary
 
 log = Logger()
 
-# Messages attempted at once, in all.
-MAX_ATTEMPTS = 100
+# Messages attempted at once, in all, unless ``[queue] active_limit`` says otherwise.
+MAX_ATTEMPTS = QueueConfig.active_limit
 # Envelopes read per reactor turn while the schedule is rebuilt at start-up.
 PICKUP_BATCH = 500
 # How long stopService waits for attempts in flight before leaving them queued.
@@ -106,7 +110,8 @@ def apply_outcome(recipient: Recipient, outcome: Outcome, now: float) -> Recipie
     kind = outcome.kind if outcome.kind in _STATE_AFTER else OUTCOME_TRANSIENT
     reply = outcome.describe()
     attempt = Attempt(
-        time=now, outcome=kind, reply=reply, host=outcome.host, route=outcome.rule, tls=outcome.tls
+        time=now, outcome=kind, reply=reply, host=outcome.host, route=outcome.rule, tls=outcome.tls,
+        tls_fallback=outcome.tls_fallback,
     )
     return replace(
         recipient,
@@ -241,7 +246,7 @@ class Scheduler(Service):
         hostname: str = "localhost",
         rng: Optional[RandomSource] = None,
         send_dsn: Optional[SendDSN] = None,
-        max_attempts: int = MAX_ATTEMPTS,
+        max_attempts: Optional[int] = None,
         pickup_batch: int = PICKUP_BATCH,
         stop_grace: float = STOP_GRACE,
     ) -> None:
@@ -252,7 +257,7 @@ class Scheduler(Service):
         self.hostname = hostname
         self.rng: RandomSource = rng if rng is not None else random.Random()
         self._send_dsn = send_dsn
-        self.max_attempts = max(1, max_attempts)
+        self.max_attempts = max(1, max_attempts if max_attempts is not None else self.config.active_limit)
         self.pickup_batch = max(1, pickup_batch)
         self.stop_grace = stop_grace
         self._entries: dict[str, _Entry] = {}
@@ -551,7 +556,7 @@ class Scheduler(Service):
         now = self.clock.seconds()
         due = [r for r in envelope.pending() if forced or r.next_attempt is None or r.next_attempt <= now + DUE_SLACK]
         if due:
-            attempted = await self._attempt(envelope, tuple(due))
+            attempted = await self._attempt(envelope, tuple(due), forced)
             if attempted is None:
                 return
             envelope = attempted
@@ -567,15 +572,33 @@ class Scheduler(Service):
         summary = QueueSummary.of(envelope)
         self._set_due(queue_id, due_time(summary, now, report_at), _domain_key(summary.domains))
 
-    async def _attempt(self, envelope: Envelope, due: tuple[Recipient, ...]) -> Optional[Envelope]:
-        """Attempt the due recipients and store the outcome; None when the message is gone."""
+    async def _attempt(self, envelope: Envelope, due: tuple[Recipient, ...], forced: bool = False) -> Optional[Envelope]:
+        """Attempt the due recipients and store the outcome; None when the message is gone.
+
+        The outcomes of a destination whose transaction ended while the
+        message's other destinations are still being tried are stored at
+        once, so a crash meanwhile does not send what was delivered again.
+        """
         queue_id = envelope.queue_id
-        outcomes = await self.delivery.attempt(replace(envelope, recipients=due))
+        early: list[Deferred] = []
+        recorded: set[str] = set()
+
+        def progress(outcomes: list[Outcome]) -> None:
+            at = self.clock.seconds()
+            times = self._next_times(envelope, outcomes, at)
+            recorded.update(o.recipient for o in outcomes)
+            early.append(Deferred.fromCoroutine(self._record(queue_id, lambda current: settle(current, outcomes, at, times))))
+
+        outcomes = await self.delivery.attempt(replace(envelope, recipients=due), progress=progress, forced=forced)
+        stored_early = await defer.gatherResults(early) if early else []
+        if any(e is None for e in stored_early):
+            return None
         now = self.clock.seconds()
         next_times = self._next_times(envelope, outcomes, now)
         result = settle(envelope, outcomes, now, next_times)
         if result.pending() or unreported(result):
-            stored = await self._record(queue_id, lambda current: settle(current, outcomes, now, next_times))
+            rest = [o for o in outcomes if o.recipient not in recorded]
+            stored = await self._record(queue_id, lambda current: settle(current, rest, now, next_times))
             if stored is None:
                 return None
             result = stored

@@ -111,7 +111,9 @@ class ClientOptions:
     "verify" is "require" plus a certificate verified against the system CA
     store (or ``ca_file``) for ``tls_hostname`` (the host name when empty).
     With ``username`` set, AUTH PLAIN (or LOGIN) follows, only after TLS
-    unless ``auth_in_clear``.  The password is never logged and never put in
+    unless ``auth_in_clear``.  ``starttls`` False skips STARTTLS (the retry in
+    clear of "may" after a failed handshake).  ``source`` are the local
+    addresses outbound connections are made from (one per IP version).  The password is never logged and never put in
     an exception text.
     """
 
@@ -123,6 +125,8 @@ class ClientOptions:
     password: str = field(default="", repr=False)
     auth_in_clear: bool = False
     timeouts: ClientTimeouts = ClientTimeouts()
+    starttls: bool = True  # False: a session in clear after a failed handshake (tls = "may" only)
+    source: tuple[str, ...] = ()  # local addresses to connect from, at most one per IP version
 
 
 @dataclass(frozen=True)
@@ -595,7 +599,7 @@ class SMTPClientProtocol(LineReceiver):
 
     def _after_hello(self) -> None:
         if not self._tls_started:
-            if "STARTTLS" in self.capabilities:
+            if "STARTTLS" in self.capabilities and (self.options.starttls or self._tls_required()):
                 self._command(b"STARTTLS", "the reply to STARTTLS", self.options.timeouts.ehlo, self._on_starttls)
                 return
             if self._tls_required():
@@ -1022,6 +1026,18 @@ def trust_root(ca_file: str) -> Any:
     return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(p) for p in pems])
 
 
+def source_for(address: str, sources: tuple[str, ...]) -> str:
+    """The local address of ``sources`` of the same IP version as ``address``, or "" (the system's choice)."""
+    try:
+        version = ipaddress.ip_address(address).version
+    except ValueError:
+        return ""
+    for source in sources:
+        if ipaddress.ip_address(source).version == version:
+            return source
+    return ""
+
+
 def connect(reactor, address: str, port: int, host: str, options: ClientOptions) -> Deferred:
     """Connect to ``address``:``port`` (IPv4 or IPv6) for ``host``; fires when the session is ready.
 
@@ -1036,7 +1052,9 @@ def connect(reactor, address: str, port: int, host: str, options: ClientOptions)
     except ValueError:
         ipv6 = False
     endpoint_type = TCP6ClientEndpoint if ipv6 else TCP4ClientEndpoint
-    endpoint = endpoint_type(reactor, address, port, timeout=options.timeouts.connect)
+    bind = source_for(address, options.source)
+    endpoint = endpoint_type(reactor, address, port, timeout=options.timeouts.connect,
+                             bindAddress=(bind, 0) if bind else None)
     d = endpoint.connect(SMTPClientFactory(options, host, reactor))
 
     def connected(protocol: SMTPClientProtocol) -> Deferred:
