@@ -65,7 +65,7 @@ from relay.envelope import (
 )
 from relay.routing import RouteContext
 from relay.routing.mx import ResolutionError, Target
-from relay.smtp import client as smtp_client
+from relay.smtp import client as smtp_client, dsn
 from relay.smtp.client import ClientOptions, SessionError, Transaction, TransactionResult
 from relay.smtp.replies import Reply
 
@@ -596,6 +596,8 @@ class Delivery:
             open_message=body.open,
             queue_id=envelope.queue_id,
             crlf_only=True,  # the server refuses bare CR and LF: the store holds CRLF text only
+            mail_params=_only(envelope.mail_params, dsn.MAIL_KEYWORDS),
+            rcpt_params=tuple(_only(m.recipient.params, dsn.RCPT_KEYWORDS) for m in members),
         )
 
     def _options(self, route: Route, target: Target, password: str, verify: bool = False) -> ClientOptions:
@@ -664,7 +666,7 @@ class Delivery:
                 outcomes.append(local_outcome(m.recipient.address, OUTCOME_TRANSIENT, STATUS_NO_ANSWER, TEXT_NO_REPLY, m.route.rule, host))
             else:
                 outcome = reply_outcome(m.recipient.address, reply, host, m.route.rule)
-                outcomes.append(replace(outcome, tls=result.tls, tls_fallback=in_clear))
+                outcomes.append(replace(outcome, tls=result.tls, tls_fallback=in_clear, dsn_passed=result.dsn))
         return outcomes
 
     def _log_outcomes(self, outcomes: list[Outcome], envelope: Envelope) -> list[Outcome]:
@@ -707,6 +709,11 @@ def _pool_key(target: Target, options: ClientOptions, route: Route) -> PoolKey:
         options.auth_in_clear,
         options.starttls,
     )
+
+
+def _only(params: tuple, keywords: tuple[str, ...]) -> tuple:
+    """The parameters among ``params`` whose keyword is one of ``keywords``."""
+    return tuple((k, v) for k, v in params if k.upper() in keywords)
 
 
 def _clean(result: TransactionResult) -> bool:

@@ -308,6 +308,7 @@ class Outcome:
     rule: str = ""  # which rule or plugin chose the route ("" when none was chosen)
     tls: str = ""  # TLS version and cipher of the session that answered, "" in clear
     tls_fallback: bool = False  # sent in clear after a failed STARTTLS handshake (tls = "may")
+    dsn_passed: bool = False  # the next hop advertised DSN and got the DSN parameters with the mail
 
     def describe(self) -> str:
         """One line for logs, queue listings and DSN diagnostic codes."""

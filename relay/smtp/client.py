@@ -36,7 +36,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.smtp import set_nodelay, write_now
+from relay.smtp import dsn, set_nodelay, write_now
 from relay.envelope import TLS_REQUIRE, TLS_VERIFY
 from relay.smtp.replies import Reply
 
@@ -148,6 +148,10 @@ class Transaction:
     open_message: Callable[[], BinaryIO] = field(kw_only=True)
     queue_id: str = field(default="", kw_only=True)  # for the logs
     crlf_only: bool = field(default=False, kw_only=True)  # no bare CR or LF in the message (queued mail)
+    # DSN parameters (RFC 3461) as received: RET/ENVID, and NOTIFY/ORCPT per recipient (same order);
+    # sent only to a next hop that advertises DSN.
+    mail_params: tuple[tuple[str, Optional[str]], ...] = field(default=(), kw_only=True)
+    rcpt_params: tuple[tuple[tuple[str, Optional[str]], ...], ...] = field(default=(), kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,7 @@ class TransactionResult:
     replies: dict[str, Reply]
     host: str
     tls: str  # "TLSv1.3 TLS_AES_256_GCM_SHA384", or "" in clear
+    dsn: bool = False  # the peer advertised DSN: the DSN parameters went with the mail
 
 
 class SessionError(Exception):
@@ -722,7 +727,7 @@ class SMTPClientProtocol(LineReceiver):
             self._arm_idle()
             replies = {address: synthesized for address, _ in transaction.recipients}
             self._log_replies(transaction, replies)
-            return defer.succeed(TransactionResult(replies, self.host, self.tls))
+            return defer.succeed(TransactionResult(replies, self.host, self.tls, self._dsn))
         state = _TxnState(transaction, Deferred(), pipelined="PIPELINING" in self.capabilities)
         self._txn = state
         self._source = source
@@ -767,6 +772,8 @@ class SMTPClientProtocol(LineReceiver):
             params.append("BODY=8BITMIME")
         if transaction.smtputf8 and "SMTPUTF8" in self.capabilities:
             params.append("SMTPUTF8")
+        if self._dsn:
+            params += dsn.mail_params_to_send(transaction.mail_params)
         line = f"MAIL FROM:<{transaction.sender}>" + "".join(" " + p for p in params)
         return line.encode("utf-8")
 
@@ -782,14 +789,28 @@ class SMTPClientProtocol(LineReceiver):
             self._commands(commands or [self._mail_step()])
             return
         commands.append(self._mail_step())
-        for i, (address, route) in enumerate(transaction.recipients):
-            commands.append((_rcpt_command(address, route), "the reply to RCPT", t.rcpt, self._rcpt_handler(i)))
+        for i in range(len(transaction.recipients)):
+            commands.append((self._rcpt_command(i), "the reply to RCPT", t.rcpt, self._rcpt_handler(i)))
         commands.append((b"DATA", "the reply to DATA", t.data_init, self._on_data))
         self._commands(commands)
 
     def _mail_step(self) -> tuple[bytes, str, float, Callable[[_Response], None]]:
         line = self._mail_command(self._txn.transaction)
         return (line, "the reply to MAIL", self.options.timeouts.mail, self._on_mail)
+
+    @property
+    def _dsn(self) -> bool:
+        return "DSN" in self.capabilities
+
+    def _rcpt_command(self, index: int) -> bytes:
+        """RCPT for recipient ``index`` of the transaction, with its DSN parameters when the peer has DSN."""
+        transaction = self._txn.transaction
+        address, route = transaction.recipients[index]
+        line = _rcpt_command(address, route)
+        if self._dsn:
+            params = transaction.rcpt_params[index] if index < len(transaction.rcpt_params) else ()
+            line += b"".join(b" " + p.encode("utf-8") for p in dsn.rcpt_params_to_send(params, address))
+        return line
 
     def _rcpt_handler(self, index: int) -> Callable[[_Response], None]:
         def handler(response: _Response) -> None:
@@ -819,8 +840,7 @@ class SMTPClientProtocol(LineReceiver):
         self._send_rcpt(0)
 
     def _send_rcpt(self, index: int) -> None:
-        address, route = self._txn.transaction.recipients[index]
-        self._command(_rcpt_command(address, route), "the reply to RCPT", self.options.timeouts.rcpt, self._rcpt_handler(index))
+        self._command(self._rcpt_command(index), "the reply to RCPT", self.options.timeouts.rcpt, self._rcpt_handler(index))
 
     def _on_rcpt(self, index: int, response: _Response) -> None:
         state = self._txn
@@ -913,7 +933,7 @@ class SMTPClientProtocol(LineReceiver):
         self._log_replies(state.transaction, state.replies)
         if not self._dead:
             self._arm_idle()
-        state.deferred.callback(TransactionResult(dict(state.replies), self.host, self.tls))
+        state.deferred.callback(TransactionResult(dict(state.replies), self.host, self.tls, self._dsn))
 
     def _server_closing(self, response: _Response) -> None:
         """421 in a transaction: undecided recipients get it, and the connection is done."""
