@@ -684,6 +684,13 @@ def _routes(value: Any, where: _Where) -> tuple[RouteConfig, ...]:
 _DKIM_KEYS = ("domain", "selector", "private_key")
 
 
+def selector_problem(selector: str) -> Optional[str]:
+    """Why ``selector`` cannot be a DKIM selector (s=), or None when it can."""
+    if not all(_LABEL.match(label) for label in selector.lower().split(".")):
+        return "is not a selector (DNS labels of letters, digits, '-' and '_', with dots between them)"
+    return None
+
+
 def _dkim_entry(entry: Any, where: _Where, index: int) -> DkimConfig:
     if not isinstance(entry, dict):
         where.fail(f"expected a table ([[dkim]] entry), got {_type_name(entry)}")
@@ -696,8 +703,9 @@ def _dkim_entry(entry: Any, where: _Where, index: int) -> DkimConfig:
     if problem:
         where.child("domain").fail(f"{_show(domain)} {problem}")
     selector = _string(entry["selector"], where.child("selector"), allow_empty=False).strip().lower()
-    if not all(_LABEL.match(label) for label in selector.split(".")):
-        where.child("selector").fail(f"{_show(selector)} is not a DNS label (letters, digits, '-', '_'; dots between labels)")
+    problem = selector_problem(selector)
+    if problem:
+        where.child("selector").fail(f"{_show(selector)} {problem}")
     path = _string(entry["private_key"], where.child("private_key"), allow_empty=False)
     return DkimConfig(domain=normalize_domain(domain), selector=selector, private_key=path, index=index)
 

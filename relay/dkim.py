@@ -118,7 +118,7 @@ def key_from_pem(pem: bytes, domain: str, selector: str, path: str) -> SigningKe
         seed = key.private_bytes(s.Encoding.Raw, s.PrivateFormat.Raw, s.NoEncryption())
         return SigningKey(domain, selector, path, ED25519, 256, base64.b64encode(seed), public_value(key))
     kind = type(key).__name__.removeprefix("_").replace("PrivateKey", "") or "unknown"
-    raise DKIMKeyError(f"holds a {kind} key; DKIM signs with RSA or Ed25519")
+    raise DKIMKeyError(f"holds a key of type {kind}; DKIM signs with RSA or Ed25519")
 
 
 def load_key(path: str, domain: str, selector: str) -> SigningKey:
