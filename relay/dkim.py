@@ -366,6 +366,35 @@ class SigningSpool:
         return getattr(self._spool, name)
 
 
+class SigningThread:
+    """A runner for signing jobs: one at a time, in one thread of their own.
+
+    Signing is CPU work in Python (dkimpy's RSA is pure Python): more threads
+    would not sign faster under the GIL, but each would compete with the
+    reactor thread for it.  With one, the reactor waits at most a switch
+    interval or one big-number operation for its turn.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._pool: Any = None
+
+    def __call__(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        from twisted.internet.threads import deferToThreadPool
+        from twisted.python.threadpool import ThreadPool
+
+        if self._pool is None:
+            self._pool = ThreadPool(minthreads=0, maxthreads=1, name="relay-dkim")
+            self._pool.start()
+        return deferToThreadPool(self._reactor, self._pool, f, *args)
+
+    def close(self) -> None:
+        """Stop the thread (after the job it is running)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()
+
+
 def signing_spool(spool: Any, config: Config, runner: Runner) -> Any:
     """``spool`` wrapped for signing with ``config``'s keys, or ``spool`` itself without ``[[dkim]]``."""
     signer = Signer.from_config(config)
@@ -380,5 +409,5 @@ def signing_spool(spool: Any, config: Config, runner: Runner) -> Any:
     return SigningSpool(spool, signer, runner)
 
 
-__all__ = ["Choice", "DKIMKeyError", "SigningKey", "SigningMessage", "SigningSpool", "Signer",
+__all__ = ["Choice", "DKIMKeyError", "SigningKey", "SigningMessage", "SigningSpool", "SigningThread", "Signer",
            "key_from_pem", "load_key", "load_keys", "public_value", "signing_spool"]

@@ -423,15 +423,15 @@ def _auth_parts(config: Config, reactor: Any) -> tuple[Any, Any]:
 
 
 def _add_signing(relay: RelayService, reactor: Any) -> None:
-    """DKIM signing of mail as it enters the queue, in the reactor's thread pool (see relay.dkim)."""
-    from twisted.internet.threads import deferToThreadPool
+    """DKIM signing of mail as it enters the queue, in a thread of its own (see relay.dkim)."""
+    from relay.dkim import SigningThread, signing_spool
 
-    from relay.dkim import signing_spool
-
-    def runner(f: Any, *args: Any) -> Any:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
-
-    relay.inbound = signing_spool(relay.spool, relay.config, runner)
+    thread = SigningThread(reactor)
+    relay.inbound = signing_spool(relay.spool, relay.config, thread)
+    if relay.inbound is not relay.spool:
+        closing = _Closing(thread)  # stops after the listeners, whose commits wait for their signatures
+        closing.setName("dkim")
+        closing.setServiceParent(relay)
 
 
 def _add_listeners(relay: RelayService, reactor: Any) -> None:

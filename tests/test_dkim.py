@@ -258,10 +258,10 @@ class Jobs:
         return count
 
 
-def relay_session(tmp_path: Path, key: Any, jobs: Jobs) -> tuple[Spool, StringTransport, Any]:
+def relay_session(tmp_path: Path, key: Any, jobs: Jobs, **spool_options: Any) -> tuple[Spool, StringTransport, Any]:
     clock = Clock()
     clock.advance(1_700_000_000)
-    spool = Spool(str(tmp_path), clock=clock, runner=lambda f, *a: maybeDeferred(f, *a))
+    spool = Spool(str(tmp_path), clock=clock, runner=lambda f, *a: maybeDeferred(f, *a), **spool_options)
     spool.recover()
     server = ServerConfig(relay_domains=("example.net",))
     factory = SMTPServerFactory("relay.test", server, SigningSpool(spool, Signer([key]), jobs),
@@ -325,3 +325,26 @@ def test_signing_failure_sends_unsigned_and_still_queues(tmp_path: Path, rsa_key
     assert transport.value().startswith(b"250 2.0.0")
     assert signatures(stored(spool)) == []
     assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_large_message_is_signed_into_its_file(tmp_path: Path, ed_key) -> None:
+    """A message over the spool's in-memory limit is signed too, and its file in large/ verifies."""
+    jobs = Jobs()
+    spool, transport, proto = relay_session(tmp_path, ed_key, jobs, large_message=4096)
+    content = CONTENT + b"0123456789abcdef" * 50 + b"\r\n" + b"line of text\r\n" * 2000
+    proto.dataReceived(content + b".\r\n")
+    assert jobs.run() == 1
+    assert transport.value().startswith(b"250 2.0.0")
+    assert os.listdir(tmp_path / "large") == [f"{spool.ids()[0]}.msg"]
+    data = stored(spool)
+    assert data.endswith(content) and verify_all(data, dict_dns(records_of(ed_key))) == [True]
+
+
+def test_connection_lost_during_data_queues_nothing(tmp_path: Path, rsa_key) -> None:
+    """A client gone before the end of DATA leaves nothing queued and nothing to sign."""
+    jobs = Jobs()
+    spool, transport, proto = relay_session(tmp_path, rsa_key, jobs)
+    proto.dataReceived(CONTENT)
+    proto.connectionLost(None)
+    assert jobs.run() == 0
+    assert spool.ids() == []
