@@ -100,6 +100,7 @@ def public_value(key: Any) -> bytes:
 
 def key_from_pem(pem: bytes, domain: str, selector: str, path: str) -> SigningKey:
     """A SigningKey from PEM bytes; DKIMKeyError when they hold no usable key."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization as s
     from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
@@ -107,7 +108,7 @@ def key_from_pem(pem: bytes, domain: str, selector: str, path: str) -> SigningKe
         key = s.load_pem_private_key(pem, password=None)
     except TypeError:
         raise DKIMKeyError("the key is encrypted (it must not be)") from None
-    except (ValueError, Exception):
+    except (ValueError, UnsupportedAlgorithm):
         raise DKIMKeyError("holds no readable PEM private key") from None
     if isinstance(key, rsa.RSAPrivateKey):
         if key.key_size < MIN_RSA_BITS:
