@@ -18,7 +18,8 @@ DKIM-Signature field above everything else (our Received header included)
 before the commit.  The queue therefore stores the signed form, and every
 attempt and every destination sends the same bytes.  A message that will
 not be signed streams through unchanged.  The commit, and so the 250,
-follow the signature.
+follow the signature.  RSA signatures are computed by OpenSSL (see
+``rsa_sign``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import base64
 import email.utils
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from twisted.internet import defer
@@ -67,6 +68,7 @@ class SigningKey:
     bits: int  # RSA modulus size; 256 for Ed25519
     secret: bytes  # the private key as dkimpy takes it (PKCS#1 PEM, or the base64 Ed25519 seed)
     public: bytes  # the p= value: base64 of the DER SubjectPublicKeyInfo (RSA) or the raw key (Ed25519)
+    private: Any = field(default=None, compare=False)  # the cryptography key object
 
     @property
     def algorithm(self) -> bytes:
@@ -114,10 +116,10 @@ def key_from_pem(pem: bytes, domain: str, selector: str, path: str) -> SigningKe
         if key.key_size < MIN_RSA_BITS:
             raise DKIMKeyError(f"the RSA key has {key.key_size} bits; DKIM needs at least {MIN_RSA_BITS}")
         secret = key.private_bytes(s.Encoding.PEM, s.PrivateFormat.TraditionalOpenSSL, s.NoEncryption())
-        return SigningKey(domain, selector, path, RSA, key.key_size, secret, public_value(key))
+        return SigningKey(domain, selector, path, RSA, key.key_size, secret, public_value(key), key)
     if isinstance(key, ed25519.Ed25519PrivateKey):
         seed = key.private_bytes(s.Encoding.Raw, s.PrivateFormat.Raw, s.NoEncryption())
-        return SigningKey(domain, selector, path, ED25519, 256, base64.b64encode(seed), public_value(key))
+        return SigningKey(domain, selector, path, ED25519, 256, base64.b64encode(seed), public_value(key), key)
     kind = type(key).__name__.removeprefix("_").replace("PrivateKey", "") or "unknown"
     raise DKIMKeyError(f"holds a key of type {kind}; DKIM signs with RSA or Ed25519")
 
@@ -200,6 +202,8 @@ class Signer:
         self._by_domain: dict[str, tuple[SigningKey, ...]] = {}
         for key in self.keys:
             self._by_domain[key.domain] = self._by_domain.get(key.domain, ()) + (key,)
+            if key.kind == RSA and key.private is not None:
+                _rsa_through_openssl(key.private)
 
     @classmethod
     def from_config(cls, config: Config) -> "Signer":
@@ -245,6 +249,45 @@ class Signer:
         end = message.find(b"\r\n\r\n")
         choice = self.choose(message if end < 0 else message[:end + 2])
         return self.sign_with(choice.keys, message) if choice.keys else None
+
+
+# -- RSA through OpenSSL ----------------------------------------------------------
+#
+# dkimpy computes the RSA signature itself, in pure Python (several ms for
+# 2048 bits, holding the GIL for each big-number step).  RSASSA-PKCS1-v1_5
+# is deterministic, so OpenSSL's signature (through cryptography) is the
+# same octets, about ten times sooner: dkimpy's primitive is replaced by one
+# that uses OpenSSL for the keys loaded here and hands any other key, or
+# another hash, back to dkimpy's own code.
+
+_openssl_keys: dict[int, Any] = {}  # RSA modulus -> cryptography private key
+_dkimpy_rsa_sign: Optional[Callable[..., bytes]] = None
+
+
+def _rsa_through_openssl(private: Any) -> None:
+    """Sign with ``private`` through OpenSSL from now on (installs the primitive once)."""
+    global _dkimpy_rsa_sign
+    import dkim
+
+    original = getattr(dkim, "RSASSA_PKCS1_v1_5_sign", None)
+    if not callable(original):  # another dkimpy: keep its own code
+        return
+    _openssl_keys[private.private_numbers().public_numbers.n] = private
+    if original is not rsa_sign:
+        _dkimpy_rsa_sign = original
+        dkim.RSASSA_PKCS1_v1_5_sign = rsa_sign
+
+
+def rsa_sign(hash: Any, private_key: dict) -> bytes:
+    """dkimpy's ``RSASSA_PKCS1_v1_5_sign(hash, key dict)``, through OpenSSL for our keys and sha256."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, utils
+
+    key = _openssl_keys.get(private_key.get("modulus", 0))
+    if key is None or getattr(hash, "name", "").lower() != "sha256":
+        assert _dkimpy_rsa_sign is not None
+        return _dkimpy_rsa_sign(hash, private_key)
+    return key.sign(hash.digest(), padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
 
 
 # -- the hook where messages enter the queue --------------------------------------
@@ -370,10 +413,10 @@ class SigningSpool:
 class SigningThread:
     """A runner for signing jobs: one at a time, in one thread of their own.
 
-    Signing is CPU work in Python (dkimpy's RSA is pure Python): more threads
+    Signing is CPU work in Python (dkimpy's canonicalisation): more threads
     would not sign faster under the GIL, but each would compete with the
-    reactor thread for it.  With one, the reactor waits at most a switch
-    interval or one big-number operation for its turn.
+    reactor thread for it.  With one, the reactor waits at most about a
+    switch interval for its turn.
     """
 
     def __init__(self, reactor: Any) -> None:

@@ -103,6 +103,27 @@ def test_eight_bit_headers_and_body_verify(rsa_key) -> None:
     assert verify_all(signed, dict_dns(records_of(rsa_key))) == [True]
 
 
+def test_openssl_rsa_gives_dkimpys_signature_octets(rsa_key) -> None:
+    """RSA signing goes through OpenSSL for loaded keys and yields exactly dkimpy's own octets;
+    a key that was not loaded here still uses dkimpy's code."""
+    import hashlib
+
+    import dkim
+    from dkim.crypto import RSASSA_PKCS1_v1_5_sign as dkimpy_sign, parse_pem_private_key
+
+    from relay.dkim import _openssl_keys, rsa_sign
+
+    Signer([rsa_key])
+    assert dkim.RSASSA_PKCS1_v1_5_sign is rsa_sign
+    digest = dkim.HashThrough(hashlib.sha256(b"headers to sign"))
+    parsed = parse_pem_private_key(rsa_key.secret)
+    assert parsed["modulus"] in _openssl_keys
+    assert rsa_sign(digest, parsed) == dkimpy_sign(digest, parsed)
+    stranger = parse_pem_private_key(private_pem("rsa", 1024))
+    assert stranger["modulus"] not in _openssl_keys
+    assert rsa_sign(digest, stranger) == dkimpy_sign(digest, stranger)
+
+
 # -- which key ----------------------------------------------------------------------------
 
 

@@ -114,6 +114,7 @@ def test_relayed_mail_arrives_with_a_signature_that_verifies(world) -> None:
     assert data.startswith(b"DKIM-Signature: ")
     assert verify_all(data, world["dns"]) == [True]
     assert verify_all(data.replace(b"Hello.", b"Hullo."), world["dns"]) == [False]
+    wait_until(lambda: ": signed d=example.org s=s2026 (rsa)" in world["relay"].log(), what="the log line")
 
 
 def test_most_specific_entry_signs_subdomain_mail(world) -> None:
