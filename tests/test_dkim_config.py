@@ -97,3 +97,27 @@ def test_start_up_accepts_good_keys(tmp_path: Path) -> None:
     options = Options()
     options.parseOptions(["--config", str(options_for(tmp_path, write_key(tmp_path / "k.pem", "ed25519")))])
     assert options.config is not None and len(options.config.dkim) == 1
+
+
+def test_composition_root_gives_listeners_the_signing_spool(tmp_path: Path) -> None:
+    """With [[dkim]], the listeners write into a SigningSpool around the spool, and the signing
+    thread stops after them (their commits wait for it)."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from relay.config import Config, QueueConfig, ServerConfig
+    from relay.dkim import SigningSpool
+    from relay.tap import build_relay
+
+    key = write_key(tmp_path / "k.pem", "ed25519")
+    config = Config(hostname="relay.test", server=ServerConfig(listen=("tcp:2525",)),
+                    queue=QueueConfig(directory=str(tmp_path / "q")),
+                    dkim=(DkimConfig("example.org", "s", str(key)),))
+    reactor = MemoryReactorClock()
+    relay = build_relay(config, reactor)
+    names = [service.name for service in relay]
+    assert names.index("dkim") < names.index("smtp:tcp:2525")
+    [(_, listener)] = relay.listeners
+    listener.privilegedStartService()
+    [(_, factory, _, _)] = reactor.tcpServers
+    assert isinstance(factory.spool, SigningSpool) and factory.spool._spool is relay.spool
+    assert [k.record_name for k in factory.spool.signer.keys] == ["s._domainkey.example.org"]
