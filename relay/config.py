@@ -18,7 +18,7 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, NoReturn, Optional, Sequence, TypeVar, Union
 
-from relay.domains import DomainPattern
+from relay.domains import DomainPattern, normalize_domain
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -96,12 +96,23 @@ class RouteConfig:
 
 
 @dataclass(frozen=True)
+class DkimConfig:
+    """One ``[[dkim]]`` entry: sign mail whose From: domain is ``domain`` or a subdomain of it."""
+
+    domain: str  # the d= domain, lower-case A-labels
+    selector: str  # the s= selector (one or more labels)
+    private_key: str  # path of the PEM private key (RSA or Ed25519)
+    index: int = 0  # position in the file, for naming the entry ("dkim[1]")
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str = field(default_factory=default_hostname)
     server: ServerConfig = field(default_factory=ServerConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     routes: tuple[RouteConfig, ...] = ()
+    dkim: tuple[DkimConfig, ...] = ()
     source: Optional[str] = None  # the file this came from, None for defaults
 
 
@@ -694,9 +705,54 @@ def _routes(value: Any, where: _Where) -> tuple[RouteConfig, ...]:
     return tuple(_route(entry, where.item(i), i) for i, entry in enumerate(entries))
 
 
+# -- [[dkim]] ------------------------------------------------------------------
+
+_DKIM_KEYS = ("domain", "selector", "private_key")
+
+
+def selector_problem(selector: str) -> Optional[str]:
+    """Why ``selector`` cannot be a DKIM selector (s=), or None when it can."""
+    if not all(_LABEL.match(label) for label in selector.lower().split(".")):
+        return "is not a selector (DNS labels of letters, digits, '-' and '_', with dots between them)"
+    return None
+
+
+def _dkim_entry(entry: Any, where: _Where, index: int) -> DkimConfig:
+    if not isinstance(entry, dict):
+        where.fail(f"expected a table ([[dkim]] entry), got {_type_name(entry)}")
+    _table(entry, where, _DKIM_KEYS)
+    for key in _DKIM_KEYS:
+        if key not in entry:
+            where.child(key).fail("missing: every [[dkim]] entry needs domain, selector and private_key")
+    domain = _string(entry["domain"], where.child("domain"), allow_empty=False).strip().rstrip(".")
+    problem = domain_problem(domain)
+    if problem:
+        where.child("domain").fail(f"{_show(domain)} {problem}")
+    selector = _string(entry["selector"], where.child("selector"), allow_empty=False).strip().lower()
+    problem = selector_problem(selector)
+    if problem:
+        where.child("selector").fail(f"{_show(selector)} {problem}")
+    path = _string(entry["private_key"], where.child("private_key"), allow_empty=False)
+    return DkimConfig(domain=normalize_domain(domain), selector=selector, private_key=path, index=index)
+
+
+def _dkim(value: Any, where: _Where) -> tuple[DkimConfig, ...]:
+    if isinstance(value, dict):
+        where.fail("expected an array of tables: write [[dkim]], not [dkim]")
+    entries = _array(value, where)
+    parsed = tuple(_dkim_entry(entry, where.item(i), i) for i, entry in enumerate(entries))
+    seen: dict[tuple[str, str], int] = {}
+    for entry in parsed:
+        other = seen.setdefault((entry.domain, entry.selector), entry.index)
+        if other != entry.index:
+            where.item(entry.index).child("selector").fail(
+                f"{_show(entry.selector)} for {entry.domain} is already configured in {where.key}[{other}]")
+    return parsed
+
+
 # -- entry points --------------------------------------------------------------
 
-_TOP_KEYS = ("hostname", "server", "queue", "delivery", "routes")
+_TOP_KEYS = ("hostname", "server", "queue", "delivery", "routes", "dkim")
 
 
 def config_from_mapping(data: Mapping[str, Any], source: str) -> Config:
@@ -713,6 +769,7 @@ def config_from_mapping(data: Mapping[str, Any], source: str) -> Config:
         queue=_queue(data.get("queue", {}), root.child("queue")),
         delivery=_delivery(data.get("delivery", {}), root.child("delivery")),
         routes=_routes(data.get("routes", []), root.child("routes")),
+        dkim=_dkim(data.get("dkim", []), root.child("dkim")),
         source=source,
     )
 

@@ -109,6 +109,7 @@ class Options(usage.Options):
 
         check_files(config.server, config.source or COMMAND_LINE)
         check_router_plugins(config)
+        check_dkim_keys(config)
         self.config = config
 
 
@@ -175,6 +176,14 @@ def check_router_plugins(config: Config) -> None:
             raise ConfigError(f"{config.source or COMMAND_LINE}: routes[{route.index}].plugin: {e}") from None
 
 
+def check_dkim_keys(config: Config) -> None:
+    """Every ``[[dkim]]`` key is readable, private to its owner and usable (ConfigError otherwise)."""
+    if config.dkim:
+        from relay.dkim import load_keys
+
+        load_keys(config)
+
+
 # -- the composition root ------------------------------------------------------
 
 
@@ -190,6 +199,7 @@ class RelayService(MultiService):
         self.config = config
         self.reactor = reactor
         self.spool: Any = None
+        self.inbound: Any = None  # the spool as the listeners write into it (DKIM-signing with [[dkim]])
         self.policy: Any = None
         self.tls_context: Optional[ssl.CertificateOptions] = None
         self.listeners: list[tuple[str, Listener]] = []
@@ -412,6 +422,18 @@ def _auth_parts(config: Config, reactor: Any) -> tuple[Any, Any]:
     return portal, sender_logins
 
 
+def _add_signing(relay: RelayService, reactor: Any) -> None:
+    """DKIM signing of mail as it enters the queue, in a thread of its own (see relay.dkim)."""
+    from relay.dkim import SigningThread, signing_spool
+
+    thread = SigningThread(reactor)
+    relay.inbound = signing_spool(relay.spool, relay.config, thread)
+    if relay.inbound is not relay.spool:
+        closing = _Closing(thread)  # stops after the listeners, whose commits wait for their signatures
+        closing.setName("dkim")
+        closing.setServiceParent(relay)
+
+
 def _add_listeners(relay: RelayService, reactor: Any) -> None:
     from relay.policy import RelayPolicy
     from relay.routing import rcpt_check
@@ -431,7 +453,7 @@ def _add_listeners(relay: RelayService, reactor: Any) -> None:
             endpoint = _endpoint(reactor, description, f"{config.source or COMMAND_LINE}: {key}[{index}]",
                                  relay.inherited)
             factory = SMTPServerFactory(
-                config.hostname, config.server, relay.spool, relay.policy, reactor,
+                config.hostname, config.server, relay.inbound or relay.spool, relay.policy, reactor,
                 tls_context=relay.tls_context, submission=submission, portal=portal, etrn=etrn,
             )
             service = Listener(description, endpoint, factory)
@@ -469,7 +491,7 @@ def build_relay(config: Config, reactor: Any, inherited: Optional[dict] = None,
     relay = RelayService(config, reactor)
     relay.inherited = inherited or {}
     relay.siblings = list(siblings)
-    for add in (_add_spool, _add_routing, _add_delivery, _add_control, _add_listeners):
+    for add in (_add_spool, _add_routing, _add_delivery, _add_control, _add_signing, _add_listeners):
         add(relay, reactor)
     return relay
 

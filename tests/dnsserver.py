@@ -20,7 +20,8 @@ Run it as a process::
     }
 
 Record types are ``A``, ``AAAA``, ``MX`` (``[preference, exchange]`` pairs;
-``"."`` is the root, for a null MX), ``TXT`` (strings, one record each) and
+``"."`` is the root, for a null MX), ``TXT`` (strings, one record each; a
+string over 255 octets is sent as several character-strings of one record) and
 ``CNAME`` (one target).  ``TTL``
 (seconds, default ``DEFAULT_TTL``) applies to every record of the name.  A
 name mapped to ``"SERVFAIL"`` answers SERVFAIL; ``"TIMEOUT"`` never answers.
@@ -162,6 +163,12 @@ def _wire_name(text: str) -> bytes:
     return name.encode("idna") if name else b""
 
 
+def _character_strings(text: str) -> list[bytes]:
+    """A TXT value as the character-strings of one record (at most 255 octets each)."""
+    data = text.encode("utf-8")
+    return [data[i:i + 255] for i in range(0, len(data), 255)] or [b""]
+
+
 def _records(zone: Zone, name: str, qtype: int, depth: int = 0) -> list:
     """The RRHeaders answering ``name``/``qtype``, following CNAMEs inside the zone."""
     from twisted.names import dns
@@ -181,7 +188,7 @@ def _records(zone: Zone, name: str, qtype: int, depth: int = 0) -> list:
         dns.AAAA: ("AAAA", lambda v: dns.Record_AAAA(v, ttl)),
         dns.MX: ("MX", lambda v: dns.Record_MX(int(v[0]), _wire_name(v[1]), ttl)),
         dns.CNAME: ("CNAME", lambda v: dns.Record_CNAME(_wire_name(v), ttl)),
-        dns.TXT: ("TXT", lambda v: dns.Record_TXT(v.encode("utf-8"), ttl=ttl)),
+        dns.TXT: ("TXT", lambda v: dns.Record_TXT(*_character_strings(v), ttl=ttl)),
     }
     if qtype not in makers:
         return []

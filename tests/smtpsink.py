@@ -2,7 +2,8 @@
 
 ``SMTPSink`` records every transaction it accepts (sender, recipients as
 sent in RCPT, the exact data bytes) and can be told to answer RCPT or DATA
-with a scripted reply, e.g. 451 twice and then accept.  aiosmtpd runs in its
+with a scripted reply, e.g. 451 twice and then accept; the data of a
+transaction refused that way is kept in ``refused``.  aiosmtpd runs in its
 own thread, so the relay under test (another process) talks to it over a
 real socket.
 """
@@ -52,18 +53,15 @@ class _Handler:
 
     async def handle_DATA(self, server, session, envelope):
         reply = self.sink.data_reply() if self.sink.data_reply else None
-        if reply:
-            return reply
+        received = Received(
+            sender=envelope.mail_from,
+            recipients=list(envelope.rcpt_tos),
+            data=envelope.original_content or envelope.content,
+            mail_options=list(envelope.mail_options),
+        )
         with self.sink.lock:
-            self.sink.messages.append(
-                Received(
-                    sender=envelope.mail_from,
-                    recipients=list(envelope.rcpt_tos),
-                    data=envelope.original_content or envelope.content,
-                    mail_options=list(envelope.mail_options),
-                )
-            )
-        return "250 2.0.0 OK: queued by sink"
+            (self.sink.refused if reply else self.sink.messages).append(received)
+        return reply or "250 2.0.0 OK: queued by sink"
 
 
 class SMTPSink:
@@ -84,6 +82,7 @@ class SMTPSink:
         self.rcpt_reply = rcpt_reply
         self.data_reply = data_reply
         self.messages: list[Received] = []
+        self.refused: list[Received] = []  # transactions answered with a scripted DATA reply
         self.raw_rcpts: list[str] = []
         self.lock = threading.Lock()
         kwargs = {"decode_data": False, "enable_SMTPUTF8": True, **smtp_kwargs}
