@@ -17,6 +17,7 @@ from zope.interface.verify import verifyObject
 
 from relay.config import Config, DeliveryConfig
 from relay.delivery import Delivery, TEXT_INTERNAL, TEXT_ROUTING, classify
+from relay.outcome import Reason
 from relay.domains import DomainSet
 from relay.envelope import (
     DELIVERED,
@@ -167,7 +168,9 @@ class FakeSpool:
 
 
 def refused(address: str, host: str = "mx") -> SessionError:
-    return SessionError(None, True, STAGE_CONNECT, f"cannot connect to {host} [{address}]:25: Connection was refused by other side: 111: Connection refused.")
+    """What ``relay.smtp.client.connect`` raises when the peer refuses the TCP connection."""
+    return SessionError(None, True, STAGE_CONNECT, f"cannot connect to {host} [{address}]:25: Connection refused",
+                        Reason.CONNECT_REFUSED)
 
 
 def mx(domain: str) -> Route:
@@ -330,7 +333,7 @@ def test_rcpt_route_is_passed_through():
 
 def test_dns_permanent_failure_fails_every_recipient_of_the_group(events):
     """NXDOMAIN is a permanent outcome with the resolver's status for each recipient of the domain."""
-    error = ResolutionError(True, "5.1.2", "domain nx.test does not exist")
+    error = ResolutionError("5.1.2", "domain nx.test does not exist")
     h = Harness(targets={"nx.test": error})
     outcomes = success(h.attempt(envelope("a@nx.test", "b@nx.test", "c@b.test")))
     for o in outcomes[:2]:
@@ -342,7 +345,7 @@ def test_dns_permanent_failure_fails_every_recipient_of_the_group(events):
 
 def test_dns_transient_failure_defers():
     """A DNS timeout or SERVFAIL is a transient outcome and nothing is connected."""
-    h = Harness(targets={"a.test": ResolutionError(False, "4.4.3", "DNS lookup of a.test MX failed: timed out")})
+    h = Harness(targets={"a.test": ResolutionError("4.4.3", "DNS lookup of a.test MX failed: timed out")})
     [outcome] = success(h.attempt(envelope("u@a.test")))
     assert (outcome.kind, outcome.status) == (OUTCOME_TRANSIENT, "4.4.3")
     assert outcome.text.startswith("DNS: ")
@@ -836,11 +839,12 @@ def test_connections_with_other_tls_settings_are_not_shared():
 
 def test_attempt_tls_round_trips_and_old_history_loads():
     """Attempt.tls is stored in the JSON and read back; a v1 history entry without it still loads."""
-    env = Envelope(queue_id="Q", sender="", recipients=(Recipient("u@a.test", history=(Attempt(1.0, OUTCOME_DELIVERED, "250 ok", "h", "r", TLS13),)),))
+    attempt = Attempt(1.0, OUTCOME_DELIVERED, 250, "", "ok", "h", True, route="r", tls=TLS13)
+    env = Envelope(queue_id="Q", sender="", recipients=(Recipient("u@a.test", history=(attempt,)),))
     assert Envelope.from_json(env.to_json()).recipients[0].history[0].tls == TLS13
-    old = env.to_json().replace(b', "tls": "' + TLS13.encode() + b'"', b"")
-    assert b"TLSv1.3" not in old
-    assert Envelope.from_json(old).recipients[0].history[0] == Attempt(1.0, OUTCOME_DELIVERED, "250 ok", "h", "r")
+    old = (b'{"version": 1, "queue_id": "Q", "sender": "", "recipients": [{"address": "u@a.test", "status": "pending",'
+           b' "history": [{"time": 1.0, "outcome": "delivered", "reply": "250 ok", "host": "h", "route": "r"}]}]}')
+    assert Envelope.from_json(old).recipients[0].history[0] == Attempt(1.0, OUTCOME_DELIVERED, 250, "", "ok", "h", True, route="r")
 
 
 @pytest.mark.parametrize(
@@ -925,16 +929,22 @@ def test_mta_sts_is_not_consulted_for_smart_hosts():
     assert policies.asked == [] and h.connector.calls[0][3].tls == TLS_MAY
 
 
-def test_tls_failure_text_names_the_certificate_problem():
-    """A failed handshake is described in fixed words: name mismatch, untrusted certificate, or other."""
+def test_tls_failure_names_the_certificate_problem_by_type():
+    """A failed handshake gets a typed reason and fixed words: name mismatch, untrusted, handshake, lost."""
     from OpenSSL import SSL
-    from service_identity.exceptions import VerificationError
+    from service_identity.exceptions import CertificateError, VerificationError
+    from twisted.internet.error import ConnectionLost
     from twisted.python.failure import Failure
 
-    from relay.smtp.client import tls_failure_text
+    from relay.smtp.client import tls_failure
 
-    assert "does not match the name smart.test" in tls_failure_text(Failure(VerificationError(errors=[])), "smart.test")
-    untrusted = SSL.Error([("SSL routines", "", "certificate verify failed")])
-    assert "not trusted" in tls_failure_text(Failure(untrusted), "smart.test")
+    library = SSL.Error([("SSL routines", "", "certificate verify failed")])  # what OpenSSL raises for both
+    reason, text = tls_failure((Reason.TLS_NAME, 0), Failure(library), "smart.test")
+    assert reason == Reason.TLS_NAME and "does not match the name smart.test" in text
+    reason, text = tls_failure((Reason.TLS_UNTRUSTED, 18), Failure(library), "smart.test")
+    assert reason == Reason.TLS_UNTRUSTED and "not trusted" in text and "self-signed" in text
+    assert tls_failure(None, Failure(VerificationError(errors=[])), "smart.test")[0] == Reason.TLS_NAME
+    assert tls_failure(None, Failure(CertificateError("no subjectAltName")), "smart.test")[0] == Reason.TLS_NAME
     other = SSL.Error([("SSL routines", "", "secret library detail")])
-    assert tls_failure_text(Failure(other), "smart.test") == "TLS: handshake failed"
+    assert tls_failure(None, Failure(other), "smart.test") == (Reason.TLS_HANDSHAKE, "TLS: handshake failed")
+    assert tls_failure(None, Failure(ConnectionLost()), "smart.test")[0] == Reason.TLS_LOST

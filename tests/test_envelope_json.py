@@ -39,7 +39,8 @@ class EncoderTests(SynchronousTestCase):
     def test_any_envelope_encodes_as_asdict_did(self, text: str, number: int, when: Any, flag: bool,
                                                 hops: list[str]) -> None:
         """Envelopes with any text, numbers, params, histories and flags encode byte for byte as before."""
-        attempt = Attempt(time=when or 0.0, outcome="transient", reply=text, host=text, route="r", tls=text)
+        attempt = Attempt(time=when or 0.0, outcome="transient", code=number % 600, status=text, text=text, host=text,
+                          remote=flag, reason=text, route="r", tls=text)
         envelope = Envelope(
             queue_id="Q" + str(number),
             sender=text,

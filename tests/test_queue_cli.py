@@ -57,7 +57,8 @@ def store(spool: Spool, sender: str, recipients: tuple[Recipient, ...], **fields
     return message.queue_id
 
 
-BUSY = Attempt(time=NOW - 60, outcome="transient", reply="451 4.3.0 mailbox busy", host="mx1.dest.test", route="mx")
+BUSY = Attempt(time=NOW - 60, outcome="transient", code=451, status="4.3.0", text="mailbox busy", host="mx1.dest.test",
+               remote=True, route="mx")
 
 
 @dataclass

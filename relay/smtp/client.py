@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPullProducer, IReactorTime, ITLSTransport
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IPullProducer, IReactorTime, ITLSTransport
 from twisted.internet.protocol import Factory
 from relay.log import Logger
 from twisted.protocols.basic import LineReceiver
@@ -37,7 +37,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.smtp import set_nodelay, write_now
-from relay.envelope import TLS_REQUIRE, TLS_VERIFY
+from relay.envelope import OUTCOME_TRANSIENT, TLS_REQUIRE, TLS_VERIFY
+from relay.outcome import NETWORK_TEXT, STAGE_CONNECT, LocalReply, Reason, ReasonedError, classify, network_reason
 from relay.smtp.replies import Reply
 
 log = Logger()
@@ -53,8 +54,7 @@ CHUNK_SIZE = 64 * 1024
 # and drop the connection beyond this (for one line and for a whole reply).
 MAX_REPLY_LENGTH = 64 * 1024
 
-# Session stages named by SessionError.stage.
-STAGE_CONNECT = "connect"
+# Session stages named by SessionError.stage (STAGE_CONNECT: no connection at all).
 STAGE_GREETING = "greeting"
 STAGE_EHLO = "ehlo"
 STAGE_STARTTLS = "starttls"
@@ -62,14 +62,15 @@ STAGE_AUTH = "auth"
 STAGE_TIMEOUT = "timeout"
 STAGE_LOST = "lost"
 
-# Replies synthesized by this client; their text says where they come from.
-REPLY_NO_SMTPUTF8 = Reply(550, "5.6.7", "relay: remote server does not support SMTPUTF8")
-REPLY_NO_8BITMIME = Reply(
+# Replies this client makes up itself (LocalReply: never reported as the peer's words).
+REPLY_NO_SMTPUTF8 = LocalReply(550, "5.6.7", "remote server does not support SMTPUTF8", Reason.NO_SMTPUTF8)
+REPLY_NO_8BITMIME = LocalReply(
     554, "5.6.3",
-    "relay: remote server does not support 8BITMIME; conversion required but not supported",
+    "remote server does not support 8BITMIME; conversion required but not supported",
+    Reason.NO_8BITMIME,
 )
-REPLY_BAD_ADDRESS = Reply(553, "5.1.3", "relay: address contains characters not allowed in SMTP")
-TEXT_TOO_BIG = "relay: message size {size} exceeds the remote server's limit of {limit} octets"
+REPLY_BAD_ADDRESS = LocalReply(553, "5.1.3", "address contains characters not allowed in SMTP", Reason.UNSAFE_ADDRESS)
+TEXT_TOO_BIG = "message size {size} exceeds the remote server's limit of {limit} octets"
 
 # Why a TLS handshake failed, for logs and the queue (fixed texts, never the library's).
 TEXT_TLS_NAME_MISMATCH = "TLS: certificate verification failed: the certificate does not match the name {name}"
@@ -155,20 +156,37 @@ class TransactionResult:
     tls: str  # "TLSv1.3 TLS_AES_256_GCM_SHA384", or "" in clear
 
 
-class SessionError(Exception):
+# The reason of a session error when its creator names none, by stage.
+_STAGE_REASONS = {
+    STAGE_CONNECT: Reason.CONNECT_FAILED,
+    STAGE_GREETING: Reason.SESSION_REFUSED,
+    STAGE_EHLO: Reason.SESSION_REFUSED,
+    STAGE_STARTTLS: Reason.TLS_UNAVAILABLE,
+    STAGE_AUTH: Reason.AUTH_FAILED,
+    STAGE_TIMEOUT: Reason.TIMEOUT,
+    STAGE_LOST: Reason.LOST,
+}
+
+
+class SessionError(ReasonedError):
     """The connection or session could not carry mail.
 
     ``stage`` is one of "connect", "greeting", "ehlo", "starttls", "auth",
-    "timeout", "lost".  ``reply`` is the peer's reply when there was one;
-    ``transient`` says whether a later attempt may succeed.  An
-    authentication failure is transient on purpose: it is a configuration
-    problem, and mail waits in the queue while the operator fixes it.
+    "timeout", "lost"; ``reason`` (a ``relay.outcome.Reason``) says why in
+    a type, never in the words of an exception.  ``reply`` is the peer's
+    reply when there was one; ``transient`` says whether a later attempt may
+    succeed.  An authentication failure is transient on purpose: it is a
+    configuration problem, and mail waits in the queue while the operator
+    fixes it.
     """
 
-    def __init__(self, reply: Optional[Reply], transient: bool, stage: str, message: str = "") -> None:
+    def __init__(
+        self, reply: Optional[Reply], transient: bool, stage: str, message: str = "", reason: Optional[Reason] = None
+    ) -> None:
         self.reply = reply
         self.transient = transient
         self.stage = stage
+        self.reason = reason if reason is not None else _STAGE_REASONS.get(stage, Reason.LOCAL_ERROR)
         self.message = message or (describe(reply) if reply else stage)
         super().__init__(self.message)
 
@@ -413,6 +431,7 @@ class SMTPClientProtocol(LineReceiver):
         self._quit_d: Optional[Deferred] = None
         self._source: Optional[BinaryIO] = None
         self._dead = False
+        self._tls_check: Optional[CertificateCheck] = None
 
     # -- connection events ---------------------------------------------------
 
@@ -425,9 +444,10 @@ class SMTPClientProtocol(LineReceiver):
         if self._dead:
             return
         if self._stage == STAGE_STARTTLS:
-            why = tls_failure_text(reason, self.options.tls_hostname or self.host)
+            checked = getattr(self._tls_check, "failed", None)
+            kind, why = tls_failure(checked, reason, self.options.tls_hostname or self.host)
             log.warn("{host}: {why}", host=self.host, why=why)
-            self._fail(SessionError(None, True, STAGE_STARTTLS, why), drop=False)
+            self._fail(SessionError(None, True, STAGE_STARTTLS, why, kind), drop=False)
             return
         self._fail(SessionError(None, True, STAGE_LOST, f"connection to {self.host} lost"), drop=False)
 
@@ -471,7 +491,10 @@ class SMTPClientProtocol(LineReceiver):
 
     def _dispatch(self, response: _Response) -> None:
         if not self._pending:
-            self._protocol_error("unexpected reply")
+            if response.code == 421:
+                self._peer_closing(response)
+            else:
+                self._protocol_error("unexpected reply")
             return
         pending = self._pending.popleft()
         self._cancel_timer()
@@ -524,7 +547,7 @@ class SMTPClientProtocol(LineReceiver):
     def _protocol_error(self, why: str) -> None:
         log.warn("{host}: protocol error: {why}", host=self.host, why=why)
         stage = self._stage if not self._setup_done else STAGE_LOST
-        self._fail(SessionError(None, True, stage, f"protocol error from {self.host}: {why}"))
+        self._fail(SessionError(None, True, stage, f"protocol error from {self.host}: {why}", Reason.PROTOCOL))
 
     def _fail(self, error: SessionError, drop: bool = True) -> None:
         """The session is over: report ``error`` to whoever waits, drop the connection."""
@@ -550,7 +573,7 @@ class SMTPClientProtocol(LineReceiver):
         """A refusal at greeting/EHLO: SessionError, QUIT (unless 421), close."""
         reply = response.reply()
         log.info("{host}: {stage} refused: {reply}", host=self.host, stage=stage, reply=describe(reply))
-        self._give_up(SessionError(reply, reply.code < 500, stage), quit=reply.code != 421)
+        self._give_up(SessionError(reply, classify(reply.code) == OUTCOME_TRANSIENT, stage), quit=reply.code != 421)
 
     def _give_up(self, error: SessionError, quit: bool = True) -> None:
         """Fail the session politely: QUIT, then close after the write."""
@@ -620,7 +643,7 @@ class SMTPClientProtocol(LineReceiver):
             context = self._tls_context()
         except Exception as e:  # a bad ca_file, an unusable name: never escape into the reactor
             log.error("{host}: cannot start TLS: {error}", host=self.host, error=str(e))
-            self._fail(SessionError(None, True, STAGE_STARTTLS, f"cannot start TLS with {self.host}"))
+            self._fail(SessionError(None, True, STAGE_STARTTLS, f"cannot start TLS with {self.host}", Reason.TLS_SETUP))
             return
         self._stage = STAGE_STARTTLS
         self._tls_started = True
@@ -633,8 +656,8 @@ class SMTPClientProtocol(LineReceiver):
 
         if self.options.tls != TLS_VERIFY:
             return ssl.CertificateOptions(verify=False)
-        name = self.options.tls_hostname or self.host
-        return ssl.optionsForClientTLS(name, trustRoot=trust_root(self.options.ca_file))
+        self._tls_check = CertificateCheck(self.options.tls_hostname or self.host, trust_root(self.options.ca_file))
+        return self._tls_check
 
     def _tls_established(self) -> None:
         self._stage = STAGE_EHLO
@@ -651,7 +674,7 @@ class SMTPClientProtocol(LineReceiver):
             return
         self._stage = STAGE_AUTH
         if not self._tls_started and not self.options.auth_in_clear:
-            self._give_up(SessionError(None, True, STAGE_AUTH, f"not authenticating to {self.host} without TLS"))
+            self._give_up(SessionError(None, True, STAGE_AUTH, f"not authenticating to {self.host} without TLS", Reason.AUTH_UNAVAILABLE))
             return
         mechanisms = self.capabilities.get("AUTH", "").upper().split()
         user = self.options.username.encode("utf-8")
@@ -675,7 +698,7 @@ class SMTPClientProtocol(LineReceiver):
 
             self._command(b"AUTH LOGIN", "the AUTH LOGIN user name prompt", timeout, on_user_prompt)
         else:
-            self._give_up(SessionError(None, True, STAGE_AUTH, f"{self.host} offers no AUTH mechanism relay supports"))
+            self._give_up(SessionError(None, True, STAGE_AUTH, f"{self.host} offers no AUTH mechanism relay supports", Reason.AUTH_UNAVAILABLE))
 
     def _on_auth(self, response: _Response) -> None:
         if response.code != 235:
@@ -712,7 +735,7 @@ class SMTPClientProtocol(LineReceiver):
             log.error("{queue_id}: cannot read the queued message: {error}", queue_id=transaction.queue_id, error=str(e))
             self.busy = False
             self._arm_idle()
-            return defer.fail(SessionError(None, True, STAGE_LOST, "cannot read the queued message"))
+            return defer.fail(SessionError(None, True, STAGE_LOST, "cannot read the queued message", Reason.MESSAGE_UNREADABLE))
         if synthesized is not None:
             self.busy = False
             self._arm_idle()
@@ -743,7 +766,7 @@ class SMTPClientProtocol(LineReceiver):
             return REPLY_BAD_ADDRESS
         limit = self._size_limit()
         if limit and transaction.size > limit:
-            return Reply(552, "5.3.4", TEXT_TOO_BIG.format(size=transaction.size, limit=limit))
+            return LocalReply(552, "5.3.4", TEXT_TOO_BIG.format(size=transaction.size, limit=limit), Reason.MESSAGE_TOO_BIG)
         if transaction.body.upper() == "8BITMIME" and "8BITMIME" not in self.capabilities:
             if not _is_7bit(transaction.open_message, self.chunk_size):
                 return REPLY_NO_8BITMIME
@@ -881,7 +904,7 @@ class SMTPClientProtocol(LineReceiver):
     def _read_failed(self, error: BaseException) -> None:
         queue_id = self._txn.transaction.queue_id if self._txn else ""
         log.error("{queue_id}: cannot read the queued message: {error}; connection to {host} dropped", queue_id=queue_id, error=str(error), host=self.host)
-        self._fail(SessionError(None, True, STAGE_LOST, "cannot read the queued message"))
+        self._fail(SessionError(None, True, STAGE_LOST, "cannot read the queued message", Reason.MESSAGE_UNREADABLE))
 
     def _on_final_dot(self, response: _Response) -> None:
         state = self._txn
@@ -927,6 +950,18 @@ class SMTPClientProtocol(LineReceiver):
         self._finish()
         self.transport.loseConnection()
 
+    def _peer_closing(self, response: _Response) -> None:
+        """An unsolicited 421 (RFC 5321 3.8): the peer is closing; one line, no protocol error."""
+        reply = response.reply()
+        log.info("{host}: the peer closes the connection: {reply}", host=self.host, reply=describe(reply))
+        if self._txn is not None or not self._setup_done:  # in the middle of the message data
+            self._fail(SessionError(reply, True, STAGE_LOST, f"{self.host} closed the connection"))
+            return
+        self._dead = True
+        self.closed = True
+        self._cancel_timer()
+        self.transport.loseConnection()
+
     def _log_replies(self, transaction: Transaction, replies: dict[str, Reply]) -> None:
         for address, reply in replies.items():
             log.debug(
@@ -955,20 +990,99 @@ class SMTPClientProtocol(LineReceiver):
         return d
 
 
-def tls_failure_text(reason: Optional[Failure], name: str) -> str:
-    """Why a TLS handshake ended the connection, in fixed words (never the library's text)."""
+# X.509 verification errors (OpenSSL's X509_V_ERR_* numbers) worth naming in a log line.
+_X509_ERRORS = {
+    2: "the issuer certificate is unknown",
+    9: "the certificate is not yet valid",
+    10: "the certificate has expired",
+    18: "the certificate is self-signed",
+    19: "a self-signed certificate is in the chain",
+    20: "the issuer is not trusted",
+    21: "the certificate chain is incomplete",
+}
+
+
+def tls_failure(recorded: Optional[tuple[Reason, int]], reason: Optional[Failure], name: str) -> tuple[Reason, str]:
+    """Why a TLS handshake ended the connection: a typed reason and fixed words (never the library's).
+
+    ``recorded`` is what the certificate check found (``CertificateCheck``):
+    the reason and OpenSSL's X.509 error number.  Otherwise the exception
+    type decides: an OpenSSL error is a failed handshake, anything else a
+    connection lost during it.
+    """
     error = reason.value if reason is not None else None
-    if type(error).__name__ == "VerificationError":  # service_identity: the name does not match
-        return TEXT_TLS_NAME_MISMATCH.format(name=name)
     try:
         from OpenSSL import SSL
-    except ImportError:  # pragma: no cover - pyOpenSSL is a dependency of Twisted's TLS
-        SSL = None
-    if SSL is not None and isinstance(error, SSL.Error):
-        if "certificate verify failed" in str(error):
-            return TEXT_TLS_UNTRUSTED
-        return TEXT_TLS_HANDSHAKE
-    return TEXT_TLS_LOST
+        from service_identity import CertificateError, VerificationError
+    except ImportError:  # pragma: no cover - dependencies of Twisted's TLS
+        return Reason.TLS_LOST, TEXT_TLS_LOST
+    if recorded is None and isinstance(error, (VerificationError, CertificateError)):
+        recorded = (Reason.TLS_NAME, 0)
+    if recorded is not None and recorded[0] == Reason.TLS_NAME:
+        return Reason.TLS_NAME, TEXT_TLS_NAME_MISMATCH.format(name=name)
+    if recorded is not None and recorded[0] == Reason.TLS_UNTRUSTED:
+        detail = _X509_ERRORS.get(recorded[1], f"X.509 error {recorded[1]}")
+        return Reason.TLS_UNTRUSTED, f"{TEXT_TLS_UNTRUSTED}: {detail}"
+    if isinstance(error, SSL.Error):
+        return Reason.TLS_HANDSHAKE, TEXT_TLS_HANDSHAKE
+    return Reason.TLS_LOST, TEXT_TLS_LOST
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class CertificateCheck:
+    """TLS for ``tls = "verify"``: Twisted's client options with relay's own certificate check.
+
+    The chain is verified by OpenSSL against ``trust``; the leaf certificate
+    must name ``name`` in a subjectAltName (service_identity, RFC 6125).  A
+    failure is recorded as a typed reason (``failed``) and fails the
+    handshake: no certificate without a subjectAltName slips through, and
+    nothing is logged from inside OpenSSL's callback.
+    """
+
+    def __init__(self, name: str, trust: Any) -> None:
+        from twisted.internet import ssl
+
+        self._inner = ssl.optionsForClientTLS(name, trustRoot=trust)
+        self._name = name
+        self.failed: Optional[tuple[Reason, int]] = None
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:
+        from OpenSSL import SSL
+
+        connection = self._inner.clientConnectionForTLS(tlsProtocol)
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self.verify)
+        return connection
+
+    def verify(self, connection: Any, certificate: Any, error: int, depth: int, ok: Any) -> bool:
+        """OpenSSL's verify callback: True to go on; never raises."""
+        if not ok:
+            self.failed = self.failed or (Reason.TLS_UNTRUSTED, error)
+            return False
+        if depth != 0:
+            return True
+        try:
+            from service_identity import CertificateError, VerificationError
+            from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+            from service_identity.pyopenssl import extract_patterns
+
+            try:
+                service = IPAddress_ID(self._name) if _is_address(self._name) else DNS_ID(self._name)
+                verify_service_identity(extract_patterns(certificate), [service], [])
+            except (CertificateError, VerificationError):
+                self.failed = (Reason.TLS_NAME, 0)
+                return False
+        except Exception:  # never let an exception escape into OpenSSL
+            self.failed = (Reason.TLS_HANDSHAKE, 0)
+            return False
+        return True
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _unsafe(address: str) -> bool:
@@ -1046,8 +1160,9 @@ def connect(reactor, address: str, port: int, host: str, options: ClientOptions)
     def not_connected(failure: Failure) -> Failure:
         if failure.check(SessionError):
             return failure
+        reason = network_reason(failure.value)
         log.info("cannot connect to {host} [{address}]:{port}: {error}", host=host, address=address, port=port, error=failure.getErrorMessage())
-        raise SessionError(None, True, STAGE_CONNECT, f"cannot connect to {host} [{address}]:{port}: {failure.getErrorMessage()}")
+        raise SessionError(None, True, STAGE_CONNECT, f"cannot connect to {host} [{address}]:{port}: {NETWORK_TEXT.get(reason, reason.value)}", reason)
 
     d.addCallback(connected)
     d.addErrback(not_connected)
