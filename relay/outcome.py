@@ -178,8 +178,10 @@ def network_reason(error: BaseException) -> Reason:
     for kind, reason in _NETWORK_TYPES:
         if isinstance(error, kind):
             return reason
-    os_error = getattr(error, "osError", None)  # twisted's ConnectError keeps the OSError it wraps
-    number = getattr(error, "errno", None) or getattr(os_error, "errno", None)
+    number = getattr(error, "errno", None)
+    if number is None:  # twisted's ConnectError keeps the errno (or the OSError) it stands for
+        wrapped = getattr(error, "osError", None)
+        number = wrapped if isinstance(wrapped, int) else getattr(wrapped, "errno", None)
     if number in _NO_ROUTE_ERRNOS:
         return Reason.NO_ROUTE
     if number == errno.ECONNREFUSED:
