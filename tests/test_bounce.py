@@ -16,6 +16,7 @@ from typing import Any, BinaryIO, Callable
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from relay import bounce
@@ -37,7 +38,18 @@ from relay.envelope import (
     Envelope,
     Recipient,
 )
+from relay.outcome import (
+    LocalReply,
+    Reason,
+    reply_outcome,
+    resolution_outcome,
+    unreachable,
+    unreachable_outcome,
+)
+from relay.queue.scheduler import apply_outcome
 from relay.queue.store import Spool
+from relay.smtp.client import REPLY_NO_SMTPUTF8, TEXT_TOO_BIG, SessionError
+from relay.smtp.replies import Reply
 
 HOST = "relay.example.org"
 ARRIVAL = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 +0000
@@ -338,6 +350,115 @@ class BuildDsnTests(SynchronousTestCase):
     def test_unknown_action_refused(self) -> None:
         """An action other than failed or delayed is a programming error, not a notification."""
         self.assertRaises(ValueError, self.dsn, action="relayed")
+
+
+MX = "mx.pf.test[192.0.2.40]"
+
+
+def after(outcome: Any, status: str = FAILED) -> Recipient:
+    """The recipient as the scheduler stores it after ``outcome`` (FAILED for a bounce, else PENDING)."""
+    recipient = apply_outcome(Recipient(address=outcome.recipient), outcome, ARRIVAL + 60)
+    return replace(recipient, status=status)
+
+
+class WhoseWordsTests(SynchronousTestCase):
+    """DSNs read each attempt's facts: "host X said" and smtp diagnostics only for what a remote host sent."""
+
+    def fields(self, recipient: Recipient, action: str = "failed") -> tuple[dict, str]:
+        envelope = original_envelope(recipients=(recipient,))
+        message = parse(build_dsn(envelope, [recipient], ORIGINAL_HEADERS, HOST, NOW, action=action,
+                                  retry_until=NOW + 86400 if action == "delayed" else None))
+        return status_groups(message.get_payload()[1])[1], message.get_payload()[0].get_content()
+
+    def assert_local(self, group: Message, text: str, words: str) -> None:
+        self.assertEqual(group["Diagnostic-Code"], f"X-Relay; {words}")
+        self.assertNotIn("Remote-MTA", group)
+        self.assertNotIn("said", text)
+        self.assertIn(words, text)
+
+    def test_a_size_refusal_before_mail_is_relays_own_decision(self) -> None:
+        """552 5.3.4 for a message over the peer's SIZE is never "host said" nor an smtp diagnostic."""
+        refusal = LocalReply(552, "5.3.4", TEXT_TOO_BIG.format(size=20480, limit=10240), Reason.MESSAGE_TOO_BIG)
+        group, text = self.fields(after(reply_outcome("bob@example.net", refusal, MX, "mx")))
+        self.assertEqual(group["Status"], "5.3.4")
+        self.assert_local(group, text, "5.3.4 message size 20480 exceeds the remote server's limit of 10240 octets")
+
+    def test_an_smtputf8_downgrade_refusal_is_relays_own_decision(self) -> None:
+        """5.6.7 (the next hop has no SMTPUTF8) is reported as relay's words."""
+        group, text = self.fields(after(reply_outcome("bob@example.net", REPLY_NO_SMTPUTF8, MX, "mx")))
+        self.assertEqual(group["Status"], "5.6.7")
+        self.assert_local(group, text, "5.6.7 remote server does not support SMTPUTF8")
+
+    def test_a_dns_failure_is_relays_own_decision(self) -> None:
+        """NXDOMAIN is reported with its status and relay's words."""
+        outcome = resolution_outcome("bob@example.net", "5.1.2", "domain example.net does not exist", "mx")
+        group, text = self.fields(after(outcome))
+        self.assertEqual(group["Status"], "5.1.2")
+        self.assert_local(group, text, "5.1.2 DNS: domain example.net does not exist")
+
+    def test_a_refused_connection_until_expiry_is_relays_own_decision(self) -> None:
+        """Connection refused to the end: 4.4.7, relay's words naming the host, no Remote-MTA."""
+        error = SessionError(None, True, "connect", "cannot connect", Reason.CONNECT_REFUSED)
+        outcome = unreachable_outcome("bob@example.net", unreachable(f"{MX}:25", MX, Failure(error)), "mx")
+        group, text = self.fields(after(outcome))
+        self.assertEqual(group["Status"], "4.4.7")
+        self.assert_local(group, text, f"4.4.1 connect to {MX}:25: Connection refused")
+        self.assertIn("delivery time expired", text)
+
+    def test_a_refused_connection_in_a_delay_warning(self) -> None:
+        """A delay warning for a refused connection carries 4.4.1 and an X-Relay diagnostic."""
+        error = SessionError(None, True, "connect", "cannot connect", Reason.CONNECT_REFUSED)
+        outcome = unreachable_outcome("bob@example.net", unreachable(f"{MX}:25", MX, Failure(error)), "mx")
+        group, text = self.fields(after(outcome, PENDING), action="delayed")
+        self.assertEqual(group["Status"], "4.4.1")
+        self.assert_local(group, text, f"4.4.1 connect to {MX}:25: Connection refused")
+
+    def test_a_remote_refusal_is_what_the_host_said(self) -> None:
+        """550 5.1.1 sent by the peer: "host X said", Remote-MTA and an smtp diagnostic."""
+        outcome = reply_outcome("bob@example.net", Reply(550, "5.1.1", "no such user"), MX, "mx")
+        group, text = self.fields(after(outcome))
+        self.assertEqual((group["Status"], group["Remote-MTA"]), ("5.1.1", "dns; mx.pf.test"))
+        self.assertEqual(group["Diagnostic-Code"], "smtp; 550 5.1.1 no such user")
+        self.assertIn(f"host {MX} said: 550 5.1.1 no such user", text)
+
+    def test_a_greeting_refused_until_expiry_is_what_the_host_said(self) -> None:
+        """A 421 greeting to the end: 4.4.7, and the peer's own words with its host."""
+        busy = SessionError(Reply(421, "4.7.0", "too many connections"), True, "greeting")
+        outcome = unreachable_outcome("bob@example.net", unreachable(f"{MX}:25", MX, Failure(busy)), "mx")
+        group, text = self.fields(after(outcome))
+        self.assertEqual(group["Status"], "4.4.7")
+        self.assertEqual(group["Diagnostic-Code"], "smtp; 421 4.7.0 too many connections")
+        self.assertIn(f"host {MX} said: 421 4.7.0 too many connections", text)
+
+    def test_words_that_look_like_a_reply_do_not_make_it_remote(self) -> None:
+        """Relay's own text starting with digits is still relay's: whose words is a field, not a pattern."""
+        attempt = Attempt(time=ARRIVAL, outcome=OUTCOME_PERMANENT, status="5.4.4",
+                          text="550 hosts listed, none usable", host=MX, remote=False, reason="dns")
+        recipient = Recipient(address="bob@example.net", status=FAILED, last_error=attempt.reply, history=(attempt,))
+        group, text = self.fields(recipient)
+        self.assert_local(group, text, "5.4.4 550 hosts listed, none usable")
+
+
+class NotificationDueTests(SynchronousTestCase):
+    """notification_due: the one decision whether the sender is told."""
+
+    def test_never_for_the_null_sender(self) -> None:
+        """A message from <> owes no failure and no delay notice, whatever its recipients asked."""
+        envelope = original_envelope(sender="")
+        for params in ((), (("NOTIFY", "FAILURE,DELAY"),)):
+            recipient = Recipient(address="bob@example.net", params=params)
+            self.assertFalse(bounce.notification_due(envelope, recipient, "failed"))
+            self.assertFalse(bounce.notification_due(envelope, recipient, "delayed"))
+
+    def test_as_notify_asks_otherwise(self) -> None:
+        """Without NOTIFY both are owed; NOTIFY=NEVER none; NOTIFY=DELAY only the delay notice."""
+        envelope = original_envelope()
+        plain = Recipient(address="a@example.net")
+        never = Recipient(address="b@example.net", params=(("NOTIFY", "NEVER"),))
+        delay = Recipient(address="c@example.net", params=(("NOTIFY", "DELAY"),))
+        due = [(bounce.notification_due(envelope, r, "failed"), bounce.notification_due(envelope, r, "delayed"))
+               for r in (plain, never, delay)]
+        self.assertEqual(due, [(True, True), (False, False), (False, True)])
 
 
 class ReadHeaderSectionTests(SynchronousTestCase):

@@ -34,6 +34,7 @@ from relay.smtp.client import (
     Transaction,
     TransactionResult,
 )
+from relay.outcome import LocalReply, Reason
 from relay.smtp.replies import Reply
 
 REPO = Path(__file__).resolve().parent.parent
@@ -217,7 +218,7 @@ class SessionSetupTests(ClientTestCase):
         self.server("HTTP/1.1 400 Bad Request")
         err = self.session_error(self.proto.ready)
         self.assertTrue(err.transient)
-        self.assertEqual(err.stage, "greeting")
+        self.assertEqual((err.stage, err.reason), ("greeting", Reason.PROTOCOL))
         self.assertTrue(self.transport.disconnecting)
 
     def test_inconsistent_multiline_codes_are_a_protocol_error(self):
@@ -254,6 +255,107 @@ class SessionSetupTests(ClientTestCase):
         self.connect()
         self.proto.dataReceived(b"220 mx.test\n")
         self.assertEqual(self.sent(), b"EHLO relay.test\r\n")
+
+
+class UnsolicitedCloseTests(ClientTestCase):
+    """A 421 nobody asked for (RFC 5321 3.8: the peer is shutting down) is one clear line, not a protocol error."""
+
+    def setUp(self) -> None:
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def lines(self) -> list[str]:
+        return [formatEvent(e) for e in self.events if e.get("log_namespace", "").startswith("relay.")]
+
+    def test_421_on_an_idle_connection_closes_it_with_one_line(self):
+        """An idle connection told 421 is closed (no QUIT), logged once with the reply, and never called a protocol error."""
+        self.ready()
+        self.server("421 4.4.2 mx.test Error: timeout exceeded")
+        self.assertTrue(self.proto.closed)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.sent(), b"")
+        lines = [l for l in self.lines() if "mx.test" in l]
+        self.assertEqual(lines, ["mx.test: the peer closes the connection: 421 4.4.2 mx.test Error: timeout exceeded"])
+        self.assertFalse(any("protocol error" in l for l in self.lines()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.failureResultOf(self.proto.send(transaction()), SessionError)  # at once: the connection is closed
+
+    def test_421_while_the_message_streams_fails_the_transaction_with_the_reply(self):
+        """A 421 arriving in the middle of DATA fails the transaction transiently, carrying the peer's reply."""
+        self.ready()
+        d = self.proto.send(transaction(message=b"x" * 200 + b"\r\n"))
+        self.server("250 ok", "250 ok", "354 go")
+        self.server("421 4.3.2 shutting down")
+        err = self.session_error(d)
+        self.assertEqual((err.transient, err.reply, err.reason), (True, Reply(421, "4.3.2", "shutting down"), Reason.LOST))
+        self.assertTrue(self.proto.closed)
+        self.assertFalse(any("protocol error" in l for l in self.lines()))
+
+    def test_other_unsolicited_replies_are_still_protocol_errors(self):
+        """Only 421 is a peer closing: any other reply nobody waits for is a protocol error."""
+        self.ready()
+        self.server("250 surprise")
+        self.assertTrue(self.proto.closed)
+        self.assertTrue(any("protocol error: unexpected reply" in l for l in self.lines()))
+
+
+class CertificateCheckTests(SynchronousTestCase):
+    """tls="verify": relay's own check of the peer's certificate, with real certificates."""
+
+    def setUp(self) -> None:
+        import tempfile
+
+        from OpenSSL import crypto
+
+        from certs import make_certificate
+
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        directory = Path(tempfile.mkdtemp())
+        self.addCleanup(lambda: __import__("shutil").rmtree(directory, ignore_errors=True))
+
+        def load(name: str, **kw) -> tuple[object, Path]:
+            cert, _ = make_certificate(directory, name, **kw)
+            return crypto.load_certificate(crypto.FILETYPE_PEM, cert.read_bytes()), cert
+
+        self.good, self.good_path = load("mx.test", ips=("127.0.0.9",))
+        self.no_san, _ = load("plain.test", subject_alt_name=False)
+
+    def check(self, name: str):
+        from twisted.internet import ssl
+
+        from relay.smtp.client import CertificateCheck
+
+        return CertificateCheck(name, ssl.Certificate.loadPEM(self.good_path.read_bytes()))
+
+    def test_a_matching_certificate_passes(self):
+        """A trusted leaf naming the host (or its address) in a subjectAltName passes; issuers are OpenSSL's to judge."""
+        for name in ("mx.test", "127.0.0.9"):
+            check = self.check(name)
+            self.assertTrue(check.verify(None, self.good, 0, 0, 1))
+            self.assertIsNone(check.failed)
+        self.assertTrue(self.check("mx.test").verify(None, self.good, 0, 1, 1))
+
+    def test_a_certificate_without_subject_alt_name_fails_as_a_name_mismatch(self):
+        """A leaf with the name only in its CN fails (reason tls-name), without a logged traceback."""
+        check = self.check("plain.test")
+        self.assertFalse(check.verify(None, self.no_san, 0, 0, 1))
+        self.assertEqual(check.failed, (Reason.TLS_NAME, 0))
+        self.assertEqual([e for e in self.events if e.get("log_failure") is not None], [])
+
+    def test_a_certificate_for_another_name_fails(self):
+        """A leaf for another host fails with reason tls-name."""
+        check = self.check("other.test")
+        self.assertFalse(check.verify(None, self.good, 0, 0, 1))
+        self.assertEqual(check.failed, (Reason.TLS_NAME, 0))
+
+    def test_an_untrusted_chain_fails_with_openssls_error_number(self):
+        """When OpenSSL found the chain untrusted, the check fails at once and keeps the X.509 error number."""
+        check = self.check("mx.test")
+        self.assertFalse(check.verify(None, self.good, 18, 0, 0))
+        self.assertEqual(check.failed, (Reason.TLS_UNTRUSTED, 18))
 
 
 class TLSTests(ClientTestCase):
@@ -492,6 +594,8 @@ class TransactionTests(ClientTestCase):
         self.ready(caps=("PIPELINING", "SIZE 10"))
         reply = self.successResultOf(self.proto.send(transaction())).replies["a@dest.test"]
         self.assertEqual((reply.code, reply.status), (552, "5.3.4"))
+        self.assertIsInstance(reply, LocalReply)  # relay's own decision, never the peer's words
+        self.assertEqual(reply.reason, Reason.MESSAGE_TOO_BIG)
         self.assertEqual(self.sent(), b"")
 
     def test_source_route_in_rcpt(self):
@@ -879,7 +983,7 @@ CLIENT_SCRIPT = textwrap.dedent(
             try:
                 yield connect(reactor, "127.0.0.1", 1, "nowhere.test", options)
             except SessionError as e:
-                out["refused"] = [e.stage, e.transient]
+                out["refused"] = [e.stage, e.transient, e.reason.value]
         except Exception as e:
             out["error"] = repr(e)
         reactor.stop()
@@ -998,7 +1102,7 @@ def test_delivers_exact_bytes_to_aiosmtpd(tmp_path, tls):
         assert result["tls"].startswith("TLSv1.") if tls != "may" else result["tls"] == ""
         assert result["replies"][f"to{i}@dest.test"] == [250, "2.0.0", "queued"]
         assert result["replies"]["bad@dest.test"] == [550, "5.1.1", "no such user"]
-    assert out["refused"] == ["connect", True]
+    assert out["refused"] == ["connect", True, "connect-refused"]  # typed from Twisted's exception
     if tls == "verify":
         assert out["mismatch"] == ["starttls", True]  # a certificate for another name is refused
 
