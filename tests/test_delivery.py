@@ -17,7 +17,6 @@ from zope.interface.verify import verifyObject
 
 from relay.config import Config, DeliveryConfig
 from relay.delivery import Delivery, TEXT_INTERNAL, TEXT_ROUTING, classify
-from relay.outcome import Reason
 from relay.domains import DomainSet
 from relay.envelope import (
     DELIVERED,
@@ -33,6 +32,7 @@ from relay.envelope import (
     Route,
 )
 from relay.interfaces import IRouter
+from relay.outcome import Reason
 from relay.routing import RouterChain
 from relay.routing.mx import ResolutionError, Target
 from relay.smtp.client import STAGE_CONNECT, STAGE_GREETING, STAGE_LOST, ClientOptions, SessionError, Transaction, TransactionResult
@@ -372,12 +372,35 @@ def test_failover_on_4xx_greeting():
     assert outcome.kind == OUTCOME_DELIVERED and outcome.host == "mx2.a.test[127.0.0.3]"
 
 
+def test_every_host_refusing_its_greeting_ends_in_the_last_hosts_words():
+    """Both MX hosts answer 421 at greeting: transient, with the last host's code, status and text, marked remote."""
+    busy = SessionError(Reply(421, "4.7.0", "too many connections"), True, STAGE_GREETING)
+    h = Harness(connector=FakeConnector(failures={"127.0.0.2": busy, "127.0.0.3": busy}))
+    [outcome] = success(h.attempt(envelope("u@a.test")))
+    assert (outcome.kind, outcome.code, outcome.status, outcome.text) == (OUTCOME_TRANSIENT, 421, "4.7.0", "too many connections")
+    assert (outcome.host, outcome.remote, outcome.reason) == ("mx2.a.test[127.0.0.3]", True, "session-refused")
+
+
+def test_a_reply_relay_made_up_is_not_the_peers():
+    """A LocalReply from the client (the size over the peer's limit) becomes a local outcome with its reason."""
+    from relay.outcome import LocalReply
+
+    too_big = LocalReply(552, "5.3.4", "message size 99 exceeds the remote server's limit of 10 octets", Reason.MESSAGE_TOO_BIG)
+    h = Harness(connector=FakeConnector(replies=lambda address, rcpt: too_big))
+    [outcome] = success(h.attempt(envelope("u@a.test")))
+    assert (outcome.kind, outcome.code, outcome.status) == (OUTCOME_PERMANENT, 552, "5.3.4")
+    assert (outcome.host, outcome.remote, outcome.reason) == ("mx1.a.test[127.0.0.2]", False, "message-too-big")
+    [accepted] = success(Harness().attempt(envelope("v@a.test")))
+    assert (accepted.remote, accepted.reason) == (True, "")
+
+
 def test_all_targets_failed_is_transient_with_the_last_error():
     """When no host takes the mail the outcome is transient and names the last host's error."""
     h = Harness(connector=FakeConnector(failures={"127.0.0.2": refused("127.0.0.2"), "127.0.0.3": refused("127.0.0.3")}))
     [outcome] = success(h.attempt(envelope("u@a.test")))
     assert outcome.kind == OUTCOME_TRANSIENT and outcome.code == 0
     assert outcome.text == "connect to mx2.a.test[127.0.0.3]:25: Connection refused"
+    assert (outcome.status, outcome.remote, outcome.reason) == ("4.4.1", False, "connect-refused")
     assert h.delivery.pool.open_connections == 0
 
 
