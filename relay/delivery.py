@@ -58,7 +58,6 @@ from relay.envelope import (
 from relay.outcome import (
     STATUS_MTA_STS,
     STATUS_NO_ANSWER,
-    TEXT_INTERNAL,
     TEXT_MTA_STS_NO_MX,
     TEXT_NO_REPLY,
     TEXT_NO_TARGETS,
@@ -78,7 +77,6 @@ from relay.routing import RouteContext
 from relay.routing.mx import ResolutionError, Target
 from relay.smtp import client as smtp_client
 from relay.smtp.client import ClientOptions, SessionError, Transaction, TransactionResult
-from relay.smtp.replies import Reply
 
 log = Logger()
 

@@ -16,7 +16,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from relay.config import Config, DeliveryConfig
-from relay.delivery import Delivery, TEXT_INTERNAL, TEXT_ROUTING, classify
+from relay.delivery import Delivery
 from relay.domains import DomainSet
 from relay.envelope import (
     DELIVERED,
@@ -32,7 +32,7 @@ from relay.envelope import (
     Route,
 )
 from relay.interfaces import IRouter
-from relay.outcome import Reason
+from relay.outcome import TEXT_INTERNAL, TEXT_ROUTING, Reason
 from relay.routing import RouterChain
 from relay.routing.mx import ResolutionError, Target
 from relay.smtp.client import STAGE_CONNECT, STAGE_GREETING, STAGE_LOST, ClientOptions, SessionError, Transaction, TransactionResult
@@ -227,15 +227,6 @@ no_result = _t.assertNoResult
 
 def by_address(outcomes):
     return {o.recipient: o for o in outcomes}
-
-
-# -- classification ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("code,kind", [(250, OUTCOME_DELIVERED), (251, OUTCOME_DELIVERED), (421, OUTCOME_TRANSIENT), (452, OUTCOME_TRANSIENT), (550, OUTCOME_PERMANENT), (554, OUTCOME_PERMANENT), (0, OUTCOME_TRANSIENT)])
-def test_classify(code, kind):
-    """Reply codes fall into the three buckets: 2xx delivered, 5xx permanent, anything else transient."""
-    assert classify(code) == kind
 
 
 # -- routing -----------------------------------------------------------------------------
