@@ -13,6 +13,14 @@ pure function that writes the notification, a ``multipart/report``
 3. ``text/rfc822-headers``: the header section of the original message, never
    its body (RET=HDRS always: privacy and size).
 
+What a recipient's group says comes from the facts of its last attempt
+(``relay.envelope.Attempt``), never from parsing stored text: ``Status`` is
+the attempt's enhanced status (4.4.7 when it expired while transient), and
+"host X said", ``Remote-MTA`` and ``Diagnostic-Code: smtp`` appear only for a
+reply a remote host really sent (``remote``); relay's own decisions get
+``Diagnostic-Code: X-Relay``.  ``notification_due`` is the one rule that
+decides whether the sender is told at all (never for ``<>``; NOTIFY).
+
 ``send_dsn`` reads the original header section from the spool (a bounded
 read that stops at the end of the headers), builds the notification and
 commits it through the spool's one door as a new message with the null
