@@ -74,7 +74,7 @@ TEXT_TOO_BIG = "message size {size} exceeds the remote server's limit of {limit}
 
 # Why a TLS handshake failed, for logs and the queue (fixed texts, never the library's).
 TEXT_TLS_NAME_MISMATCH = "TLS: certificate verification failed: the certificate does not match the name {name}"
-TEXT_TLS_UNTRUSTED = "TLS: certificate verification failed: the certificate is not trusted (unknown issuer, expired or invalid)"
+TEXT_TLS_UNTRUSTED = "TLS: certificate verification failed: the certificate is not trusted"
 TEXT_TLS_HANDSHAKE = "TLS: handshake failed"
 TEXT_TLS_LOST = "TLS: connection lost during the handshake"
 
@@ -1022,7 +1022,7 @@ def tls_failure(recorded: Optional[tuple[Reason, int]], reason: Optional[Failure
         return Reason.TLS_NAME, TEXT_TLS_NAME_MISMATCH.format(name=name)
     if recorded is not None and recorded[0] == Reason.TLS_UNTRUSTED:
         detail = _X509_ERRORS.get(recorded[1], f"X.509 error {recorded[1]}")
-        return Reason.TLS_UNTRUSTED, f"{TEXT_TLS_UNTRUSTED}: {detail}"
+        return Reason.TLS_UNTRUSTED, f"{TEXT_TLS_UNTRUSTED} ({detail})"
     if isinstance(error, SSL.Error):
         return Reason.TLS_HANDSHAKE, TEXT_TLS_HANDSHAKE
     return Reason.TLS_LOST, TEXT_TLS_LOST
