@@ -300,64 +300,6 @@ class UnsolicitedCloseTests(ClientTestCase):
         self.assertTrue(any("protocol error: unexpected reply" in l for l in self.lines()))
 
 
-class CertificateCheckTests(SynchronousTestCase):
-    """tls="verify": relay's own check of the peer's certificate, with real certificates."""
-
-    def setUp(self) -> None:
-        import tempfile
-
-        from OpenSSL import crypto
-
-        from certs import make_certificate
-
-        self.events: list[dict] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
-        directory = Path(tempfile.mkdtemp())
-        self.addCleanup(lambda: __import__("shutil").rmtree(directory, ignore_errors=True))
-
-        def load(name: str, **kw) -> tuple[object, Path]:
-            cert, _ = make_certificate(directory, name, **kw)
-            return crypto.load_certificate(crypto.FILETYPE_PEM, cert.read_bytes()), cert
-
-        self.good, self.good_path = load("mx.test", ips=("127.0.0.9",))
-        self.no_san, _ = load("plain.test", subject_alt_name=False)
-
-    def check(self, name: str):
-        from twisted.internet import ssl
-
-        from relay.smtp.client import CertificateCheck
-
-        return CertificateCheck(name, ssl.Certificate.loadPEM(self.good_path.read_bytes()))
-
-    def test_a_matching_certificate_passes(self):
-        """A trusted leaf naming the host (or its address) in a subjectAltName passes; issuers are OpenSSL's to judge."""
-        for name in ("mx.test", "127.0.0.9"):
-            check = self.check(name)
-            self.assertTrue(check.verify(None, self.good, 0, 0, 1))
-            self.assertIsNone(check.failed)
-        self.assertTrue(self.check("mx.test").verify(None, self.good, 0, 1, 1))
-
-    def test_a_certificate_without_subject_alt_name_fails_as_a_name_mismatch(self):
-        """A leaf with the name only in its CN fails (reason tls-name), without a logged traceback."""
-        check = self.check("plain.test")
-        self.assertFalse(check.verify(None, self.no_san, 0, 0, 1))
-        self.assertEqual(check.failed, (Reason.TLS_NAME, 0))
-        self.assertEqual([e for e in self.events if e.get("log_failure") is not None], [])
-
-    def test_a_certificate_for_another_name_fails(self):
-        """A leaf for another host fails with reason tls-name."""
-        check = self.check("other.test")
-        self.assertFalse(check.verify(None, self.good, 0, 0, 1))
-        self.assertEqual(check.failed, (Reason.TLS_NAME, 0))
-
-    def test_an_untrusted_chain_fails_with_openssls_error_number(self):
-        """When OpenSSL found the chain untrusted, the check fails at once and keeps the X.509 error number."""
-        check = self.check("mx.test")
-        self.assertFalse(check.verify(None, self.good, 18, 0, 0))
-        self.assertEqual(check.failed, (Reason.TLS_UNTRUSTED, 18))
-
-
 class TLSTests(ClientTestCase):
     def test_require_without_starttls_is_transient(self):
         """tls="require" toward a server without STARTTLS fails ready transiently at stage starttls; nothing is sent in clear."""

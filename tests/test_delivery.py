@@ -941,24 +941,3 @@ def test_mta_sts_is_not_consulted_for_smart_hosts():
     h = tls_harness(routes={"u@x.test": smarthost()}, targets={"smart.test": [Target("smart.test", "127.0.0.9", 25)]}, policies=policies)
     success(h.attempt(envelope("u@x.test")))
     assert policies.asked == [] and h.connector.calls[0][3].tls == TLS_MAY
-
-
-def test_tls_failure_names_the_certificate_problem_by_type():
-    """A failed handshake gets a typed reason and fixed words: name mismatch, untrusted, handshake, lost."""
-    from OpenSSL import SSL
-    from service_identity.exceptions import CertificateError, VerificationError
-    from twisted.internet.error import ConnectionLost
-    from twisted.python.failure import Failure
-
-    from relay.smtp.client import tls_failure
-
-    library = SSL.Error([("SSL routines", "", "certificate verify failed")])  # what OpenSSL raises for both
-    reason, text = tls_failure((Reason.TLS_NAME, 0), Failure(library), "smart.test")
-    assert reason == Reason.TLS_NAME and "does not match the name smart.test" in text
-    reason, text = tls_failure((Reason.TLS_UNTRUSTED, 18), Failure(library), "smart.test")
-    assert reason == Reason.TLS_UNTRUSTED and "not trusted" in text and "self-signed" in text
-    assert tls_failure(None, Failure(VerificationError(errors=[])), "smart.test")[0] == Reason.TLS_NAME
-    assert tls_failure(None, Failure(CertificateError("no subjectAltName")), "smart.test")[0] == Reason.TLS_NAME
-    other = SSL.Error([("SSL routines", "", "secret library detail")])
-    assert tls_failure(None, Failure(other), "smart.test") == (Reason.TLS_HANDSHAKE, "TLS: handshake failed")
-    assert tls_failure(None, Failure(ConnectionLost()), "smart.test")[0] == Reason.TLS_LOST

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IPullProducer, IReactorTime, ITLSTransport
+from twisted.internet.interfaces import IPullProducer, IReactorTime, ITLSTransport
 from twisted.internet.protocol import Factory
 from relay.log import Logger
 from twisted.protocols.basic import LineReceiver
@@ -40,6 +40,7 @@ from relay.smtp import set_nodelay, write_now
 from relay.envelope import OUTCOME_TRANSIENT, TLS_REQUIRE, TLS_VERIFY
 from relay.outcome import NETWORK_TEXT, STAGE_CONNECT, LocalReply, Reason, ReasonedError, classify, network_reason
 from relay.smtp.replies import Reply
+from relay.smtp.tls import CertificateCheck, tls_failure
 
 log = Logger()
 
@@ -71,12 +72,6 @@ REPLY_NO_8BITMIME = LocalReply(
 )
 REPLY_BAD_ADDRESS = LocalReply(553, "5.1.3", "address contains characters not allowed in SMTP", Reason.UNSAFE_ADDRESS)
 TEXT_TOO_BIG = "message size {size} exceeds the remote server's limit of {limit} octets"
-
-# Why a TLS handshake failed, for logs and the queue (fixed texts, never the library's).
-TEXT_TLS_NAME_MISMATCH = "TLS: certificate verification failed: the certificate does not match the name {name}"
-TEXT_TLS_UNTRUSTED = "TLS: certificate verification failed: the certificate is not trusted"
-TEXT_TLS_HANDSHAKE = "TLS: handshake failed"
-TEXT_TLS_LOST = "TLS: connection lost during the handshake"
 
 _REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])(?:([ -])(.*))?$", re.DOTALL)
 _PEM_CERT = re.compile(
@@ -988,101 +983,6 @@ class SMTPClientProtocol(LineReceiver):
 
         self._command(b"QUIT", "the reply to QUIT", self.options.timeouts.mail, on_reply)
         return d
-
-
-# X.509 verification errors (OpenSSL's X509_V_ERR_* numbers) worth naming in a log line.
-_X509_ERRORS = {
-    2: "the issuer certificate is unknown",
-    9: "the certificate is not yet valid",
-    10: "the certificate has expired",
-    18: "the certificate is self-signed",
-    19: "a self-signed certificate is in the chain",
-    20: "the issuer is not trusted",
-    21: "the certificate chain is incomplete",
-}
-
-
-def tls_failure(recorded: Optional[tuple[Reason, int]], reason: Optional[Failure], name: str) -> tuple[Reason, str]:
-    """Why a TLS handshake ended the connection: a typed reason and fixed words (never the library's).
-
-    ``recorded`` is what the certificate check found (``CertificateCheck``):
-    the reason and OpenSSL's X.509 error number.  Otherwise the exception
-    type decides: an OpenSSL error is a failed handshake, anything else a
-    connection lost during it.
-    """
-    error = reason.value if reason is not None else None
-    try:
-        from OpenSSL import SSL
-        from service_identity import CertificateError, VerificationError
-    except ImportError:  # pragma: no cover - dependencies of Twisted's TLS
-        return Reason.TLS_LOST, TEXT_TLS_LOST
-    if recorded is None and isinstance(error, (VerificationError, CertificateError)):
-        recorded = (Reason.TLS_NAME, 0)
-    if recorded is not None and recorded[0] == Reason.TLS_NAME:
-        return Reason.TLS_NAME, TEXT_TLS_NAME_MISMATCH.format(name=name)
-    if recorded is not None and recorded[0] == Reason.TLS_UNTRUSTED:
-        detail = _X509_ERRORS.get(recorded[1], f"X.509 error {recorded[1]}")
-        return Reason.TLS_UNTRUSTED, f"{TEXT_TLS_UNTRUSTED} ({detail})"
-    if isinstance(error, SSL.Error):
-        return Reason.TLS_HANDSHAKE, TEXT_TLS_HANDSHAKE
-    return Reason.TLS_LOST, TEXT_TLS_LOST
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class CertificateCheck:
-    """TLS for ``tls = "verify"``: Twisted's client options with relay's own certificate check.
-
-    The chain is verified by OpenSSL against ``trust``; the leaf certificate
-    must name ``name`` in a subjectAltName (service_identity, RFC 6125).  A
-    failure is recorded as a typed reason (``failed``) and fails the
-    handshake: no certificate without a subjectAltName slips through, and
-    nothing is logged from inside OpenSSL's callback.
-    """
-
-    def __init__(self, name: str, trust: Any) -> None:
-        from twisted.internet import ssl
-
-        self._inner = ssl.optionsForClientTLS(name, trustRoot=trust)
-        self._name = name
-        self.failed: Optional[tuple[Reason, int]] = None
-
-    def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:
-        from OpenSSL import SSL
-
-        connection = self._inner.clientConnectionForTLS(tlsProtocol)
-        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self.verify)
-        return connection
-
-    def verify(self, connection: Any, certificate: Any, error: int, depth: int, ok: Any) -> bool:
-        """OpenSSL's verify callback: True to go on; never raises."""
-        if not ok:
-            self.failed = self.failed or (Reason.TLS_UNTRUSTED, error)
-            return False
-        if depth != 0:
-            return True
-        try:
-            from service_identity import CertificateError, VerificationError
-            from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
-            from service_identity.pyopenssl import extract_patterns
-
-            try:
-                service = IPAddress_ID(self._name) if _is_address(self._name) else DNS_ID(self._name)
-                verify_service_identity(extract_patterns(certificate), [service], [])
-            except (CertificateError, VerificationError):
-                self.failed = (Reason.TLS_NAME, 0)
-                return False
-        except Exception:  # never let an exception escape into OpenSSL
-            self.failed = (Reason.TLS_HANDSHAKE, 0)
-            return False
-        return True
-
-
-def _is_address(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
 
 
 def _unsafe(address: str) -> bool:
