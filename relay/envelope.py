@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 FORMAT_VERSION = 2
 
@@ -278,7 +278,7 @@ def read_v1_attempt(raw: dict) -> Attempt:
     )
 
 
-def _read_v2(raw: dict, read_attempt=_read_attempt) -> Envelope:
+def _read_v2(raw: dict, read_attempt: Callable[[dict], Attempt] = _read_attempt) -> Envelope:
     recipients = []
     for r in raw["recipients"]:
         if r["status"] not in RECIPIENT_STATES:
