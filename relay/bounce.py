@@ -13,6 +13,14 @@ pure function that writes the notification, a ``multipart/report``
 3. ``text/rfc822-headers``: the header section of the original message, never
    its body (RET=HDRS always: privacy and size).
 
+What a recipient's group says comes from the facts of its last attempt
+(``relay.envelope.Attempt``), never from parsing stored text: ``Status`` is
+the attempt's enhanced status (4.4.7 when it expired while transient), and
+"host X said", ``Remote-MTA`` and ``Diagnostic-Code: smtp`` appear only for a
+reply a remote host really sent (``remote``); relay's own decisions get
+``Diagnostic-Code: X-Relay``.  ``notification_due`` is the one rule that
+decides whether the sender is told at all (never for ``<>``; NOTIFY).
+
 ``send_dsn`` reads the original header section from the spool (a bounded
 read that stops at the end of the headers), builds the notification and
 commits it through the spool's one door as a new message with the null
@@ -47,6 +55,7 @@ from relay.envelope import (
     Envelope,
     Params,
     Recipient,
+    describe,
 )
 from relay.queue.store import Spool
 
@@ -66,8 +75,8 @@ DSN_PROTOCOL = "local"  # ClientInfo.protocol of a notification we wrote ourselv
 STATUS_EXPIRED = "4.4.7"  # delivery time expired (RFC 3463)
 STATUS_PERMANENT_DEFAULT = "5.0.0"
 STATUS_TRANSIENT_DEFAULT = "4.0.0"
-DIAGNOSTIC_SMTP = "smtp"  # Diagnostic-Code type for a remote reply
-DIAGNOSTIC_LOCAL = "X-Relay"  # Diagnostic-Code type for a reason decided here
+DIAGNOSTIC_SMTP = "smtp"  # Diagnostic-Code type for a reply a remote host sent (RFC 3464 2.3.6)
+DIAGNOSTIC_LOCAL = "X-Relay"  # Diagnostic-Code type for a reason relay decided itself (an "X-" type)
 
 MAX_HEADER_OCTETS = 1024 * 1024  # never read more of the original than this
 READ_CHUNK = 16 * 1024
@@ -76,8 +85,6 @@ FOLD_AT = 78  # preferred line length of the fields we write
 
 CRLF = "\r\n"
 
-_STATUS_CODE = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?!\d)(?!\.\d)")
-_REMOTE_REPLY = re.compile(r"^[2-5]\d\d(?:[ -]|$)")
 _HEADER_END = re.compile(rb"\n\r?\n")
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 _XTEXT_HEX = re.compile(r"\+([0-9A-Fa-f]{2})")
@@ -140,50 +147,36 @@ def _last_attempt(recipient: Recipient) -> Optional[Attempt]:
     return recipient.history[-1] if recipient.history else None
 
 
-def _last_reply(recipient: Recipient) -> str:
-    """The final word about a recipient: its last error, else its last attempt's reply."""
-    if recipient.last_error:
-        return recipient.last_error
+def _said_by(attempt: Optional[Attempt]) -> str:
+    """The host whose reply the last attempt recorded, "" when relay decided itself."""
+    return attempt.host if attempt is not None and attempt.remote else ""
+
+
+def _words(recipient: Recipient) -> str:
+    """The final word about a recipient: a remote reply with its code, or relay's status and reason."""
     attempt = _last_attempt(recipient)
-    return attempt.reply if attempt is not None else ""
-
-
-def find_status(text: str) -> Optional[str]:
-    """The first enhanced status code (``x.y.z``, RFC 3463) in ``text``, or None."""
-    match = _STATUS_CODE.search(text)
-    return None if match is None else ".".join(match.groups())
+    if attempt is None:
+        return recipient.last_error  # never attempted (or a version 1 entry without history)
+    if attempt.remote:
+        return attempt.reply
+    return describe(0, attempt.status, attempt.text)
 
 
 def recipient_status(recipient: Recipient, action: str = ACTION_FAILED) -> str:
-    """The Status field of a recipient.
+    """The Status field of a recipient, from its last attempt's enhanced status code.
 
-    A delayed recipient keeps the 4.x.x code of its last reply (4.0.0 when
-    there is none).  A failed recipient whose last reply is permanent keeps
-    its 5.x.x code (5.0.0 when there is none); one that was still failing
-    temporarily has expired: 4.4.7.
+    A delayed recipient keeps the 4.x.x code of its last attempt (4.0.0 when
+    there is none).  A failed recipient whose last attempt failed permanently
+    keeps its 5.x.x code (5.0.0 when there is none); one whose last attempt
+    was transient has expired: 4.4.7.
     """
-    found = find_status(recipient.last_error)
-    if found is None:
-        attempt = _last_attempt(recipient)
-        found = find_status(attempt.reply) if attempt is not None else None
+    attempt = _last_attempt(recipient)
+    status = attempt.status if attempt is not None else ""
     if action == ACTION_DELAYED:
-        return found if found is not None and found.startswith("4.") else STATUS_TRANSIENT_DEFAULT
-    if found is not None and found.startswith("5."):
-        return found
-    attempt = _last_attempt(recipient)
-    if found is not None or (attempt is not None and attempt.outcome == OUTCOME_TRANSIENT):
+        return status if status.startswith("4.") else STATUS_TRANSIENT_DEFAULT
+    if attempt is not None and attempt.outcome == OUTCOME_TRANSIENT:
         return STATUS_EXPIRED
-    return STATUS_PERMANENT_DEFAULT
-
-
-def _is_remote_reply(text: str) -> bool:
-    return _REMOTE_REPLY.match(text) is not None
-
-
-def _remote_host(recipient: Recipient) -> str:
-    """The host of the last attempt as logged: ``mx.example[192.0.2.1]``, or ""."""
-    attempt = _last_attempt(recipient)
-    return attempt.host if attempt is not None else ""
+    return status if status.startswith("5.") else STATUS_PERMANENT_DEFAULT
 
 
 def _mta_name(host: str) -> str:
@@ -211,6 +204,15 @@ def wants_notification(recipient: Recipient, action: str) -> bool:
         return True
     wanted = {word.strip().upper() for word in notify.split(",")}
     return ("FAILURE" if action == ACTION_FAILED else "DELAY") in wanted
+
+
+def notification_due(envelope: Envelope, recipient: Recipient, action: str) -> bool:
+    """Whether the sender is told about ``recipient`` (``action`` failed or delayed).
+
+    The one place this is decided: never for the null sender ``<>`` (nothing
+    ever bounces a bounce), otherwise as the recipient's NOTIFY asks.
+    """
+    return envelope.sender != "" and wants_notification(recipient, action)
 
 
 # -- encodings -----------------------------------------------------------------
@@ -362,9 +364,9 @@ def _human_text(
 
 def _reason(recipient: Recipient, action: str) -> str:
     """Why a recipient is listed, in words: the remote reply or the local reason."""
-    reply = _field_text(_last_reply(recipient), utf8=True) or "no reason recorded"
-    host = _remote_host(recipient)
-    said = f"host {host} said: {reply}" if host and _is_remote_reply(reply) else reply
+    words = _field_text(_words(recipient), utf8=True) or "no reason recorded"
+    host = _said_by(_last_attempt(recipient))
+    said = f"host {host} said: {words}" if host else words
     if action == ACTION_FAILED and recipient_status(recipient, action) == STATUS_EXPIRED:
         return f"delivery time expired; last error: {said}"
     return said
@@ -394,14 +396,14 @@ def _per_recipient_fields(
         kind, _, original = _xtext_decode(orcpt).partition(";")
         fields.append(("Original-Recipient", f"{kind.strip()}; {_field_text(original.strip(), utf8)}"))
     fields += [("Action", action), ("Status", recipient_status(recipient, action))]
-    host = _remote_host(recipient)
+    attempt = _last_attempt(recipient)
+    host = _said_by(attempt)
     if host:
         fields.append(("Remote-MTA", f"dns; {_field_text(_mta_name(host), utf8)}"))
-    reply = _last_reply(recipient)
-    if reply:
-        kind = DIAGNOSTIC_SMTP if _is_remote_reply(reply) else DIAGNOSTIC_LOCAL
-        fields.append(("Diagnostic-Code", f"{kind}; {_field_text(reply, utf8)}"))
-    attempt = _last_attempt(recipient)
+    words = _words(recipient)
+    if words:
+        kind = DIAGNOSTIC_SMTP if host else DIAGNOSTIC_LOCAL
+        fields.append(("Diagnostic-Code", f"{kind}; {_field_text(words, utf8)}"))
     if attempt is not None:
         fields.append(("Last-Attempt-Date", _date(attempt.time)))
     if action == ACTION_DELAYED and retry_until is not None:
@@ -523,12 +525,10 @@ def send_dsn(
     this notice.  Errbacks when the spool cannot store it.
     """
     queue_id = envelope.queue_id
-    if envelope.sender == "":
-        log.info("{queue_id}: null sender, no {action} notification", queue_id=queue_id, action=action)
-        return defer.succeed(None)
-    wanted = [r for r in recipients if wants_notification(r, action)]
+    wanted = [r for r in recipients if notification_due(envelope, r, action)]
     if not wanted:
-        log.info("{queue_id}: NOTIFY asks for no {action} notification", queue_id=queue_id, action=action)
+        why = "null sender" if envelope.sender == "" else "NOTIFY asks for none"
+        log.info("{queue_id}: no {action} notification ({why})", queue_id=queue_id, action=action, why=why)
         return defer.succeed(None)
     d = spool.call_reading(_read_original_headers, spool, queue_id)  # off the reactor thread
     d.addCallback(_spool_dsn, spool, envelope, wanted, hostname, now, action, retry_until)

@@ -8,14 +8,8 @@ resolves the destination's hosts once per group, and tries them in order
 until one takes the transaction.  It never retries by itself: what did not
 work becomes a transient Outcome, and the scheduler decides when to try again.
 
-The three outcome buckets are decided here and nowhere else (``classify``,
-``_resolution_outcome``, ``_unreachable``):
-
-* delivered: a 2xx reply to the recipient;
-* transient: a 4xx reply, no host reachable (connection refused, timeout,
-  4xx greeting, TLS required but not offered...), a DNS timeout or SERVFAIL,
-  a router that failed, an unreadable password file, any unexpected error;
-* permanent: a 5xx reply, NXDOMAIN, a null MX, a reject route.
+The outcome buckets (delivered, transient, permanent) and the typed reasons
+are decided in ``relay.outcome``; this module only says which applies.
 
 Once a host has taken the transaction its per-recipient replies are final for
 this attempt: a 5xx from one MX host is not retried at the next one.
@@ -31,15 +25,18 @@ verified for the MX name; in testing mode what enforce would refuse is
 logged.
 
 Connections are limited (``[delivery] concurrency`` in all,
-``per_destination`` per destination address); work beyond the limits waits
-in line, it never fails.  A connection that finished a transaction is kept
-idle for the next transaction to the same destination (the client sends RSET)
-and closed after ``ClientTimeouts.idle`` or at ``Delivery.close``.
+``per_destination`` per destination address; ``relay.connections`` keeps
+them): work beyond the limits waits in its destination's line, it never
+fails, and the lines take turns, so a stalled destination holds only its
+own connections.  A destination none of whose hosts answered is suspended
+until the next retry (``[queue] min_retry``): its mail, waiting or new, is
+deferred without a connection.  The message bytes are read when a
+connection is ready for them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Optional, Union
 
 from twisted.internet import defer, error as neterror
@@ -51,9 +48,7 @@ from relay.config import Config
 from relay.connections import ConnectionPool, PoolKey
 from relay.mta_sts import MODE_ENFORCE, MODE_TESTING
 from relay.envelope import (
-    OUTCOME_DELIVERED,
     OUTCOME_PERMANENT,
-    OUTCOME_TRANSIENT,
     ROUTE_MX,
     ROUTE_REJECT,
     TLS_MAY,
@@ -63,95 +58,39 @@ from relay.envelope import (
     Recipient,
     Route,
 )
+from relay.outcome import (
+    STATUS_MTA_STS,
+    STATUS_NO_ANSWER,
+    TEXT_MTA_STS_NO_MX,
+    TEXT_NO_REPLY,
+    TEXT_NO_TARGETS,
+    TEXT_ROUTING,
+    Reason,
+    Unreachable,
+    classify,
+    internal_outcome,
+    local_outcome,
+    reject_outcome,
+    reply_outcome,
+    resolution_outcome,
+    unreachable,
+    unreachable_outcome,
+)
 from relay.routing import RouteContext
 from relay.routing.mx import ResolutionError, Target
 from relay.smtp import client as smtp_client, dsn
 from relay.smtp.client import ClientOptions, SessionError, Transaction, TransactionResult
-from relay.smtp.replies import Reply
 
 log = Logger()
 
-# Local outcomes carry no SMTP code.
-LOCAL_CODE = 0
-
-# A reject route: the recipient is refused as at RCPT time.
-REJECT_CODE = 550
-REJECT_STATUS = "5.7.1"
-REJECT_TEXT = "Delivery to this address is not permitted"
-
-# Texts of local transient outcomes; they never carry exception text.
-STATUS_TRANSIENT = "4.4.0"
-STATUS_NO_ANSWER = "4.4.1"
-STATUS_LOCAL_ERROR = "4.3.0"
-TEXT_INTERNAL = "local error during delivery; will try again"
-TEXT_ROUTING = "routing failed; will try again"
-TEXT_NO_TARGETS = "no address to deliver to"
-TEXT_NO_REPLY = "the remote host gave no reply for this recipient"
-TEXT_PASSWORD_UNREADABLE = "cannot read password file {path}: {reason}"
-TEXT_PASSWORD_EMPTY = "password file {path} is empty"
-DNS_PREFIX = "DNS: "
-STATUS_MTA_STS = "4.7.5"
-TEXT_MTA_STS_NO_MX = "MTA-STS: no MX host matches the policy"
 TEXT_NO_TLS = "no TLS"
 TEXT_TLS_FALLBACK = "no TLS: the TLS handshake failed, sent in clear"
 TEXT_SUSPENDED = "delivery temporarily suspended"
 TEXT_NO_ANSWER_BEFORE = "the destination did not answer"
 
-# Why a connection failed, for the most common network errors (not their own text).
-_CONNECT_REASONS: tuple[tuple[type, str], ...] = (
-    (neterror.ConnectionRefusedError, "Connection refused"),
-    (neterror.TCPTimedOutError, "Connection timed out"),
-    (neterror.TimeoutError, "Connection timed out"),
-    (neterror.NoRouteError, "No route to host"),
-    (neterror.ConnectionLost, "Connection lost"),
-    (neterror.ConnectionDone, "Connection closed"),
-    (neterror.ConnectError, "Connection failed"),
-    (OSError, "Connection failed"),
-)
-
 Connect = Callable[..., Deferred]
 # progress(outcomes): the outcomes of one destination, while the message's others still run.
 Progress = Callable[[list[Outcome]], None]
-
-
-# -- the one place where outcomes are classified ---------------------------------
-
-
-def classify(code: int) -> str:
-    """The outcome bucket of an SMTP reply code: 2xx delivered, 5xx permanent, else transient."""
-    if 200 <= code < 300:
-        return OUTCOME_DELIVERED
-    if 500 <= code < 600:
-        return OUTCOME_PERMANENT
-    return OUTCOME_TRANSIENT
-
-
-def reply_outcome(address: str, reply: Reply, host: str, rule: str) -> Outcome:
-    """The Outcome of a recipient the remote ``host`` answered with ``reply``."""
-    return Outcome(
-        recipient=address,
-        kind=classify(reply.code),
-        code=reply.code,
-        status=reply.status,
-        text=" ".join(reply.text.split("\n")),
-        host=host,
-        rule=rule,
-    )
-
-
-def local_outcome(address: str, kind: str, status: str, text: str, rule: str = "", host: str = "") -> Outcome:
-    """An Outcome decided here rather than by a remote reply (code 0)."""
-    return Outcome(address, kind, LOCAL_CODE, status, text, host=host, rule=rule)
-
-
-def _resolution_outcome(address: str, error: ResolutionError, rule: str) -> Outcome:
-    kind = OUTCOME_PERMANENT if error.permanent else OUTCOME_TRANSIENT
-    text = error.text if error.text.startswith(DNS_PREFIX) else DNS_PREFIX + error.text
-    return local_outcome(address, kind, error.status, text, rule)
-
-
-def _reject_outcome(address: str, route: Route) -> Outcome:
-    return Outcome(address, OUTCOME_PERMANENT, REJECT_CODE, REJECT_STATUS, route.reason or REJECT_TEXT, rule=route.rule)
 
 
 def host_label(target: Target) -> str:
@@ -161,35 +100,16 @@ def host_label(target: Target) -> str:
     return f"{target.host}[{target.address}]"
 
 
-def connect_error_text(target: Target, failure: Failure) -> str:
-    """One line saying why ``target`` could not carry the mail (no raw exception text)."""
-    where = f"{host_label(target)}:{target.port}"
-    error = failure.value
-    if isinstance(error, SessionError):
-        if error.reply is not None:
-            return f"{where} said: {error.reply} (at {error.stage})"
-        if error.stage == smtp_client.STAGE_CONNECT:
-            return f"connect to {where}: {_network_reason(error)}"
-        return f"{where}: {error.message}"
-    for kind, reason in _CONNECT_REASONS:
-        if isinstance(error, kind):
-            return f"connect to {where}: {reason}"
-    return f"{where}: {TEXT_INTERNAL}"
-
-
-def _network_reason(error: SessionError) -> str:
-    """The client's connect message names the Twisted error; keep only its gist."""
-    text = error.message.lower()
-    if "refused" in text:
-        return "Connection refused"
-    if "timed out" in text or "timeout" in text:
-        return "Connection timed out"
-    if "no route" in text:
-        return "No route to host"
-    return "Connection failed"
+def unreachable_target(target: Target, failure: Failure) -> Unreachable:
+    """Why ``target`` could not carry the mail (typed, never the exception's text)."""
+    return unreachable(f"{host_label(target)}:{target.port}", host_label(target), failure)
 
 
 # -- passwords -------------------------------------------------------------------
+
+
+TEXT_PASSWORD_UNREADABLE = "cannot read password file {path}: {reason}"
+TEXT_PASSWORD_EMPTY = "password file {path} is empty"
 
 
 class PasswordError(Exception):
@@ -224,21 +144,13 @@ class _Member:
 
 
 @dataclass(frozen=True)
-class _Unreachable:
-    """A target that could not take the transaction, and why."""
-
-    text: str
-    host: str
-    status: str = STATUS_NO_ANSWER
-
-
-@dataclass(frozen=True)
 class _Suspension:
     """A destination that failed to answer: until when its mail is deferred without a connection."""
 
     until: float
     text: str
     host: str
+    reason: Reason = Reason.SUSPENDED  # why the destination failed
 
 
 class _Body:
@@ -355,7 +267,7 @@ class Delivery:
             if isinstance(route, Outcome):
                 outcomes[index] = route
             elif route.kind == ROUTE_REJECT:
-                outcomes[index] = _reject_outcome(recipient.address, route)
+                outcomes[index] = reject_outcome(recipient.address, route)
                 self._log_outcome(envelope, outcomes[index])
             else:
                 groups.setdefault(route.destination(), []).append((index, _Member(recipient, route)))
@@ -381,7 +293,7 @@ class Delivery:
 
     def _attempt_failed(self, failure: Failure, envelope: Envelope, pending: tuple[Recipient, ...]) -> list[Outcome]:
         log.failure("{queue_id}: delivery attempt failed", failure, queue_id=envelope.queue_id)
-        return [local_outcome(r.address, OUTCOME_TRANSIENT, STATUS_LOCAL_ERROR, TEXT_INTERNAL) for r in pending]
+        return [internal_outcome(r.address) for r in pending]
 
     def _route(self, envelope: Envelope, recipient: Recipient, context: RouteContext) -> Deferred:
         """Fire with ``(recipient, Route)`` or ``(recipient, transient Outcome)``; never errbacks."""
@@ -397,7 +309,7 @@ class Delivery:
                 queue_id=envelope.queue_id,
                 recipient=recipient.address,
             )
-            return recipient, local_outcome(recipient.address, OUTCOME_TRANSIENT, STATUS_LOCAL_ERROR, TEXT_ROUTING)
+            return recipient, internal_outcome(recipient.address, text=TEXT_ROUTING, reason=Reason.ROUTING)
 
         d.addCallbacks(routed, failed)
         return d
@@ -415,10 +327,7 @@ class Delivery:
                 queue_id=envelope.queue_id,
                 recipients=_addresses(members),
             )
-            return [
-                local_outcome(m.recipient.address, OUTCOME_TRANSIENT, STATUS_LOCAL_ERROR, TEXT_INTERNAL, m.route.rule)
-                for m in members
-            ]
+            return [internal_outcome(m.recipient.address, m.route.rule) for m in members]
 
         d.addErrback(failed)
         d.addCallback(self._log_outcomes, envelope)
@@ -434,7 +343,7 @@ class Delivery:
             password = read_password(route.password_file) if route.password_file else ""
         except PasswordError as e:
             log.error("{queue_id}: route {rule}: {error}", queue_id=envelope.queue_id, rule=route.rule, error=str(e))
-            return [local_outcome(m.recipient.address, OUTCOME_TRANSIENT, STATUS_LOCAL_ERROR, str(e), m.route.rule) for m in members]
+            return [internal_outcome(m.recipient.address, m.route.rule, str(e), Reason.PASSWORD) for m in members]
         try:
             targets = await defer.maybeDeferred(self._resolver.targets, route, self._config.delivery.port)
         except ResolutionError as e:
@@ -446,15 +355,15 @@ class Delivery:
                 error=e.text,
                 kind="permanent" if e.permanent else "transient",
             )
-            return [_resolution_outcome(m.recipient.address, e, m.route.rule) for m in members]
+            return [resolution_outcome(m.recipient.address, e.status, e.text, m.route.rule) for m in members]
         if not targets:
-            return [local_outcome(m.recipient.address, OUTCOME_TRANSIENT, STATUS_NO_ANSWER, TEXT_NO_TARGETS, m.route.rule) for m in members]
+            return [local_outcome(m.recipient.address, Reason.NO_TARGETS, STATUS_NO_ANSWER, TEXT_NO_TARGETS, m.route.rule) for m in members]
         policy = await self._sts_policy(route)
         targets, enforce = self._apply_sts(envelope, route, targets, policy)
         if not targets:
-            return [local_outcome(m.recipient.address, OUTCOME_TRANSIENT, STATUS_MTA_STS, TEXT_MTA_STS_NO_MX, m.route.rule) for m in members]
+            return [local_outcome(m.recipient.address, Reason.MTA_STS, STATUS_MTA_STS, TEXT_MTA_STS_NO_MX, m.route.rule) for m in members]
         transaction = self._transaction(envelope, members, body)
-        last: Optional[_Unreachable] = None
+        last: Optional[Unreachable] = None
         for target in targets:
             options = self._options(route, target, password, verify=enforce)
             try:
@@ -462,11 +371,11 @@ class Delivery:
             except _DestinationSuspended:
                 suspension = self.suspended(destination)
                 if suspension is None:
-                    suspension = _Suspension(0.0, TEXT_NO_ANSWER_BEFORE, host_label(target))
+                    suspension = _Suspension(0.0, TEXT_NO_ANSWER_BEFORE, host_label(target), Reason.SUSPENDED)
                 return self._suspended_outcomes(envelope, members, suspension)
             except _BodyUnavailable:
-                return [local_outcome(m.recipient.address, OUTCOME_TRANSIENT, STATUS_LOCAL_ERROR, TEXT_INTERNAL, m.route.rule) for m in members]
-            if isinstance(result, _Unreachable):
+                return [internal_outcome(m.recipient.address, m.route.rule, reason=Reason.MESSAGE_UNREADABLE) for m in members]
+            if isinstance(result, Unreachable):
                 last = result
                 log.info(
                     "{queue_id}: {error}; {next}",
@@ -485,12 +394,12 @@ class Delivery:
         assert last is not None
         if not forced:
             self._suspend(envelope, destination, last)
-        return [_unreachable(m, last) for m in members]
+        return [unreachable_outcome(m.recipient.address, last, m.route.rule) for m in members]
 
-    def _suspend(self, envelope: Envelope, destination: tuple, last: _Unreachable) -> None:
+    def _suspend(self, envelope: Envelope, destination: tuple, last: Unreachable) -> None:
         """No host of ``destination`` answered: defer its mail without connecting until the next retry."""
         until = self._reactor.seconds() + self._config.queue.min_retry
-        self._suspended[destination] = _Suspension(until, last.text, last.host)
+        self._suspended[destination] = _Suspension(until, last.text, last.host, last.reason)
         parked = self._parked.pop(destination, set())
         log.info(
             "{queue_id}: delivery to {host} temporarily suspended for {seconds:.0f}s: {error}{waiting}",
@@ -505,12 +414,13 @@ class Delivery:
 
     def _suspended_outcomes(self, envelope: Envelope, members: list[_Member], suspension: _Suspension) -> list[Outcome]:
         text = f"{TEXT_SUSPENDED}: {suspension.text}"
-        return [local_outcome(m.recipient.address, OUTCOME_TRANSIENT, STATUS_NO_ANSWER, text, m.route.rule, suspension.host) for m in members]
+        return [local_outcome(m.recipient.address, Reason.SUSPENDED, STATUS_NO_ANSWER, text, m.route.rule, suspension.host)
+                for m in members]
 
     async def _try_target(
         self, envelope: Envelope, target: Target, options: ClientOptions, transaction: Transaction, route: Route,
         body: _Body,
-    ) -> tuple[Union[TransactionResult, _Unreachable], bool]:
+    ) -> tuple[Union[TransactionResult, Unreachable], bool]:
         """Hand the transaction to ``target``: its result (or why it could not take it),
         and whether it went in clear after a failed TLS handshake.
 
@@ -539,7 +449,7 @@ class Delivery:
                     continue
                 if not failure.check(SessionError, neterror.ConnectError, OSError):
                     log.failure("{queue_id}: connecting to {host} failed", failure, queue_id=envelope.queue_id, host=host_label(target))
-                return _Unreachable(connect_error_text(target, failure), host_label(target)), not options.starttls
+                return unreachable_target(target, failure), not options.starttls
             finally:
                 parked.discard(checkout)
                 if not parked and self._parked.get(destination) is parked:
@@ -559,7 +469,7 @@ class Delivery:
                     continue
                 if not e.transient and e.reply is not None and classify(e.reply.code) == OUTCOME_PERMANENT:
                     return TransactionResult({a: e.reply for a, _ in transaction.recipients}, target.host, ""), not options.starttls
-                return _Unreachable(connect_error_text(target, Failure(e)), host_label(target)), not options.starttls
+                return unreachable_target(target, Failure(e)), not options.starttls
             except Exception:
                 self.pool.checkin(key, target.address, conn, reusable=False)
                 raise
@@ -572,8 +482,7 @@ class Delivery:
             options.tls == TLS_MAY
             and options.starttls
             and isinstance(error, SessionError)
-            and error.stage == smtp_client.STAGE_STARTTLS
-            and error.reply is None  # the handshake failed; a refused STARTTLS already went on in clear
+            and error.reason in (Reason.TLS_HANDSHAKE, Reason.TLS_LOST)  # not a certificate check, not a refusal
         )
 
     def _in_clear(self, envelope: Envelope, target: Target, options: ClientOptions) -> ClientOptions:
@@ -663,7 +572,7 @@ class Delivery:
         for m in members:
             reply = result.replies.get(m.recipient.address)
             if reply is None:
-                outcomes.append(local_outcome(m.recipient.address, OUTCOME_TRANSIENT, STATUS_NO_ANSWER, TEXT_NO_REPLY, m.route.rule, host))
+                outcomes.append(local_outcome(m.recipient.address, Reason.NO_REPLY, STATUS_NO_ANSWER, TEXT_NO_REPLY, m.route.rule, host))
             else:
                 outcome = reply_outcome(m.recipient.address, reply, host, m.route.rule)
                 outcomes.append(replace(outcome, tls=result.tls, tls_fallback=in_clear, dsn_passed=result.dsn))
@@ -683,12 +592,8 @@ class Delivery:
             host=outcome.host or "-",
             tls=outcome.tls or (TEXT_TLS_FALLBACK if outcome.tls_fallback else TEXT_NO_TLS),
             kind=outcome.kind,
-            reply=outcome.describe(),
+            reply=outcome.describe() if outcome.remote or not outcome.code else f"relay: {outcome.describe()}",
         )
-
-
-def _unreachable(member: _Member, last: _Unreachable) -> Outcome:
-    return local_outcome(member.recipient.address, OUTCOME_TRANSIENT, STATUS_NO_ANSWER, last.text, member.route.rule, last.host)
 
 
 def _addresses(members: Iterable[_Member]) -> str:

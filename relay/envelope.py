@@ -8,15 +8,24 @@ does I/O; the spool decides where the JSON goes.
 The JSON carries ``"version": FORMAT_VERSION``.  A change of shape bumps the
 version and keeps a reader for every older one; fixtures of old formats live
 in ``tests/fixtures``.  Never pickle.
+
+Version 2 records each ``Attempt`` as its facts (code, enhanced status,
+text, host, whether the words came from the remote host, a typed reason);
+version 1 kept one line of text (``reply``).  The version 1 reader parses
+that line once, as relay wrote it (``Outcome.describe``: "CODE X.Y.Z text",
+"X.Y.Z text" for a decision of relay's own, "X.Y.Z host said: REPLY (at
+STAGE)" for a session refused by a peer), and the envelope is written back
+in version 2 the next time it changes.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Recipient states.
 PENDING = "pending"  # still to be delivered (first attempt or retry)
@@ -57,15 +66,31 @@ def domain_of(address: str) -> str:
 
 @dataclass(frozen=True)
 class Attempt:
-    """One delivery attempt for one recipient, kept so operators see why."""
+    """One delivery attempt for one recipient, kept so operators (and DSNs) see why."""
 
     time: float  # epoch seconds
     outcome: str  # one of OUTCOME_KINDS
-    reply: str  # remote reply ("550 5.1.1 no such user") or local reason
-    host: str = ""  # the remote host that answered, if any
+    code: int = 0  # SMTP reply code; 0 for a decision of relay's own
+    status: str = ""  # enhanced status code ("5.1.1"), "" when there was none
+    text: str = ""  # the reply text (one line) or relay's reason
+    host: str = ""  # the host attempted or that answered, "mx.example[192.0.2.1]", if any
+    remote: bool = False  # the words (code, status, text) came from ``host``, not from relay
+    reason: str = ""  # why relay decided (relay.outcome.Reason values), "" for a plain reply
     route: str = ""  # which rule or plugin chose the route
     tls: str = ""  # TLS version and cipher of the session, "" in clear or unknown
     tls_fallback: bool = False  # sent in clear after a failed STARTTLS handshake (tls = "may")
+    dsn_passed: bool = False  # the next hop advertised DSN and took the DSN request on
+
+    @property
+    def reply(self) -> str:
+        """One line: ``"550 5.1.1 no such user"``, or ``"4.4.1 connect to ...: Connection refused"``."""
+        return describe(self.code, self.status, self.text)
+
+
+def describe(code: int, status: str, text: str) -> str:
+    """One line for logs and listings: the code (when there is one), the status, the text."""
+    parts = [str(code) if code else "", status, text]
+    return " ".join(p for p in parts if p)
 
 
 @dataclass(frozen=True)
@@ -199,19 +224,65 @@ def _params(raw: Any) -> Params:
 
 
 def _read_attempt(raw: dict) -> Attempt:
-    """One history entry; ``tls`` was added later and is read when present."""
+    """One history entry of version 2."""
     return Attempt(
         time=float(raw["time"]),
         outcome=str(raw["outcome"]),
-        reply=str(raw["reply"]),
+        code=int(raw.get("code", 0)),
+        status=str(raw.get("status", "")),
+        text=str(raw.get("text", "")),
         host=str(raw.get("host", "")),
+        remote=bool(raw.get("remote", False)),
+        reason=str(raw.get("reason", "")),
         route=str(raw.get("route", "")),
         tls=str(raw.get("tls", "")),
         tls_fallback=bool(raw.get("tls_fallback", False)),
+        dsn_passed=bool(raw.get("dsn_passed", False)),
     )
 
 
-def _read_v1(raw: dict) -> Envelope:
+# Version 1 history: the one line ``Outcome.describe`` wrote.
+_V1_LINE = re.compile(r"(?:(?P<code>[2-5][0-9][0-9])(?: |$))?(?:(?P<status>[245]\.[0-9]{1,3}\.[0-9]{1,3})(?: |$))?(?P<text>.*)", re.DOTALL)
+_V1_SAID = re.compile(r"\S+ said: (?P<reply>[2-5][0-9][0-9](?: .*)?) \(at [a-z]+\)", re.DOTALL)
+_V1_OWN_PREFIX = "relay: "  # the replies relay's client made up itself started so
+
+
+def _v1_words(line: str) -> tuple[int, str, str]:
+    match = _V1_LINE.fullmatch(line)
+    assert match is not None  # the pattern matches any text
+    return int(match["code"] or 0), match["status"] or "", match["text"]
+
+
+def read_v1_attempt(raw: dict) -> Attempt:
+    """A version 1 history entry, its ``reply`` line split into the facts of version 2 (once).
+
+    "CODE [X.Y.Z] text" from a host is that host's reply, unless the text
+    starts with "relay: " (what the client refused to send, such as a size
+    over the peer's limit); "X.Y.Z host[addr]:port said: REPLY (at STAGE)" is
+    the peer's REPLY; any other line is relay's own words.
+    """
+    host = str(raw.get("host", ""))
+    code, status, text = _v1_words(str(raw["reply"]))
+    remote = bool(code and host)
+    if code and text.startswith(_V1_OWN_PREFIX):
+        remote, text = False, text[len(_V1_OWN_PREFIX):]
+    elif not code and (said := _V1_SAID.fullmatch(text)) is not None:
+        code, status, text = _v1_words(said["reply"])
+        remote = True
+    return Attempt(
+        time=float(raw["time"]),
+        outcome=str(raw["outcome"]),
+        code=code,
+        status=status,
+        text=text,
+        host=host,
+        remote=remote,
+        route=str(raw.get("route", "")),
+        tls=str(raw.get("tls", "")),
+    )
+
+
+def _read_v2(raw: dict, read_attempt: Callable[[dict], Attempt] = _read_attempt) -> Envelope:
     recipients = []
     for r in raw["recipients"]:
         if r["status"] not in RECIPIENT_STATES:
@@ -225,7 +296,7 @@ def _read_v1(raw: dict) -> Envelope:
                 attempts=int(r.get("attempts", 0)),
                 last_error=str(r.get("last_error", "")),
                 next_attempt=None if r.get("next_attempt") is None else float(r["next_attempt"]),
-                history=tuple(_read_attempt(a) for a in r.get("history", ())),
+                history=tuple(read_attempt(a) for a in r.get("history", ())),
                 reported=bool(r.get("reported", False)),
                 warned=bool(r.get("warned", False)),
             )
@@ -245,7 +316,12 @@ def _read_v1(raw: dict) -> Envelope:
     )
 
 
-_READERS = {1: _read_v1}
+def _read_v1(raw: dict) -> Envelope:
+    """Version 1: the shape of version 2 but for the history, whose lines are parsed once."""
+    return _read_v2(raw, read_v1_attempt)
+
+
+_READERS = {1: _read_v1, 2: _read_v2}
 
 _ATTEMPT_NAMES = _names(Attempt)
 _RECIPIENT_NAMES = _names(Recipient)
@@ -309,8 +385,9 @@ class Outcome:
     tls: str = ""  # TLS version and cipher of the session that answered, "" in clear
     tls_fallback: bool = False  # sent in clear after a failed STARTTLS handshake (tls = "may")
     dsn_passed: bool = False  # the next hop advertised DSN and got the DSN parameters with the mail
+    remote: bool = False  # code, status and text are what ``host`` sent (False: relay decided)
+    reason: str = ""  # a relay.outcome.Reason value: why relay decided, "" for a plain reply
 
     def describe(self) -> str:
-        """One line for logs, queue listings and DSN diagnostic codes."""
-        parts = [str(self.code) if self.code else "", self.status, self.text]
-        return " ".join(p for p in parts if p)
+        """One line for logs and queue listings."""
+        return describe(self.code, self.status, self.text)

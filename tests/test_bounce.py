@@ -16,6 +16,7 @@ from typing import Any, BinaryIO, Callable
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from relay import bounce
@@ -37,7 +38,18 @@ from relay.envelope import (
     Envelope,
     Recipient,
 )
+from relay.outcome import (
+    LocalReply,
+    Reason,
+    reply_outcome,
+    resolution_outcome,
+    unreachable,
+    unreachable_outcome,
+)
+from relay.queue.scheduler import apply_outcome
 from relay.queue.store import Spool
+from relay.smtp.client import REPLY_NO_SMTPUTF8, TEXT_TOO_BIG, SessionError
+from relay.smtp.replies import Reply
 
 HOST = "relay.example.org"
 ARRIVAL = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 +0000
@@ -70,8 +82,11 @@ def bob_rejected() -> Recipient:
             Attempt(
                 time=ARRIVAL + 60,
                 outcome=OUTCOME_PERMANENT,
-                reply="550 5.1.1 <bob@example.net>: no such user",
+                code=550,
+                status="5.1.1",
+                text="<bob@example.net>: no such user",
                 host="mx1.example.net[192.0.2.25]",
+                remote=True,
                 route="mx",
             ),
         ),
@@ -84,7 +99,8 @@ def carol_no_domain() -> Recipient:
         status=FAILED,
         attempts=1,
         last_error="5.1.2 DNS: example.com does not exist",
-        history=(Attempt(time=ARRIVAL + 61, outcome=OUTCOME_PERMANENT, reply="5.1.2 DNS: example.com does not exist"),),
+        history=(Attempt(time=ARRIVAL + 61, outcome=OUTCOME_PERMANENT, status="5.1.2",
+                         text="DNS: example.com does not exist", reason="dns"),),
     )
 
 
@@ -95,8 +111,8 @@ def dave_still_busy(status: str = PENDING) -> Recipient:
         attempts=5,
         last_error="451 4.3.0 mailbox busy, try later",
         history=(
-            Attempt(time=ARRIVAL + 100, outcome=OUTCOME_TRANSIENT, reply="451 4.3.0 mailbox busy, try later",
-                    host="mx2.example.net[192.0.2.26]"),
+            Attempt(time=ARRIVAL + 100, outcome=OUTCOME_TRANSIENT, code=451, status="4.3.0",
+                    text="mailbox busy, try later", host="mx2.example.net[192.0.2.26]", remote=True),
         ),
     )
 
@@ -259,18 +275,15 @@ class BuildDsnTests(SynchronousTestCase):
     def test_status_defaults(self) -> None:
         """A permanent failure without an enhanced code is 5.0.0; a transient one at the end is 4.4.7."""
         permanent = Recipient(address="x@example.net", last_error="550 go away",
-                              history=(Attempt(time=1.0, outcome=OUTCOME_PERMANENT, reply="550 go away"),))
+                              history=(Attempt(time=1.0, outcome=OUTCOME_PERMANENT, code=550, text="go away",
+                                                host="mx[192.0.2.1]", remote=True),))
         transient = Recipient(address="x@example.net", last_error="Connection refused",
-                              history=(Attempt(time=1.0, outcome=OUTCOME_TRANSIENT, reply="Connection refused"),))
+                              history=(Attempt(time=1.0, outcome=OUTCOME_TRANSIENT, status="4.4.1",
+                                                text="Connection refused", reason="connect-refused"),))
         self.assertEqual(recipient_status(permanent), "5.0.0")
         self.assertEqual(recipient_status(transient), "4.4.7")
         self.assertEqual(recipient_status(Recipient(address="x@example.net")), "5.0.0")
 
-    def test_status_parsing(self) -> None:
-        """The enhanced code is found in a reply, even before a full stop, and never inside an IP address."""
-        self.assertEqual(bounce.find_status("554 Status 5.7.1. Rejected"), "5.7.1")
-        self.assertIsNone(bounce.find_status("host 192.5.1.1 refused the connection"))
-        self.assertIsNone(bounce.find_status("550 no code here"))
 
     def test_envid_and_orcpt(self) -> None:
         """ENVID becomes Original-Envelope-Id and ORCPT becomes Original-Recipient, xtext decoded."""
@@ -320,8 +333,10 @@ class BuildDsnTests(SynchronousTestCase):
 
     def test_crlf_lines_within_998_octets(self) -> None:
         """Every line ends in CRLF and none exceeds 998 octets, even for huge replies and header lines."""
-        long_reply = "550 5.7.1 " + "policy " * 400 + "x" * 2000
-        bob = Recipient(address="bob@example.net", status=FAILED, last_error=long_reply)
+        long_text = "policy " * 400 + "x" * 2000
+        attempt = Attempt(time=NOW, outcome=OUTCOME_PERMANENT, code=550, status="5.7.1", text=long_text,
+                          host="mx1.example.net[192.0.2.25]", remote=True)
+        bob = Recipient(address="bob@example.net", status=FAILED, last_error=attempt.reply, history=(attempt,))
         headers = b"Subject: " + b"y" * 3000 + b"\r\nX-Bare: lf\nX-Next: ok\r\n"
         raw = build_dsn(original_envelope(recipients=(bob,)), [bob], headers, HOST, NOW)
         self.assertNotRegex(raw, rb"[^\r]\n")
@@ -335,6 +350,115 @@ class BuildDsnTests(SynchronousTestCase):
     def test_unknown_action_refused(self) -> None:
         """An action other than failed or delayed is a programming error, not a notification."""
         self.assertRaises(ValueError, self.dsn, action="relayed")
+
+
+MX = "mx.pf.test[192.0.2.40]"
+
+
+def after(outcome: Any, status: str = FAILED) -> Recipient:
+    """The recipient as the scheduler stores it after ``outcome`` (FAILED for a bounce, else PENDING)."""
+    recipient = apply_outcome(Recipient(address=outcome.recipient), outcome, ARRIVAL + 60)
+    return replace(recipient, status=status)
+
+
+class WhoseWordsTests(SynchronousTestCase):
+    """DSNs read each attempt's facts: "host X said" and smtp diagnostics only for what a remote host sent."""
+
+    def fields(self, recipient: Recipient, action: str = "failed") -> tuple[dict, str]:
+        envelope = original_envelope(recipients=(recipient,))
+        message = parse(build_dsn(envelope, [recipient], ORIGINAL_HEADERS, HOST, NOW, action=action,
+                                  retry_until=NOW + 86400 if action == "delayed" else None))
+        return status_groups(message.get_payload()[1])[1], message.get_payload()[0].get_content()
+
+    def assert_local(self, group: Message, text: str, words: str) -> None:
+        self.assertEqual(group["Diagnostic-Code"], f"X-Relay; {words}")
+        self.assertNotIn("Remote-MTA", group)
+        self.assertNotIn("said", text)
+        self.assertIn(words, text)
+
+    def test_a_size_refusal_before_mail_is_relays_own_decision(self) -> None:
+        """552 5.3.4 for a message over the peer's SIZE is never "host said" nor an smtp diagnostic."""
+        refusal = LocalReply(552, "5.3.4", TEXT_TOO_BIG.format(size=20480, limit=10240), Reason.MESSAGE_TOO_BIG)
+        group, text = self.fields(after(reply_outcome("bob@example.net", refusal, MX, "mx")))
+        self.assertEqual(group["Status"], "5.3.4")
+        self.assert_local(group, text, "5.3.4 message size 20480 exceeds the remote server's limit of 10240 octets")
+
+    def test_an_smtputf8_downgrade_refusal_is_relays_own_decision(self) -> None:
+        """5.6.7 (the next hop has no SMTPUTF8) is reported as relay's words."""
+        group, text = self.fields(after(reply_outcome("bob@example.net", REPLY_NO_SMTPUTF8, MX, "mx")))
+        self.assertEqual(group["Status"], "5.6.7")
+        self.assert_local(group, text, "5.6.7 remote server does not support SMTPUTF8")
+
+    def test_a_dns_failure_is_relays_own_decision(self) -> None:
+        """NXDOMAIN is reported with its status and relay's words."""
+        outcome = resolution_outcome("bob@example.net", "5.1.2", "domain example.net does not exist", "mx")
+        group, text = self.fields(after(outcome))
+        self.assertEqual(group["Status"], "5.1.2")
+        self.assert_local(group, text, "5.1.2 DNS: domain example.net does not exist")
+
+    def test_a_refused_connection_until_expiry_is_relays_own_decision(self) -> None:
+        """Connection refused to the end: 4.4.7, relay's words naming the host, no Remote-MTA."""
+        error = SessionError(None, True, "connect", "cannot connect", Reason.CONNECT_REFUSED)
+        outcome = unreachable_outcome("bob@example.net", unreachable(f"{MX}:25", MX, Failure(error)), "mx")
+        group, text = self.fields(after(outcome))
+        self.assertEqual(group["Status"], "4.4.7")
+        self.assert_local(group, text, f"4.4.1 connect to {MX}:25: Connection refused")
+        self.assertIn("delivery time expired", text)
+
+    def test_a_refused_connection_in_a_delay_warning(self) -> None:
+        """A delay warning for a refused connection carries 4.4.1 and an X-Relay diagnostic."""
+        error = SessionError(None, True, "connect", "cannot connect", Reason.CONNECT_REFUSED)
+        outcome = unreachable_outcome("bob@example.net", unreachable(f"{MX}:25", MX, Failure(error)), "mx")
+        group, text = self.fields(after(outcome, PENDING), action="delayed")
+        self.assertEqual(group["Status"], "4.4.1")
+        self.assert_local(group, text, f"4.4.1 connect to {MX}:25: Connection refused")
+
+    def test_a_remote_refusal_is_what_the_host_said(self) -> None:
+        """550 5.1.1 sent by the peer: "host X said", Remote-MTA and an smtp diagnostic."""
+        outcome = reply_outcome("bob@example.net", Reply(550, "5.1.1", "no such user"), MX, "mx")
+        group, text = self.fields(after(outcome))
+        self.assertEqual((group["Status"], group["Remote-MTA"]), ("5.1.1", "dns; mx.pf.test"))
+        self.assertEqual(group["Diagnostic-Code"], "smtp; 550 5.1.1 no such user")
+        self.assertIn(f"host {MX} said: 550 5.1.1 no such user", text)
+
+    def test_a_greeting_refused_until_expiry_is_what_the_host_said(self) -> None:
+        """A 421 greeting to the end: 4.4.7, and the peer's own words with its host."""
+        busy = SessionError(Reply(421, "4.7.0", "too many connections"), True, "greeting")
+        outcome = unreachable_outcome("bob@example.net", unreachable(f"{MX}:25", MX, Failure(busy)), "mx")
+        group, text = self.fields(after(outcome))
+        self.assertEqual(group["Status"], "4.4.7")
+        self.assertEqual(group["Diagnostic-Code"], "smtp; 421 4.7.0 too many connections")
+        self.assertIn(f"host {MX} said: 421 4.7.0 too many connections", text)
+
+    def test_words_that_look_like_a_reply_do_not_make_it_remote(self) -> None:
+        """Relay's own text starting with digits is still relay's: whose words is a field, not a pattern."""
+        attempt = Attempt(time=ARRIVAL, outcome=OUTCOME_PERMANENT, status="5.4.4",
+                          text="550 hosts listed, none usable", host=MX, remote=False, reason="dns")
+        recipient = Recipient(address="bob@example.net", status=FAILED, last_error=attempt.reply, history=(attempt,))
+        group, text = self.fields(recipient)
+        self.assert_local(group, text, "5.4.4 550 hosts listed, none usable")
+
+
+class NotificationDueTests(SynchronousTestCase):
+    """notification_due: the one decision whether the sender is told."""
+
+    def test_never_for_the_null_sender(self) -> None:
+        """A message from <> owes no failure and no delay notice, whatever its recipients asked."""
+        envelope = original_envelope(sender="")
+        for params in ((), (("NOTIFY", "FAILURE,DELAY"),)):
+            recipient = Recipient(address="bob@example.net", params=params)
+            self.assertFalse(bounce.notification_due(envelope, recipient, "failed"))
+            self.assertFalse(bounce.notification_due(envelope, recipient, "delayed"))
+
+    def test_as_notify_asks_otherwise(self) -> None:
+        """Without NOTIFY both are owed; NOTIFY=NEVER none; NOTIFY=DELAY only the delay notice."""
+        envelope = original_envelope()
+        plain = Recipient(address="a@example.net")
+        never = Recipient(address="b@example.net", params=(("NOTIFY", "NEVER"),))
+        delay = Recipient(address="c@example.net", params=(("NOTIFY", "DELAY"),))
+        due = [(bounce.notification_due(envelope, r, "failed"), bounce.notification_due(envelope, r, "delayed"))
+               for r in (plain, never, delay)]
+        self.assertEqual(due, [(True, True), (False, False), (False, True)])
 
 
 class ReadHeaderSectionTests(SynchronousTestCase):

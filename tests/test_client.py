@@ -34,6 +34,7 @@ from relay.smtp.client import (
     Transaction,
     TransactionResult,
 )
+from relay.outcome import LocalReply, Reason
 from relay.smtp.replies import Reply
 
 REPO = Path(__file__).resolve().parent.parent
@@ -217,7 +218,7 @@ class SessionSetupTests(ClientTestCase):
         self.server("HTTP/1.1 400 Bad Request")
         err = self.session_error(self.proto.ready)
         self.assertTrue(err.transient)
-        self.assertEqual(err.stage, "greeting")
+        self.assertEqual((err.stage, err.reason), ("greeting", Reason.PROTOCOL))
         self.assertTrue(self.transport.disconnecting)
 
     def test_inconsistent_multiline_codes_are_a_protocol_error(self):
@@ -254,6 +255,49 @@ class SessionSetupTests(ClientTestCase):
         self.connect()
         self.proto.dataReceived(b"220 mx.test\n")
         self.assertEqual(self.sent(), b"EHLO relay.test\r\n")
+
+
+class UnsolicitedCloseTests(ClientTestCase):
+    """A 421 nobody asked for (RFC 5321 3.8: the peer is shutting down) is one clear line, not a protocol error."""
+
+    def setUp(self) -> None:
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def lines(self) -> list[str]:
+        return [formatEvent(e) for e in self.events if e.get("log_namespace", "").startswith("relay.")]
+
+    def test_421_on_an_idle_connection_closes_it_with_one_line(self):
+        """An idle connection told 421 is closed (no QUIT), logged once with the reply, and never called a protocol error."""
+        self.ready()
+        self.server("421 4.4.2 mx.test Error: timeout exceeded")
+        self.assertTrue(self.proto.closed)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.sent(), b"")
+        lines = [l for l in self.lines() if "mx.test" in l]
+        self.assertEqual(lines, ["mx.test: the peer closes the connection: 421 4.4.2 mx.test Error: timeout exceeded"])
+        self.assertFalse(any("protocol error" in l for l in self.lines()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.failureResultOf(self.proto.send(transaction()), SessionError)  # at once: the connection is closed
+
+    def test_421_while_the_message_streams_fails_the_transaction_with_the_reply(self):
+        """A 421 arriving in the middle of DATA fails the transaction transiently, carrying the peer's reply."""
+        self.ready()
+        d = self.proto.send(transaction(message=b"x" * 200 + b"\r\n"))
+        self.server("250 ok", "250 ok", "354 go")
+        self.server("421 4.3.2 shutting down")
+        err = self.session_error(d)
+        self.assertEqual((err.transient, err.reply, err.reason), (True, Reply(421, "4.3.2", "shutting down"), Reason.LOST))
+        self.assertTrue(self.proto.closed)
+        self.assertFalse(any("protocol error" in l for l in self.lines()))
+
+    def test_other_unsolicited_replies_are_still_protocol_errors(self):
+        """Only 421 is a peer closing: any other reply nobody waits for is a protocol error."""
+        self.ready()
+        self.server("250 surprise")
+        self.assertTrue(self.proto.closed)
+        self.assertTrue(any("protocol error: unexpected reply" in l for l in self.lines()))
 
 
 class TLSTests(ClientTestCase):
@@ -527,6 +571,8 @@ class TransactionTests(ClientTestCase):
         self.ready(caps=("PIPELINING", "SIZE 10"))
         reply = self.successResultOf(self.proto.send(transaction())).replies["a@dest.test"]
         self.assertEqual((reply.code, reply.status), (552, "5.3.4"))
+        self.assertIsInstance(reply, LocalReply)  # relay's own decision, never the peer's words
+        self.assertEqual(reply.reason, Reason.MESSAGE_TOO_BIG)
         self.assertEqual(self.sent(), b"")
 
     def test_source_route_in_rcpt(self):
@@ -914,7 +960,7 @@ CLIENT_SCRIPT = textwrap.dedent(
             try:
                 yield connect(reactor, "127.0.0.1", 1, "nowhere.test", options)
             except SessionError as e:
-                out["refused"] = [e.stage, e.transient]
+                out["refused"] = [e.stage, e.transient, e.reason.value]
         except Exception as e:
             out["error"] = repr(e)
         reactor.stop()
@@ -1033,7 +1079,7 @@ def test_delivers_exact_bytes_to_aiosmtpd(tmp_path, tls):
         assert result["tls"].startswith("TLSv1.") if tls != "may" else result["tls"] == ""
         assert result["replies"][f"to{i}@dest.test"] == [250, "2.0.0", "queued"]
         assert result["replies"]["bad@dest.test"] == [550, "5.1.1", "no such user"]
-    assert out["refused"] == ["connect", True]
+    assert out["refused"] == ["connect", True, "connect-refused"]  # typed from Twisted's exception
     if tls == "verify":
         assert out["mismatch"] == ["starttls", True]  # a certificate for another name is refused
 

@@ -16,7 +16,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from relay.config import Config, DeliveryConfig
-from relay.delivery import Delivery, TEXT_INTERNAL, TEXT_ROUTING, classify
+from relay.delivery import Delivery
 from relay.domains import DomainSet
 from relay.envelope import (
     DELIVERED,
@@ -32,6 +32,7 @@ from relay.envelope import (
     Route,
 )
 from relay.interfaces import IRouter
+from relay.outcome import TEXT_INTERNAL, TEXT_ROUTING, Reason
 from relay.routing import RouterChain
 from relay.routing.mx import ResolutionError, Target
 from relay.smtp.client import STAGE_CONNECT, STAGE_GREETING, STAGE_LOST, ClientOptions, SessionError, Transaction, TransactionResult
@@ -167,7 +168,9 @@ class FakeSpool:
 
 
 def refused(address: str, host: str = "mx") -> SessionError:
-    return SessionError(None, True, STAGE_CONNECT, f"cannot connect to {host} [{address}]:25: Connection was refused by other side: 111: Connection refused.")
+    """What ``relay.smtp.client.connect`` raises when the peer refuses the TCP connection."""
+    return SessionError(None, True, STAGE_CONNECT, f"cannot connect to {host} [{address}]:25: Connection refused",
+                        Reason.CONNECT_REFUSED)
 
 
 def mx(domain: str) -> Route:
@@ -225,15 +228,6 @@ no_result = _t.assertNoResult
 
 def by_address(outcomes):
     return {o.recipient: o for o in outcomes}
-
-
-# -- classification ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("code,kind", [(250, OUTCOME_DELIVERED), (251, OUTCOME_DELIVERED), (421, OUTCOME_TRANSIENT), (452, OUTCOME_TRANSIENT), (550, OUTCOME_PERMANENT), (554, OUTCOME_PERMANENT), (0, OUTCOME_TRANSIENT)])
-def test_classify(code, kind):
-    """Reply codes fall into the three buckets: 2xx delivered, 5xx permanent, anything else transient."""
-    assert classify(code) == kind
 
 
 # -- routing -----------------------------------------------------------------------------
@@ -331,7 +325,7 @@ def test_rcpt_route_is_passed_through():
 
 def test_dns_permanent_failure_fails_every_recipient_of_the_group(events):
     """NXDOMAIN is a permanent outcome with the resolver's status for each recipient of the domain."""
-    error = ResolutionError(True, "5.1.2", "domain nx.test does not exist")
+    error = ResolutionError("5.1.2", "domain nx.test does not exist")
     h = Harness(targets={"nx.test": error})
     outcomes = success(h.attempt(envelope("a@nx.test", "b@nx.test", "c@b.test")))
     for o in outcomes[:2]:
@@ -343,7 +337,7 @@ def test_dns_permanent_failure_fails_every_recipient_of_the_group(events):
 
 def test_dns_transient_failure_defers():
     """A DNS timeout or SERVFAIL is a transient outcome and nothing is connected."""
-    h = Harness(targets={"a.test": ResolutionError(False, "4.4.3", "DNS lookup of a.test MX failed: timed out")})
+    h = Harness(targets={"a.test": ResolutionError("4.4.3", "DNS lookup of a.test MX failed: timed out")})
     [outcome] = success(h.attempt(envelope("u@a.test")))
     assert (outcome.kind, outcome.status) == (OUTCOME_TRANSIENT, "4.4.3")
     assert outcome.text.startswith("DNS: ")
@@ -370,12 +364,35 @@ def test_failover_on_4xx_greeting():
     assert outcome.kind == OUTCOME_DELIVERED and outcome.host == "mx2.a.test[127.0.0.3]"
 
 
+def test_every_host_refusing_its_greeting_ends_in_the_last_hosts_words():
+    """Both MX hosts answer 421 at greeting: transient, with the last host's code, status and text, marked remote."""
+    busy = SessionError(Reply(421, "4.7.0", "too many connections"), True, STAGE_GREETING)
+    h = Harness(connector=FakeConnector(failures={"127.0.0.2": busy, "127.0.0.3": busy}))
+    [outcome] = success(h.attempt(envelope("u@a.test")))
+    assert (outcome.kind, outcome.code, outcome.status, outcome.text) == (OUTCOME_TRANSIENT, 421, "4.7.0", "too many connections")
+    assert (outcome.host, outcome.remote, outcome.reason) == ("mx2.a.test[127.0.0.3]", True, "session-refused")
+
+
+def test_a_reply_relay_made_up_is_not_the_peers():
+    """A LocalReply from the client (the size over the peer's limit) becomes a local outcome with its reason."""
+    from relay.outcome import LocalReply
+
+    too_big = LocalReply(552, "5.3.4", "message size 99 exceeds the remote server's limit of 10 octets", Reason.MESSAGE_TOO_BIG)
+    h = Harness(connector=FakeConnector(replies=lambda address, rcpt: too_big))
+    [outcome] = success(h.attempt(envelope("u@a.test")))
+    assert (outcome.kind, outcome.code, outcome.status) == (OUTCOME_PERMANENT, 552, "5.3.4")
+    assert (outcome.host, outcome.remote, outcome.reason) == ("mx1.a.test[127.0.0.2]", False, "message-too-big")
+    [accepted] = success(Harness().attempt(envelope("v@a.test")))
+    assert (accepted.remote, accepted.reason) == (True, "")
+
+
 def test_all_targets_failed_is_transient_with_the_last_error():
     """When no host takes the mail the outcome is transient and names the last host's error."""
     h = Harness(connector=FakeConnector(failures={"127.0.0.2": refused("127.0.0.2"), "127.0.0.3": refused("127.0.0.3")}))
     [outcome] = success(h.attempt(envelope("u@a.test")))
     assert outcome.kind == OUTCOME_TRANSIENT and outcome.code == 0
     assert outcome.text == "connect to mx2.a.test[127.0.0.3]:25: Connection refused"
+    assert (outcome.status, outcome.remote, outcome.reason) == ("4.4.1", False, "connect-refused")
     assert h.delivery.pool.open_connections == 0
 
 
@@ -837,11 +854,12 @@ def test_connections_with_other_tls_settings_are_not_shared():
 
 def test_attempt_tls_round_trips_and_old_history_loads():
     """Attempt.tls is stored in the JSON and read back; a v1 history entry without it still loads."""
-    env = Envelope(queue_id="Q", sender="", recipients=(Recipient("u@a.test", history=(Attempt(1.0, OUTCOME_DELIVERED, "250 ok", "h", "r", TLS13),)),))
+    attempt = Attempt(1.0, OUTCOME_DELIVERED, 250, "", "ok", "h", True, route="r", tls=TLS13)
+    env = Envelope(queue_id="Q", sender="", recipients=(Recipient("u@a.test", history=(attempt,)),))
     assert Envelope.from_json(env.to_json()).recipients[0].history[0].tls == TLS13
-    old = env.to_json().replace(b', "tls": "' + TLS13.encode() + b'"', b"")
-    assert b"TLSv1.3" not in old
-    assert Envelope.from_json(old).recipients[0].history[0] == Attempt(1.0, OUTCOME_DELIVERED, "250 ok", "h", "r")
+    old = (b'{"version": 1, "queue_id": "Q", "sender": "", "recipients": [{"address": "u@a.test", "status": "pending",'
+           b' "history": [{"time": 1.0, "outcome": "delivered", "reply": "250 ok", "host": "h", "route": "r"}]}]}')
+    assert Envelope.from_json(old).recipients[0].history[0] == Attempt(1.0, OUTCOME_DELIVERED, 250, "", "ok", "h", True, route="r")
 
 
 @pytest.mark.parametrize(
@@ -924,18 +942,3 @@ def test_mta_sts_is_not_consulted_for_smart_hosts():
     h = tls_harness(routes={"u@x.test": smarthost()}, targets={"smart.test": [Target("smart.test", "127.0.0.9", 25)]}, policies=policies)
     success(h.attempt(envelope("u@x.test")))
     assert policies.asked == [] and h.connector.calls[0][3].tls == TLS_MAY
-
-
-def test_tls_failure_text_names_the_certificate_problem():
-    """A failed handshake is described in fixed words: name mismatch, untrusted certificate, or other."""
-    from OpenSSL import SSL
-    from service_identity.exceptions import VerificationError
-    from twisted.python.failure import Failure
-
-    from relay.smtp.client import tls_failure_text
-
-    assert "does not match the name smart.test" in tls_failure_text(Failure(VerificationError(errors=[])), "smart.test")
-    untrusted = SSL.Error([("SSL routines", "", "certificate verify failed")])
-    assert "not trusted" in tls_failure_text(Failure(untrusted), "smart.test")
-    other = SSL.Error([("SSL routines", "", "secret library detail")])
-    assert tls_failure_text(Failure(other), "smart.test") == "TLS: handshake failed"

@@ -38,6 +38,8 @@ FLUSH_MX = "127.0.0.38"
 ETRN_MX = "127.0.0.39"
 HOLD_MX = "127.0.0.40"
 ORIGIN_MX = "127.0.0.41"  # never listened on: notifications about the other tests stay queued
+SMALL_MX = "127.0.0.42"  # advertises SIZE 200
+SMALL_SENDER_MX = "127.0.0.43"
 
 ZONE = {
     "sender.test": {"MX": [[10, "mx.sender.test"]]},
@@ -63,6 +65,10 @@ ZONE = {
     "hold.test": {"MX": [[10, "mx.hold.test"]]},
     "mx.hold.test": {"A": [HOLD_MX]},
     "origin.test": {"MX": [[10, "mx.origin.test"]]},
+    "small.test": {"MX": [[10, "mx.small.test"]]},
+    "mx.small.test": {"A": [SMALL_MX]},
+    "smallsender.test": {"MX": [[10, "mx.smallsender.test"]]},
+    "mx.smallsender.test": {"A": [SMALL_SENDER_MX]},
     "mx.origin.test": {"A": [ORIGIN_MX]},
 }
 
@@ -294,6 +300,25 @@ def test_expiry_sends_a_4_4_7_dsn(start_relay, start_sink):
     assert str(group["Action"]).strip().lower() == "failed"
     wait_gone(relay, queue_id)
     wait_logged(relay, f"{queue_id}: to=<late@expire.test> expired after")
+
+
+def test_size_refusal_dsn_is_relays_own_words(start_relay, start_sink):
+    """A message over the MX's SIZE: never offered to it, and the DSN reports relay's decision, not "host said"."""
+    small_mx = start_sink(SMALL_MX, data_size_limit=200)
+    sender_mx = start_sink(SMALL_SENDER_MX)
+    relay = start_relay()
+    big = message("too big for mx.small.test") + b"x" * 300 + b"\r\n"
+    queue_id = send(relay, "carol@smallsender.test", ["dest@small.test"], big)
+    arrived = wait_message(sender_mx, "carol@smallsender.test")
+    dsn = parse(arrived[0].data)
+    group = recipient_group(dsn, "dest@small.test")
+    assert str(group["Status"]).strip() == "5.3.4"
+    assert str(group["Diagnostic-Code"]).startswith("X-Relay; 5.3.4 message size ")
+    assert "Remote-MTA" not in group
+    text = list(dsn.iter_parts())[0].get_content()
+    assert "exceeds the remote server's limit of 200 octets" in text and " said: " not in text
+    assert small_mx.raw_rcpts == [] and small_mx.messages == []  # the MX never saw MAIL or RCPT
+    wait_gone(relay, queue_id)
 
 
 def test_null_sender_failure_sends_no_dsn(start_relay, start_sink):

@@ -35,6 +35,7 @@ ZONE = {
     "bad.tls.test": {"A": ["127.0.0.22"]},
     "clear.tls.test": {"A": ["127.0.0.23"]},
     "untrusted.tls.test": {"A": ["127.0.0.27"]},
+    "nosan.tls.test": {"A": ["127.0.0.28"]},
     "sts.test": {"MX": [[10, "mx1.sts.test"], [20, "mx2.sts.test"]]},
     "mx1.sts.test": {"A": ["127.0.0.24"]},
     "mx2.sts.test": {"A": ["127.0.0.25"]},
@@ -113,14 +114,15 @@ def world(tmp_path_factory):
     policy_server: Optional[PolicyServer] = None
     relay: Optional[RelayProcess] = None
     try:
-        for address, name, in_bundle in (
-            ("127.0.0.21", "smart.tls.test", True),
-            ("127.0.0.22", "wrong-name.tls.test", True),
-            ("127.0.0.27", "untrusted.tls.test", False),
-            ("127.0.0.24", "mx1.sts.test", True),
-            ("127.0.0.25", "mx2.sts.test", True),
+        for address, name, in_bundle, san in (
+            ("127.0.0.21", "smart.tls.test", True, True),
+            ("127.0.0.22", "wrong-name.tls.test", True, True),
+            ("127.0.0.27", "untrusted.tls.test", False, True),
+            ("127.0.0.28", "nosan.tls.test", True, False),  # trusted, its name only in the common name
+            ("127.0.0.24", "mx1.sts.test", True, True),
+            ("127.0.0.25", "mx2.sts.test", True, True),
         ):
-            cert, key = make_certificate(tmp, name)
+            cert, key = make_certificate(tmp, name, subject_alt_name=san)
             if in_bundle:
                 trusted.append(cert)
             sinks[address] = tls_sink(address, port, cert, key)
@@ -149,6 +151,11 @@ tls = "verify"
 [[routes]]
 domains = ["untrusted.test"]
 smarthost = "untrusted.tls.test"
+tls = "verify"
+
+[[routes]]
+domains = ["nosan.test"]
+smarthost = "nosan.tls.test"
 tls = "verify"
 
 [[routes]]
@@ -225,6 +232,21 @@ def test_verify_with_the_configured_ca_delivers_over_tls(world):
     line = delivery_line(world["relay"], "u@good.test")
     assert "host=smart.tls.test[127.0.0.21]" in line
     assert "tls=(TLSv1." in line
+
+
+def test_verify_refuses_a_certificate_without_subject_alt_name(world):
+    """tls=verify to a trusted certificate naming the host only in its CN: refused, typed, one clear line, no traceback."""
+    send(world["relay"].port, "u@nosan.test", "no subjectAltName")
+    recipient = first_attempt_of(world["relay"], "u@nosan.test")
+    assert recipient.status == "pending"
+    attempt = recipient.history[-1]
+    assert (attempt.outcome, attempt.reason, attempt.remote) == ("transient", "tls-name", False)
+    assert "certificate does not match the name nosan.tls.test" in attempt.text
+    assert received_by(world["sinks"]["127.0.0.28"], "u@nosan.test") == []
+    log = world["relay"].log()
+    client_lines = [l for l in log.splitlines() if "nosan.tls.test: TLS: certificate verification failed" in l]
+    assert len(client_lines) == recipient.attempts, log[-3000:]
+    assert "Traceback" not in log and "while verifying certificate" not in log and "[critical]" not in log.lower()
 
 
 def test_require_without_starttls_stays_queued(world):

@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from relay.config import ConfigError, QueueConfig, load_config
 from relay.delivery import TEXT_SUSPENDED
+from relay.outcome import Reason
 from relay.envelope import DELIVERED, OUTCOME_DELIVERED, OUTCOME_TRANSIENT, PENDING, Route, NextHop
 from relay.smtp.client import STAGE_STARTTLS, ClientOptions, SessionError, source_for
 from relay.smtp.replies import Reply
@@ -186,7 +187,7 @@ class HandshakeFails(FakeConnector):
     def __call__(self, reactor: Any, address: str, port: int, host: str, options: ClientOptions) -> Deferred:
         if options.starttls:
             self.calls.append((address, port, host, options))
-            return defer.fail(SessionError(None, True, STAGE_STARTTLS, "TLS: handshake failed"))
+            return defer.fail(SessionError(None, True, STAGE_STARTTLS, "TLS: handshake failed", reason=Reason.TLS_HANDSHAKE))
         return super().__call__(reactor, address, port, host, options)
 
 

@@ -35,7 +35,8 @@ def old_envelope(queue_id: str, size: int, **changes: Any) -> Envelope:
         recipients=(
             Recipient(address="alice@example.org", params=(("NOTIFY", "FAILURE"),)),
             Recipient(address="bøb@exämple.net", attempts=1, next_attempt=1700000600.5, last_error="421 busy",
-                      history=(Attempt(time=1700000000.0, outcome="transient", reply="421 busy", host="mx"),)),
+                      history=(Attempt(time=1700000000.0, outcome="transient", code=421, text="busy", host="mx",
+                                       remote=True),)),
             Recipient(address="carol@example.com", status=FAILED, reported=True),
         ),
         client=ClientInfo(address="192.0.2.9", port=2525, helo="old.example", trusted=True),

@@ -305,7 +305,7 @@ def test_invalid_policy_body_is_no_policy():
 def test_txt_lookup_failure_is_no_policy():
     """A TXT lookup that fails (SERVFAIL, timeout) without a cached policy means no policy."""
     cache, sources, _ = cache_with()
-    sources.txt["_mta-sts.a.test"] = ResolutionError(False, "4.4.3", "timed out")
+    sources.txt["_mta-sts.a.test"] = ResolutionError("4.4.3", "timed out")
     assert success(cache.policy("a.test")) is None
     assert sources.fetches == []
 

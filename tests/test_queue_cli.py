@@ -57,7 +57,11 @@ def store(spool: Spool, sender: str, recipients: tuple[Recipient, ...], **fields
     return message.queue_id
 
 
-BUSY = Attempt(time=NOW - 60, outcome="transient", reply="451 4.3.0 mailbox busy", host="mx1.dest.test", route="mx")
+BUSY = Attempt(time=NOW - 60, outcome="transient", code=451, status="4.3.0", text="mailbox busy", host="mx1.dest.test",
+               remote=True, route="mx")
+BUSY_JSON = {"time": NOW - 60, "outcome": "transient", "host": "mx1.dest.test", "route": "mx", "code": 451,
+             "status": "4.3.0", "text": "mailbox busy", "remote": True, "reason": "", "tls": "",
+             "reply": "451 4.3.0 mailbox busy"}
 
 
 @dataclass
@@ -164,10 +168,11 @@ def test_list_json_is_a_stable_array(queue: Queue) -> None:
     assert new["arrival"] == NOW - 300 and new["size"] == SIZE
     assert new["recipients"] == [
         {"address": "bob@dest.test", "status": PENDING, "attempts": 1, "last_error": "451 4.3.0 mailbox busy",
-         "next_attempt": NOW + 240},
-        {"address": "carol@dest.test", "status": DELIVERED, "attempts": 1, "last_error": "", "next_attempt": None},
+         "next_attempt": NOW + 240, "last_attempt": BUSY_JSON},
+        {"address": "carol@dest.test", "status": DELIVERED, "attempts": 1, "last_error": "", "next_attempt": None,
+         "last_attempt": None},
         {"address": "dave@dest.test", "status": FAILED, "attempts": 1, "last_error": "550 5.1.1 no such user",
-         "next_attempt": None},
+         "next_attempt": None, "last_attempt": None},
     ]
     assert sorted(new) == ["arrival", "held", "id", "recipients", "sender", "size"]
 
@@ -228,6 +233,30 @@ def test_show_prints_envelope_history_and_headers_only(queue: Queue) -> None:
     assert "secret body" not in out
 
 
+def test_show_and_list_say_whose_words_an_attempt_recorded(tmp_path: Path) -> None:
+    """A remote reply is shown as the host sent it; relay's own decision is marked "relay:" with its reason."""
+    spool = make_spool(tmp_path / "spool")
+    refused = Attempt(time=NOW - 30, outcome="transient", status="4.4.1", host="mx1.dest.test[192.0.2.5]",
+                      text="connect to mx1.dest.test[192.0.2.5]:25: Connection refused", reason="connect-refused")
+    too_big = Attempt(time=NOW - 20, outcome="permanent", code=552, status="5.3.4", host="mx2.dest.test[192.0.2.6]",
+                      text="message size 9000 exceeds the remote server's limit of 100 octets", reason="message-too-big")
+    queue_id = store(spool, "app@origin.test", (
+        Recipient("bob@dest.test", attempts=1, last_error=refused.reply, history=(refused,)),
+        Recipient("eve@dest.test", status=FAILED, attempts=1, last_error=too_big.reply, history=(too_big,)),
+    ), arrival=NOW - 60)
+    status, out, _ = run("--queue", str(tmp_path / "spool"), "list")
+    assert status == 0
+    assert "last: relay: 4.4.1 connect to mx1.dest.test[192.0.2.5]:25: Connection refused (connect-refused)" in out
+    status, out, _ = run("--queue", str(tmp_path / "spool"), "show", queue_id)
+    assert status == 0
+    assert ("transient mx1.dest.test[192.0.2.5]: relay: 4.4.1 connect to mx1.dest.test[192.0.2.5]:25: "
+            "Connection refused (connect-refused)") in out
+    assert "permanent mx2.dest.test[192.0.2.6]: relay: 552 5.3.4 message size 9000" in out
+    status, out, _ = run("--json", "--queue", str(tmp_path / "spool"), "show", queue_id)
+    history = json.loads(out)["recipients"][1]["history"]
+    assert [(a["code"], a["status"], a["remote"], a["reason"]) for a in history] == [(552, "5.3.4", False, "message-too-big")]
+
+
 def test_show_json(queue: Queue) -> None:
     """show --json carries the envelope, client, attempt history and header lines."""
     status, out, _ = run("--json", "--queue", str(queue.directory), "show", queue.new)
@@ -235,9 +264,7 @@ def test_show_json(queue: Queue) -> None:
     assert status == 0
     assert shown["id"] == queue.new and shown["body"] == "8BITMIME"
     assert shown["client"]["helo"] == "app.origin.test"
-    assert shown["recipients"][0]["history"] == [
-        {"time": NOW - 60, "outcome": "transient", "host": "mx1.dest.test", "route": "mx",
-         "reply": "451 4.3.0 mailbox busy"}]
+    assert shown["recipients"][0]["history"] == [BUSY_JSON]
     assert shown["headers"][2] == "Subject: quarterly report" and shown["headers_truncated"] is False
     assert "secret body" not in out
 

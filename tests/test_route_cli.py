@@ -70,8 +70,8 @@ ANSWERS = {
     "smart1.test": [Target("smart1.test", "192.0.2.11", 0)],
     "smart2.test": [Target("smart2.test", "192.0.2.12", 0)],
     "gw1.test": [Target("gw1.test", "192.0.2.21", 0)],
-    "gone.test": ResolutionError(True, "5.1.2", "domain gone.test does not exist"),
-    "flaky.test": ResolutionError(False, "4.4.3", "DNS lookup of flaky.test failed: SERVFAIL"),
+    "gone.test": ResolutionError("5.1.2", "domain gone.test does not exist"),
+    "flaky.test": ResolutionError("4.4.3", "DNS lookup of flaky.test failed: SERVFAIL"),
 }
 
 

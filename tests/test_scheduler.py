@@ -74,7 +74,9 @@ def test_apply_outcomes_table(outcome, status, last_error):
     env = envelope("u@a.test")
     [r] = apply_outcomes(env, [outcome], NOW).recipients
     assert (r.status, r.attempts, r.last_error) == (status, 1, last_error)
-    assert r.history == (Attempt(time=NOW, outcome=outcome.kind, reply=outcome.describe(), host=outcome.host, route=outcome.rule),)
+    assert r.history == (Attempt(time=NOW, outcome=outcome.kind, code=outcome.code, status=outcome.status, text=outcome.text,
+                                 host=outcome.host, remote=outcome.remote, reason=outcome.reason, route=outcome.rule),)
+    assert r.history[0].reply == outcome.describe()
 
 
 def test_apply_outcomes_accumulates_attempts_and_history():
@@ -119,6 +121,17 @@ def test_settle_marks_null_sender_failures_reported():
     env = envelope("a@a.test", sender="")
     [a] = settle(env, [permanent("a@a.test")], NOW, {}).recipients
     assert a.status == FAILED and a.reported
+
+
+def test_settle_marks_failures_nobody_is_told_about_reported():
+    """NOTIFY=NEVER failures and expiries of a message from <> are reported at once, by the one rule."""
+    env = envelope("a@a.test", "b@a.test")
+    env = env.with_recipients([replace(env.recipients[0], params=(("NOTIFY", "NEVER"),))])
+    a, b = settle(env, [permanent("a@a.test"), permanent("b@a.test")], NOW, {}).recipients
+    assert (a.status, a.reported) == (FAILED, True)
+    assert (b.status, b.reported) == (FAILED, False)
+    [expired] = settle(envelope("c@a.test", sender=""), [transient("c@a.test")], NOW, {"c@a.test": None}).recipients
+    assert (expired.status, expired.reported) == (FAILED, True)
 
 
 # -- fakes ---------------------------------------------------------------------------------
@@ -992,3 +1005,25 @@ def test_real_bounce_is_spooled_once_and_the_original_removed(tmp_path):
     assert "bad@a.test" in text and "5.1.1" in text
     clock.advance(CONFIG.max_lifetime)
     assert spool.ids() == [dsn_id]
+
+
+def test_real_spool_never_bounces_the_null_sender(tmp_path):
+    """With the real spool and relay.bounce, a message from <> that fails or expires leaves nothing queued."""
+    from relay.bounce import send_dsn
+
+    spool = real_spool(tmp_path)
+    config = replace(CONFIG, delay_warning=1.0)
+    body = b"From: MAILER-DAEMON@origin.test\r\nSubject: bounce\r\n\r\nbody\r\n"
+    failed = store(spool, envelope("bad@a.test", sender=""), body)
+    waiting = store(spool, replace(envelope("later@b.test", sender=""), queue_id="Q2"), body)
+    outcomes = {"bad@a.test": permanent("bad@a.test"), "later@b.test": transient("later@b.test")}
+    s, clock = scheduler(spool, FakeDelivery(lambda env: [outcomes[r.address] for r in env.pending()]),
+                         send_dsn=send_dsn, config=config)
+    success(s.enqueue(failed))
+    success(s.enqueue(waiting))
+    assert spool.ids() == [waiting]  # the failure is gone without a DSN; no delay warning either
+    for _ in range(40):  # retries until the lifetime ends, bounded
+        if not spool.ids():
+            break
+        clock.advance(CONFIG.max_retry)
+    assert spool.ids() == []

@@ -57,7 +57,7 @@ from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence, TextIO
 
 from relay import control
 from relay.config import ConfigError, load_config
-from relay.envelope import DELIVERED, FAILED, PENDING, Envelope, EnvelopeFormatError, Recipient
+from relay.envelope import DELIVERED, FAILED, PENDING, Attempt, Envelope, EnvelopeFormatError, Recipient
 from relay.queue.partitions import part_directory, part_indexes
 from relay.queue.store import Spool, valid_queue_id
 
@@ -312,8 +312,9 @@ def list_human(envelope: Envelope, now: float) -> str:
     for r in envelope.pending():
         parts = [r.status, plural(r.attempts, "attempt"), next_attempt_text(r, envelope.held, now)]
         line = f"    {r.address}  {', '.join(parts)}"
-        if r.last_error:
-            line += f"  last: {one_line(r.last_error)}"
+        last = last_words(r)
+        if last:
+            line += f"  last: {last}"
         lines.append(line)
     done = [
         f"{count} {state}"
@@ -332,7 +333,33 @@ def recipient_json(recipient: Recipient) -> dict[str, Any]:
         "attempts": recipient.attempts,
         "last_error": recipient.last_error,
         "next_attempt": recipient.next_attempt,
+        "last_attempt": attempt_json(recipient.history[-1]) if recipient.history else None,
     }
+
+
+def attempt_json(a: Attempt) -> dict[str, Any]:
+    """One attempt's facts; ``reply`` is the one line they make (as version 1 stored it)."""
+    return {
+        "time": a.time, "outcome": a.outcome, "host": a.host, "route": a.route, "code": a.code,
+        "status": a.status, "text": a.text, "remote": a.remote, "reason": a.reason, "tls": a.tls,
+        "tls_fallback": a.tls_fallback, "dsn_passed": a.dsn_passed, "reply": a.reply,
+    }
+
+
+def attempt_words(a: Attempt) -> str:
+    """An attempt's words, saying whose: the remote reply as sent, or "relay: ..." with the reason."""
+    if a.remote:
+        return one_line(a.reply)
+    return f"relay: {one_line(a.reply)}" + (f" ({a.reason})" if a.reason else "")
+
+
+def last_words(r: Recipient) -> str:
+    """The last attempt's words, for a recipient that has not been delivered."""
+    if r.status == DELIVERED:
+        return ""
+    if r.history and r.history[-1].outcome != DELIVERED:
+        return attempt_words(r.history[-1])
+    return one_line(r.last_error)
 
 
 def list_json(envelope: Envelope) -> dict[str, Any]:
@@ -398,10 +425,7 @@ def show_json(envelope: Envelope, headers: list[str], truncated: bool) -> dict[s
         "recipients": [
             {
                 **recipient_json(r),
-                "history": [
-                    {"time": a.time, "outcome": a.outcome, "host": a.host, "route": a.route, "reply": a.reply}
-                    for a in r.history
-                ],
+                "history": [attempt_json(a) for a in r.history],
             }
             for r in envelope.recipients
         ],
@@ -448,12 +472,14 @@ def _recipient_block(r: Recipient, held: bool, now: float) -> list[str]:
     lines = [f"  {r.address}: {', '.join(state)}"]
     if r.source_route:
         lines.append(f"    source route: {','.join('@' + hop for hop in r.source_route)}")
-    if r.last_error:
-        lines.append(f"    last error: {one_line(r.last_error)}")
+    last = last_words(r)
+    if last:
+        lines.append(f"    last error: {last}")
     for a in r.history:
         where = f" {a.host}" if a.host else ""
         rule = f" [{a.route}]" if a.route else ""
-        lines.append(f"    {local_time(a.time)}  {a.outcome}{where}{rule}: {one_line(a.reply)}")
+        tls = f" ({a.tls})" if a.tls else (" (in clear after a failed TLS handshake)" if a.tls_fallback else "")
+        lines.append(f"    {local_time(a.time)}  {a.outcome}{where}{rule}{tls}: {attempt_words(a)}")
     return lines
 
 

@@ -53,6 +53,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from relay.log import Logger
 from twisted.python.failure import Failure
 
+from relay.bounce import ACTION_DELAYED, ACTION_FAILED, notification_due
 from relay.config import QueueConfig
 from relay.domains import normalize_domain
 from relay.envelope import (
@@ -88,8 +89,6 @@ _COMPACT_SLACK = 1024
 STATUS_EXPIRED = "4.4.7"
 TEXT_EXPIRED = "delivery time expired"
 
-ACTION_FAILED = "failed"
-ACTION_DELAYED = "delayed"
 _NOTICE = {ACTION_FAILED: "bounce", ACTION_DELAYED: "delay warning"}
 
 # send_dsn(spool, envelope, recipients, hostname, now, **options) -> Deferred[str | None]
@@ -108,16 +107,25 @@ _STATE_AFTER = {
 def apply_outcome(recipient: Recipient, outcome: Outcome, now: float) -> Recipient:
     """``recipient`` after one attempt that ended with ``outcome`` at ``now``."""
     kind = outcome.kind if outcome.kind in _STATE_AFTER else OUTCOME_TRANSIENT
-    reply = outcome.describe()
     attempt = Attempt(
-        time=now, outcome=kind, reply=reply, host=outcome.host, route=outcome.rule, tls=outcome.tls,
+        time=now,
+        outcome=kind,
+        code=outcome.code,
+        status=outcome.status,
+        text=outcome.text,
+        host=outcome.host,
+        remote=outcome.remote,
+        reason=outcome.reason,
+        route=outcome.rule,
+        tls=outcome.tls,
         tls_fallback=outcome.tls_fallback,
+        dsn_passed=outcome.dsn_passed,
     )
     return replace(
         recipient,
         status=_STATE_AFTER[kind],
         attempts=recipient.attempts + 1,
-        last_error="" if kind == OUTCOME_DELIVERED else reply,
+        last_error="" if kind == OUTCOME_DELIVERED else attempt.reply,
         next_attempt=None,
         history=recipient.history + (attempt,),
     )
@@ -146,8 +154,8 @@ def settle(
 
     ``None`` there means the recipient has expired: it becomes FAILED and
     keeps its last error (its notification says 4.4.7, delivery time
-    expired).  Failures of a message from the null sender are marked
-    reported at once: nothing is ever sent about them.
+    expired).  Failures nobody is to be told about (``notification_due``:
+    the null sender, NOTIFY) are marked reported at once.
     """
     after = apply_outcomes(envelope, outcomes, now)
     updated = []
@@ -155,7 +163,7 @@ def settle(
         if r.status == PENDING and r.address in next_times:
             when = next_times[r.address]
             r = replace(r, next_attempt=when) if when is not None else replace(r, status=FAILED)
-        if r.status == FAILED and not r.reported and envelope.sender == "":
+        if r.status == FAILED and not r.reported and not notification_due(envelope, r, ACTION_FAILED):
             r = replace(r, reported=True)
         updated.append(r)
     return after.with_recipients(updated)
@@ -683,11 +691,9 @@ class Scheduler(Service):
     def _delayed(self, envelope: Envelope, now: float) -> list[Recipient]:
         """Pending recipients owed their one delay warning."""
         threshold = self.config.delay_warning
-        if threshold <= 0 or envelope.sender == "":
+        if threshold <= 0 or now - first_arrival(envelope, now) < threshold:
             return []
-        if now - first_arrival(envelope, now) < threshold:
-            return []
-        return [r for r in envelope.pending() if not r.warned]
+        return [r for r in envelope.pending() if not r.warned and notification_due(envelope, r, ACTION_DELAYED)]
 
     async def _notify(self, envelope: Envelope, recipients: list[Recipient], now: float, action: str) -> bool:
         """Spool one notification; True once it is durable (or none was due)."""

@@ -70,7 +70,8 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from relay.domains import normalize_domain
-from relay.envelope import NextHop, Route
+from relay.envelope import OUTCOME_PERMANENT, NextHop, Route
+from relay.outcome import status_kind
 
 log = Logger()
 
@@ -100,17 +101,24 @@ class Target:
 
 
 class ResolutionError(Exception):
-    """A next hop could not be resolved; ``permanent`` says whether to bounce."""
+    """A next hop could not be resolved; its enhanced ``status`` says whether to bounce.
 
-    def __init__(self, permanent: bool, status: str, text: str, ttl: float = 0.0) -> None:
+    The bucket follows the status (5.x.x permanent, 4.x.x transient), decided
+    by ``relay.outcome``; ``permanent`` is that decision.
+    """
+
+    def __init__(self, status: str, text: str, ttl: float = 0.0) -> None:
         super().__init__(text)
-        self.permanent = permanent
         self.status = status  # enhanced status code
         self.text = text  # one line for logs, relay-route and DSNs
         self.ttl = ttl  # how long a permanent answer may be cached
 
+    @property
+    def permanent(self) -> bool:
+        return status_kind(self.status) == OUTCOME_PERMANENT
+
     def __repr__(self) -> str:
-        return f"ResolutionError({self.permanent!r}, {self.status!r}, {self.text!r})"
+        return f"ResolutionError({self.status!r}, {self.text!r})"
 
 
 @dataclass(frozen=True)
@@ -134,13 +142,13 @@ class Resolution:
 
 
 def _transient(text: str) -> ResolutionError:
-    return ResolutionError(False, STATUS_DNS_TRANSIENT, text)
+    return ResolutionError(STATUS_DNS_TRANSIENT, text)
 
 
 def _not_found(name: str, mx: bool, ttl: float) -> ResolutionError:
     """NXDOMAIN (or an unusable name): permanent for a mail domain, transient for a host."""
     if mx:
-        return ResolutionError(True, STATUS_NO_DOMAIN, f"domain {name} does not exist", ttl)
+        return ResolutionError(STATUS_NO_DOMAIN, f"domain {name} does not exist", ttl)
     return _transient(f"host {name} does not exist")
 
 
@@ -253,7 +261,7 @@ def _implicit_mx(resolver: dns.resolver.Resolver, qname: dns.name.Name, name: st
     if failure is not None:
         raise failure
     raise ResolutionError(
-        True, STATUS_NO_ADDRESS, f"domain {name} has no MX and no address records", min(ttl, NEGATIVE_TTL_MAX)
+        STATUS_NO_ADDRESS, f"domain {name} has no MX and no address records", min(ttl, NEGATIVE_TTL_MAX)
     )
 
 
@@ -280,7 +288,7 @@ def _mx_resolution(resolver: dns.resolver.Resolver, qname: dns.name.Name, name: 
         return _implicit_mx(resolver, qname, name, ttl)
     if _is_null_mx(rrset):
         raise ResolutionError(
-            True, STATUS_NULL_MX, f"domain {name} does not accept mail (null MX)", min(ttl, NEGATIVE_TTL_MAX)
+            STATUS_NULL_MX, f"domain {name} does not accept mail (null MX)", min(ttl, NEGATIVE_TTL_MAX)
         )
     exchanges = []
     for preference, host in _exchanges(rrset):

@@ -37,8 +37,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.smtp import dsn, set_nodelay, write_now
-from relay.envelope import TLS_REQUIRE, TLS_VERIFY
+from relay.envelope import OUTCOME_TRANSIENT, TLS_REQUIRE, TLS_VERIFY
+from relay.outcome import NETWORK_TEXT, STAGE_CONNECT, LocalReply, Reason, ReasonedError, classify, network_reason
 from relay.smtp.replies import Reply
+from relay.smtp.tls import CertificateCheck, tls_failure
 
 log = Logger()
 
@@ -53,8 +55,7 @@ CHUNK_SIZE = 64 * 1024
 # and drop the connection beyond this (for one line and for a whole reply).
 MAX_REPLY_LENGTH = 64 * 1024
 
-# Session stages named by SessionError.stage.
-STAGE_CONNECT = "connect"
+# Session stages named by SessionError.stage (STAGE_CONNECT: no connection at all).
 STAGE_GREETING = "greeting"
 STAGE_EHLO = "ehlo"
 STAGE_STARTTLS = "starttls"
@@ -62,20 +63,15 @@ STAGE_AUTH = "auth"
 STAGE_TIMEOUT = "timeout"
 STAGE_LOST = "lost"
 
-# Replies synthesized by this client; their text says where they come from.
-REPLY_NO_SMTPUTF8 = Reply(550, "5.6.7", "relay: remote server does not support SMTPUTF8")
-REPLY_NO_8BITMIME = Reply(
+# Replies this client makes up itself (LocalReply: never reported as the peer's words).
+REPLY_NO_SMTPUTF8 = LocalReply(550, "5.6.7", "remote server does not support SMTPUTF8", Reason.NO_SMTPUTF8)
+REPLY_NO_8BITMIME = LocalReply(
     554, "5.6.3",
-    "relay: remote server does not support 8BITMIME; conversion required but not supported",
+    "remote server does not support 8BITMIME; conversion required but not supported",
+    Reason.NO_8BITMIME,
 )
-REPLY_BAD_ADDRESS = Reply(553, "5.1.3", "relay: address contains characters not allowed in SMTP")
-TEXT_TOO_BIG = "relay: message size {size} exceeds the remote server's limit of {limit} octets"
-
-# Why a TLS handshake failed, for logs and the queue (fixed texts, never the library's).
-TEXT_TLS_NAME_MISMATCH = "TLS: certificate verification failed: the certificate does not match the name {name}"
-TEXT_TLS_UNTRUSTED = "TLS: certificate verification failed: the certificate is not trusted (unknown issuer, expired or invalid)"
-TEXT_TLS_HANDSHAKE = "TLS: handshake failed"
-TEXT_TLS_LOST = "TLS: connection lost during the handshake"
+REPLY_BAD_ADDRESS = LocalReply(553, "5.1.3", "address contains characters not allowed in SMTP", Reason.UNSAFE_ADDRESS)
+TEXT_TOO_BIG = "message size {size} exceeds the remote server's limit of {limit} octets"
 
 _REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])(?:([ -])(.*))?$", re.DOTALL)
 _PEM_CERT = re.compile(
@@ -164,20 +160,37 @@ class TransactionResult:
     dsn: bool = False  # the peer advertised DSN: the DSN parameters went with the mail
 
 
-class SessionError(Exception):
+# The reason of a session error when its creator names none, by stage.
+_STAGE_REASONS = {
+    STAGE_CONNECT: Reason.CONNECT_FAILED,
+    STAGE_GREETING: Reason.SESSION_REFUSED,
+    STAGE_EHLO: Reason.SESSION_REFUSED,
+    STAGE_STARTTLS: Reason.TLS_UNAVAILABLE,
+    STAGE_AUTH: Reason.AUTH_FAILED,
+    STAGE_TIMEOUT: Reason.TIMEOUT,
+    STAGE_LOST: Reason.LOST,
+}
+
+
+class SessionError(ReasonedError):
     """The connection or session could not carry mail.
 
     ``stage`` is one of "connect", "greeting", "ehlo", "starttls", "auth",
-    "timeout", "lost".  ``reply`` is the peer's reply when there was one;
-    ``transient`` says whether a later attempt may succeed.  An
-    authentication failure is transient on purpose: it is a configuration
-    problem, and mail waits in the queue while the operator fixes it.
+    "timeout", "lost"; ``reason`` (a ``relay.outcome.Reason``) says why in
+    a type, never in the words of an exception.  ``reply`` is the peer's
+    reply when there was one; ``transient`` says whether a later attempt may
+    succeed.  An authentication failure is transient on purpose: it is a
+    configuration problem, and mail waits in the queue while the operator
+    fixes it.
     """
 
-    def __init__(self, reply: Optional[Reply], transient: bool, stage: str, message: str = "") -> None:
+    def __init__(
+        self, reply: Optional[Reply], transient: bool, stage: str, message: str = "", reason: Optional[Reason] = None
+    ) -> None:
         self.reply = reply
         self.transient = transient
         self.stage = stage
+        self.reason = reason if reason is not None else _STAGE_REASONS.get(stage, Reason.LOCAL_ERROR)
         self.message = message or (describe(reply) if reply else stage)
         super().__init__(self.message)
 
@@ -422,6 +435,7 @@ class SMTPClientProtocol(LineReceiver):
         self._quit_d: Optional[Deferred] = None
         self._source: Optional[BinaryIO] = None
         self._dead = False
+        self._tls_check: Optional[CertificateCheck] = None
 
     # -- connection events ---------------------------------------------------
 
@@ -434,9 +448,10 @@ class SMTPClientProtocol(LineReceiver):
         if self._dead:
             return
         if self._stage == STAGE_STARTTLS:
-            why = tls_failure_text(reason, self.options.tls_hostname or self.host)
+            checked = getattr(self._tls_check, "failed", None)
+            kind, why = tls_failure(checked, reason, self.options.tls_hostname or self.host)
             log.warn("{host}: {why}", host=self.host, why=why)
-            self._fail(SessionError(None, True, STAGE_STARTTLS, why), drop=False)
+            self._fail(SessionError(None, True, STAGE_STARTTLS, why, kind), drop=False)
             return
         self._fail(SessionError(None, True, STAGE_LOST, f"connection to {self.host} lost"), drop=False)
 
@@ -480,7 +495,10 @@ class SMTPClientProtocol(LineReceiver):
 
     def _dispatch(self, response: _Response) -> None:
         if not self._pending:
-            self._protocol_error("unexpected reply")
+            if response.code == 421:
+                self._peer_closing(response)
+            else:
+                self._protocol_error("unexpected reply")
             return
         pending = self._pending.popleft()
         self._cancel_timer()
@@ -533,7 +551,7 @@ class SMTPClientProtocol(LineReceiver):
     def _protocol_error(self, why: str) -> None:
         log.warn("{host}: protocol error: {why}", host=self.host, why=why)
         stage = self._stage if not self._setup_done else STAGE_LOST
-        self._fail(SessionError(None, True, stage, f"protocol error from {self.host}: {why}"))
+        self._fail(SessionError(None, True, stage, f"protocol error from {self.host}: {why}", Reason.PROTOCOL))
 
     def _fail(self, error: SessionError, drop: bool = True) -> None:
         """The session is over: report ``error`` to whoever waits, drop the connection."""
@@ -559,7 +577,7 @@ class SMTPClientProtocol(LineReceiver):
         """A refusal at greeting/EHLO: SessionError, QUIT (unless 421), close."""
         reply = response.reply()
         log.info("{host}: {stage} refused: {reply}", host=self.host, stage=stage, reply=describe(reply))
-        self._give_up(SessionError(reply, reply.code < 500, stage), quit=reply.code != 421)
+        self._give_up(SessionError(reply, classify(reply.code) == OUTCOME_TRANSIENT, stage), quit=reply.code != 421)
 
     def _give_up(self, error: SessionError, quit: bool = True) -> None:
         """Fail the session politely: QUIT, then close after the write."""
@@ -629,7 +647,7 @@ class SMTPClientProtocol(LineReceiver):
             context = self._tls_context()
         except Exception as e:  # a bad ca_file, an unusable name: never escape into the reactor
             log.error("{host}: cannot start TLS: {error}", host=self.host, error=str(e))
-            self._fail(SessionError(None, True, STAGE_STARTTLS, f"cannot start TLS with {self.host}"))
+            self._fail(SessionError(None, True, STAGE_STARTTLS, f"cannot start TLS with {self.host}", Reason.TLS_SETUP))
             return
         self._stage = STAGE_STARTTLS
         self._tls_started = True
@@ -642,8 +660,8 @@ class SMTPClientProtocol(LineReceiver):
 
         if self.options.tls != TLS_VERIFY:
             return ssl.CertificateOptions(verify=False)
-        name = self.options.tls_hostname or self.host
-        return ssl.optionsForClientTLS(name, trustRoot=trust_root(self.options.ca_file))
+        self._tls_check = CertificateCheck(self.options.tls_hostname or self.host, trust_root(self.options.ca_file))
+        return self._tls_check
 
     def _tls_established(self) -> None:
         self._stage = STAGE_EHLO
@@ -660,7 +678,7 @@ class SMTPClientProtocol(LineReceiver):
             return
         self._stage = STAGE_AUTH
         if not self._tls_started and not self.options.auth_in_clear:
-            self._give_up(SessionError(None, True, STAGE_AUTH, f"not authenticating to {self.host} without TLS"))
+            self._give_up(SessionError(None, True, STAGE_AUTH, f"not authenticating to {self.host} without TLS", Reason.AUTH_UNAVAILABLE))
             return
         mechanisms = self.capabilities.get("AUTH", "").upper().split()
         user = self.options.username.encode("utf-8")
@@ -684,7 +702,7 @@ class SMTPClientProtocol(LineReceiver):
 
             self._command(b"AUTH LOGIN", "the AUTH LOGIN user name prompt", timeout, on_user_prompt)
         else:
-            self._give_up(SessionError(None, True, STAGE_AUTH, f"{self.host} offers no AUTH mechanism relay supports"))
+            self._give_up(SessionError(None, True, STAGE_AUTH, f"{self.host} offers no AUTH mechanism relay supports", Reason.AUTH_UNAVAILABLE))
 
     def _on_auth(self, response: _Response) -> None:
         if response.code != 235:
@@ -721,7 +739,7 @@ class SMTPClientProtocol(LineReceiver):
             log.error("{queue_id}: cannot read the queued message: {error}", queue_id=transaction.queue_id, error=str(e))
             self.busy = False
             self._arm_idle()
-            return defer.fail(SessionError(None, True, STAGE_LOST, "cannot read the queued message"))
+            return defer.fail(SessionError(None, True, STAGE_LOST, "cannot read the queued message", Reason.MESSAGE_UNREADABLE))
         if synthesized is not None:
             self.busy = False
             self._arm_idle()
@@ -752,7 +770,7 @@ class SMTPClientProtocol(LineReceiver):
             return REPLY_BAD_ADDRESS
         limit = self._size_limit()
         if limit and transaction.size > limit:
-            return Reply(552, "5.3.4", TEXT_TOO_BIG.format(size=transaction.size, limit=limit))
+            return LocalReply(552, "5.3.4", TEXT_TOO_BIG.format(size=transaction.size, limit=limit), Reason.MESSAGE_TOO_BIG)
         if transaction.body.upper() == "8BITMIME" and "8BITMIME" not in self.capabilities:
             if not _is_7bit(transaction.open_message, self.chunk_size):
                 return REPLY_NO_8BITMIME
@@ -905,7 +923,7 @@ class SMTPClientProtocol(LineReceiver):
     def _read_failed(self, error: BaseException) -> None:
         queue_id = self._txn.transaction.queue_id if self._txn else ""
         log.error("{queue_id}: cannot read the queued message: {error}; connection to {host} dropped", queue_id=queue_id, error=str(error), host=self.host)
-        self._fail(SessionError(None, True, STAGE_LOST, "cannot read the queued message"))
+        self._fail(SessionError(None, True, STAGE_LOST, "cannot read the queued message", Reason.MESSAGE_UNREADABLE))
 
     def _on_final_dot(self, response: _Response) -> None:
         state = self._txn
@@ -951,6 +969,18 @@ class SMTPClientProtocol(LineReceiver):
         self._finish()
         self.transport.loseConnection()
 
+    def _peer_closing(self, response: _Response) -> None:
+        """An unsolicited 421 (RFC 5321 3.8): the peer is closing; one line, no protocol error."""
+        reply = response.reply()
+        log.info("{host}: the peer closes the connection: {reply}", host=self.host, reply=describe(reply))
+        if self._txn is not None or not self._setup_done:  # in the middle of the message data
+            self._fail(SessionError(reply, True, STAGE_LOST, f"{self.host} closed the connection"))
+            return
+        self._dead = True
+        self.closed = True
+        self._cancel_timer()
+        self.transport.loseConnection()
+
     def _log_replies(self, transaction: Transaction, replies: dict[str, Reply]) -> None:
         for address, reply in replies.items():
             log.debug(
@@ -977,22 +1007,6 @@ class SMTPClientProtocol(LineReceiver):
 
         self._command(b"QUIT", "the reply to QUIT", self.options.timeouts.mail, on_reply)
         return d
-
-
-def tls_failure_text(reason: Optional[Failure], name: str) -> str:
-    """Why a TLS handshake ended the connection, in fixed words (never the library's text)."""
-    error = reason.value if reason is not None else None
-    if type(error).__name__ == "VerificationError":  # service_identity: the name does not match
-        return TEXT_TLS_NAME_MISMATCH.format(name=name)
-    try:
-        from OpenSSL import SSL
-    except ImportError:  # pragma: no cover - pyOpenSSL is a dependency of Twisted's TLS
-        SSL = None
-    if SSL is not None and isinstance(error, SSL.Error):
-        if "certificate verify failed" in str(error):
-            return TEXT_TLS_UNTRUSTED
-        return TEXT_TLS_HANDSHAKE
-    return TEXT_TLS_LOST
 
 
 def _unsafe(address: str) -> bool:
@@ -1084,8 +1098,9 @@ def connect(reactor, address: str, port: int, host: str, options: ClientOptions)
     def not_connected(failure: Failure) -> Failure:
         if failure.check(SessionError):
             return failure
+        reason = network_reason(failure.value)
         log.info("cannot connect to {host} [{address}]:{port}: {error}", host=host, address=address, port=port, error=failure.getErrorMessage())
-        raise SessionError(None, True, STAGE_CONNECT, f"cannot connect to {host} [{address}]:{port}: {failure.getErrorMessage()}")
+        raise SessionError(None, True, STAGE_CONNECT, f"cannot connect to {host} [{address}]:{port}: {NETWORK_TEXT.get(reason, reason.value)}", reason)
 
     d.addCallback(connected)
     d.addErrback(not_connected)
