@@ -18,7 +18,7 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, NoReturn, Optional, Sequence, TypeVar, Union
 
-from relay.domains import DomainPattern
+from relay.domains import DomainError, DomainPattern, ip_literal, to_ascii
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -332,12 +332,12 @@ def _port(value: Any, where: _Where) -> int:
 def domain_problem(name: str) -> Optional[str]:
     """Why ``name`` is not a usable domain name, or None when it is."""
     text = name.strip().rstrip(".")
-    try:
-        ascii_name = text.encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        return "is not a valid domain name"
-    if not ascii_name:
+    if not text:
         return "is an empty domain name"
+    try:
+        ascii_name = to_ascii(text)
+    except DomainError as e:
+        return f"is not a valid domain name: {e}"
     if len(ascii_name) > 253:
         return "is longer than 253 characters"
     if not all(_LABEL.match(label) for label in ascii_name.split(".")):
@@ -346,11 +346,9 @@ def domain_problem(name: str) -> Optional[str]:
 
 
 def _address_literal_problem(text: str) -> Optional[str]:
-    inner = text[1:-1] if text.endswith("]") else ""
-    if inner[:5].lower() == "ipv6:":
-        inner = inner[5:]
     try:
-        ipaddress.ip_address(inner)
+        if ip_literal(text) is None:
+            raise ValueError(text)
     except ValueError:
         return "is not a valid address literal (use e.g. [192.0.2.1] or [IPv6:2001:db8::1])"
     return None
