@@ -53,6 +53,7 @@ class ServerConfig:
     received_auth: bool = False  # "(Authenticated sender: user)" in the Received header
     sender_login_map: str = ""  # file of "address-or-@domain user[,user...]" lines
     workers: int = 1  # worker processes sharing the listeners ("auto": one per CPU core)
+    postmaster: str = ""  # where mail to <postmaster> (no domain) goes; "": postmaster@<hostname>
 
 
 @dataclass(frozen=True)
@@ -525,7 +526,21 @@ _SERVER_KEYS: dict[str, _Parser] = {
     "received_auth": _bool_value,
     "sender_login_map": _path,
     "workers": lambda v, w: _workers(v, w),
+    "postmaster": lambda v, w: _postmaster(v, w),
 }
+
+
+def _postmaster(value: Any, where: _Where) -> str:
+    """An address (``local@domain``) for mail to ``<postmaster>``; "" for the default."""
+    from relay.smtp.address import parse_mailbox
+
+    text = _string(value, where).strip()
+    if text:
+        try:
+            parse_mailbox(text, smtputf8=True)
+        except ValueError as e:
+            where.fail(f"{_show(value)} is not an address (user@domain): {e}")
+    return text
 
 MAX_WORKERS = 256
 
