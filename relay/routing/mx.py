@@ -176,7 +176,13 @@ def make_resolver(
 
 
 def _qname(name: str) -> Optional[dns.name.Name]:
-    """The absolute DNS name for ``name``, or None when it is not a valid name."""
+    """The absolute DNS name for ``name``, or None when it is not a valid name.
+
+    ``name`` comes through ``normalize_domain``: text still not ASCII is a
+    name IDNA 2008 refused, never handed to another IDNA conversion.
+    """
+    if not name.isascii():
+        return None
     try:
         qname = dns.name.from_text(name)
     except (dns.exception.DNSException, UnicodeError, ValueError):
