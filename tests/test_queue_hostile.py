@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 from twisted.internet import defer
@@ -150,20 +150,28 @@ def test_regular_queue_file_reads_and_blocks_normally(base: Path) -> None:
 # -- large messages and the store's directories -------------------------------------------
 
 
+def planted_large_message(directory: Path, plant: Callable[[Path], None],
+                          data: bytes = b"x" * 500) -> tuple[Spool, str]:
+    """A queued large message whose file was then replaced by ``plant(path)``."""
+    spool = make_spool(directory)
+    queue_id = store(spool, data)
+    path = Path(spool.large_path(queue_id))
+    path.unlink()
+    plant(path)
+    return spool, queue_id
+
+
 def test_large_message_symlinked_to_another_file_is_never_read_and_quarantined(base: Path, secret: Path) -> None:
     """A large/<id>.msg replaced by a link is refused when opened, and recovery moves the entry (link and all) to corrupt/."""
     directory = base / "spool"
-    spool = make_spool(directory)
-    queue_id = store(spool, b"x" * 500)
-    path = Path(spool.large_path(queue_id))
-    path.unlink()
-    path.symlink_to(secret)
+    spool, queue_id = planted_large_message(directory, lambda path: path.symlink_to(secret))
     with pytest.raises(UnsafeFile):
         spool.open_message(queue_id)
-    opener = spool.message_opener(queue_id)
+    openers: list = []
+    spool.message_opener(queue_id).addCallback(openers.append)
     with pytest.raises(UnsafeFile):
-        opener.result()  # type: ignore[attr-defined]
-    events, done = log_events()
+        openers[0]()
+    _, done = log_events()
     report = make_spool(directory, recover=False).recover()
     lines = done()
     assert report.quarantined == [queue_id]
@@ -176,11 +184,7 @@ def test_large_message_symlinked_to_another_file_is_never_read_and_quarantined(b
 def test_large_message_that_is_a_fifo_is_quarantined_at_start_up(base: Path) -> None:
     """A FIFO in place of a large message neither hangs recovery nor stays queued."""
     directory = base / "spool"
-    spool = make_spool(directory)
-    queue_id = store(spool, b"x" * 500)
-    path = Path(spool.large_path(queue_id))
-    path.unlink()
-    os.mkfifo(path)
+    _, queue_id = planted_large_message(directory, os.mkfifo)
     report = make_spool(directory, recover=False).recover()
     assert report.quarantined == [queue_id]
     assert (directory / "corrupt" / (queue_id + ".reason")).read_text().startswith("message file not a regular file")
@@ -324,7 +328,7 @@ def test_due_column_out_of_range_is_quarantined_at_start_up(base: Path, due: Any
     spool = make_spool(directory)
     queue_id, kept = store(spool), store(spool)
     set_row(directory, queue_id, due=due)
-    events, done = log_events()
+    _, done = log_events()
     report = make_spool(directory, recover=False).recover()
     lines = done()
     assert report.quarantined == [queue_id]
@@ -367,11 +371,8 @@ def test_relay_queue_list_names_the_bad_entry_and_lists_the_rest(base: Path, dat
 def test_relay_queue_show_refuses_a_linked_message_file(base: Path, secret: Path) -> None:
     """relay-queue show of a message whose large file is a link says so in one line and never prints the other file."""
     directory = base / "spool"
-    spool = make_spool(directory)
-    queue_id = store(spool, b"Subject: x\r\n\r\n" + b"y" * 500)
-    path = Path(spool.large_path(queue_id))
-    path.unlink()
-    path.symlink_to(secret)
+    _, queue_id = planted_large_message(directory, lambda path: path.symlink_to(secret),
+                                        b"Subject: x\r\n\r\n" + b"y" * 500)
     status, out, err = run_cli("--queue", str(directory), "show", queue_id)
     assert status == 1 and "symbolic link" in err and err.count("\n") == 1
     assert "root:" not in out
