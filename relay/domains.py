@@ -77,11 +77,16 @@ def _reason(error: Exception) -> str:
 
 
 def to_unicode(domain: str) -> str:
-    """The U-label form of ``domain`` for people to read; the input unchanged when it cannot be decoded."""
+    """The U-label form of ``domain`` (lower case, UTS #46 mapped); the input unchanged when it cannot be decoded."""
     try:
-        return idna.decode(to_ascii(domain))
+        return _decode(to_ascii(domain))
     except (idna.IDNAError, UnicodeError, DomainError):
         return domain
+
+
+@lru_cache(maxsize=4096)
+def _decode(name: str) -> str:
+    return idna.decode(name) if "xn--" in name else name
 
 
 def normalize_domain(domain: str) -> str:

@@ -17,7 +17,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Optional
 
-from relay.domains import ip_literal, to_ascii
+from relay.domains import ip_literal, to_ascii, to_unicode
 
 MAX_LOCAL_PART = 64  # octets (RFC 5321 4.5.3.1.1)
 MAX_DOMAIN = 255  # octets (RFC 5321 4.5.3.1.2)
@@ -271,24 +271,31 @@ class UnsendableAddress(ValueError):
     """A syntactically valid address that cannot be relayed (the next hop's command line would break)."""
 
 
-def normalized_mailbox(mailbox: str) -> str:
-    """``mailbox`` with its domain in A-label form when it has U-labels or UTS #46 spellings.
+def normalized_domain(domain: str) -> str:
+    """A non-ASCII domain in its normalised spelling: UTS #46 mapped, as U-labels (ASCII ones as sent).
 
-    ``user@ｐａｒｔｎｅｒ.test`` -> ``user@partner.test``; ASCII domains and
-    address literals are kept as sent.  Call on a mailbox ``parse_mailbox`` accepted.
+    ``ｐａｒｔｎｅｒ.test`` -> ``partner.test``; ``Bücher.Example`` ->
+    ``bücher.example``; ``faß.de`` stays ``faß.de`` (IDNA 2008, nontransitional).
+    """
+    return domain if domain.isascii() else to_unicode(to_ascii(domain))
+
+
+def normalized_mailbox(mailbox: str) -> str:
+    """``mailbox`` with its domain in normalised spelling (see ``normalized_domain``); the local part as sent.
+
+    Call on a mailbox ``parse_mailbox`` accepted.
     """
     local, _, domain = mailbox.rpartition("@")
     if not local or domain.isascii():
         return mailbox
-    return f"{local}@{to_ascii(domain)}"
+    return f"{local}@{normalized_domain(domain)}"
 
 
 def normalized_path(path: Path) -> Path:
-    """``path`` with the mailbox and the source-route hops in A-label form (see ``normalized_mailbox``)."""
+    """``path`` with the domains of the mailbox and the source-route hops in normalised spelling."""
     if path.is_null or (path.mailbox.rpartition("@")[2].isascii() and all(h.isascii() for h in path.source_route)):
         return path
-    hops = tuple(h if h.isascii() else to_ascii(h) for h in path.source_route)
-    return Path(normalized_mailbox(path.mailbox), hops)
+    return Path(normalized_mailbox(path.mailbox), tuple(normalized_domain(h) for h in path.source_route))
 
 
 # -- ESMTP parameters -------------------------------------------------------------------
