@@ -48,6 +48,7 @@ from twisted.internet.defer import Deferred
 from relay.log import Logger
 from twisted.python.failure import Failure
 
+from relay.domains import DomainError, to_ascii
 from relay.envelope import (
     OUTCOME_TRANSIENT,
     Attempt,
@@ -315,8 +316,8 @@ def _ascii_host(hostname: str) -> str:
     if hostname.isascii():
         return hostname
     try:
-        return hostname.encode("idna").decode("ascii")
-    except UnicodeError:
+        return to_ascii(hostname)
+    except DomainError:
         return hostname.encode("ascii", "replace").decode("ascii")
 
 

@@ -18,7 +18,7 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, NoReturn, Optional, Sequence, TypeVar, Union
 
-from relay.domains import DomainPattern, normalize_domain
+from relay.domains import DomainError, DomainPattern, ip_literal, normalize_domain, to_ascii
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -53,6 +53,7 @@ class ServerConfig:
     received_auth: bool = False  # "(Authenticated sender: user)" in the Received header
     sender_login_map: str = ""  # file of "address-or-@domain user[,user...]" lines
     workers: int = 1  # worker processes sharing the listeners ("auto": one per CPU core)
+    postmaster: str = ""  # where mail to <postmaster> (no domain) goes; "": postmaster@<hostname>
 
 
 @dataclass(frozen=True)
@@ -347,12 +348,12 @@ def _port(value: Any, where: _Where) -> int:
 def domain_problem(name: str) -> Optional[str]:
     """Why ``name`` is not a usable domain name, or None when it is."""
     text = name.strip().rstrip(".")
-    try:
-        ascii_name = text.encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        return "is not a valid domain name"
-    if not ascii_name:
+    if not text:
         return "is an empty domain name"
+    try:
+        ascii_name = to_ascii(text)
+    except DomainError as e:
+        return f"is not a valid domain name: {e}"
     if len(ascii_name) > 253:
         return "is longer than 253 characters"
     if not all(_LABEL.match(label) for label in ascii_name.split(".")):
@@ -361,11 +362,9 @@ def domain_problem(name: str) -> Optional[str]:
 
 
 def _address_literal_problem(text: str) -> Optional[str]:
-    inner = text[1:-1] if text.endswith("]") else ""
-    if inner[:5].lower() == "ipv6:":
-        inner = inner[5:]
     try:
-        ipaddress.ip_address(inner)
+        if ip_literal(text) is None:
+            raise ValueError(text)
     except ValueError:
         return "is not a valid address literal (use e.g. [192.0.2.1] or [IPv6:2001:db8::1])"
     return None
@@ -560,7 +559,21 @@ _SERVER_KEYS: dict[str, _Parser] = {
     "received_auth": _bool_value,
     "sender_login_map": _path,
     "workers": lambda v, w: _workers(v, w),
+    "postmaster": lambda v, w: _postmaster(v, w),
 }
+
+
+def _postmaster(value: Any, where: _Where) -> str:
+    """An address (``local@domain``) for mail to ``<postmaster>``; "" for the default."""
+    from relay.smtp.address import parse_mailbox
+
+    text = _string(value, where).strip()
+    if text:
+        try:
+            parse_mailbox(text, smtputf8=True)
+        except ValueError as e:
+            where.fail(f"{_show(value)} is not an address (user@domain): {e}")
+    return text
 
 MAX_WORKERS = 256
 

@@ -10,6 +10,7 @@ the relay's, set once at start-up (``set_level``); default ``info``.
 from __future__ import annotations
 
 import atexit
+import re
 import signal
 import sys
 import threading
@@ -40,6 +41,31 @@ def set_level(name: str) -> None:
 def enabled(level: Any) -> bool:
     """Whether events at ``level`` are logged now."""
     return level in _enabled
+
+
+# Characters that could forge or hide a log line: C0 controls but TAB and LF (which
+# Twisted's text format indents), DEL, C1 controls, Unicode line and paragraph separators.
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+_ALL_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escaped(match: "re.Match[str]") -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character (CR, LF, other C0, DEL, C1, U+2028/2029) written as ``\\xNN``/``\\uNNNN``.
+
+    For text from a peer that goes into a log line, so it can never start a
+    line of its own or hide what follows.
+    """
+    return _ALL_CONTROLS.sub(_escaped, text) if _ALL_CONTROLS.search(text) else text
+
+
+def _escape_line(line: str) -> str:
+    """A formatted log line with the controls escaped that Twisted's format leaves raw (LF and TAB stay)."""
+    return _CONTROLS.sub(_escaped, line) if _CONTROLS.search(line) else line
 
 
 class Logger(_TwistedLogger):
@@ -95,7 +121,7 @@ class TextLogObserver:
         with self._lock:
             line = formatEventAsClassicLogText(event, formatTime=self._time)
         if line:
-            self.write_raw(line)
+            self.write_raw(_escape_line(line))
 
     def _can_wait(self) -> bool:
         from twisted.internet import reactor

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional, Union
 from twisted.internet.defer import Deferred
 
 from relay.config import ServerConfig
-from relay.domains import DomainSet, normalize_domain
+from relay.domains import DomainSet, ip_literal, normalize_domain
 from relay.envelope import ClientInfo, Recipient
 from relay.smtp.replies import RELAY_DENIED, SENDER_MAP_UNAVAILABLE, Reply, sender_not_owned
 
@@ -100,18 +100,13 @@ def _hides_a_route(address: str) -> bool:
 
 
 def _ip_address(ip: str) -> Optional[Union[ipaddress.IPv4Address, ipaddress.IPv6Address]]:
-    text = ip.strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-    if text[:5].lower() == "ipv6:":
-        text = text[5:]
     try:
-        address = ipaddress.ip_address(text)
+        address = ip_literal(ip)
     except ValueError:
         return None
     if isinstance(address, ipaddress.IPv6Address):
         if address.scope_id is not None:
-            address = ipaddress.IPv6Address(text.partition("%")[0])
+            address = ipaddress.IPv6Address(str(address).partition("%")[0])
         if address.ipv4_mapped is not None:
             return address.ipv4_mapped
     return address

@@ -70,9 +70,9 @@ class RecordingFS(OsFileSystem):
         self._step("makedirs", path)
         super().makedirs(path)
 
-    def read_file(self, path: str) -> bytes:
+    def read_file(self, path: str, limit: int = -1) -> bytes:
         self._step("read_file", path)
-        return super().read_file(path)
+        return super().read_file(path, limit)
 
     def open_read(self, path: str) -> Any:
         self._step("open_read", path)

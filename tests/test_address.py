@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.smtp.address import Path, parse_params, parse_path, split_argument
+from relay.domains import DomainError
+from relay.smtp.address import Path, UnsendableAddress, normalized_path, parse_params, parse_path, split_argument
 
 
 # -- split_argument ---------------------------------------------------------------
@@ -139,7 +140,6 @@ def test_utf8_local_part_needs_smtputf8() -> None:
     "<user@x.test\x00>",
     "<us\ter@x.test>",
     "<user@x.test\r\n>",
-    "<user@ｘ。test>",
 ])
 def test_refused_paths(text: str) -> None:
     """Malformed paths are refused with ValueError, with or without SMTPUTF8."""
@@ -241,7 +241,7 @@ def test_parse_params_only_raises_value_error(text: str) -> None:
 _ATEXT = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~"
 _atom = st.text(alphabet=_ATEXT, min_size=1, max_size=10)
 _dot_string = st.lists(_atom, min_size=1, max_size=3).map(".".join)
-_qtext = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=10)
+_qtext = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126, blacklist_characters="<>"), max_size=10)
 _quoted = _qtext.map(lambda s: '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"')
 _ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 _label = st.one_of(
@@ -264,3 +264,62 @@ def test_valid_paths_round_trip(mailbox: str, route: list[str]) -> None:
     parsed = parse_path(path.wire(), smtputf8=False)
     assert parsed == path
     assert parse_path(parsed.wire(), smtputf8=False) == parsed
+
+
+# -- IDNA 2008, Unicode controls, what the client can send ------------------------------
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\u0085", "\u009b", "\u202e", "\ufeff", "\u3000", "\ue000"])
+def test_unicode_separators_and_controls_refused(char: str) -> None:
+    """Line/paragraph separators, C1 controls, bidi overrides, odd spaces and private use are refused in addresses."""
+    with pytest.raises(ValueError, match="not allowed|control"):
+        parse_path(f"<jo{char}se@x.test>", True)
+    with pytest.raises(ValueError):
+        parse_path(f"<jose@x{char}.test>", True)
+
+
+def test_del_refused() -> None:
+    """DEL is refused in an address."""
+    with pytest.raises(ValueError, match="control"):
+        parse_path("<jo\x7fse@x.test>", False)
+
+
+@pytest.mark.parametrize("local", ['"x>; <y"', '"a<b"', '"a>b"'])
+def test_unsendable_quoted_local_part_refused(local: str) -> None:
+    """A quoted local part holding '<' or '>' (which the client refuses to send) is refused as UnsendableAddress."""
+    with pytest.raises(UnsendableAddress):
+        parse_path(f"<{local}@partner.test>", False)
+
+
+@pytest.mark.parametrize("domain", ["😀.example", "xn--ls8h.example", "☃.example", "xn--zz.example", "a\u200db.example"])
+def test_domains_invalid_under_idna_2008_refused(domain: str) -> None:
+    """Emoji and symbols (valid in IDNA 2003), bad A-labels and a bare joiner are refused as DomainError."""
+    with pytest.raises(DomainError):
+        parse_path(f"<user@{domain}>", True)
+
+
+@pytest.mark.parametrize("domain, normal", [
+    ("faß.de", "faß.de"),
+    ("FAß.De", "faß.de"),
+    ("ς.example", "ς.example"),
+    ("Bücher.Example", "bücher.example"),
+    ("ｐａｒｔｎｅｒ.test", "partner.test"),
+    ("ｘ。test", "x.test"),
+    ("ＢＵＣＨ.example", "buch.example"),
+])
+def test_u_label_domains_normalised(domain: str, normal: str) -> None:
+    """U-labels (mixed case, ß, final sigma, fullwidth letters and full stops) are accepted and normalised by UTS #46, nontransitional."""
+    path = parse_path(f"<Üser@{domain}>", True)
+    assert normalized_path(path).mailbox == f"Üser@{normal}"
+
+
+def test_normalised_path_keeps_ascii_and_normalises_hops() -> None:
+    """ASCII mailboxes are kept as sent; U-label hops of a source route are normalised too."""
+    path = parse_path("<@ＧＷ.test,@b.test:User@Example.TEST>", True)
+    assert normalized_path(path) == Path("User@Example.TEST", ("gw.test", "b.test"))
+
+
+def test_fullwidth_domain_needs_smtputf8() -> None:
+    """A fullwidth spelling of an ASCII domain is non-ASCII text: refused without SMTPUTF8."""
+    with pytest.raises(ValueError, match="SMTPUTF8"):
+        parse_path("<user@ｐａｒｔｎｅｒ.test>", False)

@@ -377,3 +377,16 @@ def test_bad_override_names_the_option(kwargs: dict, option: str) -> None:
     with pytest.raises(ConfigError) as caught:
         apply_overrides(Config(), **kwargs)
     assert str(caught.value).startswith(f"command line: {option}: ")
+
+
+def test_server_postmaster_key(tmp_path) -> None:
+    """[server] postmaster takes an address; a value that is not one is an error naming file and key."""
+    from relay.config import ConfigError, load_config
+
+    good = tmp_path / "good.toml"
+    good.write_text('[server]\npostmaster = "admin@ops.example"\n')
+    assert load_config(str(good)).server.postmaster == "admin@ops.example"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\npostmaster = "not an address"\n')
+    with pytest.raises(ConfigError, match=r"bad\.toml.*server\.postmaster"):
+        load_config(str(bad))

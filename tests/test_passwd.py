@@ -153,3 +153,37 @@ def test_runnable_as_module(tmp_path: Path) -> None:
                           capture_output=True, text=True, env=env, timeout=30)
     assert done.returncode == 0, done.stderr
     assert verify_password(b"pipe pw", users_of(path)["carol"])
+
+
+def test_non_utf8_password_is_one_line_error(tmp_path: Path) -> None:
+    """A password that is not UTF-8 on a pipe is refused with one line and exit 2, no traceback, no file written."""
+    path = tmp_path / "users"
+    env: dict[str, Any] = dict(os.environ, PYTHONPATH=str(REPO), LC_ALL="C.UTF-8")
+    done = subprocess.run([sys.executable, "-m", "relay.cli.passwd", str(path), "carol"], input=b"\xff\xfepw\n",
+                          capture_output=True, env=env, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr == b"relay-passwd: the password is not UTF-8 text; nothing changed\n"
+    assert not path.exists()
+
+
+def test_surrogate_escaped_password_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """Text holding lone surrogates (undecodable bytes read with surrogateescape) is refused, not hashed."""
+    assert run(monkeypatch, [str(tmp_path / "users"), "alice"], "pw\udcff\n") == 2
+    assert capsys.readouterr().err == "relay-passwd: the password is not UTF-8 text; nothing changed\n"
+
+
+def test_symlinked_users_file_is_written_through_the_link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When FILE is a symbolic link, the file it names is replaced (mode kept) and the link stays a link."""
+    target_dir = tmp_path / "etc"
+    target_dir.mkdir()
+    target = target_dir / "users"
+    run(monkeypatch, [str(target), "alice"], "one\n")
+    os.chmod(target, 0o640)
+    link = tmp_path / "users-link"
+    link.symlink_to(target)
+    assert run(monkeypatch, [str(link), "bob"], "two\n") == 0
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert set(users_of(target)) == {"alice", "bob"}
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o640
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".relay-passwd")] == []

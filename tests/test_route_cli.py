@@ -294,3 +294,28 @@ def test_process_errors_are_one_line(tmp_path: Path) -> None:
     assert result.returncode == EXIT_USAGE
     assert result.stderr.startswith(f'relay-route: {bad}: routes[0].plugin: no router plugin named "no-such-plugin"')
     assert result.stderr.count("\n") == 1
+
+
+def test_process_looks_up_idna_2008_a_label(tmp_path: Path) -> None:
+    """relay-route 'user@faß.de' asks the loopback DNS server for xn--fa-hia.de (IDNA 2008), never fass.de."""
+    zone = {
+        "xn--fa-hia.de": {"MX": [[10, "mx.xn--fa-hia.de"]]},
+        "mx.xn--fa-hia.de": {"A": ["127.0.0.7"]},
+        "fass.de": {"MX": [[10, "mx.fass.de"]]},
+        "mx.fass.de": {"A": ["127.0.0.8"]},
+    }
+    with dns_server(zone, tmp_path) as port:
+        result = relay_route("--nameserver", f"127.0.0.1:{port}", "--json", "user@faß.de", "user@FAß.De",
+                             cwd=tmp_path)
+    assert result.returncode == EXIT_OK, result.stderr
+    routes = json.loads(result.stdout)
+    for route in routes:
+        assert [(h["host"], h["address"]) for h in route["hosts"]] == [("mx.xn--fa-hia.de", "127.0.0.7")]
+
+
+def test_process_refuses_emoji_domain_in_one_line(tmp_path: Path) -> None:
+    """relay-route with a domain IDNA 2008 refuses (an emoji) exits 2 with one line naming the reason."""
+    result = relay_route("user@\U0001f600.example", cwd=tmp_path)
+    assert result.returncode == EXIT_USAGE
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "internationalized domain name" in result.stderr

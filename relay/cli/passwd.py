@@ -10,7 +10,9 @@ otherwise one line is read from standard input (for scripts).  The file is
 created with mode 0600; an existing file keeps its mode, its comments and
 its other lines.  It is replaced atomically (written to a temporary file in
 the same directory, fsynced, renamed over the old one), so a running relay
-never reads half a file and picks the change up at the next AUTH.
+never reads half a file and picks the change up at the next AUTH.  When
+FILE is a symbolic link, the file it points to is replaced and the link
+stays as it is.
 
 Exit status: 0 on success, 2 with one line on stderr for any error.
 """
@@ -53,20 +55,32 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def read_password(stdin: TextIO) -> str:
-    """Twice with getpass on a terminal, else one line of ``stdin``."""
-    if stdin.isatty():
-        first = getpass.getpass("New password: ")
-        second = getpass.getpass("Repeat password: ")
-        if first != second:
-            raise PasswdError("the two passwords differ; nothing changed")
-        password = first
-    else:
-        line = stdin.readline()
-        password = line[:-1] if line.endswith("\n") else line
-        password = password[:-1] if password.endswith("\r") else password
+    """Twice with getpass on a terminal, else one line of ``stdin``; it must be UTF-8 text."""
+    try:
+        if stdin.isatty():
+            first = getpass.getpass("New password: ")
+            second = getpass.getpass("Repeat password: ")
+            if first != second:
+                raise PasswdError("the two passwords differ; nothing changed")
+            password = first
+        else:
+            line = _read_line(stdin)
+            password = line[:-1] if line.endswith("\n") else line
+            password = password[:-1] if password.endswith("\r") else password
+        password.encode("utf-8")  # text decoded with surrogateescape holds lone surrogates
+    except UnicodeError:
+        raise PasswdError("the password is not UTF-8 text; nothing changed") from None
     if not password:
         raise PasswdError("empty password; nothing changed")
     return password
+
+
+def _read_line(stdin: TextIO) -> str:
+    """One line of ``stdin`` decoded as strict UTF-8, whatever the locale's encoding."""
+    raw = getattr(stdin, "buffer", None)
+    if raw is None:
+        return stdin.readline()
+    return raw.readline().decode("utf-8")
 
 
 # -- the file ------------------------------------------------------------------------
@@ -122,12 +136,17 @@ def delete_user(lines: list[str], user: str) -> list[str]:
 
 
 def write_atomically(path: str, lines: list[str], mode: Optional[int]) -> None:
-    """Temporary file in the same directory, fsync, rename over ``path``, fsync the directory."""
-    directory = os.path.dirname(os.path.abspath(path))
+    """Temporary file in the same directory, fsync, rename over ``path``, fsync the directory.
+
+    A symbolic link is followed: the file it names is replaced, the link is kept.
+    """
+    shown = path
+    path = os.path.realpath(path)
+    directory = os.path.dirname(path)
     try:
         fd, temporary = tempfile.mkstemp(prefix=".relay-passwd.", dir=directory)  # mode 0600
     except OSError as e:
-        raise PasswdError(f"{path}: cannot write: {_reason(e)}") from None
+        raise PasswdError(f"{shown}: cannot write: {_reason(e)}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.writelines(lines)
@@ -140,7 +159,7 @@ def write_atomically(path: str, lines: list[str], mode: Optional[int]) -> None:
             os.unlink(temporary)
         except OSError:
             pass
-        raise PasswdError(f"{path}: cannot write: {_reason(e)}") from None
+        raise PasswdError(f"{shown}: cannot write: {_reason(e)}") from None
     _fsync_directory(directory)
 
 

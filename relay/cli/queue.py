@@ -59,7 +59,7 @@ from relay import control
 from relay.config import ConfigError, load_config
 from relay.envelope import DELIVERED, FAILED, PENDING, Attempt, Envelope, EnvelopeFormatError, Recipient
 from relay.queue.partitions import part_directory, part_indexes
-from relay.queue.store import Spool, valid_queue_id
+from relay.queue.store import Spool, StoreError, valid_queue_id
 
 PROG = "relay-queue"
 DEFAULT_QUEUE = "relay-queue"
@@ -707,7 +707,7 @@ def run(
     except (UsageError, ConfigError) as e:
         err.write(f"{PROG}: {one_line(str(e))}\n")
         return EXIT_USAGE
-    except Failed as e:
+    except (Failed, StoreError) as e:
         err.write(f"{PROG}: {one_line(str(e))}\n")
         return EXIT_FAILED
     except OSError as e:

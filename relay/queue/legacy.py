@@ -12,7 +12,11 @@ store under its own queue id:
   message in the files, in the store, or in both, and the next start
   finishes the job without a duplicate;
 * an envelope without its message, or one that cannot be read, is moved
-  into ``corrupt/`` with a ``.reason`` file, as before;
+  into ``corrupt/`` with a ``.reason`` file, as before; so is an entry
+  whose files are not regular files owned by the relay's user (a symbolic
+  link, a FIFO, a directory) or whose envelope is outside the bounds of
+  ``relay.queue.bounds``: files are opened without following links or
+  blocking, and a ``queue/`` that is itself a link is refused;
 * a ``.msg`` without an envelope was never acknowledged and is deleted.
 
 When nothing is left, ``queue/`` is removed.
@@ -26,6 +30,7 @@ from typing import Any
 from relay.log import Logger
 
 from relay.envelope import Envelope, EnvelopeFormatError
+from relay.queue.bounds import MAX_ENVELOPE, read_envelope
 from relay.queue.ids import valid_queue_id
 
 log = Logger(namespace="relay.store")
@@ -37,13 +42,14 @@ BATCH_BYTES = 64 * 1024 * 1024
 
 def import_queue(spool: Any, report: Any) -> None:
     """Move every entry of ``<directory>/queue/`` into ``spool``; counts go into ``report``."""
-    from relay.queue.files import ENVELOPE_SUFFIX, MESSAGE_SUFFIX, describe
+    from relay.queue.files import ENVELOPE_SUFFIX, MESSAGE_SUFFIX, check_directory, describe
     from relay.queue.store import MISSING_MESSAGE
 
     fs = spool._fs
     directory = os.path.join(spool.directory, LEGACY_DIR)
-    if not os.path.isdir(directory):
+    if not os.path.lexists(directory):
         return
+    check_directory(directory)  # a link to another directory: never read or delete there
     names = set(fs.listdir(directory))
     ids = sorted(n[: -len(ENVELOPE_SUFFIX)] for n in names
                  if n.endswith(ENVELOPE_SUFFIX) and valid_queue_id(n[: -len(ENVELOPE_SUFFIX)]))
@@ -72,9 +78,7 @@ def import_queue(spool: Any, report: Any) -> None:
             reason = MISSING_MESSAGE
         else:
             try:
-                envelope = Envelope.from_json(fs.read_file(path(queue_id, ENVELOPE_SUFFIX)))
-                if envelope.queue_id != queue_id:
-                    raise EnvelopeFormatError(f"envelope names queue id {envelope.queue_id!r}")
+                envelope = read_envelope(queue_id, fs.read_file(path(queue_id, ENVELOPE_SUFFIX), MAX_ENVELOPE))
                 body = fs.read_file(path(queue_id, MESSAGE_SUFFIX))
             except (OSError, EnvelopeFormatError) as e:
                 reason = describe(e)

@@ -77,10 +77,14 @@ from relay.queue.files import (
     MESSAGE_SUFFIX,
     REASON_SUFFIX,
     OsFileSystem,
+    UnsafeFile,
+    check_directory,
     describe,
+    file_problem,
     ignore_errors,
     write_file,
 )
+from relay.queue.bounds import MAX_TIME, read_envelope
 from relay.queue.ids import new_queue_id, valid_queue_id
 from relay.queue.incoming import IncomingMessage
 
@@ -123,8 +127,26 @@ CREATE TABLE IF NOT EXISTS body (
 """
 
 
+_SHAPE_CHECKS = (
+    "SELECT id, held, due, domains, unreported, data FROM envelope LIMIT 0",
+    "SELECT id, data FROM body LIMIT 0",
+)
+
+
 class StoreError(Exception):
     """The queue store cannot be used (not a database, a newer format...); ``str()`` names the file."""
+
+
+# Rows whose due time is no time at all (a queue changed behind the relay's back).
+_BAD_DUE = f"due IS NOT NULL AND (typeof(due) NOT IN ('real', 'integer') OR NOT (due BETWEEN 0 AND {MAX_TIME!r}))"
+
+
+def _checked_directory(path: str) -> None:
+    """StoreError unless ``path`` is a real directory owned by the relay's user."""
+    try:
+        check_directory(path)
+    except OSError as e:
+        raise StoreError(f"{path}: {e.strerror}; the queue's directories must be the relay's own") from None
 
 
 class QueueSummary(NamedTuple):
@@ -185,10 +207,7 @@ def _summary(row: tuple) -> QueueSummary:
 
 
 def _envelope(queue_id: str, data: bytes) -> Envelope:
-    envelope = Envelope.from_json(data)
-    if envelope.queue_id != queue_id:
-        raise EnvelopeFormatError(f"envelope names queue id {envelope.queue_id!r}")
-    return envelope
+    return read_envelope(queue_id, data)
 
 
 # -- operations run in a transaction -------------------------------------------
@@ -260,10 +279,11 @@ class _RemoveOperation(_Operation):
 class _QuarantineOperation(_Operation):
     action = "quarantine"
 
-    def __init__(self, spool: "Spool", queue_id: str, reason: str) -> None:
+    def __init__(self, spool: "Spool", queue_id: str, reason: str, force: bool = False) -> None:
         self.spool = spool
         self.queue_id = queue_id
         self.reason = reason
+        self.force = force  # move it even when the envelope reads well (its file or columns are bad)
         self.moved = False
         self.large = False
         self.base = ""
@@ -272,11 +292,12 @@ class _QuarantineOperation(_Operation):
         row = conn.execute("SELECT data FROM envelope WHERE id = ?", (self.queue_id,)).fetchone()
         if row is None:
             return False
-        try:
-            _envelope(self.queue_id, row[0])
-            return False  # reads well by now
-        except EnvelopeFormatError:
-            pass
+        if not self.force:
+            try:
+                _envelope(self.queue_id, row[0])
+                return False  # reads well by now
+            except EnvelopeFormatError:
+                pass
         self.base = self.spool._write_corrupt(conn, self.queue_id, row[0], self.reason)
         _, self.large = remove_in(conn, self.queue_id)
         self.moved = True
@@ -470,6 +491,8 @@ class Spool:
                     )
                 if version < STORE_VERSION:
                     conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {STORE_VERSION}; COMMIT;")
+                for query in _SHAPE_CHECKS:  # tables dropped or changed behind our back
+                    conn.execute(query).fetchall()
             except sqlite3.DatabaseError as e:
                 raise StoreError(f"{self._path}: not a usable queue store: {e}") from None
             finally:
@@ -865,11 +888,15 @@ class Spool:
         fs, report = self._fs, RecoveryReport()
         for path in (self._tmp, self._large, self._corrupt):
             fs.makedirs(path)
+            _checked_directory(path)
         self._ensure_schema()
-        for name in fs.listdir(self._tmp):
+        for name in fs.listdir(self._tmp):  # unlink never follows a link: only the name goes
             ignore_errors(fs.unlink, self._tmp_path(name))
             report.removed_tmp += 1
-        legacy.import_queue(self, report)
+        try:
+            legacy.import_queue(self, report)
+        except UnsafeFile as e:
+            raise StoreError(f"{e.filename}: {e.strerror}; refusing to import from it") from None
         conn = self._conn()
         known = {r[0] for r in conn.execute("SELECT id FROM body WHERE data IS NULL")}
         for name in fs.listdir(self._large):
@@ -878,6 +905,12 @@ class Spool:
                 ignore_errors(fs.unlink, os.path.join(self._large, name))
                 report.removed_orphans += 1
                 log.info("{queue_id}: removed message never acknowledged", queue_id=stem or name)
+                continue
+            problem = file_problem(os.path.join(self._large, name))
+            if problem:
+                self._quarantine_now(stem, f"message file {problem}", report)
+        for queue_id, due in conn.execute(f"SELECT id, due FROM envelope WHERE {_BAD_DUE}").fetchall():
+            self._quarantine_now(queue_id, f"next attempt {due!r} out of range", report)
         for path in (self._tmp, self._large):
             fs.fsync_dir(path)
         report.count = conn.execute("SELECT count(*) FROM envelope").fetchone()[0]
@@ -888,6 +921,13 @@ class Spool:
             orphans=report.removed_orphans, imported=report.imported,
         )
         return report
+
+    def _quarantine_now(self, queue_id: str, reason: str, report: RecoveryReport) -> None:
+        """Move an entry to corrupt/ at start-up, however its envelope reads (a bad file or column)."""
+        operation = _QuarantineOperation(self, queue_id, reason, force=True)
+        if self._transaction(operation.run):
+            operation.committed()
+            report.quarantined.append(queue_id)
 
     def insert_sync(self, entries: Iterable[tuple[Envelope, bytes]]) -> int:
         """Store finished entries at once in one transaction, keeping their ids; those

@@ -51,7 +51,6 @@ capped at ``NEGATIVE_TTL_MAX``.  Transient failures are never cached.
 
 from __future__ import annotations
 
-import ipaddress
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
@@ -69,7 +68,7 @@ from relay.log import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from relay.domains import normalize_domain
+from relay.domains import ip_literal, normalize_domain
 from relay.envelope import OUTCOME_PERMANENT, NextHop, Route
 from relay.outcome import status_kind
 
@@ -185,7 +184,13 @@ def make_resolver(
 
 
 def _qname(name: str) -> Optional[dns.name.Name]:
-    """The absolute DNS name for ``name``, or None when it is not a valid name."""
+    """The absolute DNS name for ``name``, or None when it is not a valid name.
+
+    ``name`` comes through ``normalize_domain``: text still not ASCII is a
+    name IDNA 2008 refused, never handed to another IDNA conversion.
+    """
+    if not name.isascii():
+        return None
     try:
         qname = dns.name.from_text(name)
     except (dns.exception.DNSException, UnicodeError, ValueError):
@@ -346,18 +351,11 @@ def literal_address(host: str) -> Optional[str]:
 
     Raises ValueError for a bracketed literal that is not an address.
     """
-    text = host.strip()
-    bracketed = text.startswith("[") and text.endswith("]")
-    if bracketed:
-        text = text[1:-1]
-        if text[:5].lower() == "ipv6:":
-            text = text[5:]
     try:
-        return str(ipaddress.ip_address(text))
+        address = ip_literal(host)
     except ValueError:
-        if bracketed:
-            raise ValueError(f"bad address literal {host}") from None
-        return None
+        raise ValueError(f"bad address literal {host}") from None
+    return None if address is None else str(address)
 
 
 # -- the asynchronous front ------------------------------------------------------

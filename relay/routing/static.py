@@ -9,12 +9,12 @@ hops are resolved later, by A/AAAA only (never MX), by delivery.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any, Iterable, Optional, Union
 
 from zope.interface import implementer
 
 from relay.config import parse_hostport
+from relay.domains import ip_literal
 from relay.envelope import (
     ROUTE_REJECT,
     ROUTE_SMARTHOST,
@@ -49,24 +49,22 @@ def parse_next_hop(text: str) -> NextHop:
     Raises ValueError naming the problem.
     """
     host, port = parse_hostport(str(text))
-    if host[:5].lower() == "ipv6:":
-        host = host[5:]
-    if not host or any(c.isspace() or c in "@,;<>[]" for c in host):
+    try:
+        address = ip_literal(host)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a host name or address") from None
+    if address is not None:
+        return NextHop(host[5:] if host[:5].lower() == "ipv6:" else host, port, mx=False)
+    if not host or ":" in host or any(c.isspace() or c in "@,;<>[]" for c in host):
         raise ValueError(f"{text!r} is not a host name or address")
-    if ":" in host:
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{text!r} is not a host name or address") from None
-    return NextHop(host.rstrip(".") if not _is_ip(host) else host, port, mx=False)
+    return NextHop(host.rstrip("."), port, mx=False)
 
 
 def _is_ip(host: str) -> bool:
     try:
-        ipaddress.ip_address(host)
+        return ip_literal(host) is not None
     except ValueError:
         return False
-    return True
 
 
 def _host_list(option: str, value: Union[str, Iterable[str]]) -> tuple[str, ...]:

@@ -13,10 +13,11 @@ valid reverse-path only, and the server refuses it as a recipient.
 
 from __future__ import annotations
 
-import ipaddress
+import unicodedata
 from dataclasses import dataclass
-from encodings import idna as _idna
 from typing import Optional
+
+from relay.domains import ip_literal, to_ascii, to_unicode
 
 MAX_LOCAL_PART = 64  # octets (RFC 5321 4.5.3.1.1)
 MAX_DOMAIN = 255  # octets (RFC 5321 4.5.3.1.2)
@@ -27,8 +28,14 @@ MAX_LABEL = 63
 _ATEXT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~")
 _LDH = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 _KEYWORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
-# Characters that IDNA would turn into a label separator: never inside a label.
-_IDNA_DOTS = frozenset("\u3002\uff0e\uff61")
+# Unicode categories never allowed in an address: controls, surrogates, private
+# use, unassigned code points, line and paragraph separators, spaces other than ASCII's.
+_REFUSED_CATEGORIES = frozenset(("Cc", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"))
+# Format characters that reorder or hide text (bidirectional controls, BOM, word joiners).
+_REFUSED_FORMAT = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2060\u2061\u2062\u2063\u2064"
+                            "\u2066\u2067\u2068\u2069\ufeff\ufff9\ufffa\ufffb")
+# What the client refuses to put on a command line: never accepted in a path either.
+UNSENDABLE = frozenset("<>")
 
 
 @dataclass(frozen=True)
@@ -120,10 +127,15 @@ def parse_path(text: str, smtputf8: bool) -> Path:
 
 
 def parse_mailbox(text: str, smtputf8: bool) -> str:
-    """Validate ``local@domain`` (no brackets) and return it unchanged."""
+    """Validate ``local@domain`` (no brackets) and return it unchanged.
+
+    Raises DomainError (a ValueError) for a domain IDNA 2008 refuses and
+    UnsendableAddress (a ValueError) for a local part that cannot be relayed.
+    """
     _check_characters(text, smtputf8)
     local, domain = _split_mailbox(text)
     _check_local_part(local)
+    check_sendable(local)
     if domain.startswith("["):
         check_address_literal(domain)
     else:
@@ -134,12 +146,13 @@ def parse_mailbox(text: str, smtputf8: bool) -> str:
 def _check_characters(text: str, smtputf8: bool) -> None:
     for char in text:
         code = ord(char)
-        if code < 0x20 or code == 0x7F or 0x80 <= code < 0xA0:
+        if code < 0x20 or code == 0x7F:
             raise ValueError("control character in address")
-        if code > 0x7F and not smtputf8:
-            raise ValueError("non-ASCII address without SMTPUTF8")
-        if 0xD800 <= code <= 0xDFFF:
-            raise ValueError("invalid character in address")
+        if code > 0x7F:
+            if not smtputf8:
+                raise ValueError("non-ASCII address without SMTPUTF8")
+            if unicodedata.category(char) in _REFUSED_CATEGORIES or char in _REFUSED_FORMAT:
+                raise ValueError(f"character U+{code:04X} not allowed in address")
 
 
 def _parse_route(text: str, smtputf8: bool) -> tuple[str, ...]:
@@ -213,49 +226,76 @@ def _check_quoted_string(text: str) -> None:
 
 
 def check_domain(domain: str, smtputf8: bool) -> None:
-    """Validate a domain name: LDH labels, A-labels, U-labels only with ``smtputf8``."""
+    """Validate a domain name: LDH labels, A-labels, U-labels only with ``smtputf8``.
+
+    Names with U-labels or A-labels must be valid under IDNA 2008
+    (``relay.domains.to_ascii``); those that are not raise DomainError.
+    """
     if not domain:
         raise ValueError("empty domain")
     if len(domain.encode("utf-8")) > MAX_DOMAIN:
         raise ValueError("domain longer than 255 octets")
+    if not domain.isascii():
+        if not smtputf8:
+            raise ValueError("non-ASCII domain without SMTPUTF8")
+        domain = to_ascii(domain)
+        if len(domain) > MAX_DOMAIN:
+            raise ValueError("domain longer than 255 octets")
+    elif "xn--" in domain.lower():
+        to_ascii(domain)
     for label in domain.split("."):
-        _check_label(label, smtputf8)
+        _check_label(label)
 
 
-def _check_label(label: str, smtputf8: bool) -> None:
+def _check_label(label: str) -> None:
     if not label:
         raise ValueError("empty label in domain")
-    if label.isascii():
-        if len(label) > MAX_LABEL:
-            raise ValueError("domain label longer than 63 octets")
-        if not all(c in _LDH for c in label) or label[0] == "-" or label[-1] == "-":
-            raise ValueError("bad domain")
-        return
-    if not smtputf8:
-        raise ValueError("non-ASCII domain without SMTPUTF8")
-    if any(c in _IDNA_DOTS for c in label):
-        raise ValueError("bad internationalized domain")
-    try:
-        ascii_label = _idna.ToASCII(label).decode("ascii")
-    except (UnicodeError, ValueError):
-        raise ValueError("bad internationalized domain") from None
-    _check_label(ascii_label, smtputf8=False)
+    if len(label) > MAX_LABEL:
+        raise ValueError("domain label longer than 63 octets")
+    if not all(c in _LDH for c in label) or label[0] == "-" or label[-1] == "-":
+        raise ValueError("bad domain")
 
 
 def check_address_literal(literal: str) -> None:
     """Validate ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``; other tags are refused."""
-    if not (literal.startswith("[") and literal.endswith("]")):
-        raise ValueError("bad address literal")
-    body = literal[1:-1]
-    if "%" in body:
-        raise ValueError("bad address literal")
-    try:
-        if body[:5].lower() == "ipv6:":
-            ipaddress.IPv6Address(body[5:])
-        else:
-            ipaddress.IPv4Address(body)
-    except ValueError:
-        raise ValueError("bad address literal") from None
+    ip_literal(literal, strict=True)
+
+
+def check_sendable(mailbox: str) -> None:
+    """Refuse a mailbox the client would not put on a command line (``<`` or ``>`` in a quoted local part)."""
+    if any(c in UNSENDABLE for c in mailbox):
+        raise UnsendableAddress("'<' or '>' in the local part cannot be relayed")
+
+
+class UnsendableAddress(ValueError):
+    """A syntactically valid address that cannot be relayed (the next hop's command line would break)."""
+
+
+def normalized_domain(domain: str) -> str:
+    """A non-ASCII domain in its normalised spelling: UTS #46 mapped, as U-labels (ASCII ones as sent).
+
+    ``ｐａｒｔｎｅｒ.test`` -> ``partner.test``; ``Bücher.Example`` ->
+    ``bücher.example``; ``faß.de`` stays ``faß.de`` (IDNA 2008, nontransitional).
+    """
+    return domain if domain.isascii() else to_unicode(to_ascii(domain))
+
+
+def normalized_mailbox(mailbox: str) -> str:
+    """``mailbox`` with its domain in normalised spelling (see ``normalized_domain``); the local part as sent.
+
+    Call on a mailbox ``parse_mailbox`` accepted.
+    """
+    local, _, domain = mailbox.rpartition("@")
+    if not local or domain.isascii():
+        return mailbox
+    return f"{local}@{normalized_domain(domain)}"
+
+
+def normalized_path(path: Path) -> Path:
+    """``path`` with the domains of the mailbox and the source-route hops in normalised spelling."""
+    if path.is_null or (path.mailbox.rpartition("@")[2].isascii() and all(h.isascii() for h in path.source_route)):
+        return path
+    return Path(normalized_mailbox(path.mailbox), tuple(normalized_domain(h) for h in path.source_route))
 
 
 # -- ESMTP parameters -------------------------------------------------------------------

@@ -36,6 +36,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relay.domains import to_ascii
 from relay.smtp import dsn, set_nodelay, write_now
 from relay.envelope import OUTCOME_TRANSIENT, TLS_REQUIRE, TLS_VERIFY
 from relay.outcome import NETWORK_TEXT, STAGE_CONNECT, LocalReply, Reason, ReasonedError, classify, network_reason
@@ -600,7 +601,7 @@ class SMTPClientProtocol(LineReceiver):
         self._command(b"EHLO " + self._hostname(), "the reply to EHLO", self.options.timeouts.ehlo, self._on_ehlo)
 
     def _hostname(self) -> bytes:
-        return self.options.hostname.encode("idna") if not self.options.hostname.isascii() else self.options.hostname.encode("ascii")
+        return to_ascii(self.options.hostname).encode("ascii") if not self.options.hostname.isascii() else self.options.hostname.encode("ascii")
 
     def _on_ehlo(self, response: _Response) -> None:
         if self._stage == STAGE_STARTTLS:

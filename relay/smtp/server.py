@@ -40,6 +40,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import re
 from email.utils import format_datetime
 from functools import lru_cache
 from typing import Any, Callable, Optional, Union
@@ -51,7 +52,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import deferLater
-from relay.log import Logger
+from relay.log import Logger, escape_controls
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
@@ -59,11 +60,11 @@ from twisted.python.failure import Failure
 from relay.smtp import set_nodelay, write_now
 from relay.auth import ISubmitter
 from relay.config import ServerConfig, domain_problem
-from relay.domains import normalize_domain
+from relay.domains import DomainError, normalize_domain, to_ascii
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.policy import RelayPolicy
 from relay.smtp import replies as R
-from relay.smtp.address import parse_params, parse_path, split_argument
+from relay.smtp.address import Path, UnsendableAddress, normalized_path, parse_params, parse_path, split_argument
 from relay.smtp.replies import Reply
 
 log = Logger(namespace="relay.smtp.server")
@@ -77,6 +78,10 @@ AUTH_FAILURE_DELAY = 1.0  # seconds before a 535, input paused meanwhile
 AUTH_FAILURE_LIMIT = 3  # failed AUTH attempts in one session before 421 and close
 SHUTDOWN_GRACE = 10.0  # seconds a message in DATA may take to finish when the relay stops
 MAX_HEADER_BUFFER = 1 << 20  # header section held to complete a submitted message
+POSTMASTER = "postmaster"  # the one recipient accepted without a domain (RFC 5321 4.5.1)
+# A Received field: the name in any case, optional white space before the colon
+# (RFC 5322 4.5 obsolete syntax, which many parsers still accept).
+_RECEIVED_FIELD = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 BODY_7BIT = "7BIT"
 BODY_8BITMIME = "8BITMIME"
@@ -239,8 +244,7 @@ class DataReader:
         if end >= 0:
             self._in_headers = False
             text = text[: end + 2]
-        head = text.lower()
-        self.received_headers += head.count(b"\r\nreceived:") + head.startswith(b"received:")
+        self.received_headers += len(_RECEIVED_FIELD.findall(text))
 
     def _check_overlong(self) -> None:
         """A partial line already longer than any allowed line: note it and drop it."""
@@ -533,9 +537,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._answer(answer)
 
     def _log_refusal(self, line: bytes, reply: Reply) -> None:
-        verb = line[:12].split(b" ", 1)[0].decode("ascii", "replace").upper() or "empty line"
+        verb = escape_controls(line[:12].split(b" ", 1)[0].decode("ascii", "replace").upper()) or "empty line"
         log.info("{verb} refused from {peer}: {reply}{reason}", verb=verb, peer=self._peer(),
-                 reply=str(reply), reason=f" ({self._reason})" if self._reason else "")
+                 reply=str(reply), reason=f" ({escape_controls(self._reason)})" if self._reason else "")
 
     def _answer(self, answer: Answer) -> None:
         """Send a reply now, or pause input until a Deferred reply has been sent."""
@@ -591,18 +595,35 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     # -- verbs ---------------------------------------------------------------
 
     def do_HELO(self, argument: str) -> Answer:
-        name = argument.strip()
-        if not _valid_helo(name):
-            return R.SYNTAX_HELO
+        name = self._helo_name(argument)
+        if isinstance(name, Reply):
+            return R.SYNTAX_HELO if name is R.SYNTAX_EHLO else name
         self._greeted(name, esmtp=False)
         return R.helo_reply(self.hostname)
 
     def do_EHLO(self, argument: str) -> Answer:
+        name = self._helo_name(argument)
+        if isinstance(name, Reply):
+            return name
+        self._greeted(name, esmtp=True)
+        return R.ehlo_reply(self.hostname, self._extensions())
+
+    def _helo_name(self, argument: str) -> Union[str, Reply]:
+        """The client's name as it goes into Received: A-labels for a name with U-labels.
+
+        A non-ASCII name that is not a domain under IDNA 2008 is refused, so
+        only ASCII ever reaches the header of a message that may travel 7-bit.
+        """
         name = argument.strip()
         if not _valid_helo(name):
             return R.SYNTAX_EHLO
-        self._greeted(name, esmtp=True)
-        return R.ehlo_reply(self.hostname, self._extensions())
+        if name.isascii():
+            return name
+        try:
+            return to_ascii(name)
+        except DomainError as e:
+            self._reason = str(e)
+            return R.BAD_IDN_HELO
 
     def _greeted(self, name: str, esmtp: bool) -> None:
         self.helo = name
@@ -647,11 +668,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if isinstance(options, Reply):
             return options
         body, smtputf8, others = options
-        try:
-            path = parse_path(path_text, smtputf8)
-        except ValueError as e:
-            self._reason = str(e)
-            return R.BAD_SENDER
+        path = self._parse_path(path_text, smtputf8, R.BAD_SENDER, R.BAD_IDN_SENDER, R.UNSENDABLE_SENDER)
+        if isinstance(path, Reply):
+            return path
         transaction = _Transaction(path.mailbox, body, smtputf8, others)
         check_sender = getattr(self.factory.policy, "check_sender", None)
         if not self.auth_user or check_sender is None:
@@ -708,11 +727,12 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return R.BAD_RECIPIENT
         if params:
             return R.UNSUPPORTED_PARAM
-        try:
-            path = parse_path(path_text, transaction.smtputf8)
-        except ValueError as e:
-            self._reason = str(e)
-            return R.BAD_RECIPIENT
+        if path_text[1:-1].lower() == POSTMASTER:
+            return self._postmaster(transaction)
+        path = self._parse_path(path_text, transaction.smtputf8, R.BAD_RECIPIENT, R.BAD_IDN_RECIPIENT,
+                                R.UNSENDABLE_RECIPIENT)
+        if isinstance(path, Reply):
+            return path
         if path.is_null:
             return R.NULL_RECIPIENT
         if len(transaction.recipients) >= self.config.max_recipients:
@@ -724,6 +744,26 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if isinstance(answer, Deferred):
             return answer.addCallback(self._recipient_checked, transaction, recipient)
         return self._recipient_checked(answer, transaction, recipient)
+
+    def _parse_path(self, text: str, smtputf8: bool, bad: Reply, bad_idn: Reply,
+                    unsendable: Reply) -> Union[Path, Reply]:
+        """The path of MAIL or RCPT with its domains in normalised (A-label) form, or the refusal."""
+        try:
+            return normalized_path(parse_path(text, smtputf8))
+        except ValueError as e:
+            self._reason = str(e)
+            if isinstance(e, DomainError):
+                return bad_idn
+            return unsendable if isinstance(e, UnsendableAddress) else bad
+
+    def _postmaster(self, transaction: _Transaction) -> Reply:
+        """``RCPT TO:<postmaster>`` (RFC 5321 4.5.1): accepted from anyone, delivered to ``[server] postmaster``."""
+        address = self.config.postmaster or f"{POSTMASTER}@{to_ascii(self.hostname)}"
+        if len(transaction.recipients) >= self.config.max_recipients:
+            return R.TOO_MANY_RECIPIENTS
+        if all(r.address != address for r in transaction.recipients):
+            transaction.recipients.append(Recipient(address=address))
+        return R.RECIPIENT_OK
 
     def _recipient_checked(self, refusal: Optional[Reply], transaction: _Transaction,
                            recipient: Recipient) -> Reply:
