@@ -60,7 +60,7 @@ def store(spool: Spool, sender: str, recipients: tuple[Recipient, ...], **fields
 BUSY = Attempt(time=NOW - 60, outcome="transient", code=451, status="4.3.0", text="mailbox busy", host="mx1.dest.test",
                remote=True, route="mx")
 BUSY_JSON = {"time": NOW - 60, "outcome": "transient", "host": "mx1.dest.test", "route": "mx", "code": 451,
-             "status": "4.3.0", "text": "mailbox busy", "remote": True, "reason": "", "tls": "",
+             "status": "4.3.0", "text": "mailbox busy", "remote": True, "reason": "", "tls": "", "tls_fallback": False, "dsn_passed": False,
              "reply": "451 4.3.0 mailbox busy"}
 
 
