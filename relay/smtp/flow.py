@@ -63,6 +63,10 @@ class ReplyThrottle:
     def registered(self) -> bool:
         return self._transport is not None
 
+    def unsent(self, transport: Any) -> int:
+        """Octets ``transport`` holds that the kernel has not taken (see ``pending_output``)."""
+        return self._pending(transport)
+
     def before_write(self, transport: Any) -> None:
         """Call before each write: register while output is backed up, let go once it is not."""
         if self._transport is None:

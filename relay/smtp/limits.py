@@ -29,7 +29,7 @@ from twisted.internet.interfaces import IReactorTime
 from relay.config import ServerConfig
 
 MAX_TRACKED = 100_000  # addresses one table remembers at most
-SWEEP_EVERY = 1024  # new entries between two sweeps of a table
+SWEEP_EVERY = 1024  # new entries between two sweeps of a table, at the least
 
 
 def client_key(host: str) -> str:
@@ -69,7 +69,7 @@ class ConnectionRate:
         bucket = self._buckets.get(key)
         if bucket is None:
             self._added += 1
-            if self._added >= SWEEP_EVERY or len(self._buckets) >= MAX_TRACKED:
+            if _sweep_due(self._added, len(self._buckets)):
                 self._sweep(now)
             bucket = self._buckets[key] = _Bucket(float(self.limit), now)
         else:
@@ -128,7 +128,7 @@ class AuthFailures:
         times = self._failures.get(key)
         if times is None:
             self._added += 1
-            if self._added >= SWEEP_EVERY or len(self._failures) >= MAX_TRACKED:
+            if _sweep_due(self._added, len(self._failures)):
                 self._sweep(now)
             times = self._failures[key] = deque(maxlen=self.limit)
         times.append(now)
@@ -147,6 +147,11 @@ class AuthFailures:
 
     def __len__(self) -> int:
         return len(self._failures)
+
+
+def _sweep_due(added: int, size: int) -> bool:
+    """Sweep after as many new entries as the table holds (at least SWEEP_EVERY): constant work per entry."""
+    return added >= max(SWEEP_EVERY, size // 2) or size >= MAX_TRACKED
 
 
 def _forget_oldest(table: dict) -> None:

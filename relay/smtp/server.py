@@ -64,7 +64,7 @@ from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.policy import RelayPolicy
 from relay.smtp import replies as R
 from relay.smtp.address import parse_params, parse_path, split_argument
-from relay.smtp.flow import ReplyThrottle, pending_output
+from relay.smtp.flow import ReplyThrottle
 from relay.smtp.limits import ClientLimits, SessionCounts, client_key
 from relay.smtp.replies import Reply
 
@@ -492,7 +492,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             self.clearLineBuffer()
             self._throttle.release()
             self.transport.loseConnection()
-            if pending_output(self.transport) > 0:
+            if self._throttle.unsent(self.transport) > 0:
                 self._cut = self.clock.callLater(CLOSE_GRACE, self._cut_connection)
 
     def _cut_connection(self) -> None:
