@@ -5,23 +5,31 @@ AUTH failures per address; over StringTransport with a fake clock."""
 from __future__ import annotations
 
 import ipaddress
+import shutil
+import socket
+import ssl
+import tempfile
+import time
 import tomllib
 from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase as TrialTestCase
 
 from relay.config import Config, ConfigError, ServerConfig, config_from_mapping
 from relay.smtp import replies as R
-from relay.smtp.flow import ReplyThrottle
+from relay.policy import RelayPolicy
+from relay.smtp.flow import ReplyThrottle, pending_output
 from relay.smtp import limits
 from relay.smtp.limits import AuthFailures, ConnectionRate, SessionCounts, client_key
 from relay.smtp.server import MAX_PENDING_REPLIES, CLOSE_GRACE, SMTPServerFactory
 
 from test_server import (
-    PLAIN_BAD, PLAIN_OK, TRANSACTION, RecordingTransport, Session, code, make_factory, make_portal,
+    PLAIN_BAD, PLAIN_OK, TRANSACTION, FakeSpool, RecordingTransport, Session, code, make_factory, make_portal,
     spool_of,
 )
 
@@ -478,3 +486,82 @@ def test_limit_key_errors_name_file_and_key(text: str, message: str) -> None:
     """A bad limit is a one-line error naming the file and the key."""
     with pytest.raises(ConfigError, match="^r.toml: " + message):
         load_config_text("[server]\n" + text + "\n", "r.toml")
+
+
+# -- real sockets ------------------------------------------------------------------------------
+
+
+PER_SESSION_BOUND = 256 * 1024  # octets of unsent replies, and of unread input, one session may hold
+
+
+class FloodLoopbackTests(TrialTestCase):
+    """A raw client floods a server on a real loopback socket without reading, in clear and after STARTTLS."""
+
+    def start(self, tls_context: Any = None) -> tuple[int, SMTPServerFactory]:
+        from twisted.internet import reactor
+
+        server = ServerConfig(trusted_networks=(ipaddress.ip_network("127.0.0.0/8"),))
+        factory = SMTPServerFactory("relay.test", server, FakeSpool(), RelayPolicy(server), reactor,
+                                    tls_context=tls_context)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port, factory
+
+    def flood(self, port: int, starttls: bool) -> Deferred:
+        """Connect, optionally STARTTLS, write EHLO lines until the server stops reading; fires with the socket."""
+        from twisted.internet.threads import deferToThread
+
+        def client() -> socket.socket:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            reader = sock.makefile("rb")
+            assert reader.readline().startswith(b"220 ")
+            if starttls:
+                sock.sendall(b"EHLO c.test\r\n")
+                while not reader.readline().startswith(b"250 "):
+                    pass
+                sock.sendall(b"STARTTLS\r\n")
+                assert reader.readline().startswith(b"220 ")
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                sock = context.wrap_socket(sock, server_hostname="relay.test")
+            sock.settimeout(1.0)
+            chunk, sent, deadline = b"EHLO x\r\n" * 8192, 0, time.monotonic() + 20
+            while sent < 16 * 2**20 and time.monotonic() < deadline:
+                try:
+                    sent += sock.send(chunk)
+                except socket.timeout:
+                    break
+            assert sent < 16 * 2**20, "the server kept reading"
+            return sock
+
+        return deferToThread(client)
+
+    def check_held(self, sock: socket.socket, factory: SMTPServerFactory) -> None:
+        self.addCleanup(sock.close)
+        [session] = factory._live
+        self.assertTrue(session.paused)
+        self.assertTrue(session._output_blocked)
+        self.assertLess(pending_output(session.transport), PER_SESSION_BOUND)
+        self.assertGreater(pending_output(session.transport), 0)
+        self.assertLess(len(session._buffer), PER_SESSION_BOUND)
+
+    def test_plain_flood_is_held(self) -> Deferred:
+        """Over clear TCP the server stops reading, holding under 256 KiB of replies and of input."""
+        port, factory = self.start()
+        return self.flood(port, starttls=False).addCallback(self.check_held, factory)
+
+    def test_flood_after_starttls_is_held(self) -> Deferred:
+        """After STARTTLS the TLS handshake completes and a flood is held the same way."""
+        from certs import tls_server_options
+
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        port, factory = self.start(tls_server_options(directory))
+
+        def check(sock: socket.socket) -> None:
+            self.check_held(sock, factory)
+            [session] = factory._live
+            self.assertTrue(session.tls)
+
+        return self.flood(port, starttls=True).addCallback(check)

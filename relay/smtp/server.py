@@ -1018,10 +1018,13 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             self._say_goodbye()
 
     def abort_for_shutdown(self) -> None:
-        """The grace period is over: drop whatever is in progress, 421 and close."""
+        """The grace period is over: drop whatever is in progress, 421 and close (cut, if closed already)."""
         if not self._closed:
             self._abort_message()
             self._say_goodbye()
+        elif self._cut is not None:
+            self._cut.cancel()
+            self._cut_connection()
 
     def _say_goodbye(self) -> None:
         log.info("shutting down: closing the session from {peer}", peer=self._peer())
