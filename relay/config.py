@@ -58,6 +58,7 @@ class ServerConfig:
     client_connection_rate_limit: int = 300  # new sessions per client_rate_time_unit from one address; 0: off
     client_rate_time_unit: float = 60.0  # seconds
     min_data_rate: int = 500  # octets per second a DATA stream must keep up (per-chunk deadline)
+    load_idle_timeout: float = 10.0  # seconds: idle_timeout while over 80% of max_sessions are open
     auth_failure_limit: int = 10  # failed AUTH attempts from one address within auth_failure_window; 0: off
     auth_failure_window: float = 300.0  # seconds
 
@@ -545,6 +546,7 @@ _SERVER_KEYS: dict[str, _Parser] = {
     "client_connection_rate_limit": lambda v, w: _integer(v, w, low=0),
     "client_rate_time_unit": _duration,
     "min_data_rate": _positive,
+    "load_idle_timeout": _duration,
     "auth_failure_limit": lambda v, w: _integer(v, w, low=0),
     "auth_failure_window": _duration,
 }

@@ -565,3 +565,21 @@ class FloodLoopbackTests(TrialTestCase):
             self.assertTrue(session.tls)
 
         return self.flood(port, starttls=True).addCallback(check)
+
+
+def test_timeout_shortened_under_load() -> None:
+    """Past 80% of max_sessions open, a new session's lines must come within load_idle_timeout."""
+    factory = make_factory(max_sessions=10, reserved_sessions=0, idle_timeout=300, load_idle_timeout=10)
+    calm = [opened(factory, f"192.0.2.{i}") for i in range(1, 9)]
+    assert factory.timeout() == 300
+    loaded = opened(factory, "192.0.2.9")
+    assert factory.timeout() == 10
+    factory.clock.advance(10)
+    assert loaded.closed and not calm[0].closed
+    loaded.proto.connectionLost(Failure(ConnectionError()))
+    assert factory.timeout() == 300
+    calm[0].send(b"NOOP\r\n")
+    factory.clock.advance(299)
+    assert not calm[0].closed
+    factory.clock.advance(1)
+    assert calm[0].closed and calm[0].read().endswith(R.idle_timeout("relay.test").to_bytes())

@@ -80,6 +80,7 @@ AUTH_FAILURE_LIMIT = 3  # failed AUTH attempts in one session before 421 and clo
 SHUTDOWN_GRACE = 10.0  # seconds a message in DATA may take to finish when the relay stops
 MAX_HEADER_BUFFER = 1 << 20  # header section held to complete a submitted message
 MAX_PENDING_REPLIES = 1 << 16  # octets of replies collected before they are written out
+LOAD_THRESHOLD = 0.8  # share of max_sessions open past which timeouts are load_idle_timeout
 CLOSE_GRACE = 30.0  # seconds a closed session's last replies may wait to be read before the connection is cut
 
 BODY_7BIT = "7BIT"
@@ -409,7 +410,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._counted = True
         set_nodelay(self.transport)
         log.info("connect from {peer}", peer=self._peer())
-        self.setTimeout(self.config.idle_timeout)
+        self.setTimeout(self.factory.timeout())
         self._send(R.greeting(self.hostname))
         self._flush()
 
@@ -558,7 +559,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def lineReceived(self, line: bytes) -> None:
         if self._closed:
             return
-        self.resetTimeout()  # the next line has a whole timeout to arrive, however it is split
+        self.setTimeout(self.factory.timeout())  # the next line has a whole timeout, however it is split
         if self.shutting_down:
             self._say_goodbye()
             return
@@ -604,7 +605,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             if self._waiting:
                 self._waiting = False
                 self._flush()
-                self.resetTimeout()  # the client has its reply: the next line's timeout starts
+                self.setTimeout(self.factory.timeout())  # the client has its reply: the next line's timeout starts
                 if not self._output_blocked:
                     self.resumeProducing()
 
@@ -809,8 +810,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._write_failed = False
         self._store(self._received_header(message.queue_id, transaction))
         self.setRawMode()
-        self._data_deadline = self.clock.seconds() + self.config.idle_timeout
-        self.setTimeout(self.config.idle_timeout)
+        timeout = self.factory.timeout()
+        self._data_deadline = self.clock.seconds() + timeout
+        self.setTimeout(timeout)
         return R.START_DATA
 
     def _missing_fields(self, queue_id: str) -> Callable[[set[bytes]], bytes]:
@@ -1044,7 +1046,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if rest is None:
             return
         self._reader = None
-        self.setTimeout(self.config.idle_timeout)
+        self.setTimeout(self.factory.timeout())
         answer = self._end_of_data(reader)
         self._answer(answer)
         # Back to commands: what followed the end of data is read as command
@@ -1056,12 +1058,13 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         """Move the DATA deadline (Postfix's smtpd_min_data_rate): ``octets`` more earn octets / min_data_rate s.
 
         The time since the last chunk is spent from what is left, and what
-        is left never exceeds idle_timeout: a stream slower than
-        min_data_rate octets per second times out, however it is split.
+        is left never exceeds the timeout (idle_timeout, shorter under load):
+        a stream slower than min_data_rate octets per second times out,
+        however it is split.
         """
         now = self.clock.seconds()
         earned = octets / self.config.min_data_rate
-        remaining = min(self.config.idle_timeout, max(0.0, self._data_deadline - now) + earned)
+        remaining = min(self.factory.timeout(), max(0.0, self._data_deadline - now) + earned)
         self._data_deadline = now + remaining
         self.setTimeout(remaining)
 
@@ -1267,6 +1270,17 @@ class SMTPServerFactory(ServerFactory):
     def sessions(self) -> int:
         """Sessions open now."""
         return self.counts.total
+
+    def timeout(self) -> float:
+        """The deadline of a command line or DATA stretch: idle_timeout, or load_idle_timeout under load.
+
+        Under load means more than LOAD_THRESHOLD of max_sessions are open
+        on this listener (as Postfix shortens smtpd_timeout under stress).
+        """
+        config = self.config
+        if self.counts.total > config.max_sessions * LOAD_THRESHOLD:
+            return min(config.idle_timeout, config.load_idle_timeout)
+        return config.idle_timeout
 
     def session_opened(self, session: SMTPServerProtocol) -> Optional[Reply]:
         """Count a new session; None, or the 421 refusing it (it is not counted then).
