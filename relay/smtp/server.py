@@ -21,12 +21,22 @@ bytes do not depend on how the stream is split into reads.
 A ``250`` to the end of DATA is sent only when the spool's commit has fired
 (the message is durable); a failed commit answers ``451``.
 
+Hostile clients: replies of one read are written out past
+``MAX_PENDING_REPLIES``, and input stops while the transport holds more
+unsent output than it buffers (``relay.smtp.flow``), so a client that does
+not read cannot grow the session.  The factory admits sessions under
+``max_sessions``, the trusted reserve, the per-address cap and the
+connection rate (``relay.smtp.limits``).  Timeouts are deadlines: a whole
+command line within the timeout, DATA at ``min_data_rate`` at least; under
+load the timeout is ``load_idle_timeout``.
+
 AUTH (RFC 4954) PLAIN and LOGIN is offered when the factory has a
 twisted.cred portal, and only on a TLS-protected session (after STARTTLS or
 on an implicit-TLS listener) unless ``auth_in_clear`` is set.  Credentials
 are checked through the portal (in a thread: see ``relay.auth``); a failure
 is answered after a delay on the injected clock with input paused, and too
-many failures close the session.  Passwords are never logged.
+many failures close the session; an address with too many failures across
+sessions gets 454 without a check.  Passwords are never logged.
 
 On a submission listener (RFC 6409) MAIL needs a successful AUTH, and a
 message without Message-ID or Date gets them right after our Received
