@@ -284,32 +284,23 @@ def test_ipv4_mapped_counted_as_ipv4_and_ipv6_per_address() -> None:
     assert greeting_code(opened(factory, "2001:db8::2")) == "220 relay"
 
 
-def test_rate_table_stays_bounded(monkeypatch: Any) -> None:
-    """The rate table forgets full buckets and never holds more than MAX_TRACKED addresses."""
+@pytest.mark.parametrize("make, add, table", [
+    (lambda clock: ConnectionRate(10, 60, clock), "allow", "_buckets"),
+    (lambda clock: AuthFailures(3, 60, clock), "failed", "_failures"),
+], ids=["connection rate", "auth failures"])
+def test_tables_stay_bounded(monkeypatch: Any, make: Any, add: str, table: str) -> None:
+    """The per-address tables never exceed MAX_TRACKED and forget entries that limit nothing any more."""
     monkeypatch.setattr(limits, "MAX_TRACKED", 5000)
     clock = Clock()
-    rate = ConnectionRate(10, 60, clock)
+    tracker = make(clock)
     for i in range(limits.MAX_TRACKED + 3000):
-        rate.allow(f"k{i}")
-        assert len(rate) <= limits.MAX_TRACKED
-    clock.advance(60)  # every bucket is full again: the next sweep drops them all
-    for i in range(limits.SWEEP_EVERY * 3):
-        rate.allow(f"late{i}")
-    assert sorted(rate._buckets) == sorted(f"late{i}" for i in range(limits.SWEEP_EVERY * 3))
-
-
-def test_auth_failure_table_stays_bounded(monkeypatch: Any) -> None:
-    """The AUTH failure table forgets failures older than the window and never exceeds MAX_TRACKED."""
-    monkeypatch.setattr(limits, "MAX_TRACKED", 5000)
-    clock = Clock()
-    failures = AuthFailures(3, 300, clock)
-    for i in range(limits.MAX_TRACKED + 3000):
-        failures.failed(f"k{i}")
-        assert len(failures) <= limits.MAX_TRACKED
-    clock.advance(300)
-    for i in range(limits.SWEEP_EVERY * 3):
-        failures.failed(f"late{i}")
-    assert sorted(failures._failures) == sorted(f"late{i}" for i in range(limits.SWEEP_EVERY * 3))
+        getattr(tracker, add)(f"k{i}")
+        assert len(tracker) <= limits.MAX_TRACKED
+    clock.advance(60)  # every bucket is full again, every failure out of the window
+    late = [f"late{i}" for i in range(limits.SWEEP_EVERY * 3)]
+    for key in late:
+        getattr(tracker, add)(key)
+    assert sorted(getattr(tracker, table)) == sorted(late)
 
 
 def test_session_counts_release() -> None:
