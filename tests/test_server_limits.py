@@ -382,6 +382,19 @@ def test_data_deadline_never_exceeds_timeout() -> None:
     assert s.closed
 
 
+def test_end_of_data_restarts_the_timeout() -> None:
+    """After the end of data the next command has a whole idle_timeout, however little DATA had left."""
+    s = opened(make_factory(idle_timeout=60, min_data_rate=500))
+    s.read()
+    s.send(b"EHLO c.test\r\n" + TRANSACTION)
+    s.factory.clock.advance(59)
+    assert code(s.send(b".\r\n")) == "250 2.0.0"
+    s.factory.clock.advance(59)
+    assert not s.closed
+    s.factory.clock.advance(1)
+    assert s.closed
+
+
 def test_min_data_rate_config() -> None:
     """min_data_rate must be a positive integer in the config file."""
     assert load_config_text("[server]\nmin_data_rate = 200\n", "r.toml").server.min_data_rate == 200

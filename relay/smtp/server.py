@@ -383,6 +383,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._throttle = ReplyThrottle(self._output_backed_up, self._output_drained)
         self._output_blocked = False  # input paused until the client reads its replies
         self._data_deadline = 0.0  # when the DATA stream must have progressed (clock time)
+        self._line_seen = False  # a complete line arrived in this read: its timeout restarts
         self.client = ""  # the address the per-client limits count (relay.smtp.limits.client_key)
         self._closed = False
         self._cut: Any = None  # the timer cutting a closed connection whose replies are not read
@@ -523,6 +524,12 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             while self._reprocess and not self.paused and not self._closed:
                 self._reprocess = False
                 super().dataReceived(b"")
+            if self._line_seen:
+                # A complete line gives the next one a whole timeout, however it is
+                # split; bytes alone do not (DATA has its own deadline).
+                self._line_seen = False
+                if self.line_mode and not self._closed:
+                    self.setTimeout(self.factory.timeout())
             self._check_partial_line()
         except Exception:
             log.failure("unexpected error from {peer}", peer=self._peer())
@@ -569,7 +576,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def lineReceived(self, line: bytes) -> None:
         if self._closed:
             return
-        self.setTimeout(self.factory.timeout())  # the next line has a whole timeout, however it is split
+        self._line_seen = True
         if self.shutting_down:
             self._say_goodbye()
             return
@@ -1056,7 +1063,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if rest is None:
             return
         self._reader = None
-        self.setTimeout(self.factory.timeout())
+        self._line_seen = True  # the end of data restarts the timeout as a command line does
         answer = self._end_of_data(reader)
         self._answer(answer)
         # Back to commands: what followed the end of data is read as command
