@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import pytest
 
 from certs import make_certificate
 from relayproc import RelayProcess, free_port, wait_until
