@@ -54,6 +54,20 @@ class ServerConfig:
     sender_login_map: str = ""  # file of "address-or-@domain user[,user...]" lines
     workers: int = 1  # worker processes sharing the listeners ("auto": one per CPU core)
     postmaster: str = ""  # where mail to <postmaster> (no domain) goes; "": postmaster@<hostname>
+    max_sessions_per_client: int = 50  # concurrent sessions from one untrusted address, per listener
+    reserved_sessions: Optional[int] = None  # of max_sessions, kept for trusted clients; None: a tenth
+    client_connection_rate_limit: int = 300  # new sessions per client_rate_time_unit from one address; 0: off
+    client_rate_time_unit: float = 60.0  # seconds
+    min_data_rate: int = 500  # octets per second a DATA stream must keep up (per-chunk deadline)
+    load_idle_timeout: float = 10.0  # seconds: idle_timeout while over 80% of max_sessions are open
+    auth_failure_limit: int = 10  # failed AUTH attempts from one address within auth_failure_window; 0: off
+    auth_failure_window: float = 300.0  # seconds
+
+    def session_reserve(self) -> int:
+        """Sessions of max_sessions that only trusted clients may use."""
+        if self.reserved_sessions is None:
+            return self.max_sessions // 10
+        return self.reserved_sessions
 
 
 @dataclass(frozen=True)
@@ -560,6 +574,14 @@ _SERVER_KEYS: dict[str, _Parser] = {
     "sender_login_map": _path,
     "workers": lambda v, w: _workers(v, w),
     "postmaster": lambda v, w: _postmaster(v, w),
+    "max_sessions_per_client": _positive,
+    "reserved_sessions": lambda v, w: _integer(v, w, low=0),
+    "client_connection_rate_limit": lambda v, w: _integer(v, w, low=0),
+    "client_rate_time_unit": _duration,
+    "min_data_rate": _positive,
+    "load_idle_timeout": _duration,
+    "auth_failure_limit": lambda v, w: _integer(v, w, low=0),
+    "auth_failure_window": _duration,
 }
 
 
@@ -637,6 +659,11 @@ def _server(data: Any, where: _Where) -> ServerConfig:
         )
     if server.sender_login_map and not server.auth_users:
         where.child("sender_login_map").fail("applies to authenticated clients: set server.auth_users too")
+    if server.reserved_sessions is not None and server.reserved_sessions >= server.max_sessions:
+        where.child("reserved_sessions").fail(
+            f"{server.reserved_sessions} leaves no session for untrusted clients "
+            f"(must be less than server.max_sessions, {server.max_sessions})"
+        )
     return server
 
 

@@ -437,10 +437,12 @@ def _add_signing(relay: RelayService, reactor: Any) -> None:
 def _add_listeners(relay: RelayService, reactor: Any) -> None:
     from relay.policy import RelayPolicy
     from relay.routing import rcpt_check
+    from relay.smtp.limits import ClientLimits
     from relay.smtp.server import SMTPServerFactory
 
     config = relay.config
     portal, sender_logins = _auth_parts(config, reactor)
+    limits = ClientLimits(config.server, reactor)  # connection rate and AUTH failures, across listeners
     relay.policy = RelayPolicy(config.server, recipient_check=rcpt_check(relay.chain, config.hostname),
                                sender_logins=sender_logins)
     relay.tls_context = build_tls_context(config.server, config.source or COMMAND_LINE)
@@ -455,6 +457,7 @@ def _add_listeners(relay: RelayService, reactor: Any) -> None:
             factory = SMTPServerFactory(
                 config.hostname, config.server, relay.inbound or relay.spool, relay.policy, reactor,
                 tls_context=relay.tls_context, submission=submission, portal=portal, etrn=etrn,
+                limits=limits,
             )
             service = Listener(description, endpoint, factory)
             service.setName(("submission:" if submission else "smtp:") + description)

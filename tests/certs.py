@@ -39,3 +39,14 @@ def make_certificate(
     key_path.write_bytes(key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     return cert_path, key_path
+
+
+def tls_server_options(directory: str, name: str = "relay.test", ips: tuple[str, ...] = ("127.0.0.1",)):
+    """Twisted CertificateOptions serving a certificate made for ``name`` in ``directory``."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from twisted.internet import ssl as twisted_ssl
+
+    cert, key = make_certificate(Path(directory), name, ips)
+    return twisted_ssl.CertificateOptions(
+        privateKey=load_pem_private_key(key.read_bytes(), None),
+        certificate=x509.load_pem_x509_certificate(cert.read_bytes()))

@@ -116,6 +116,14 @@ def too_many_connections(hostname: str) -> Reply:
     return Reply(421, "4.7.0", f"{hostname} Too many connections, try again later")
 
 
+def too_many_client_sessions(hostname: str, address: str) -> Reply:
+    return Reply(421, "4.7.0", f"{hostname} Error: too many connections from {address}")
+
+
+def connection_rate_exceeded(hostname: str, address: str) -> Reply:
+    return Reply(421, "4.7.0", f"{hostname} Error: too many connection attempts from {address}, try again later")
+
+
 def idle_timeout(hostname: str) -> Reply:
     return Reply(421, "4.4.2", f"{hostname} Error: timeout exceeded")
 
@@ -216,6 +224,7 @@ CHALLENGE_PASSWORD = b"334 UGFzc3dvcmQ6\r\n"  # "Password:"
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 AUTH_FAILED = Reply(535, "5.7.8", "Error: authentication failed")
 AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
+AUTH_RATE_LIMITED = Reply(454, "4.7.0", "Error: too many authentication failures from your address, try again later")
 AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
 AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Error: invalid base64 data")
 AUTH_MALFORMED = Reply(501, "5.5.2", "Error: malformed authentication data")

@@ -21,12 +21,22 @@ bytes do not depend on how the stream is split into reads.
 A ``250`` to the end of DATA is sent only when the spool's commit has fired
 (the message is durable); a failed commit answers ``451``.
 
+Hostile clients: replies of one read are written out past
+``MAX_PENDING_REPLIES``, and input stops while the transport holds more
+unsent output than it buffers (``relay.smtp.flow``), so a client that does
+not read cannot grow the session.  The factory admits sessions under
+``max_sessions``, the trusted reserve, the per-address cap and the
+connection rate (``relay.smtp.limits``).  Timeouts are deadlines: a whole
+command line within the timeout, DATA at ``min_data_rate`` at least; under
+load the timeout is ``load_idle_timeout``.
+
 AUTH (RFC 4954) PLAIN and LOGIN is offered when the factory has a
 twisted.cred portal, and only on a TLS-protected session (after STARTTLS or
 on an implicit-TLS listener) unless ``auth_in_clear`` is set.  Credentials
 are checked through the portal (in a thread: see ``relay.auth``); a failure
 is answered after a delay on the injected clock with input paused, and too
-many failures close the session.  Passwords are never logged.
+many failures close the session; an address with too many failures across
+sessions gets 454 without a check.  Passwords are never logged.
 
 On a submission listener (RFC 6409) MAIL needs a successful AUTH, and a
 message without Message-ID or Date gets them right after our Received
@@ -65,6 +75,8 @@ from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.policy import RelayPolicy
 from relay.smtp import replies as R
 from relay.smtp.address import Path, UnsendableAddress, normalized_path, parse_params, parse_path, split_argument
+from relay.smtp.flow import ReplyThrottle
+from relay.smtp.limits import ClientLimits, SessionCounts, client_key
 from relay.smtp.replies import Reply
 
 log = Logger(namespace="relay.smtp.server")
@@ -82,6 +94,9 @@ POSTMASTER = "postmaster"  # the one recipient accepted without a domain (RFC 53
 # A Received field: the name in any case, optional white space before the colon
 # (RFC 5322 4.5 obsolete syntax, which many parsers still accept).
 _RECEIVED_FIELD = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
+MAX_PENDING_REPLIES = 1 << 16  # octets of replies collected before they are written out
+LOAD_THRESHOLD = 0.8  # share of max_sessions open past which timeouts are load_idle_timeout
+CLOSE_GRACE = 30.0  # seconds a closed session's last replies may wait to be read before the connection is cut
 
 BODY_7BIT = "7BIT"
 BODY_8BITMIME = "8BITMIME"
@@ -368,7 +383,14 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._message: Any = None  # the spool's IncomingMessage during DATA
         self._reader: Optional[DataReader] = None
         self._out: list[bytes] = []
+        self._out_size = 0
+        self._throttle = ReplyThrottle(self._output_backed_up, self._output_drained)
+        self._output_blocked = False  # input paused until the client reads its replies
+        self._data_deadline = 0.0  # when the DATA stream must have progressed (clock time)
+        self._line_seen = False  # a complete line arrived in this read: its timeout restarts
+        self.client = ""  # the address the per-client limits count (relay.smtp.limits.client_key)
         self._closed = False
+        self._cut: Any = None  # the timer cutting a closed connection whose replies are not read
         self._counted = False
         self._discarding = False  # dropping the rest of an overlong command line
         self._discard_cr = False
@@ -390,24 +412,28 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             self.peer_host, self.peer_port = peer.host, peer.port
         self.trusted = self.factory.policy.is_trusted(self.peer_host) if self.peer_host else False
         self.tls = ISSLTransport.providedBy(self.transport)  # an implicit-TLS listener
+        self.client = client_key(self.peer_host) if self.peer_host else ""
         if self.factory.shutting_down:
             self._send(shutting_down(self.hostname))
             self._close()
             return
-        if not self.factory.session_opened(self):
-            log.warn("refused connection from {peer}: too many sessions", peer=self._peer())
-            self._send(R.too_many_connections(self.hostname))
+        refusal = self.factory.session_opened(self)
+        if refusal is not None:
+            self._send(refusal)
             self._close()
             return
         self._counted = True
         set_nodelay(self.transport)
         log.info("connect from {peer}", peer=self._peer())
-        self.setTimeout(self.config.idle_timeout)
+        self.setTimeout(self.factory.timeout())
         self._send(R.greeting(self.hostname))
         self._flush()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
+        if self._cut is not None:
+            self._cut.cancel()
+            self._cut = None
         self._abort_message()
         self._closed = True
         if self._counted:
@@ -434,19 +460,45 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     # -- output --------------------------------------------------------------
 
     def _send(self, reply: Reply) -> None:
-        self._out.append(_wire(reply))
+        self._queue_output(_wire(reply))
         if reply.code in R.PROTOCOL_ERROR_CODES:
             self.errors += 1
             if self.errors >= self.config.max_errors and not self._closed:
                 log.warn("too many errors from {peer}", peer=self._peer())
-                self._out.append(R.too_many_errors(self.hostname).to_bytes())
+                self._queue_output(R.too_many_errors(self.hostname).to_bytes())
                 self._close()
+
+    def _queue_output(self, data: bytes) -> None:
+        """Collect a reply; written at the end of the read, or now when many are collected."""
+        self._out.append(data)
+        self._out_size += len(data)
+        if self._out_size >= MAX_PENDING_REPLIES:
+            self._flush()
 
     def _flush(self) -> None:
         if self._out:
-            data, self._out = b"".join(self._out), []
+            data, self._out, self._out_size = b"".join(self._out), [], 0
             if self.transport is not None:
+                if not self._closed:
+                    self._throttle.before_write(self.transport)
                 write_now(self.transport, data)
+
+    def _output_backed_up(self) -> None:
+        """The transport holds more replies than it buffers: read nothing until they drain."""
+        if not self._output_blocked and not self._closed:
+            self._output_blocked = True
+            self.pauseProducing()
+
+    def _output_drained(self) -> None:
+        if self._output_blocked:
+            self._output_blocked = False
+            if not self._waiting:
+                self.resumeProducing()
+
+    def _release_output(self) -> None:
+        """Stop the flow control (before STARTTLS or closing); reading goes on if it was held for it."""
+        self._throttle.release()
+        self._output_drained()
 
     def _close(self) -> None:
         self._flush()
@@ -454,7 +506,15 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             self._closed = True
             self.setTimeout(None)
             self.clearLineBuffer()
+            self._throttle.release()
             self.transport.loseConnection()
+            if self._throttle.unsent(self.transport) > 0:
+                self._cut = self.clock.callLater(CLOSE_GRACE, self._cut_connection)
+
+    def _cut_connection(self) -> None:
+        self._cut = None
+        log.info("cutting the connection from {peer}: its last replies were not read", peer=self._peer())
+        self.transport.abortConnection()
 
     # -- input ---------------------------------------------------------------
 
@@ -462,14 +522,18 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if self._closed:
             return
         try:
-            if data:
-                self.resetTimeout()
             if self._discarding and data:
                 data = self._discard_overlong(data)
             super().dataReceived(data)
             while self._reprocess and not self.paused and not self._closed:
                 self._reprocess = False
                 super().dataReceived(b"")
+            if self._line_seen:
+                # A complete line gives the next one a whole timeout, however it is
+                # split; bytes alone do not (DATA has its own deadline).
+                self._line_seen = False
+                if self.line_mode and not self._closed:
+                    self.setTimeout(self.factory.timeout())
             self._check_partial_line()
         except Exception:
             log.failure("unexpected error from {peer}", peer=self._peer())
@@ -516,6 +580,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def lineReceived(self, line: bytes) -> None:
         if self._closed:
             return
+        self._line_seen = True
         if self.shutting_down:
             self._say_goodbye()
             return
@@ -561,7 +626,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             if self._waiting:
                 self._waiting = False
                 self._flush()
-                self.resumeProducing()
+                self.setTimeout(self.factory.timeout())  # the client has its reply: the next line's timeout starts
+                if not self._output_blocked:
+                    self.resumeProducing()
 
         def failed(failure: Failure) -> Reply:
             log.failure("error answering {peer}", failure, peer=self._peer())
@@ -800,6 +867,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._write_failed = False
         self._store(self._received_header(message.queue_id, transaction))
         self.setRawMode()
+        timeout = self.factory.timeout()
+        self._data_deadline = self.clock.seconds() + timeout
+        self.setTimeout(timeout)
         return R.START_DATA
 
     def _missing_fields(self, queue_id: str) -> Callable[[set[bytes]], bytes]:
@@ -848,6 +918,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
                      count=len(discarded), peer=self._peer())
         self._send(R.READY_TLS)
         self._flush()
+        # The TLS layer pauses a registered producer until its handshake is done.
+        self._release_output()
         self.transport.startTLS(self.factory.tls_context)
         self.tls = True
         self.helo = None
@@ -875,6 +947,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         mechanism = words[0].upper()
         if mechanism not in AUTH_MECHANISMS:
             return AUTH_MECHANISM_UNKNOWN
+        if self.factory.limits.auth.blocked(self.client):
+            return self._auth_rate_limited(mechanism)
         exchange = _AuthExchange(mechanism)
         if len(words) == 1:
             self._exchange = exchange
@@ -912,6 +986,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def _verify(self, mechanism: str, username: bytes, password: Optional[bytes]) -> Deferred:
         """Ask the portal; 235, or 535 after a delay (``password`` None: refused without asking)."""
         user = username.decode("utf-8", "replace")
+        if self.factory.limits.auth.blocked(self.client):
+            return self._auth_rate_limited(mechanism)
         if password is None:
             checked: Deferred = Deferred()
             checked.errback(UnauthorizedLogin())
@@ -935,10 +1011,18 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
                       error=failure.type.__name__)
             return AUTH_TEMPORARY_FAILURE
         self.auth_failures += 1
+        self.factory.limits.auth.failed(self.client)
         log.info("AUTH {mechanism} as {user!r} from {peer}: failed ({count} of {limit})",
                  mechanism=mechanism, user=user, peer=self._peer(),
                  count=self.auth_failures, limit=AUTH_FAILURE_LIMIT)
         return deferLater(self.clock, AUTH_FAILURE_DELAY, self._auth_failure_reply)
+
+    def _auth_rate_limited(self, mechanism: str) -> Deferred:
+        """454 4.7.0 after the failure delay, without asking the portal: the address failed too often."""
+        auth = self.factory.limits.auth
+        log.warn("AUTH {mechanism} from {peer} refused: {limit} failures from {client} within {window:g} s",
+                 mechanism=mechanism, peer=self._peer(), limit=auth.limit, client=self.client, window=auth.window)
+        return deferLater(self.clock, AUTH_FAILURE_DELAY, lambda: R.AUTH_RATE_LIMITED)
 
     def _auth_failure_reply(self) -> Optional[Reply]:
         if self.auth_failures < AUTH_FAILURE_LIMIT or self._closed:
@@ -993,10 +1077,13 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             self._say_goodbye()
 
     def abort_for_shutdown(self) -> None:
-        """The grace period is over: drop whatever is in progress, 421 and close."""
+        """The grace period is over: drop whatever is in progress, 421 and close (cut, if closed already)."""
         if not self._closed:
             self._abort_message()
             self._say_goodbye()
+        elif self._cut is not None:
+            self._cut.cancel()
+            self._cut_connection()
 
     def _say_goodbye(self) -> None:
         log.info("shutting down: closing the session from {peer}", peer=self._peer())
@@ -1011,16 +1098,32 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if reader is None:  # not reached: raw mode is only set with a reader
             self.setLineMode(data)
             return
+        self._data_progress(len(data))
         rest = reader.feed(data)
         if rest is None:
             return
         self._reader = None
+        self._line_seen = True  # the end of data restarts the timeout as a command line does
         answer = self._end_of_data(reader)
         self._answer(answer)
         # Back to commands: what followed the end of data is read as command
         # lines by LineReceiver's loop (once the reply is out, if it pauses).
         self.line_mode = 1
         self._buffer = rest + self._buffer
+
+    def _data_progress(self, octets: int) -> None:
+        """Move the DATA deadline (Postfix's smtpd_min_data_rate): ``octets`` more earn octets / min_data_rate s.
+
+        The time since the last chunk is spent from what is left, and what
+        is left never exceeds the timeout (idle_timeout, shorter under load):
+        a stream slower than min_data_rate octets per second times out,
+        however it is split.
+        """
+        now = self.clock.seconds()
+        earned = octets / self.config.min_data_rate
+        remaining = min(self.factory.timeout(), max(0.0, self._data_deadline - now) + earned)
+        self._data_deadline = now + remaining
+        self.setTimeout(remaining)
 
     def _store(self, data: bytes) -> None:
         self._stored += len(data)
@@ -1180,14 +1283,17 @@ class SMTPServerFactory(ServerFactory):
 
     ``portal`` (a twisted.cred Portal answering ``relay.auth.ISubmitter``)
     enables AUTH; ``etrn(domain, subdomains)`` starts the delivery of the
-    mail queued for a domain (None: ETRN answers 458).
+    mail queued for a domain (None: ETRN answers 458).  ``limits`` is the
+    per-address state shared by the listeners of the process (connection
+    rate, AUTH failures); sessions are counted per factory.
     """
 
     protocol = SMTPServerProtocol
 
     def __init__(self, hostname: str, config: ServerConfig, spool: Any, policy: RelayPolicy,
                  clock: IReactorTime, tls_context: Any = None, submission: bool = False,
-                 portal: Any = None, etrn: Optional[EtrnHook] = None) -> None:
+                 portal: Any = None, etrn: Optional[EtrnHook] = None,
+                 limits: Optional[ClientLimits] = None) -> None:
         self.hostname = hostname
         self.config = config
         self.spool = spool
@@ -1197,7 +1303,8 @@ class SMTPServerFactory(ServerFactory):
         self.submission = submission
         self.portal = portal
         self.etrn = etrn
-        self.sessions = 0
+        self.limits = limits if limits is not None else ClientLimits(config, clock)
+        self.counts = SessionCounts(config)
         self.shutting_down = False
         self._live: set[SMTPServerProtocol] = set()
         self._drained: list[Deferred] = []
@@ -1216,16 +1323,50 @@ class SMTPServerFactory(ServerFactory):
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
         return SMTPServerProtocol(self)
 
-    def session_opened(self, session: SMTPServerProtocol) -> bool:
-        """Count a new session; False when it is over ``max_sessions`` (not counted then)."""
-        if self.sessions >= self.config.max_sessions:
-            return False
-        self.sessions += 1
+    @property
+    def sessions(self) -> int:
+        """Sessions open now."""
+        return self.counts.total
+
+    def timeout(self) -> float:
+        """The deadline of a command line or DATA stretch: idle_timeout, or load_idle_timeout under load.
+
+        Under load means more than LOAD_THRESHOLD of max_sessions are open
+        on this listener (as Postfix shortens smtpd_timeout under stress).
+        """
+        config = self.config
+        if self.counts.total > config.max_sessions * LOAD_THRESHOLD:
+            return min(config.idle_timeout, config.load_idle_timeout)
+        return config.idle_timeout
+
+    def session_opened(self, session: SMTPServerProtocol) -> Optional[Reply]:
+        """Count a new session; None, or the 421 refusing it (it is not counted then).
+
+        A trusted client may use every one of ``max_sessions``; any other
+        leaves ``reserved_sessions`` free, has at most
+        ``max_sessions_per_client`` at a time and opens at most
+        ``client_connection_rate_limit`` per ``client_rate_time_unit``.
+        """
+        client, peer = session.client, session._peer()
+        if not session.trusted and client and not self.limits.connections.allow(client):
+            log.warn("refused connection from {peer}: more than {limit} connections from {client} in {unit:g} s",
+                     peer=peer, limit=self.config.client_connection_rate_limit, client=client,
+                     unit=self.config.client_rate_time_unit)
+            return R.connection_rate_exceeded(self.hostname, client)
+        refused = self.counts.admit(client, session.trusted)
+        if refused == "client sessions":
+            log.warn("refused connection from {peer}: {count} sessions from {client} already",
+                     peer=peer, count=self.counts.of(client), client=client)
+            return R.too_many_client_sessions(self.hostname, client)
+        if refused is not None:
+            log.warn("refused connection from {peer}: too many sessions ({count} open)",
+                     peer=peer, count=self.counts.total)
+            return R.too_many_connections(self.hostname)
         self._live.add(session)
-        return True
+        return None
 
     def session_closed(self, session: SMTPServerProtocol) -> None:
-        self.sessions -= 1
+        self.counts.release(session.client)
         self._live.discard(session)
         if self.shutting_down and not self._live:
             self._all_closed()
