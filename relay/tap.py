@@ -14,6 +14,7 @@ single line and ``SystemExit`` itself.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any, NoReturn, Optional, Sequence
@@ -340,11 +341,51 @@ def _endpoint(reactor: Any, description: str, where: str, inherited: Optional[di
         from relay.workers import InheritedEndpoint
 
         return InheritedEndpoint(reactor, inherited[description], description)
+    systemd = description.split(":", 1)[0].strip() == "systemd"
     try:
-        return serverFromString(reactor, description)
+        endpoint = serverFromString(reactor, description)
     except Exception as e:
-        reason = " ".join(str(e).split()) or type(e).__name__
+        if systemd and isinstance(e, (IndexError, KeyError)):
+            reason = _no_systemd_socket(e)
+        else:
+            reason = " ".join(str(e).split()) or type(e).__name__
         raise ConfigError(f"{where}: {description!r} cannot be used: {reason}") from None
+    if systemd:
+        _check_socket_family(endpoint, description, where)
+    return endpoint
+
+
+def _no_systemd_socket(error: Exception) -> str:
+    """Why a ``systemd:`` endpoint found no socket, in the administrator's terms."""
+    if isinstance(error, KeyError):
+        return f"systemd passed no socket named {error} (FileDescriptorName= of the socket unit)"
+    return ("systemd passed no socket at that index (start the relay through its .socket unit; "
+            "LISTEN_FDS and LISTEN_PID must name this process)")
+
+
+def _check_socket_family(endpoint: Any, description: str, where: str) -> None:
+    """A socket systemd passed must be of the family ``domain=`` names: read as another
+    family, client addresses come out garbled and trusted_networks would not match."""
+    import socket
+
+    fd, family = getattr(endpoint, "fileno", None), getattr(endpoint, "addressFamily", None)
+    if not isinstance(fd, int) or family is None:
+        return
+    try:
+        copy = os.dup(fd)
+        try:
+            probe = socket.socket(fileno=copy)
+        except OSError:
+            os.close(copy)
+            raise
+    except OSError as e:
+        raise ConfigError(f"{where}: {description!r} cannot be used: descriptor {fd}: {e.strerror or e}") from None
+    actual = probe.family
+    probe.close()
+    if actual != family:
+        raise ConfigError(
+            f"{where}: {description!r} cannot be used: systemd passed an {actual.name} socket "
+            f"(write domain={actual.name[3:]}; ListenStream=25 gives INET6 where IPv6 is on)")
 
 
 class _Closing(Service):
@@ -480,9 +521,9 @@ def makeService(options: Options) -> IService:
 
     config = options.config if options.config is not None else Config()
     observer = daemon_observer(getattr(options, "parent", None))
-    if config.server.workers > 1:
-        return build_master(config, reactor, getattr(options, "args", []), observer)
     try:
+        if config.server.workers > 1:
+            return build_master(config, reactor, getattr(options, "args", []), observer)
         relay = build_relay(config, reactor)
     except ConfigError as e:
         _exit_with(str(e))

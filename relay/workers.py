@@ -116,6 +116,7 @@ class Supervisor(Service):
         self.relay_args = list(relay_args)
         self.log_out = log_out  # the master's text log (raw lines are written there), or None
         self.count = config.server.workers
+        self.endpoints = listen_endpoints(config, reactor)  # built now: a bad one is a ConfigError
         self.ports: list[tuple[str, Any]] = []
         self.processes: dict[int, Any] = {}
         self.protocols: dict[int, _WorkerProcess] = {}
@@ -126,15 +127,11 @@ class Supervisor(Service):
 
     def privilegedStartService(self) -> None:
         """Bind every listener now (before twistd drops privileges); no connection is ever accepted here."""
-        from twisted.internet.endpoints import serverFromString
-
         from relay.tap import _stop_start_up
 
-        server = self.config.server
-        for description in (*server.listen, *server.submission_listen):
+        for description, endpoint in self.endpoints:
             try:
-                d = serverFromString(self.reactor, description).listen(_NoConnections())
-                port = _result(d)
+                port = _result(endpoint.listen(_NoConnections()))
             except Exception as e:
                 _stop_start_up(f"cannot listen on {description}: {' '.join(str(e).split())}")
             port.stopReading()
@@ -236,6 +233,20 @@ class Supervisor(Service):
         for index, process in list(self.processes.items()):
             log.warn("workers: worker-{index} did not stop in time; killed", index=index)
             _signal(process, "KILL")
+
+
+def listen_endpoints(config: Config, reactor: Any) -> list[tuple[str, Any]]:
+    """The endpoint of every listener (``systemd:`` ones adopt the socket systemd passed);
+    ConfigError naming the key for one that cannot be used."""
+    from relay.config import COMMAND_LINE
+    from relay.tap import _endpoint
+
+    source = config.source or COMMAND_LINE
+    server = config.server
+    return [(description, _endpoint(reactor, description, f"{source}: {key}[{index}]"))
+            for key, descriptions in (("server.listen", server.listen),
+                                      ("server.submission_listen", server.submission_listen))
+            for index, description in enumerate(descriptions)]
 
 
 def _result(d: Deferred) -> Any:
