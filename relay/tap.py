@@ -96,21 +96,25 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         """Load the file, apply the command-line overrides and check what start-up needs."""
-        path = self["config"]
-        config = load_config(path) if path else Config()
-        config = apply_overrides(
-            config,
-            listen=self["listen"] or None,
-            queue=self["queue"],
-            hostname=self["hostname"],
-            smarthost=self["smarthost"],
-        )
+        config = self.read_config()
         build_tls_context(config.server, config.source or COMMAND_LINE)
         from relay.auth import check_files
 
         check_files(config.server, config.source or COMMAND_LINE)
         check_router_plugins(config)
         self.config = config
+
+    def read_config(self) -> Config:
+        """The configuration file with the command-line options over it (at start-up and on SIGHUP)."""
+        path = self["config"]
+        config = load_config(path) if path else Config()
+        return apply_overrides(
+            config,
+            listen=self["listen"] or None,
+            queue=self["queue"],
+            hostname=self["hostname"],
+            smarthost=self["smarthost"],
+        )
 
 
 # -- start-up checks -----------------------------------------------------------
@@ -528,7 +532,16 @@ def makeService(options: Options) -> IService:
     except ConfigError as e:
         _exit_with(str(e))
     relay.log_observer = observer
+    add_reload(relay, reactor, options)
     return relay
+
+
+def add_reload(relay: RelayService, reactor: Any, options: Options, baseline: Optional[Config] = None) -> None:
+    """SIGHUP re-reads the routes of ``relay`` from the file ``options`` name (relay.reload)."""
+    from relay.reload import HangupService, RouteReloader
+
+    reloader = RouteReloader(relay, options.read_config, baseline)
+    HangupService(reactor, reloader.reload).setServiceParent(relay)
 
 
 def build_master(config: Config, reactor: Any, relay_args: Sequence[str], observer: Any = None) -> RelayService:
@@ -539,4 +552,7 @@ def build_master(config: Config, reactor: Any, relay_args: Sequence[str], observ
     master.log_observer = observer
     supervisor = Supervisor(config, reactor, relay_args, observer)
     supervisor.setServiceParent(master)
+    from relay.reload import HangupService
+
+    HangupService(reactor, supervisor.hangup).setServiceParent(master)
     return master

@@ -208,6 +208,12 @@ class Supervisor(Service):
                   index=index, how=how, delay=delay)
         self.timers[index] = self.reactor.callLater(delay, self._spawn, index)
 
+    def hangup(self) -> None:
+        """SIGHUP: every worker reloads its routes (relay.reload)."""
+        for index, process in list(self.processes.items()):
+            log.info("workers: SIGHUP passed on to worker-{index}", index=index)
+            _signal(process, "HUP")
+
     def stopService(self) -> Deferred:
         """Stop every worker (SIGTERM, SIGKILL after STOP_TIMEOUT), then close the listeners."""
         super().stopService()
@@ -365,7 +371,7 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> None:
     from twisted.logger import globalLogBeginner
 
     from relay.log import TextLogObserver
-    from relay.tap import Options, build_relay
+    from relay.tap import Options, add_reload, build_relay
 
     _die_with_parent()
     parser = argparse.ArgumentParser(prog="relay.worker")
@@ -388,6 +394,7 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> None:
     siblings = [i for i in range(args.workers) if i != args.index]
     relay = build_relay(config, reactor, inherited=inherited,
                         siblings=[_sibling(options.config, i) for i in siblings])
+    add_reload(relay, reactor, options, baseline=options.config)
     os.set_blocking(0, False)
     reactor.addReader(_MasterGone(reactor))
     status = {"code": 0}
