@@ -247,3 +247,28 @@ def test_sighup_reloads_routes_of_the_running_relay(tmp_path: Path) -> None:
             assert relay.stop() == 0
         finally:
             relay.kill()
+
+
+def test_sighup_to_the_master_reloads_every_worker(tmp_path: Path) -> None:
+    """With [server] workers = 2, SIGHUP to the master reaches both workers, and each delivers by the new routes."""
+    import signal
+
+    workers = 'hostname = "relay.test"\n[server]\nworkers = 2'
+    with SMTPSink("127.0.0.1") as first, SMTPSink("127.0.0.1") as second:
+        relay = RelayProcess(tmp_path, route_to(first).replace('hostname = "relay.test"', workers))
+        try:
+            relay.start()
+            wait_until(lambda: relay.log().count("control: listening") >= 2, 60, "two workers listening")
+            relay.config_path.write_text(route_to(second).replace('hostname = "relay.test"', workers))
+            relay.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: relay.log().count("reload: 1 route(s) from") >= 2, 30, "both workers reloading")
+            log = relay.log()
+            assert "[worker-0 relay.reload#info] reload: 1 route(s)" in log
+            assert "[worker-1 relay.reload#info] reload: 1 route(s)" in log
+            for n in range(4):
+                send("127.0.0.1", relay.port, f"user{n}@example.net")
+            second.wait_for(4)
+            assert first.messages == []
+            assert relay.stop() == 0
+        finally:
+            relay.kill()
