@@ -158,3 +158,23 @@ def test_sysusers_and_tmpfiles_make_the_user_and_the_spool() -> None:
     dirs = {fields[1]: fields for fields in (line.split() for line in (UNITS / "relay.tmpfiles").read_text().splitlines()
                                              if line.strip() and not line.startswith("#"))}
     assert dirs["/var/spool/relay"][:5] == ["d", "/var/spool/relay", "0750", "relay", "relay"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-sysusers") is None or shutil.which("systemd-tmpfiles") is None,
+                    reason="systemd-sysusers or systemd-tmpfiles is not installed (Debian package systemd)")
+def test_sysusers_and_tmpfiles_run_in_a_scratch_root(tmp_path: Path) -> None:
+    """Applied with --root to an empty tree, the two files make the user relay and its closed spool."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    for command in (["systemd-sysusers", f"--root={root}", str(UNITS / "relay.sysusers")],
+                    ["systemd-tmpfiles", f"--root={root}", "--create", str(UNITS / "relay.tmpfiles")]):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+    [entry] = [line.split(":") for line in (root / "etc" / "passwd").read_text().splitlines()
+               if line.startswith("relay:")]
+    uid, gid, home, shell = int(entry[2]), int(entry[3]), entry[5], entry[6]
+    assert uid != 0 and home == "/var/spool/relay" and shell.endswith("nologin")
+    spool = (root / "var" / "spool" / "relay").stat()
+    assert (spool.st_uid, spool.st_gid, spool.st_mode & 0o777) == (uid, gid, 0o750)
+    etc = (root / "etc" / "relay").stat()
+    assert (etc.st_uid, etc.st_gid, etc.st_mode & 0o777) == (0, gid, 0o750)
