@@ -345,7 +345,7 @@ def _endpoint(reactor: Any, description: str, where: str, inherited: Optional[di
         from relay.workers import InheritedEndpoint
 
         return InheritedEndpoint(reactor, inherited[description], description)
-    systemd = description.split(":", 1)[0].strip() == "systemd"
+    systemd = description.split(":", 1)[0].strip() in ("systemd", "systemd-ssl")  # relay.systemd
     try:
         endpoint = serverFromString(reactor, description)
     except Exception as e:

@@ -307,11 +307,17 @@ class InheritedEndpoint:
 
     def listen(self, factory: Any) -> Deferred:
         try:
-            if self.description.split(":", 1)[0] == "ssl":
+            prefix = self.description.split(":", 1)[0]
+            if prefix in ("ssl", "systemd-ssl"):
                 from twisted.internet.endpoints import serverFromString
                 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-                context = getattr(serverFromString(self.reactor, self.description), "_sslContextFactory")
+                from relay.systemd import PREFIX, context_for
+
+                if prefix == PREFIX:  # the socket came from the master, only the TLS is built here
+                    context = context_for(self.reactor, self.description)
+                else:
+                    context = getattr(serverFromString(self.reactor, self.description), "_sslContextFactory")
                 factory = TLSMemoryBIOFactory(context, False, factory)
             probe = socket.socket(fileno=os.dup(self.fd))
             family = probe.family

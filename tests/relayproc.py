@@ -76,7 +76,8 @@ class RelayProcess:
         launcher: Sequence[str] = (),
         pass_fds: Sequence[int] = (),
     ) -> None:
-        """``listen`` replaces the loopback TCP listener (a ``systemd:`` endpoint, say);
+        """``listen`` replaces the loopback TCP listener (a ``systemd:`` endpoint, say; ``""``:
+        the file's ``[server] listen``);
         ``twistd_args`` go before ``relay`` (``--uid``); ``launcher`` runs before twistd
         and execs it, with ``pass_fds`` open in it (socket activation)."""
         self.workdir = Path(workdir)
@@ -86,7 +87,7 @@ class RelayProcess:
         self.config_path.write_text(config)
         self.args = list(args)
         self.extra_path = list(extra_path)
-        self.listen = listen or f"tcp:{self.port}:interface=127.0.0.1"
+        self.listen = f"tcp:{self.port}:interface=127.0.0.1" if listen is None else listen
         self.twistd_args = list(twistd_args)
         self.launcher = list(launcher)
         self.pass_fds = tuple(pass_fds)
@@ -107,7 +108,7 @@ class RelayProcess:
             *TWISTD, "-n", "--logfile", str(self.log_path), "--pidfile", str(self.workdir / "relay.pid"),
             *self.twistd_args,
             "relay", "--config", str(self.config_path),
-            "--listen", self.listen,
+            *(["--listen", self.listen] if self.listen else []),
             *self.args,
         ]
 

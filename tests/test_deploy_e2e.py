@@ -272,3 +272,44 @@ def test_sighup_to_the_master_reloads_every_worker(tmp_path: Path) -> None:
             assert relay.stop() == 0
         finally:
             relay.kill()
+
+
+# -- implicit TLS on a socket systemd passed (systemd-ssl:) -------------------------------
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_implicit_tls_on_a_passed_socket(tmp_path: Path, sink: SMTPSink, workers: int) -> None:
+    """systemd-ssl: serves SMTP over TLS from the first byte on the second passed socket, beside plain SMTP on the first."""
+    import ssl
+
+    from certs import make_certificate
+
+    cert, key = make_certificate(tmp_path, "relay.test", ("127.0.0.1",))
+    plain, tls = listening_socket("127.0.0.1"), listening_socket("127.0.0.1")
+    tls_port = tls.getsockname()[1]
+    config = route_to(sink).replace('hostname = "relay.test"', f'''hostname = "relay.test"
+[server]
+workers = {workers}
+listen = ["systemd:domain=INET:index=0", "systemd-ssl:domain=INET:index=1:privateKey={key}:certKey={cert}"]''')
+    fds = [plain.fileno(), tls.fileno()]
+    relay = RelayProcess(tmp_path, config, port=plain.getsockname()[1], listen="",
+                         launcher=launcher_command(fds, ["smtp", "smtps"]), pass_fds=fds)
+    try:
+        relay.start()
+        plain.close()
+        tls.close()
+        wait_until(lambda: relay.log().count("control: listening") >= workers, 60, "the relay listening")
+        context = ssl.create_default_context(cafile=str(cert))
+        with smtplib.SMTP_SSL("127.0.0.1", tls_port, timeout=30, context=context) as s:
+            s.ehlo("client.example.org")
+            assert s.sock.version() in ("TLSv1.2", "TLSv1.3")
+            s.sendmail("app@example.org", ["tls@example.net"], MESSAGE)
+        send("127.0.0.1", relay.port, "plain@example.net")
+        received = sink.wait_for(2)
+        assert sorted(r.recipients[0] for r in received) == ["plain@example.net", "tls@example.net"]
+        assert "with ESMTPS" in next(r.data for r in received if r.recipients == ["tls@example.net"]).decode()
+        assert relay.stop() == 0
+    finally:
+        relay.kill()
+        plain.close()
+        tls.close()

@@ -119,3 +119,56 @@ def test_master_adopts_the_passed_socket(tmp_path: Path, passed: list[int]) -> N
         [(description, endpoint)] = master.getServiceNamed("workers").endpoints
         assert description == "systemd:domain=INET:index=0"
         assert isinstance(endpoint, AdoptedStreamServerEndpoint) and endpoint.fileno == s.fileno()
+
+
+# -- systemd-ssl: (relay.systemd) ---------------------------------------------------------
+
+
+def test_systemd_ssl_adopts_the_socket_and_wraps_it_in_tls(tmp_path: Path, passed: list[int]) -> None:
+    """systemd-ssl: is the passed socket with the TLS context ssl: builds from the same options."""
+    from certs import make_certificate
+    from relay.systemd import SystemdSSLEndpoint
+
+    cert, key = make_certificate(tmp_path, "relay.test")
+    with socket.socket(socket.AF_INET) as s:
+        passed.append(s.fileno())
+        description = f"systemd-ssl:domain=INET:index=0:privateKey={key}:certKey={cert}"
+        relay = build_relay(config_for(tmp_path, description), MemoryReactorClock())
+        [(_, listener)] = relay.listeners
+        endpoint = listener.endpoint
+        assert isinstance(endpoint, SystemdSSLEndpoint)
+        assert endpoint.fileno == s.fileno() and endpoint.addressFamily == socket.AF_INET
+        assert endpoint.context.getContext() is not None
+
+
+def test_systemd_ssl_with_a_missing_key_file_is_refused_when_loading(tmp_path: Path) -> None:
+    """The certificate is read while the file is loaded, even though no socket was passed yet."""
+    from relay.config import config_from_mapping
+
+    with pytest.raises(ConfigError) as caught:
+        config_from_mapping({"server": {"listen": [f"systemd-ssl:domain=INET6:index=0:privateKey={tmp_path}/no.pem"]}},
+                            "relay.toml")
+    assert str(caught.value).startswith("relay.toml: server.listen[0]: ")
+    assert "No such file or directory" in str(caught.value)
+
+
+def test_systemd_ssl_without_a_socket_loads_and_says_so_at_assembly(tmp_path: Path, passed: list[int]) -> None:
+    """With a readable certificate but no socket, loading passes and assembly names the missing socket."""
+    from certs import make_certificate
+    from relay.config import config_from_mapping
+
+    cert, key = make_certificate(tmp_path, "relay.test")
+    description = f"systemd-ssl:domain=INET6:index=0:privateKey={key}:certKey={cert}"
+    config = config_from_mapping({"server": {"listen": [description]},
+                                  "queue": {"directory": str(tmp_path / "q")}}, "relay.toml")
+    with pytest.raises(ConfigError) as caught:
+        build_relay(config, MemoryReactorClock())
+    assert "systemd passed no socket at that index" in str(caught.value)
+
+
+def test_systemd_ssl_needs_a_domain() -> None:
+    """Without domain= the string is not a valid endpoint, said in one line."""
+    from relay.config import endpoint_problem
+
+    assert endpoint_problem("systemd-ssl:index=0:privateKey=key.pem") == (
+        "is not a valid endpoint: systemd-ssl needs domain= (INET or INET6, as for systemd:)")
