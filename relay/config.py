@@ -444,7 +444,9 @@ def endpoint_problem(description: str) -> Optional[str]:
     try:
         endpoint = serverFromString(_PARSE_ONLY, description)
     except (IndexError, KeyError) as e:  # systemd: finds no socket by index (or by name)
-        if description.split(":", 1)[0].strip() in ("systemd", "systemd-ssl"):  # relay.systemd
+        from relay.systemd import is_passed_socket
+
+        if is_passed_socket(description):
             return None  # the socket is only there when systemd starts the relay
         if isinstance(e, KeyError):
             return f"is not a valid endpoint: {e} is not known"

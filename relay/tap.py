@@ -14,7 +14,6 @@ single line and ``SystemExit`` itself.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from typing import Any, NoReturn, Optional, Sequence
@@ -345,51 +344,20 @@ def _endpoint(reactor: Any, description: str, where: str, inherited: Optional[di
         from relay.workers import InheritedEndpoint
 
         return InheritedEndpoint(reactor, inherited[description], description)
-    systemd = description.split(":", 1)[0].strip() in ("systemd", "systemd-ssl")  # relay.systemd
+    from relay import systemd
+
+    passed = systemd.is_passed_socket(description)
     try:
         endpoint = serverFromString(reactor, description)
     except Exception as e:
-        if systemd and isinstance(e, (IndexError, KeyError)):
-            reason = _no_systemd_socket(e)
+        if passed and isinstance(e, (IndexError, KeyError)):
+            reason = systemd.no_socket_reason(e)
         else:
             reason = " ".join(str(e).split()) or type(e).__name__
         raise ConfigError(f"{where}: {description!r} cannot be used: {reason}") from None
-    if systemd:
-        _check_socket_family(endpoint, description, where)
+    if passed:
+        systemd.check_family(endpoint, f"{where}: {description!r} cannot be used")
     return endpoint
-
-
-def _no_systemd_socket(error: Exception) -> str:
-    """Why a ``systemd:`` endpoint found no socket, in the administrator's terms."""
-    if isinstance(error, KeyError):
-        return f"systemd passed no socket named {error} (FileDescriptorName= of the socket unit)"
-    return ("systemd passed no socket at that index (start the relay through its .socket unit; "
-            "LISTEN_FDS and LISTEN_PID must name this process)")
-
-
-def _check_socket_family(endpoint: Any, description: str, where: str) -> None:
-    """A socket systemd passed must be of the family ``domain=`` names: read as another
-    family, client addresses come out garbled and trusted_networks would not match."""
-    import socket
-
-    fd, family = getattr(endpoint, "fileno", None), getattr(endpoint, "addressFamily", None)
-    if not isinstance(fd, int) or family is None:
-        return
-    try:
-        copy = os.dup(fd)
-        try:
-            probe = socket.socket(fileno=copy)
-        except OSError:
-            os.close(copy)
-            raise
-    except OSError as e:
-        raise ConfigError(f"{where}: {description!r} cannot be used: descriptor {fd}: {e.strerror or e}") from None
-    actual = probe.family
-    probe.close()
-    if actual != family:
-        raise ConfigError(
-            f"{where}: {description!r} cannot be used: systemd passed an {actual.name} socket "
-            f"(write domain={actual.name[3:]}; ListenStream=25 gives INET6 where IPv6 is on)")
 
 
 class _Closing(Service):
