@@ -274,42 +274,57 @@ def test_sighup_to_the_master_reloads_every_worker(tmp_path: Path) -> None:
             relay.kill()
 
 
-# -- implicit TLS on a socket systemd passed (systemd-ssl:) -------------------------------
+# -- the layout of relay.socket: SMTP, submission with STARTTLS, implicit TLS -----------------
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_implicit_tls_on_a_passed_socket(tmp_path: Path, sink: SMTPSink, workers: int) -> None:
-    """systemd-ssl: serves SMTP over TLS from the first byte on the second passed socket, beside plain SMTP on the first."""
+def test_smtp_submission_and_implicit_tls_on_passed_sockets(tmp_path: Path, sink: SMTPSink, workers: int) -> None:
+    """Three passed sockets as relay.socket orders them: plain SMTP, submission (STARTTLS, AUTH) and
+    systemd-ssl: submission (TLS from the first byte, AUTH); each accepts a message that is delivered."""
     import ssl
 
     from certs import make_certificate
+    from test_e2e_submission import PASSWORD, relay_passwd
 
     cert, key = make_certificate(tmp_path, "relay.test", ("127.0.0.1",))
-    plain, tls = listening_socket("127.0.0.1"), listening_socket("127.0.0.1")
-    tls_port = tls.getsockname()[1]
+    users = tmp_path / "users"
+    relay_passwd(users, "alice", PASSWORD)
+    sockets = [listening_socket("127.0.0.1") for _ in range(3)]
+    smtp_port, submission_port, implicit_port = (s.getsockname()[1] for s in sockets)
     config = route_to(sink).replace('hostname = "relay.test"', f'''hostname = "relay.test"
 [server]
 workers = {workers}
-listen = ["systemd:domain=INET:index=0", "systemd-ssl:domain=INET:index=1:privateKey={key}:certKey={cert}"]''')
-    fds = [plain.fileno(), tls.fileno()]
-    relay = RelayProcess(tmp_path, config, port=plain.getsockname()[1], listen="",
-                         launcher=launcher_command(fds, ["smtp", "smtps"]), pass_fds=fds)
+tls_certificate = "{cert}"
+tls_key = "{key}"
+auth_users = "{users}"
+listen = ["systemd:domain=INET:index=0"]
+submission_listen = ["systemd:domain=INET:index=1",
+                     "systemd-ssl:domain=INET:index=2:privateKey={key}:certKey={cert}"]''')
+    fds = [s.fileno() for s in sockets]
+    relay = RelayProcess(tmp_path, config, port=smtp_port, listen="",
+                         launcher=launcher_command(fds, ["smtp", "submission", "submissions"]), pass_fds=fds)
     try:
         relay.start()
-        plain.close()
-        tls.close()
+        for s in sockets:
+            s.close()
         wait_until(lambda: relay.log().count("control: listening") >= workers, 60, "the relay listening")
         context = ssl.create_default_context(cafile=str(cert))
-        with smtplib.SMTP_SSL("127.0.0.1", tls_port, timeout=30, context=context) as s:
-            s.ehlo("client.example.org")
-            assert s.sock.version() in ("TLSv1.2", "TLSv1.3")
-            s.sendmail("app@example.org", ["tls@example.net"], MESSAGE)
-        send("127.0.0.1", relay.port, "plain@example.net")
-        received = sink.wait_for(2)
-        assert sorted(r.recipients[0] for r in received) == ["plain@example.net", "tls@example.net"]
-        assert "with ESMTPS" in next(r.data for r in received if r.recipients == ["tls@example.net"]).decode()
+        with smtplib.SMTP("127.0.0.1", submission_port, timeout=30) as c:
+            c.starttls(context=context)
+            c.login("alice", PASSWORD)
+            c.sendmail("app@example.org", ["starttls@example.net"], MESSAGE)
+        with smtplib.SMTP_SSL("127.0.0.1", implicit_port, timeout=30, context=context) as c:
+            assert c.sock.version() in ("TLSv1.2", "TLSv1.3")
+            c.login("alice", PASSWORD)
+            c.sendmail("app@example.org", ["implicit@example.net"], MESSAGE)
+        send("127.0.0.1", smtp_port, "plain@example.net")
+        received = {r.recipients[0]: r.data.decode() for r in sink.wait_for(3)}
+        assert sorted(received) == ["implicit@example.net", "plain@example.net", "starttls@example.net"]
+        assert "with ESMTPSA" in received["implicit@example.net"]
+        assert "with ESMTPSA" in received["starttls@example.net"]
+        assert "with ESMTP " in received["plain@example.net"]
         assert relay.stop() == 0
     finally:
         relay.kill()
-        plain.close()
-        tls.close()
+        for s in sockets:
+            s.close()
