@@ -489,9 +489,13 @@ def endpoint_problem(description: str) -> Optional[str]:
 
     try:
         endpoint = serverFromString(_PARSE_ONLY, description)
-    except IndexError:
-        if description.strip().startswith("systemd:"):
+    except (IndexError, KeyError) as e:  # systemd: finds no socket by index (or by name)
+        from relay.systemd import is_passed_socket
+
+        if is_passed_socket(description):
             return None  # the socket is only there when systemd starts the relay
+        if isinstance(e, KeyError):
+            return f"is not a valid endpoint: {e} is not known"
         return "is not a valid endpoint: an index is out of range"
     except Exception as e:  # any failure of a parser plugin means a bad string
         return f"is not a valid endpoint: {_one_line(str(e)) or type(e).__name__}"

@@ -95,15 +95,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         """Load the file, apply the command-line overrides and check what start-up needs."""
-        path = self["config"]
-        config = load_config(path) if path else Config()
-        config = apply_overrides(
-            config,
-            listen=self["listen"] or None,
-            queue=self["queue"],
-            hostname=self["hostname"],
-            smarthost=self["smarthost"],
-        )
+        config = self.read_config()
         build_tls_context(config.server, config.source or COMMAND_LINE)
         from relay.auth import check_files
 
@@ -111,6 +103,18 @@ class Options(usage.Options):
         check_router_plugins(config)
         check_dkim_keys(config)
         self.config = config
+
+    def read_config(self) -> Config:
+        """The configuration file with the command-line options over it (at start-up and on SIGHUP)."""
+        path = self["config"]
+        config = load_config(path) if path else Config()
+        return apply_overrides(
+            config,
+            listen=self["listen"] or None,
+            queue=self["queue"],
+            hostname=self["hostname"],
+            smarthost=self["smarthost"],
+        )
 
 
 # -- start-up checks -----------------------------------------------------------
@@ -350,11 +354,20 @@ def _endpoint(reactor: Any, description: str, where: str, inherited: Optional[di
         from relay.workers import InheritedEndpoint
 
         return InheritedEndpoint(reactor, inherited[description], description)
+    from relay import systemd
+
+    passed = systemd.is_passed_socket(description)
     try:
-        return serverFromString(reactor, description)
+        endpoint = serverFromString(reactor, description)
     except Exception as e:
-        reason = " ".join(str(e).split()) or type(e).__name__
+        if passed and isinstance(e, (IndexError, KeyError)):
+            reason = systemd.no_socket_reason(e)
+        else:
+            reason = " ".join(str(e).split()) or type(e).__name__
         raise ConfigError(f"{where}: {description!r} cannot be used: {reason}") from None
+    if passed:
+        systemd.check_family(endpoint, f"{where}: {description!r} cannot be used")
+    return endpoint
 
 
 class _Closing(Service):
@@ -505,14 +518,23 @@ def makeService(options: Options) -> IService:
 
     config = options.config if options.config is not None else Config()
     observer = daemon_observer(getattr(options, "parent", None))
-    if config.server.workers > 1:
-        return build_master(config, reactor, getattr(options, "args", []), observer)
     try:
+        if config.server.workers > 1:
+            return build_master(config, reactor, getattr(options, "args", []), observer)
         relay = build_relay(config, reactor)
     except ConfigError as e:
         _exit_with(str(e))
     relay.log_observer = observer
+    add_reload(relay, reactor, options)
     return relay
+
+
+def add_reload(relay: RelayService, reactor: Any, options: Options, baseline: Optional[Config] = None) -> None:
+    """SIGHUP re-reads the routes of ``relay`` from the file ``options`` name (relay.reload)."""
+    from relay.reload import HangupService, RouteReloader
+
+    reloader = RouteReloader(relay, options.read_config, baseline)
+    HangupService(reactor, reloader.reload).setServiceParent(relay)
 
 
 def build_master(config: Config, reactor: Any, relay_args: Sequence[str], observer: Any = None) -> RelayService:
@@ -523,4 +545,7 @@ def build_master(config: Config, reactor: Any, relay_args: Sequence[str], observ
     master.log_observer = observer
     supervisor = Supervisor(config, reactor, relay_args, observer)
     supervisor.setServiceParent(master)
+    from relay.reload import HangupService
+
+    HangupService(reactor, supervisor.hangup).setServiceParent(master)
     return master

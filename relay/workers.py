@@ -116,6 +116,7 @@ class Supervisor(Service):
         self.relay_args = list(relay_args)
         self.log_out = log_out  # the master's text log (raw lines are written there), or None
         self.count = config.server.workers
+        self.endpoints = listen_endpoints(config, reactor)  # built now: a bad one is a ConfigError
         self.ports: list[tuple[str, Any]] = []
         self.processes: dict[int, Any] = {}
         self.protocols: dict[int, _WorkerProcess] = {}
@@ -126,15 +127,11 @@ class Supervisor(Service):
 
     def privilegedStartService(self) -> None:
         """Bind every listener now (before twistd drops privileges); no connection is ever accepted here."""
-        from twisted.internet.endpoints import serverFromString
-
         from relay.tap import _stop_start_up
 
-        server = self.config.server
-        for description in (*server.listen, *server.submission_listen):
+        for description, endpoint in self.endpoints:
             try:
-                d = serverFromString(self.reactor, description).listen(_NoConnections())
-                port = _result(d)
+                port = _result(endpoint.listen(_NoConnections()))
             except Exception as e:
                 _stop_start_up(f"cannot listen on {description}: {' '.join(str(e).split())}")
             port.stopReading()
@@ -211,6 +208,12 @@ class Supervisor(Service):
                   index=index, how=how, delay=delay)
         self.timers[index] = self.reactor.callLater(delay, self._spawn, index)
 
+    def hangup(self) -> None:
+        """SIGHUP: every worker reloads its routes (relay.reload)."""
+        for index, process in list(self.processes.items()):
+            log.info("workers: SIGHUP passed on to worker-{index}", index=index)
+            _signal(process, "HUP")
+
     def stopService(self) -> Deferred:
         """Stop every worker (SIGTERM, SIGKILL after STOP_TIMEOUT), then close the listeners."""
         super().stopService()
@@ -236,6 +239,20 @@ class Supervisor(Service):
         for index, process in list(self.processes.items()):
             log.warn("workers: worker-{index} did not stop in time; killed", index=index)
             _signal(process, "KILL")
+
+
+def listen_endpoints(config: Config, reactor: Any) -> list[tuple[str, Any]]:
+    """The endpoint of every listener (``systemd:`` ones adopt the socket systemd passed);
+    ConfigError naming the key for one that cannot be used."""
+    from relay.config import COMMAND_LINE
+    from relay.tap import _endpoint
+
+    source = config.source or COMMAND_LINE
+    server = config.server
+    return [(description, _endpoint(reactor, description, f"{source}: {key}[{index}]"))
+            for key, descriptions in (("server.listen", server.listen),
+                                      ("server.submission_listen", server.submission_listen))
+            for index, description in enumerate(descriptions)]
 
 
 def _result(d: Deferred) -> Any:
@@ -290,11 +307,17 @@ class InheritedEndpoint:
 
     def listen(self, factory: Any) -> Deferred:
         try:
-            if self.description.split(":", 1)[0] == "ssl":
+            prefix = self.description.split(":", 1)[0]
+            if prefix in ("ssl", "systemd-ssl"):
                 from twisted.internet.endpoints import serverFromString
                 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-                context = getattr(serverFromString(self.reactor, self.description), "_sslContextFactory")
+                from relay.systemd import PREFIX, context_for
+
+                if prefix == PREFIX:  # the socket came from the master, only the TLS is built here
+                    context = context_for(self.reactor, self.description)
+                else:
+                    context = getattr(serverFromString(self.reactor, self.description), "_sslContextFactory")
                 factory = TLSMemoryBIOFactory(context, False, factory)
             probe = socket.socket(fileno=os.dup(self.fd))
             family = probe.family
@@ -354,7 +377,7 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> None:
     from twisted.logger import globalLogBeginner
 
     from relay.log import TextLogObserver
-    from relay.tap import Options, build_relay
+    from relay.tap import Options, add_reload, build_relay
 
     _die_with_parent()
     parser = argparse.ArgumentParser(prog="relay.worker")
@@ -377,6 +400,7 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> None:
     siblings = [i for i in range(args.workers) if i != args.index]
     relay = build_relay(config, reactor, inherited=inherited,
                         siblings=[_sibling(options.config, i) for i in siblings])
+    add_reload(relay, reactor, options, baseline=options.config)
     os.set_blocking(0, False)
     reactor.addReader(_MasterGone(reactor))
     status = {"code": 0}

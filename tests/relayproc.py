@@ -71,7 +71,15 @@ class RelayProcess:
         args: Sequence[str] = (),
         port: Optional[int] = None,
         extra_path: Sequence[str] = (),
+        listen: Optional[str] = None,
+        twistd_args: Sequence[str] = (),
+        launcher: Sequence[str] = (),
+        pass_fds: Sequence[int] = (),
     ) -> None:
+        """``listen`` replaces the loopback TCP listener (a ``systemd:`` endpoint, say; ``""``:
+        the file's ``[server] listen``);
+        ``twistd_args`` go before ``relay`` (``--uid``); ``launcher`` runs before twistd
+        and execs it, with ``pass_fds`` open in it (socket activation)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -79,6 +87,11 @@ class RelayProcess:
         self.config_path.write_text(config)
         self.args = list(args)
         self.extra_path = list(extra_path)
+        self.listen = f"tcp:{self.port}:interface=127.0.0.1" if listen is None else listen
+        self.twistd_args = list(twistd_args)
+        self.launcher = list(launcher)
+        self.pass_fds = tuple(pass_fds)
+        self.host = "127.0.0.1"  # where start() waits for the listener
         self.proc: Optional[subprocess.Popen] = None
 
     @property
@@ -91,9 +104,11 @@ class RelayProcess:
 
     def command(self) -> list[str]:
         return [
+            *self.launcher,
             *TWISTD, "-n", "--logfile", str(self.log_path), "--pidfile", str(self.workdir / "relay.pid"),
+            *self.twistd_args,
             "relay", "--config", str(self.config_path),
-            "--listen", f"tcp:{self.port}:interface=127.0.0.1",
+            *(["--listen", self.listen] if self.listen else []),
             *self.args,
         ]
 
@@ -101,9 +116,10 @@ class RelayProcess:
         self.proc = subprocess.Popen(
             self.command(), cwd=self.workdir, env=relay_env(self.extra_path),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            pass_fds=self.pass_fds,
         )
         try:
-            wait_for_port("127.0.0.1", self.port, timeout, self.proc)
+            wait_for_port(self.host, self.port, timeout, self.proc)
         except RuntimeError as e:
             self.kill()
             raise RuntimeError(f"{e}\n--- log ---\n{self.log()}\n--- output ---\n{self.output()}") from None

@@ -131,6 +131,10 @@ class RouterChain:
             compiled.append(_Rule(name, domains, router))
         self._rules: tuple[_Rule, ...] = tuple(compiled)
 
+    def replace_rules(self, other: "RouterChain") -> None:
+        """Ask ``other``'s rules from now on (a reload); a question already being asked keeps its own."""
+        self._rules = other._rules
+
     @property
     def rules(self) -> tuple[str, ...]:
         """The rule names, in the order they are asked."""
