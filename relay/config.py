@@ -75,6 +75,21 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: tuple[str, ...] = ()  # endpoints serving GET /metrics (Prometheus text format)
+
+
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = "text"  # or "json": one JSON object per line
+    level: str = "info"  # debug | info | warn | error
+
+
+@dataclass(frozen=True)
 class RouteConfig:
     """One ``[[routes]]`` entry.  Exactly one of smarthost / via / plugin / reject is set."""
 
@@ -98,6 +113,8 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     routes: tuple[RouteConfig, ...] = ()
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     source: Optional[str] = None  # the file this came from, None for defaults
 
 
@@ -603,6 +620,14 @@ def _delivery(data: Any, where: _Where) -> DeliveryConfig:
     return DeliveryConfig(**_section(data, where, _DELIVERY_KEYS))
 
 
+_METRICS_KEYS: dict[str, _Parser] = {"listen": _endpoints}
+
+_LOG_KEYS: dict[str, _Parser] = {
+    "format": lambda v, w: _choice(v, w, LOG_FORMATS),
+    "level": lambda v, w: _choice(v, w, LOG_LEVELS),
+}
+
+
 # -- [[routes]] ----------------------------------------------------------------
 
 
@@ -670,7 +695,7 @@ def _routes(value: Any, where: _Where) -> tuple[RouteConfig, ...]:
 
 # -- entry points --------------------------------------------------------------
 
-_TOP_KEYS = ("hostname", "server", "queue", "delivery", "routes")
+_TOP_KEYS = ("hostname", "server", "queue", "delivery", "routes", "metrics", "log")
 
 
 def config_from_mapping(data: Mapping[str, Any], source: str) -> Config:
@@ -687,6 +712,8 @@ def config_from_mapping(data: Mapping[str, Any], source: str) -> Config:
         queue=_queue(data.get("queue", {}), root.child("queue")),
         delivery=_delivery(data.get("delivery", {}), root.child("delivery")),
         routes=_routes(data.get("routes", []), root.child("routes")),
+        metrics=MetricsConfig(**_section(data.get("metrics", {}), root.child("metrics"), _METRICS_KEYS)),
+        log=LogConfig(**_section(data.get("log", {}), root.child("log"), _LOG_KEYS)),
         source=source,
     )
 

@@ -93,6 +93,8 @@ DNS_PREFIX = "DNS: "
 STATUS_MTA_STS = "4.7.5"
 TEXT_MTA_STS_NO_MX = "MTA-STS: no MX host matches the policy"
 TEXT_NO_TLS = "no TLS"
+# The stable log event of each outcome (relay.log): what the JSON log and the metrics see.
+OUTCOME_EVENTS = {OUTCOME_DELIVERED: "delivered", OUTCOME_TRANSIENT: "deferred", OUTCOME_PERMANENT: "bounced"}
 
 # Why a connection failed, for the most common network errors (not their own text).
 _CONNECT_REASONS: tuple[tuple[type, str], ...] = (
@@ -582,7 +584,7 @@ class Delivery:
             ]
 
         d.addErrback(failed)
-        d.addCallback(self._log_outcomes, envelope)
+        d.addCallback(self._log_outcomes, envelope, self._reactor.seconds())
         return d
 
     async def _deliver(self, envelope: Envelope, members: list[_Member], opener: Callable[[], Any]) -> list[Outcome]:
@@ -745,12 +747,20 @@ class Delivery:
                 outcomes.append(replace(reply_outcome(m.recipient.address, reply, host, m.route.rule), tls=result.tls))
         return outcomes
 
-    def _log_outcomes(self, outcomes: list[Outcome], envelope: Envelope) -> list[Outcome]:
+    def _log_outcomes(self, outcomes: list[Outcome], envelope: Envelope, started: float) -> list[Outcome]:
+        now = self._reactor.seconds()
+        log.debug("{queue_id}: attempt for {count} recipient(s) took {duration:.3f} s", queue_id=envelope.queue_id,
+                  count=len(outcomes), duration=max(0.0, now - started), event="attempt")
         for outcome in outcomes:
-            self._log_outcome(envelope, outcome)
+            self._log_outcome(envelope, outcome, now)
         return outcomes
 
-    def _log_outcome(self, envelope: Envelope, outcome: Outcome) -> None:
+    def _log_outcome(self, envelope: Envelope, outcome: Outcome, now: Optional[float] = None) -> None:
+        now = self._reactor.seconds() if now is None else now
+        try:
+            attempt = envelope.recipient(outcome.recipient).attempts + 1
+        except KeyError:
+            attempt = None
         log.info(
             "{queue_id}: to=<{recipient}> rule={rule} host={host} tls=({tls}) {kind}: {reply}",
             queue_id=envelope.queue_id,
@@ -760,6 +770,9 @@ class Delivery:
             tls=outcome.tls or TEXT_NO_TLS,
             kind=outcome.kind,
             reply=outcome.describe(),
+            event=OUTCOME_EVENTS.get(outcome.kind, outcome.kind),
+            attempt=attempt,
+            delay=round(max(0.0, now - envelope.arrival), 3) if envelope.arrival else None,
         )
 
 

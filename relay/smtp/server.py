@@ -61,6 +61,7 @@ from relay.auth import ISubmitter
 from relay.config import ServerConfig, domain_problem
 from relay.domains import normalize_domain
 from relay.envelope import ClientInfo, Envelope, Recipient
+from relay.metrics import reply_in
 from relay.policy import RelayPolicy
 from relay.smtp import replies as R
 from relay.smtp.address import parse_params, parse_path, split_argument
@@ -77,6 +78,8 @@ AUTH_FAILURE_DELAY = 1.0  # seconds before a 535, input paused meanwhile
 AUTH_FAILURE_LIMIT = 3  # failed AUTH attempts in one session before 421 and close
 SHUTDOWN_GRACE = 10.0  # seconds a message in DATA may take to finish when the relay stops
 MAX_HEADER_BUFFER = 1 << 20  # header section held to complete a submitted message
+
+_MESSAGE_VERBS = ("MAIL", "RCPT", "DATA", "BDAT")  # a refusal of these is a rejected message (metrics)
 
 BODY_7BIT = "7BIT"
 BODY_8BITMIME = "8BITMIME"
@@ -391,13 +394,14 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             self._close()
             return
         if not self.factory.session_opened(self):
-            log.warn("refused connection from {peer}: too many sessions", peer=self._peer())
+            log.warn("refused connection from {peer}: too many sessions", peer=self._peer(),
+                     event="connection_refused")
             self._send(R.too_many_connections(self.hostname))
             self._close()
             return
         self._counted = True
         set_nodelay(self.transport)
-        log.info("connect from {peer}", peer=self._peer())
+        log.info("connect from {peer}", peer=self._peer(), event="connect", tls=self.tls)
         self.setTimeout(self.config.idle_timeout)
         self._send(R.greeting(self.hostname))
         self._flush()
@@ -409,10 +413,10 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if self._counted:
             self._counted = False
             self.factory.session_closed(self)
-            log.info("disconnect from {peer}", peer=self._peer())
+            log.info("disconnect from {peer}", peer=self._peer(), event="disconnect")
 
     def timeoutConnection(self) -> None:
-        log.info("timeout after {state} from {peer}", state=self._state_name(), peer=self._peer())
+        log.info("timeout after {state} from {peer}", state=self._state_name(), peer=self._peer(), event="timeout")
         self._abort_message()
         self._send(R.idle_timeout(self.hostname))
         self._close()
@@ -431,6 +435,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def _send(self, reply: Reply) -> None:
         self._out.append(_wire(reply))
+        reply_in(reply.code)
         if reply.code in R.PROTOCOL_ERROR_CODES:
             self.errors += 1
             if self.errors >= self.config.max_errors and not self._closed:
@@ -534,8 +539,10 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def _log_refusal(self, line: bytes, reply: Reply) -> None:
         verb = line[:12].split(b" ", 1)[0].decode("ascii", "replace").upper() or "empty line"
+        stage = verb.lower() if verb in _MESSAGE_VERBS else None
         log.info("{verb} refused from {peer}: {reply}{reason}", verb=verb, peer=self._peer(),
-                 reply=str(reply), reason=f" ({self._reason})" if self._reason else "")
+                 reply=str(reply), reason=f" ({self._reason})" if self._reason else "",
+                 event="rejected" if stage else "refused", stage=stage)
 
     def _answer(self, answer: Answer) -> None:
         """Send a reply now, or pause input until a Deferred reply has been sent."""
@@ -667,7 +674,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return R.INTERNAL_ERROR
         if refusal is not None and refusal.code >= 400:
             log.info("refused sender <{sender}> for user {user} from {peer}: {reply}",
-                     sender=transaction.sender, user=self.auth_user, peer=self._peer(), reply=str(refusal))
+                     sender=transaction.sender, user=self.auth_user, peer=self._peer(), reply=str(refusal),
+                     event="rejected", stage="mail")
             return refusal
         self._transaction = transaction
         return R.SENDER_OK
@@ -733,7 +741,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return R.INTERNAL_ERROR
         if refusal is not None and refusal.code >= 400:
             log.info("refused recipient <{recipient}> from {peer}: {reply}",
-                     recipient=recipient.address, peer=self._peer(), reply=str(refusal))
+                     recipient=recipient.address, peer=self._peer(), reply=str(refusal),
+                     event="rejected", stage="rcpt")
             return refusal
         if transaction is self._transaction and all(
                 r.address != recipient.address for r in transaction.recipients):
@@ -809,6 +818,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._send(R.READY_TLS)
         self._flush()
         self.transport.startTLS(self.factory.tls_context)
+        log.info("STARTTLS from {peer}", peer=self._peer(), event="tls", direction="in")
         self.tls = True
         self.helo = None
         self.esmtp = False
@@ -885,7 +895,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         logout()
         self.auth_user = avatar.name
         log.info("AUTH {mechanism} as {user} from {peer}: success",
-                 mechanism=mechanism, user=self.auth_user, peer=self._peer())
+                 mechanism=mechanism, user=self.auth_user, peer=self._peer(), event="auth")
         return AUTH_OK
 
     def _auth_failed(self, failure: Failure, mechanism: str, user: str) -> Answer:
@@ -896,7 +906,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return AUTH_TEMPORARY_FAILURE
         self.auth_failures += 1
         log.info("AUTH {mechanism} as {user!r} from {peer}: failed ({count} of {limit})",
-                 mechanism=mechanism, user=user, peer=self._peer(),
+                 mechanism=mechanism, user=user, peer=self._peer(), event="auth_failed",
                  count=self.auth_failures, limit=AUTH_FAILURE_LIMIT)
         return deferLater(self.clock, AUTH_FAILURE_DELAY, self._auth_failure_reply)
 
@@ -1006,7 +1016,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if refusal is not None:
             message.abort()
             log.info("{queue_id}: refused message from {peer} <{sender}>: {reply}",
-                     queue_id=queue_id, peer=self._peer(), sender=transaction.sender, reply=str(refusal))
+                     queue_id=queue_id, peer=self._peer(), sender=transaction.sender, reply=str(refusal),
+                     event="rejected", stage="data")
             return refusal
         envelope = self._envelope(queue_id, transaction, self._stored)
         try:
@@ -1027,7 +1038,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def _committed(self, result: Any, envelope: Envelope) -> Reply:
         log.info("{queue_id}: accepted from {peer} <{sender}>, {count} recipients, {size} octets",
                  queue_id=envelope.queue_id, peer=self._peer(), sender=envelope.sender,
-                 count=len(envelope.recipients), size=envelope.size)
+                 count=len(envelope.recipients), size=envelope.size, event="accepted")
         return R.queued(envelope.queue_id)
 
     def _commit_failed(self, failure: Failure, envelope: Envelope) -> Reply:
@@ -1144,6 +1155,7 @@ class SMTPServerFactory(ServerFactory):
     """
 
     protocol = SMTPServerProtocol
+    noisy = False  # no "Starting factory" lines
 
     def __init__(self, hostname: str, config: ServerConfig, spool: Any, policy: RelayPolicy,
                  clock: IReactorTime, tls_context: Any = None, submission: bool = False,
