@@ -172,6 +172,7 @@ class TextLogObserver:
 RESERVED = ("time", "level", "event", "queue_id", "message", "system", "worker", "traceback")
 FIELD_NAMES = {"peer": "client"}  # a format field's name in JSON, where the text log's differs
 GENERIC_EVENT = "log"  # the event of a line that has no stable name
+_NOT_FIELDS = ("format", "event", "queue_id", "isError", "why")  # keys of the event dict that are not format fields
 
 
 class JSONLogObserver(TextLogObserver):
@@ -197,7 +198,8 @@ class JSONLogObserver(TextLogObserver):
         text = formatEvent(event)
         failure = event.get("log_failure")
         record["message"] = text
-        record["system"] = event.get("log_system") or event.get("log_namespace") or "-"
+        system = event.get("log_system")
+        record["system"] = system if system not in (None, "-") else event.get("log_namespace", "-")
         if self._tag:
             record["worker"] = self._tag
         if failure is not None:
@@ -206,7 +208,7 @@ class JSONLogObserver(TextLogObserver):
             except Exception:
                 record["traceback"] = repr(failure)
         for key, value in event.items():
-            if key.startswith("log_") or key in ("format", "event", "queue_id"):
+            if key.startswith("log_") or key in _NOT_FIELDS:
                 continue
             key = FIELD_NAMES.get(key, key)
             if key not in record:
