@@ -223,3 +223,58 @@ def test_debug_level_logs_dns_lookups(world) -> None:
         submit(relay.port, ["frank@dest.test"])
         wait_until(lambda: "DNS lookup of dest.test" in relay.log(), what="the DNS lookup line")
         relay.stop()
+
+
+def test_workers_one_scrape_shows_the_whole_relay(tmp_path, request) -> None:
+    """With two workers the master's /metrics is the sum of both, and a killed worker's counts stay in it."""
+    import os
+    import re
+    import signal
+    import threading
+
+    from test_e2e_workers import alive, serving, worker_pids
+
+    metrics_port = free_port()
+    with SMTPSink() as sink:
+        relay = RelayProcess(tmp_path / "workers", f'''
+hostname = "relay-w.test"
+[server]
+workers = 2
+[metrics]
+listen = ["tcp:{metrics_port}:interface=127.0.0.1"]
+[[routes]]
+domains = ["*"]
+smarthost = "127.0.0.1:{sink.port}"
+''')
+
+        def end() -> None:
+            pids = worker_pids(relay)
+            relay.kill()
+            for pid in pids.values():
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+        request.addfinalizer(end)
+        relay.start()
+        wait_until(lambda: serving(relay), what="both workers serving")
+        threads = [threading.Thread(target=lambda c=c: [submit(relay.port, [f"u{c}.{i}@dest.test"])
+                                                       for i in range(2)]) for c in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        sink.wait_for(20, timeout=60)
+        delivered = ("relay_deliveries_total", (("result", "delivered"),))
+        wait_until(lambda: samples(scrape(metrics_port)).get(delivered) == 20, what="20 deliveries counted")
+        s = samples(scrape(metrics_port))
+        log = relay.log()
+        served = [len(re.findall(rf"\[worker-{i} relay\.smtp\.server#info\] \w+: accepted from", log)) for i in (0, 1)]
+        assert sum(served) == 20 and s[("relay_messages_accepted_total", ())] == 20
+        assert s[("relay_queue_messages", (("state", "active"),))] + s[("relay_queue_messages", (("state", "deferred"),))] == 0
+        old = worker_pids(relay)[1]
+        os.kill(old, signal.SIGKILL)
+        wait_until(lambda: worker_pids(relay).get(1, old) != old and serving(relay), what="worker-1 started again")
+        after = samples(scrape(metrics_port))
+        assert after[("relay_messages_accepted_total", ())] == 20
+        assert after[("relay_smtp_sessions_open", ())] == 0
+        assert relay.stop() == 0
