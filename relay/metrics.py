@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from twisted.application.service import MultiService
 from twisted.logger import globalLogPublisher
-from twisted.web import resource, server
+from twisted.web import pages, resource, server
 
 from relay import log as relay_log
 from relay.log import Logger
@@ -227,16 +227,16 @@ class _MetricsPage(resource.Resource):
 
     def render(self, request: Any) -> Any:
         if request.postpath not in ([], [b""]):
-            return resource.NoResource().render(request)
+            return pages.notFound().render(request)
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"Allow", b"GET, HEAD")
-            return resource.ErrorPage(405, "Method Not Allowed", "Only GET is served here.").render(request)
+            return pages.errorPage(405, "Method Not Allowed", "Only GET is served here.").render(request)
         return self._inner.render(request)
 
 
 def site(registry: CollectorRegistry) -> server.Site:
     """The web site of the endpoint: ``/metrics``, and 404 for every other path."""
-    root = resource.NoResource()
+    root = pages.notFound()
     root.putChild(b"metrics", _MetricsPage(registry))
     factory = server.Site(root)
     factory.noisy = False
