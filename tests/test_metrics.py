@@ -148,3 +148,30 @@ def test_without_counting_named_debug_events_are_dropped() -> None:
     Logger(namespace="relay.test", observer=seen.append).emit(LogLevel.info, "y", event="connect")
     assert [e["log_format"] for e in seen] == ["y"]
 
+
+
+def _exposed_names() -> set[str]:
+    """Every metric name (with its _total, _bucket... forms) that a relay exposes."""
+    metrics = Metrics()
+    metrics.registry.register(QueueCollector("/nonexistent-queue", clock=lambda: NOW))
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    return {f.name + suffix for f in metrics.registry.collect() for suffix in suffixes[f.type]}
+
+
+def test_dashboard_and_readme_use_only_exposed_metrics() -> None:
+    """The Grafana example queries only metrics the relay exposes, and README.rst documents every one."""
+    import json
+    import re
+
+    repo = Path(__file__).resolve().parent.parent
+    exposed = _exposed_names()
+    dashboard = json.loads((repo / "examples" / "grafana" / "relay-dashboard.json").read_text())
+    used = {name for panel in dashboard["panels"] for target in panel["targets"]
+            for name in re.findall(r"relay_[a-z_]+", target["expr"])}
+    assert used and used <= exposed, used - exposed
+    readme = (repo / "README.rst").read_text()
+    families = {f.name for f in Metrics().registry.collect()} | {"relay_queue_messages",
+                                                                  "relay_queue_oldest_message_seconds"}
+    for family in families:
+        documented = family if f"``{family}``" in readme else f"{family}_total"
+        assert f"``{documented}``" in readme, family
