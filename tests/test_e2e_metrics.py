@@ -10,7 +10,11 @@ parser.  Every wait is bounded.
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import smtplib
+import threading
 import urllib.error
 import urllib.request
 from typing import Optional
@@ -21,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dnsserver import start_dns_server
 from relayproc import RelayProcess, free_port, wait_until
 from smtpsink import SMTPSink
+from test_e2e_workers import serving, start, worker_pids  # noqa: F401  (start: the workers' fixture)
 
 MX = "127.0.0.52"
 ZONE = {
@@ -225,38 +230,11 @@ def test_debug_level_logs_dns_lookups(world) -> None:
         relay.stop()
 
 
-def test_workers_one_scrape_shows_the_whole_relay(tmp_path, request) -> None:
+def test_workers_one_scrape_shows_the_whole_relay(start) -> None:
     """With two workers the master's /metrics is the sum of both, and a killed worker's counts stay in it."""
-    import os
-    import re
-    import signal
-    import threading
-
-    from test_e2e_workers import alive, serving, worker_pids
-
     metrics_port = free_port()
     with SMTPSink() as sink:
-        relay = RelayProcess(tmp_path / "workers", f'''
-hostname = "relay-w.test"
-[server]
-workers = 2
-[metrics]
-listen = ["tcp:{metrics_port}:interface=127.0.0.1"]
-[[routes]]
-domains = ["*"]
-smarthost = "127.0.0.1:{sink.port}"
-''')
-
-        def end() -> None:
-            pids = worker_pids(relay)
-            relay.kill()
-            for pid in pids.values():
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
-
-        request.addfinalizer(end)
-        relay.start()
-        wait_until(lambda: serving(relay), what="both workers serving")
+        relay = start(sink.port, extra=f'[metrics]\nlisten = ["tcp:{metrics_port}:interface=127.0.0.1"]\n')
         threads = [threading.Thread(target=lambda c=c: [submit(relay.port, [f"u{c}.{i}@dest.test"])
                                                        for i in range(2)]) for c in range(10)]
         for t in threads:
