@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
@@ -15,6 +16,7 @@ from relay import metrics as relay_metrics
 from relay.envelope import Recipient
 from relay.log import Logger
 from relay.metrics import Metrics, MetricsService, QueueCollector, _MetricsPage
+from relay.queue.ids import queue_id_time
 from relay.queue.partitions import part_directory
 from relay.queue.store import Spool
 from test_queue_cli import NOW, store, sync_runner
@@ -103,7 +105,7 @@ def test_queue_gauges_from_every_part(tmp_path: Path) -> None:
     """The queue gauges count active, deferred and held messages in every part, and the oldest one's age."""
     directory = tmp_path / "spool"
     spool, clock = spool_at(directory, NOW - 3600)  # queue ids carry their creation time
-    store(spool, "a@origin.test", (Recipient("x@far.test"),))
+    first = store(spool, "a@origin.test", (Recipient("x@far.test"),))
     clock.advance(3000)
     store(spool, "a@origin.test", (Recipient("y@far.test", next_attempt=NOW + 60),))
     store(spool, "a@origin.test", (Recipient("z@far.test"),), held=True)
@@ -113,7 +115,10 @@ def test_queue_gauges_from_every_part(tmp_path: Path) -> None:
     families = {f.name: f for f in collector.collect()}
     states = {s.labels["state"]: s.value for s in families["relay_queue_messages"].samples}
     assert states == {"active": 2, "deferred": 1, "held": 1}
-    assert abs(families["relay_queue_oldest_message_seconds"].samples[0].value - 3600) < 1
+    # Ids only ever increase within a process, so an earlier test's ids may make these later than NOW - 3600.
+    later = QueueCollector(str(directory), clock=lambda: queue_id_time(first) + 3600)
+    oldest = {f.name: f for f in later.collect()}["relay_queue_oldest_message_seconds"]
+    assert oldest.samples[0].value == pytest.approx(3600)
 
 
 def test_empty_queue_gauges_are_zero(tmp_path: Path) -> None:
