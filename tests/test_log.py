@@ -123,3 +123,19 @@ def test_counted_events_pass_the_threshold_but_not_the_filter() -> None:
         relay_log.count_events(False)
     assert [e["log_format"] for e in made] == ["DNS lookup"]
     assert logged == []
+
+
+def test_json_message_is_twisteds_text_for_every_kind_of_format() -> None:
+    """The JSON ``message`` equals Twisted's formatEvent, for specs, !r, callables, missing fields and braces."""
+    import json
+
+    from twisted.logger import formatEvent
+
+    formats = [("{n:.2f} s {who!r}", {"n": 1.5, "who": "x"}), ("{f()} called", {"f": lambda: "it"}),
+               ("{missing} field", {}), ("{{literal}} {a.real}", {"a": 3})]
+    for fmt, fields in formats:
+        out = io.StringIO()
+        observer = relay_log.JSONLogObserver(out)
+        observer(dict(event(fmt), **fields))
+        observer.flush()
+        assert json.loads(out.getvalue())["message"] == formatEvent(dict(event(fmt), **fields)), fmt
