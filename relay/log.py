@@ -7,12 +7,13 @@ field (``accepted``, ``delivered``, ``deferred``, ``bounced``, ``connect``,
 ...): the JSON log writes it, and the metrics (``relay.metrics``) count it.
 
 The threshold (``[log] level``, set once at start-up with ``set_level``;
-default ``info``) is applied twice: events below it are dropped where they
+default ``info``) is applied twice.  Events below it are dropped where they
 are made, before any observer formats them, so debug lines cost nothing
-unless asked for -- except named events while something counts them
-(``count_events``); and the daemon's log observer sits behind Twisted's own
-``FilteringLogObserver`` with a ``LogLevelFilterPredicate`` (``filtered``),
-which also filters the lines of Twisted itself.
+unless asked for; a named one goes straight to the metrics
+(``count_events``), never to the log.  And the daemon's log observer sits
+behind Twisted's own ``FilteringLogObserver`` with a
+``LogLevelFilterPredicate`` (``filtered``), which also filters the lines of
+Twisted itself.
 
 The daemon's log is text (twistd's classic lines) or JSON (one object per
 line), written once per reactor turn.
@@ -25,7 +26,7 @@ import json
 import signal
 import sys
 import threading
-from typing import IO, Any, Optional
+from typing import IO, Any, Callable, Optional
 
 from datetime import datetime, timezone
 
@@ -52,7 +53,7 @@ LEVELS = {
 _ORDER = [LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error, LogLevel.critical]
 _enabled: frozenset = frozenset(_ORDER[1:])
 _threshold = LogLevel.info
-_counting = False  # named events pass the threshold: something counts them
+_counter: Optional[Callable[[dict], None]] = None  # sees the named events below the threshold
 
 
 def set_level(name: str) -> None:
@@ -62,10 +63,10 @@ def set_level(name: str) -> None:
     _enabled = frozenset(_ORDER[_ORDER.index(_threshold):])
 
 
-def count_events(on: bool) -> None:
-    """Let events with an ``event`` name through at every level (the metrics observe them)."""
-    global _counting
-    _counting = on
+def count_events(counter: Optional[Callable[[dict], None]]) -> None:
+    """Hand the named events below the threshold to ``counter`` (the metrics), never to the log; None: stop."""
+    global _counter
+    _counter = counter
 
 
 def filtered(observer: Any, level: Optional[str] = None) -> FilteringLogObserver:
@@ -83,8 +84,10 @@ class Logger(_TwistedLogger):
     """A Twisted Logger that drops events below the relay's threshold."""
 
     def emit(self, level: Any, format: Any = None, **kwargs: Any) -> None:
-        if level in _enabled or (_counting and "event" in kwargs):
+        if level in _enabled:
             super().emit(level, format, **kwargs)
+        elif _counter is not None and "event" in kwargs:
+            _counter(kwargs)
 
 
 # -- the text log the daemon writes --------------------------------------------

@@ -259,7 +259,7 @@ class MetricsService(MultiService):
         global _active
         if self.metrics is not None:
             globalLogPublisher.addObserver(self.metrics.observe)
-            relay_log.count_events(True)
+            relay_log.count_events(self.metrics.observe)
             _active = self.metrics
         super().startService()
 
@@ -271,7 +271,7 @@ class MetricsService(MultiService):
             global _active
             if self.metrics is not None:
                 globalLogPublisher.removeObserver(self.metrics.observe)
-                relay_log.count_events(False)
+                relay_log.count_events(None)
                 if _active is self.metrics:
                     _active = None
             if self.multiproc_dir:

@@ -109,20 +109,21 @@ def test_level_filter_is_twisteds_and_applies_to_every_logger() -> None:
     assert [e["log_format"] for e in seen] == ["shown", "shown too"]
 
 
-def test_counted_events_pass_the_threshold_but_not_the_filter() -> None:
-    """While events are counted, a named debug event is made (for the metrics) and the log's filter drops it."""
-    made: list[dict] = []
+def test_named_events_below_the_threshold_go_to_the_counter_only() -> None:
+    """While events are counted, a named debug event reaches the counter and never the log; others neither."""
+    counted: list[dict] = []
     logged: list[dict] = []
     relay_log.set_level("info")
-    relay_log.count_events(True)
+    relay_log.count_events(counted.append)
     try:
-        logger = Logger(namespace="relay.test", observer=lambda e: (made.append(e), relay_log.filtered(logged.append)(e)))
-        logger.debug("DNS lookup", event="dns_lookup")
+        logger = Logger(namespace="relay.test", observer=logged.append)
+        logger.debug("DNS lookup", event="dns_lookup", mx=True)
         logger.debug("unnamed")
+        logger.info("connect", event="connect")
     finally:
-        relay_log.count_events(False)
-    assert [e["log_format"] for e in made] == ["DNS lookup"]
-    assert logged == []
+        relay_log.count_events(None)
+    assert counted == [{"event": "dns_lookup", "mx": True}]
+    assert [e["log_format"] for e in logged] == ["connect"]
 
 
 def test_json_message_is_twisteds_text_for_every_kind_of_format() -> None:
