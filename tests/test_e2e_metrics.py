@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import re
 import signal
 import smtplib
@@ -22,6 +23,7 @@ from typing import Optional
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from certs import make_certificate
 from dnsserver import start_dns_server
 from relayproc import RelayProcess, free_port, wait_until
 from smtpsink import SMTPSink
@@ -44,9 +46,11 @@ def rcpt_reply(address: str) -> Optional[str]:
     return None
 
 
-def relay_config(port: int, dns_port: int, metrics_port: int, log: str) -> str:
+def relay_config(port: int, dns_port: int, metrics_port: int, log: str, server: str = "") -> str:
     return f'''
 hostname = "relay.test"
+[server]
+{server}
 [queue]
 min_retry = "1h"
 max_retry = "2h"
@@ -70,19 +74,27 @@ def world(tmp_path_factory, request):
     dns_port, stop_dns = start_dns_server(ZONE, tmp)
     request.addfinalizer(stop_dns)
     port = free_port(MX)
-    sink = SMTPSink(MX, port, rcpt_reply=rcpt_reply).start()
+    mx_cert, mx_key = make_certificate(tmp, "mx.dest.test", (MX,))
+    offered = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    offered.load_cert_chain(mx_cert, mx_key)
+    sink = SMTPSink(MX, port, rcpt_reply=rcpt_reply, tls_context=offered).start()  # offers STARTTLS
     request.addfinalizer(sink.stop)
     metrics_port = free_port()
-    relay = RelayProcess(tmp / "relay", relay_config(port, dns_port, metrics_port, 'format = "json"'))
+    cert, key = make_certificate(tmp, "relay.test", ("127.0.0.1",))
+    tls = f'tls_certificate = "{cert}"\ntls_key = "{key}"'
+    relay = RelayProcess(tmp / "relay", relay_config(port, dns_port, metrics_port, 'format = "json"', tls))
     request.addfinalizer(relay.kill)
     relay.start()
     return {"relay": relay, "sink": sink, "metrics_port": metrics_port, "port": port, "dns_port": dns_port,
             "tmp": tmp}
 
 
-def submit(port: int, recipients: list[str], sender: str = "someone@sender.test") -> None:
+def submit(port: int, recipients: list[str], sender: str = "someone@sender.test", tls: bool = False) -> None:
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
         s.ehlo("client.test")
+        if tls:
+            s.starttls(context=ssl._create_unverified_context())
+            s.ehlo("client.test")
         s.sendmail(sender, recipients, b"Subject: hello\r\n\r\nhello\r\n")
 
 
@@ -122,7 +134,7 @@ def events(relay: RelayProcess, name: str) -> list[dict]:
 def traffic(world):
     """Accepted (delivered, deferred, bounced), and a recipient refused at RCPT; waits until all are logged."""
     relay = world["relay"]
-    submit(relay.port, ["alice@dest.test"])
+    submit(relay.port, ["alice@dest.test"], tls=True)
     submit(relay.port, ["defer-bob@dest.test"])
     submit(relay.port, ["bounce-carol@dest.test"])
     code = refused(relay.port, "dave@blocked.test")
@@ -154,15 +166,26 @@ def test_scrape_shows_the_traffic(traffic) -> None:
     assert s[("relay_smtp_replies_total", (("class", "4xx"), ("direction", "out")))] == 1
     assert s[("relay_smtp_replies_total", (("class", "5xx"), ("direction", "out")))] == 1
     assert s[("relay_dns_lookups_total", ())] >= 2  # dest.test and mx.dest.test, then the cache
-    assert s[("relay_tls_sessions_total", (("direction", "in"),))] == 0
+    assert s[("relay_tls_sessions_total", (("direction", "in"),))] == 1  # alice's client used STARTTLS
+    assert s[("relay_tls_sessions_total", (("direction", "out"),))] >= 1  # the MX offers STARTTLS
     assert s[("relay_messages_accepted_bytes_total", ())] > 0
 
 
-def test_sessions_and_connections_close(traffic) -> None:
-    """Once the clients are gone, no session is open; idle outbound connections are counted while open."""
+def established_to(host: str, port: int) -> int:
+    """TCP connections established to ``host:port`` on this machine (Linux /proc/net/tcp)."""
+    remote = "".join(f"{int(octet):02X}" for octet in reversed(host.split("."))) + f":{port:04X}"
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return sum(1 for row in rows if row[2] == remote and row[3] == "01")
+
+
+def test_sessions_and_connections_are_counted_while_open(traffic) -> None:
+    """Once the clients are gone no session is open, and the outbound gauge matches the relay's connections to the MX."""
     port = traffic["metrics_port"]
     wait_until(lambda: samples(scrape(port))[("relay_smtp_sessions_open", ())] == 0, what="sessions closed")
-    assert samples(scrape(port))[("relay_outbound_connections", ())] >= 0
+    assert established_to(MX, traffic["port"]) >= 1  # kept open, idle, in the pool
+    wait_until(lambda: samples(scrape(port))[("relay_outbound_connections", ())]
+               == established_to(MX, traffic["port"]), what="the outbound gauge to match the open connections")
 
 
 def test_other_paths_and_methods_are_refused(world) -> None:
