@@ -295,7 +295,7 @@ def _listen(service: MultiService, config: Any, reactor: Any, registry: Collecto
 def add_metrics(relay: Any, reactor: Any) -> None:
     """A relay process: count its events when metrics are on, and serve them unless a master does."""
     config = relay.config
-    in_worker = bool(os.environ.get(MULTIPROC_ENV))
+    in_worker = bool(relay.inherited) and bool(os.environ.get(MULTIPROC_ENV))  # a worker of a master that serves
     if not in_worker and not config.metrics.listen:
         return
     metrics = Metrics()
