@@ -94,6 +94,21 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: tuple[str, ...] = ()  # endpoints serving GET /metrics (Prometheus text format)
+
+
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = "text"  # or "json": one JSON object per line
+    level: str = "info"  # debug | info | warn | error
+
+
+@dataclass(frozen=True)
 class RouteConfig:
     """One ``[[routes]]`` entry.  Exactly one of smarthost / via / plugin / reject is set."""
 
@@ -128,6 +143,8 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     routes: tuple[RouteConfig, ...] = ()
     dkim: tuple[DkimConfig, ...] = ()
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     source: Optional[str] = None  # the file this came from, None for defaults
 
 
@@ -684,6 +701,14 @@ def _delivery(data: Any, where: _Where) -> DeliveryConfig:
     return DeliveryConfig(**_section(data, where, _DELIVERY_KEYS))
 
 
+_METRICS_KEYS: dict[str, _Parser] = {"listen": _endpoints}
+
+_LOG_KEYS: dict[str, _Parser] = {
+    "format": lambda v, w: _choice(v, w, LOG_FORMATS),
+    "level": lambda v, w: _choice(v, w, LOG_LEVELS),
+}
+
+
 # -- [[routes]] ----------------------------------------------------------------
 
 
@@ -796,7 +821,7 @@ def _dkim(value: Any, where: _Where) -> tuple[DkimConfig, ...]:
 
 # -- entry points --------------------------------------------------------------
 
-_TOP_KEYS = ("hostname", "server", "queue", "delivery", "routes", "dkim")
+_TOP_KEYS = ("hostname", "server", "queue", "delivery", "routes", "dkim", "metrics", "log")
 
 
 def config_from_mapping(data: Mapping[str, Any], source: str) -> Config:
@@ -814,6 +839,8 @@ def config_from_mapping(data: Mapping[str, Any], source: str) -> Config:
         delivery=_delivery(data.get("delivery", {}), root.child("delivery")),
         routes=_routes(data.get("routes", []), root.child("routes")),
         dkim=_dkim(data.get("dkim", []), root.child("dkim")),
+        metrics=MetricsConfig(**_section(data.get("metrics", {}), root.child("metrics"), _METRICS_KEYS)),
+        log=LogConfig(**_section(data.get("log", {}), root.child("log"), _LOG_KEYS)),
         source=source,
     )
 

@@ -160,6 +160,8 @@ def _check_queue_id(queue_id: str) -> None:
 class ControlFactory(Factory):
     """Builds a ControlProtocol per connection, all sharing one scheduler."""
 
+    noisy = False  # no "Starting factory" lines
+
     def __init__(self, scheduler: Any) -> None:
         self.scheduler = scheduler
 

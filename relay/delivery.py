@@ -48,7 +48,9 @@ from relay.config import Config
 from relay.connections import ConnectionPool, PoolKey
 from relay.mta_sts import MODE_ENFORCE, MODE_TESTING
 from relay.envelope import (
+    OUTCOME_DELIVERED,
     OUTCOME_PERMANENT,
+    OUTCOME_TRANSIENT,
     ROUTE_MX,
     ROUTE_REJECT,
     TLS_MAY,
@@ -87,6 +89,8 @@ TEXT_NO_TLS = "no TLS"
 TEXT_TLS_FALLBACK = "no TLS: the TLS handshake failed, sent in clear"
 TEXT_SUSPENDED = "delivery temporarily suspended"
 TEXT_NO_ANSWER_BEFORE = "the destination did not answer"
+# The stable log event of each outcome (relay.log): what the JSON log and the metrics see.
+OUTCOME_EVENTS = {OUTCOME_DELIVERED: "delivered", OUTCOME_TRANSIENT: "deferred", OUTCOME_PERMANENT: "bounced"}
 
 Connect = Callable[..., Deferred]
 # progress(outcomes): the outcomes of one destination, while the message's others still run.
@@ -330,7 +334,7 @@ class Delivery:
             return [internal_outcome(m.recipient.address, m.route.rule) for m in members]
 
         d.addErrback(failed)
-        d.addCallback(self._log_outcomes, envelope)
+        d.addCallback(self._log_outcomes, envelope, self._reactor.seconds())
         return d
 
     async def _deliver(self, envelope: Envelope, members: list[_Member], body: _Body, forced: bool) -> list[Outcome]:
@@ -408,6 +412,7 @@ class Delivery:
             seconds=self._config.queue.min_retry,
             error=last.text,
             waiting=f"; {len(parked)} waiting transaction(s) deferred" if parked else "",
+            event="suspended",
         )
         for d in list(parked):
             d.cancel()
@@ -490,6 +495,7 @@ class Delivery:
             "{queue_id}: TLS handshake with {host} failed; trying again in clear (tls = \"may\")",
             queue_id=envelope.queue_id,
             host=host_label(target),
+            event="tls_fallback",
         )
         return replace(options, starttls=False)
 
@@ -578,12 +584,20 @@ class Delivery:
                 outcomes.append(replace(outcome, tls=result.tls, tls_fallback=in_clear, dsn_passed=result.dsn))
         return outcomes
 
-    def _log_outcomes(self, outcomes: list[Outcome], envelope: Envelope) -> list[Outcome]:
+    def _log_outcomes(self, outcomes: list[Outcome], envelope: Envelope, started: float) -> list[Outcome]:
+        now = self._reactor.seconds()
+        log.debug("{queue_id}: attempt for {count} recipient(s) took {duration:.3f} s", queue_id=envelope.queue_id,
+                  count=len(outcomes), duration=max(0.0, now - started), event="attempt")
         for outcome in outcomes:
-            self._log_outcome(envelope, outcome)
+            self._log_outcome(envelope, outcome, now)
         return outcomes
 
-    def _log_outcome(self, envelope: Envelope, outcome: Outcome) -> None:
+    def _log_outcome(self, envelope: Envelope, outcome: Outcome, now: Optional[float] = None) -> None:
+        now = self._reactor.seconds() if now is None else now
+        try:
+            attempt = envelope.recipient(outcome.recipient).attempts + 1
+        except KeyError:
+            attempt = None
         log.info(
             "{queue_id}: to=<{recipient}> rule={rule} host={host} tls=({tls}) {kind}: {reply}",
             queue_id=envelope.queue_id,
@@ -593,6 +607,9 @@ class Delivery:
             tls=outcome.tls or (TEXT_TLS_FALLBACK if outcome.tls_fallback else TEXT_NO_TLS),
             kind=outcome.kind,
             reply=outcome.describe() if outcome.remote or not outcome.code else f"relay: {outcome.describe()}",
+            event=OUTCOME_EVENTS.get(outcome.kind, outcome.kind),
+            attempt=attempt,
+            delay=round(max(0.0, now - envelope.arrival), 3) if envelope.arrival else None,
         )
 
 

@@ -1,22 +1,46 @@
-"""Logging for every part of the relay: Twisted's Logger with a level threshold, and the daemon's text log.
+"""Logging for every part of the relay: Twisted's Logger with a level threshold, and the daemon's log.
 
 Each module logs through ``relay.log.Logger`` (Twisted's ``Logger`` with
-format fields, and the queue id on every line about a message).  Events
-below the threshold are dropped where they are made, before any observer
-formats them: debug lines cost nothing unless asked for.  The threshold is
-the relay's, set once at start-up (``set_level``); default ``info``.
+format fields, and the queue id on every line about a message).  A line an
+operator or a tool follows carries a stable event name in its ``event``
+field (``accepted``, ``delivered``, ``deferred``, ``bounced``, ``connect``,
+...): the JSON log writes it, and the metrics (``relay.metrics``) count it.
+
+The threshold (``[log] level``, set once at start-up with ``set_level``;
+default ``info``) is applied twice.  Events below it are dropped where they
+are made, before any observer formats them, so debug lines cost nothing
+unless asked for; a named one goes straight to the metrics
+(``count_events``), never to the log.  And the daemon's log observer sits
+behind Twisted's own ``FilteringLogObserver`` with a
+``LogLevelFilterPredicate`` (``filtered``), which also filters the lines of
+Twisted itself.
+
+The daemon's log is text (twistd's classic lines) or JSON (one object per
+line), written once per reactor turn.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import re
 import signal
 import sys
 import threading
-from typing import IO, Any, Optional
+from typing import IO, Any, Callable, Optional
 
-from twisted.logger import ILogObserver, Logger as _TwistedLogger, LogLevel, formatEventAsClassicLogText, formatTime
+from datetime import datetime, timezone
+
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    Logger as _TwistedLogger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    formatEventAsClassicLogText,
+    formatTime,
+)
 from twisted.python import logfile
 from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
@@ -29,13 +53,27 @@ LEVELS = {
 }
 _ORDER = [LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error, LogLevel.critical]
 _enabled: frozenset = frozenset(_ORDER[1:])
+_threshold = LogLevel.info
+_counter: Optional[Callable[[dict], None]] = None  # sees the named events below the threshold
 
 
 def set_level(name: str) -> None:
     """Log events at level ``name`` ("debug", "info", "warn", "error") and above."""
-    global _enabled
-    threshold = _ORDER.index(LEVELS[name])
-    _enabled = frozenset(_ORDER[threshold:])
+    global _enabled, _threshold
+    _threshold = LEVELS[name]
+    _enabled = frozenset(_ORDER[_ORDER.index(_threshold):])
+
+
+def count_events(counter: Optional[Callable[[dict], None]]) -> None:
+    """Hand the named events below the threshold to ``counter`` (the metrics), never to the log; None: stop."""
+    global _counter
+    _counter = counter
+
+
+def filtered(observer: Any, level: Optional[str] = None) -> FilteringLogObserver:
+    """``observer`` behind Twisted's level filter: events at ``level`` (default: the relay's) and above."""
+    threshold = LEVELS[level] if level is not None else _threshold
+    return FilteringLogObserver(observer, [LogLevelFilterPredicate(defaultLogLevel=threshold)])
 
 
 def enabled(level: Any) -> bool:
@@ -74,6 +112,8 @@ class Logger(_TwistedLogger):
     def emit(self, level: Any, format: Any = None, **kwargs: Any) -> None:
         if level in _enabled:
             super().emit(level, format, **kwargs)
+        elif _counter is not None and "event" in kwargs:
+            _counter(kwargs)
 
 
 # -- the text log the daemon writes --------------------------------------------
@@ -112,16 +152,21 @@ class TextLogObserver:
         return self._stamp
 
     def __call__(self, event: dict) -> None:
+        with self._lock:
+            line = self.format(event)
+        if line:
+            self.write_raw(line)
+
+    def format(self, event: dict) -> Optional[str]:
+        """The line (with its newline) for ``event``, or None."""
         if self._tag:
             system = event.get("log_system")
             if system is None:
                 level = event.get("log_level")
                 system = f"{event.get('log_namespace', '-')}#{getattr(level, 'name', '-')}"
             event = dict(event, log_system=f"{self._tag} {system}")
-        with self._lock:
-            line = formatEventAsClassicLogText(event, formatTime=self._time)
-        if line:
-            self.write_raw(_escape_line(line))
+        line = formatEventAsClassicLogText(event, formatTime=self._time)
+        return _escape_line(line) if line else line
 
     def _can_wait(self) -> bool:
         from twisted.internet import reactor
@@ -154,7 +199,79 @@ class TextLogObserver:
                     pass
 
 
-def daemon_observer(options: Any) -> Optional[TextLogObserver]:
+RESERVED = ("time", "level", "event", "queue_id", "message", "system", "worker", "traceback")
+FIELD_NAMES = {"peer": "client"}  # a format field's name in JSON, where the text log's differs
+GENERIC_EVENT = "log"  # the event of a line that has no stable name
+_NOT_FIELDS = ("format", "event", "queue_id", "isError", "why")  # keys of the event dict that are not format fields
+
+
+class JSONLogObserver(TextLogObserver):
+    """One JSON object per line: time, level, event, queue_id, message, then the event's fields.
+
+    ``time`` is ISO 8601 in UTC; ``event`` the stable name (``log`` for lines
+    without one); ``message`` the text line's text; ``system`` the Twisted
+    namespace or log system; ``worker`` which worker wrote it; ``traceback``
+    the failure of an error, if any.  Other format fields follow under their
+    own names (``peer`` as ``client``); values JSON cannot hold become text.
+    """
+
+    def format(self, event: dict) -> Optional[str]:
+        level = event.get("log_level")
+        when = event.get("log_time")
+        record: dict[str, Any] = {
+            "time": _iso_time(when),
+            "level": getattr(level, "name", "info"),
+            "event": event.get("event") or GENERIC_EVENT,
+        }
+        if event.get("queue_id"):
+            record["queue_id"] = event["queue_id"]
+        text = _text(event)
+        failure = event.get("log_failure")
+        record["message"] = text
+        system = event.get("log_system")
+        record["system"] = system if system not in (None, "-") else event.get("log_namespace", "-")
+        if self._tag:
+            record["worker"] = self._tag
+        if failure is not None:
+            try:
+                record["traceback"] = failure.getTraceback()
+            except Exception:
+                record["traceback"] = repr(failure)
+        for key, value in event.items():
+            if key.startswith("log_") or key in _NOT_FIELDS:
+                continue
+            key = FIELD_NAMES.get(key, key)
+            if key not in record:
+                record[key] = value
+        try:
+            return json.dumps(record, ensure_ascii=False, default=str) + "\n"
+        except (TypeError, ValueError):
+            return json.dumps({k: str(v) for k, v in record.items()}, ensure_ascii=False) + "\n"
+
+
+def _text(event: dict) -> str:
+    """The event's text: ``str.format_map`` where that gives Twisted's result (most formats, far
+    faster), Twisted's ``formatEvent`` for the rest (``{callable()}`` fields, legacy events, errors)."""
+    fmt = event.get("log_format")
+    if isinstance(fmt, str):
+        try:
+            return fmt.format_map(event)
+        except Exception:
+            pass
+    return formatEvent(event)
+
+
+def _iso_time(when: Optional[float]) -> str:
+    stamp = datetime.fromtimestamp(when if when is not None else 0.0, timezone.utc)
+    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def make_observer(out: IO[str], format: str = "text", tag: str = "") -> TextLogObserver:
+    """The log observer for ``[log] format`` (``text`` or ``json``) writing to ``out``."""
+    return (JSONLogObserver if format == "json" else TextLogObserver)(out, tag=tag)
+
+
+def daemon_observer(options: Any, format: str = "text") -> Optional[TextLogObserver]:
     """The relay's text log for twistd's ``options``, to the file twistd would choose.
 
     None when twistd is to use another observer (``--logger``, ``--syslog``):
@@ -177,6 +294,6 @@ def daemon_observer(options: Any) -> Optional[TextLogObserver]:
 
                 reactor.callFromThread(out.rotate)  # type: ignore[attr-defined]
             signal.signal(signal.SIGUSR1, rotate)
-    observer = TextLogObserver(out)
+    observer = make_observer(out, format)
     atexit.register(observer.flush)
     return observer

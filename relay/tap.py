@@ -23,7 +23,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet import ssl
 from twisted.internet.endpoints import serverFromString
-from relay.log import Logger, daemon_observer
+from relay.log import Logger, daemon_observer, filtered, set_level
 from twisted.python import usage
 
 from relay.config import (
@@ -211,6 +211,7 @@ class RelayService(MultiService):
         self.resolver: Any = None
         self.delivery: Any = None
         self.scheduler: Any = None
+        self.metrics: Any = None  # relay.metrics.Metrics while metrics are counted
         self.log_observer: Any = None  # the daemon's text log, offered to twistd
         self.inherited: dict = {}  # listener description -> socket handed down (a worker)
         self.siblings: list[str] = []  # the other workers' parts of the queue (a worker)
@@ -334,6 +335,13 @@ class _Store(Service):
     def stopService(self) -> Any:
         super().stopService()
         return self.inner.stopService()
+
+
+def _add_metrics(relay: RelayService, reactor: Any) -> None:
+    """Metrics first: counting starts before any other part logs, and the endpoint stops last."""
+    from relay.metrics import add_metrics
+
+    add_metrics(relay, reactor)
 
 
 def _add_spool(relay: RelayService, reactor: Any) -> None:
@@ -507,7 +515,7 @@ def build_relay(config: Config, reactor: Any, inherited: Optional[dict] = None,
     relay = RelayService(config, reactor)
     relay.inherited = inherited or {}
     relay.siblings = list(siblings)
-    for add in (_add_spool, _add_routing, _add_delivery, _add_control, _add_signing, _add_listeners):
+    for add in (_add_metrics, _add_spool, _add_routing, _add_delivery, _add_control, _add_signing, _add_listeners):
         add(relay, reactor)
     return relay
 
@@ -517,14 +525,15 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     config = options.config if options.config is not None else Config()
-    observer = daemon_observer(getattr(options, "parent", None))
+    set_level(config.log.level)
+    observer = daemon_observer(getattr(options, "parent", None), config.log.format)
     try:
         if config.server.workers > 1:
             return build_master(config, reactor, getattr(options, "args", []), observer)
         relay = build_relay(config, reactor)
     except ConfigError as e:
         _exit_with(str(e))
-    relay.log_observer = observer
+    relay.log_observer = filtered(observer) if observer is not None else None
     add_reload(relay, reactor, options)
     return relay
 
@@ -539,11 +548,16 @@ def add_reload(relay: RelayService, reactor: Any, options: Options, baseline: Op
 
 def build_master(config: Config, reactor: Any, relay_args: Sequence[str], observer: Any = None) -> RelayService:
     """The master of ``[server] workers`` processes: it binds the listeners and supervises the workers."""
+    from relay.metrics import add_master_metrics
     from relay.workers import Supervisor
 
     master = RelayService(config, reactor)
-    master.log_observer = observer
-    supervisor = Supervisor(config, reactor, relay_args, observer)
+    master.log_observer = filtered(observer) if observer is not None else None
+    try:
+        metrics_dir = add_master_metrics(master, reactor)
+    except ConfigError as e:
+        _exit_with(str(e))
+    supervisor = Supervisor(config, reactor, relay_args, observer, metrics_dir=metrics_dir)
     supervisor.setServiceParent(master)
     from relay.reload import HangupService
 

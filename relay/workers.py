@@ -66,6 +66,7 @@ def worker_config(config: Config, index: int, workers: int) -> Config:
         delivery=replace(config.delivery, concurrency=share(config.delivery.concurrency),
                          per_destination=share(config.delivery.per_destination)),
         server=replace(config.server, max_sessions=share(config.server.max_sessions)),
+        metrics=replace(config.metrics, listen=()),  # the master serves the sum of the workers
     )
 
 
@@ -110,8 +111,10 @@ class Supervisor(Service):
 
     name = "workers"
 
-    def __init__(self, config: Config, reactor: Any, relay_args: Sequence[str], log_out: Any = None) -> None:
+    def __init__(self, config: Config, reactor: Any, relay_args: Sequence[str], log_out: Any = None,
+                 metrics_dir: Optional[str] = None) -> None:
         self.config = config
+        self.metrics_dir = metrics_dir  # where the workers write their metrics (relay.metrics), or None
         self.reactor = reactor
         self.relay_args = list(relay_args)
         self.log_out = log_out  # the master's text log (raw lines are written there), or None
@@ -121,6 +124,7 @@ class Supervisor(Service):
         self.processes: dict[int, Any] = {}
         self.protocols: dict[int, _WorkerProcess] = {}
         self.started_at: dict[int, float] = {}
+        self.pids: dict[int, int] = {}
         self.delays: dict[int, float] = {}
         self.timers: dict[int, Any] = {}
         self.stopping = False
@@ -164,9 +168,15 @@ class Supervisor(Service):
                 *listen_args, "--", *self.relay_args]
         proto = _WorkerProcess(self, index)
         self.protocols[index] = proto
+        env = dict(os.environ)
+        if self.metrics_dir:
+            from relay.metrics import MULTIPROC_ENV
+
+            env[MULTIPROC_ENV] = self.metrics_dir
         self.processes[index] = self.reactor.spawnProcess(
-            proto, sys.executable, args, env=dict(os.environ), path=os.getcwd(), childFDs=fds)
+            proto, sys.executable, args, env=env, path=os.getcwd(), childFDs=fds)
         self.started_at[index] = self.reactor.seconds()
+        self.pids[index] = self.processes[index].pid
         log.info("workers: worker-{index} started (pid {pid})", index=index, pid=self.processes[index].pid)
 
     def _shared_log_fd(self) -> Optional[int]:
@@ -196,6 +206,11 @@ class Supervisor(Service):
 
     def worker_ended(self, index: int, reason: Failure) -> None:
         self.processes.pop(index, None)
+        pid = self.pids.pop(index, None)
+        if self.metrics_dir and pid is not None:
+            from relay.metrics import worker_ended
+
+            worker_ended(self.metrics_dir, pid)
         how = _exit_text(reason)
         if self.stopping:
             log.info("workers: worker-{index} stopped ({how})", index=index, how=how)
@@ -376,7 +391,7 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> None:
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner
 
-    from relay.log import TextLogObserver
+    from relay.log import filtered, make_observer, set_level
     from relay.tap import Options, add_reload, build_relay
 
     _die_with_parent()
@@ -395,8 +410,9 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> None:
     options.parseOptions(relay_args)
     assert options.config is not None
     config = worker_config(options.config, args.index, args.workers)
-    observer = TextLogObserver(sys.stdout, tag=f"worker-{args.index}")
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    set_level(config.log.level)
+    observer = make_observer(sys.stdout, config.log.format, tag=f"worker-{args.index}")
+    globalLogBeginner.beginLoggingTo([filtered(observer)], redirectStandardIO=False)
     siblings = [i for i in range(args.workers) if i != args.index]
     relay = build_relay(config, reactor, inherited=inherited,
                         siblings=[_sibling(options.config, i) for i in siblings])

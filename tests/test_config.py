@@ -390,3 +390,23 @@ def test_server_postmaster_key(tmp_path) -> None:
     bad.write_text('[server]\npostmaster = "not an address"\n')
     with pytest.raises(ConfigError, match=r"bad\.toml.*server\.postmaster"):
         load_config(str(bad))
+
+
+def test_metrics_and_log_sections() -> None:
+    """[metrics] listen takes endpoints (default none); [log] takes a format and a level (default text, info)."""
+    default = parse("")
+    assert default.metrics.listen == () and (default.log.format, default.log.level) == ("text", "info")
+    config = parse('[metrics]\nlisten = ["tcp:9125:interface=127.0.0.1"]\n[log]\nformat = "json"\nlevel = "debug"\n')
+    assert config.metrics.listen == ("tcp:9125:interface=127.0.0.1",)
+    assert (config.log.format, config.log.level) == ("json", "debug")
+
+
+@pytest.mark.parametrize("text, key", [
+    ('[metrics]\nlisten = "tcp:9125"\n', "metrics.listen"),
+    ('[metrics]\nport = 9125\n', "metrics.port"),
+    ('[log]\nformat = "yaml"\n', "log.format"),
+    ('[log]\nlevel = "verbose"\n', "log.level"),
+])
+def test_bad_metrics_and_log_keys_name_the_key(text: str, key: str) -> None:
+    """A bad [metrics] or [log] value is one line naming the file and the key."""
+    assert error_of(text).startswith(f"relay.toml: {key}")

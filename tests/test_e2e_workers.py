@@ -28,9 +28,10 @@ REPO = Path(__file__).resolve().parent.parent
 _STARTED = re.compile(r"workers: worker-(\d+) started \(pid (\d+)\)")
 
 
-def config(sink_port: int, min_retry: str = "1h") -> str:
+def config(sink_port: int, min_retry: str = "1h", extra: str = "") -> str:
     return f'''
 hostname = "relay-w.test"
+{extra}
 
 [server]
 workers = 2

@@ -59,3 +59,84 @@ def test_events_below_the_level_are_dropped_before_any_observer() -> None:
     finally:
         relay_log.set_level("info")
     assert [e["log_format"] for e in seen] == ["loud", "now heard"]
+
+
+def test_json_lines_carry_time_level_event_queue_id_and_fields() -> None:
+    """A JSON line has time (UTC), level, the stable event, the queue id, the text and the format fields."""
+    import json
+
+    out = io.StringIO()
+    observer = relay_log.make_observer(out, "json", tag="worker-1")
+    Logger(namespace="relay.test", observer=observer).info(
+        "{queue_id}: accepted from {peer} <{sender}>", queue_id="Q1", peer="[127.0.0.1]:25", sender="a@b.test",
+        event="accepted", size=12, when=object())
+    observer.flush()
+    record = json.loads(out.getvalue())
+    assert record["time"].endswith("Z") and record["level"] == "info" and record["event"] == "accepted"
+    assert record["queue_id"] == "Q1" and record["client"] == "[127.0.0.1]:25" and record["sender"] == "a@b.test"
+    assert record["message"] == "Q1: accepted from [127.0.0.1]:25 <a@b.test>"
+    assert record["size"] == 12 and record["worker"] == "worker-1" and record["system"] == "relay.test"
+    assert record["when"].startswith("<object")  # what JSON cannot hold becomes text
+
+
+def test_json_lines_without_a_name_and_with_a_failure() -> None:
+    """A line without a stable name is event "log"; an error's traceback is one field of its one line."""
+    import json
+
+    out = io.StringIO()
+    observer = relay_log.JSONLogObserver(out)
+    logger = Logger(namespace="relay.test", observer=observer)
+    logger.info("plain")
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        logger.failure("it broke")
+    observer.flush()
+    first, second = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert first["event"] == "log" and "queue_id" not in first
+    assert second["level"] == "critical" and "ZeroDivisionError" in second["traceback"]
+
+
+def test_level_filter_is_twisteds_and_applies_to_every_logger() -> None:
+    """``filtered`` keeps events at the level and above, Twisted's own loggers' too."""
+    from twisted.logger import Logger as TwistedLogger
+
+    seen: list[dict] = []
+    twisted_logger = TwistedLogger(namespace="twisted.test", observer=relay_log.filtered(seen.append, "warn"))
+    twisted_logger.info("not shown")
+    twisted_logger.warn("shown")
+    twisted_logger.error("shown too")
+    assert [e["log_format"] for e in seen] == ["shown", "shown too"]
+
+
+def test_named_events_below_the_threshold_go_to_the_counter_only() -> None:
+    """While events are counted, a named debug event reaches the counter and never the log; others neither."""
+    counted: list[dict] = []
+    logged: list[dict] = []
+    relay_log.set_level("info")
+    relay_log.count_events(counted.append)
+    try:
+        logger = Logger(namespace="relay.test", observer=logged.append)
+        logger.debug("DNS lookup", event="dns_lookup", mx=True)
+        logger.debug("unnamed")
+        logger.info("connect", event="connect")
+    finally:
+        relay_log.count_events(None)
+    assert counted == [{"event": "dns_lookup", "mx": True}]
+    assert [e["log_format"] for e in logged] == ["connect"]
+
+
+def test_json_message_is_twisteds_text_for_every_kind_of_format() -> None:
+    """The JSON ``message`` equals Twisted's formatEvent, for specs, !r, callables, missing fields and braces."""
+    import json
+
+    from twisted.logger import formatEvent
+
+    formats = [("{n:.2f} s {who!r}", {"n": 1.5, "who": "x"}), ("{f()} called", {"f": lambda: "it"}),
+               ("{missing} field", {}), ("{{literal}} {a.real}", {"a": 3})]
+    for fmt, fields in formats:
+        out = io.StringIO()
+        observer = relay_log.JSONLogObserver(out)
+        observer(dict(event(fmt), **fields))
+        observer.flush()
+        assert json.loads(out.getvalue())["message"] == formatEvent(dict(event(fmt), **fields)), fmt

@@ -11,6 +11,8 @@ This module owns the command::
     release ID...            attempt them again now
     flush [DOMAIN] [--subdomains]
                              the running daemon attempts every deferred recipient now
+    shape [--state S] [--top N]
+                             pending recipients by destination domain and age (qshape)
 
 Options may stand before or after the subcommand.  The spool is
 ``--queue DIR``, else the ``[queue] directory`` of ``--config FILE``
@@ -56,6 +58,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence, TextIO
 
 from relay import control
+from relay.cli import shape
 from relay.config import ConfigError, load_config
 from relay.envelope import DELIVERED, FAILED, PENDING, Attempt, Envelope, EnvelopeFormatError, Recipient
 from relay.queue.partitions import part_directory, part_indexes
@@ -100,7 +103,7 @@ def _common(parser: argparse.ArgumentParser, defaults: bool) -> None:
         "--config", metavar="FILE", help="TOML configuration; its [queue] directory is the spool", **keep
     )
     parser.add_argument(
-        "--json", action="store_true", help="machine-readable output (list, show, flush, changes)", **keep
+        "--json", action="store_true", help="machine-readable output (list, show, flush, shape, changes)", **keep
     )
 
 
@@ -126,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     flush = add("flush", "the running daemon attempts every deferred recipient now")
     flush.add_argument("domain", metavar="DOMAIN", nargs="?", help="only recipients in this domain")
     flush.add_argument("--subdomains", action="store_true", help="with DOMAIN: its subdomains too")
+    shape.add_arguments(add("shape", "pending recipients by destination domain and age, like qshape"))
     return parser
 
 
@@ -386,6 +390,12 @@ def cmd_list(queue: Queue, options: argparse.Namespace, out: TextIO, err: TextIO
         for envelope in envelopes(queue, err, totals):
             out.write(list_human(envelope, now))
         out.write(totals.summary() + "\n")
+    return EXIT_FAILED if totals.unreadable else EXIT_OK
+
+
+def cmd_shape(queue: Queue, options: argparse.Namespace, out: TextIO, err: TextIO, now: float) -> int:
+    totals = Totals()
+    shape.write_shape(envelopes(queue, err, totals), options, out, now)
     return EXIT_FAILED if totals.unreadable else EXIT_OK
 
 
@@ -680,6 +690,7 @@ COMMANDS: dict[str, Callable[[Any, argparse.Namespace, TextIO, TextIO, float], i
     "hold": cmd_change,
     "release": cmd_change,
     "flush": cmd_flush,
+    "shape": cmd_shape,
 }
 
 

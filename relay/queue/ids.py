@@ -52,6 +52,14 @@ def new_queue_id(clock: IReactorTime) -> str:
     return _encode(micros, _TIME_DIGITS) + nonce
 
 
+def queue_id_time(queue_id: str) -> float:
+    """When ``queue_id`` was made (epoch seconds), from its first ten characters."""
+    micros = 0
+    for char in queue_id[:_TIME_DIGITS]:
+        micros = micros * 62 + _ALPHABET.index(char)
+    return micros / 1_000_000
+
+
 def valid_queue_id(queue_id: str) -> bool:
     """True when ``queue_id`` could name a queue entry (and is safe as a file name)."""
     return isinstance(queue_id, str) and _QUEUE_ID.fullmatch(queue_id) is not None

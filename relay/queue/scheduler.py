@@ -727,6 +727,8 @@ class Scheduler(Service):
                 dsn_id=dsn_id,
                 sender=envelope.sender,
                 recipients=addresses,
+                event="dsn",
+                action=action,
             )
         return True
 
@@ -749,6 +751,7 @@ class Scheduler(Service):
             queue_id=envelope.queue_id,
             delivered=delivered,
             failed=failed,
+            event="finished",
         )
 
     def _log_result(self, before: Envelope, after: Envelope, now: float) -> None:
@@ -765,6 +768,7 @@ class Scheduler(Service):
                     status=STATUS_EXPIRED,
                     text=TEXT_EXPIRED,
                     error=r.last_error,
+                    event="expired",
                 )
         pending = after.pending()
         times = [r.next_attempt for r in pending if r.next_attempt is not None]
@@ -776,6 +780,7 @@ class Scheduler(Service):
                 count=len(pending),
                 when=_clock_text(when),
                 delay=_duration_text(when - now),
+                event="retry",
             )
 
     def _run_failed(self, failure: Failure, queue_id: str) -> None:

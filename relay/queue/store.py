@@ -589,6 +589,16 @@ class Spool:
             raise KeyError(queue_id)
         return _summary(row)
 
+    def state_counts(self, now: float) -> tuple[int, int, int, Optional[str]]:
+        """Messages due now or in flight, deferred (due later), held, and the oldest queue id: one query."""
+        if not os.path.exists(self._path):
+            return 0, 0, 0, None
+        row = self._conn().execute(
+            "SELECT total(held = 0 AND (due IS NULL OR due <= ?)), total(held = 0 AND due > ?),"
+            " total(held != 0), min(id) FROM envelope", (now, now)
+        ).fetchone()
+        return int(row[0]), int(row[1]), int(row[2]), row[3]
+
     def all_summaries(self) -> list[QueueSummary]:
         """Every queued message's summary, oldest first (one query: start-up)."""
         if not os.path.exists(self._path):

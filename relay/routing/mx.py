@@ -479,7 +479,7 @@ class MXResolver:
             self._waiting[key].append(d)
             return d
         self._waiting[key] = [d]
-        log.debug("DNS lookup of {name} (mx={mx})", name=name, mx=mx)
+        log.debug("DNS lookup of {name} (mx={mx})", name=name, mx=mx, event="dns_lookup")
         work = defer.maybeDeferred(self._runner, self._lookup, name, mx)
         work.addBoth(self._finished, key)
         return d
@@ -501,9 +501,12 @@ class MXResolver:
         if isinstance(result, Failure):
             error = self._as_resolution_error(result)
             if error.permanent:
+                log.debug("DNS lookup of {name}: {error}", name=key[0], error=error.text, event="dns_failure",
+                          permanent=True)
                 self._store(key, error, error.ttl)
             else:
-                log.info("DNS lookup of {name} failed: {error}", name=key[0], error=error.text)
+                log.info("DNS lookup of {name} failed: {error}", name=key[0], error=error.text, event="dns_failure",
+                         permanent=False)
             for d in waiters:
                 d.errback(error)
             return None

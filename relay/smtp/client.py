@@ -32,6 +32,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPullProducer, IReactorTime, ITLSTransport
 from twisted.internet.protocol import Factory
 from relay.log import Logger
+from relay.metrics import reply_out
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -441,10 +442,14 @@ class SMTPClientProtocol(LineReceiver):
     # -- connection events ---------------------------------------------------
 
     def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        log.debug("connected to {host} [{address}]:{port}", host=self.host, address=getattr(peer, "host", "-"),
+                  port=getattr(peer, "port", "-"), event="connect_out")
         set_nodelay(self.transport)
         self._expect("greeting", self.options.timeouts.greeting, self._on_greeting)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        log.debug("{host}: connection closed", host=self.host, event="disconnect_out")
         self.closed = True
         if self._dead:
             return
@@ -478,6 +483,8 @@ class SMTPClientProtocol(LineReceiver):
             self._protocol_error("malformed reply line")
             return
         code = int(m.group(1))
+        if m.group(2) != b"-":
+            reply_out(code)
         if self._lines and code != self._reply_code:
             self._protocol_error("inconsistent codes in a multi-line reply")
             return
@@ -671,7 +678,7 @@ class SMTPClientProtocol(LineReceiver):
             self.tls = f"{handle.get_protocol_version_name()} {handle.get_cipher_name()}"
         except Exception:
             self.tls = "TLS"
-        log.info("{host}: TLS established: {tls}", host=self.host, tls=self.tls)
+        log.info("{host}: TLS established: {tls}", host=self.host, tls=self.tls, event="tls", direction="out")
 
     def _authenticate(self) -> None:
         if not self.options.username:
@@ -1037,6 +1044,8 @@ def _is_7bit(open_message: Callable[[], BinaryIO], chunk_size: int) -> bool:
 class SMTPClientFactory(Factory):
     """Builds the protocol for one outbound connection."""
 
+    noisy = False  # no "Starting factory" / "Stopping factory" lines per connection
+
     def __init__(self, options: ClientOptions, host: str, clock: IReactorTime) -> None:
         self.options = options
         self.host = host
@@ -1093,14 +1102,13 @@ def connect(reactor, address: str, port: int, host: str, options: ClientOptions)
     d = endpoint.connect(SMTPClientFactory(options, host, reactor))
 
     def connected(protocol: SMTPClientProtocol) -> Deferred:
-        log.debug("connected to {host} [{address}]:{port}", host=host, address=address, port=port)
         return protocol.ready
 
     def not_connected(failure: Failure) -> Failure:
         if failure.check(SessionError):
             return failure
         reason = network_reason(failure.value)
-        log.info("cannot connect to {host} [{address}]:{port}: {error}", host=host, address=address, port=port, error=failure.getErrorMessage())
+        log.info("cannot connect to {host} [{address}]:{port}: {error}", host=host, address=address, port=port, error=failure.getErrorMessage(), event="connect_failed")
         raise SessionError(None, True, STAGE_CONNECT, f"cannot connect to {host} [{address}]:{port}: {NETWORK_TEXT.get(reason, reason.value)}", reason)
 
     d.addCallback(connected)

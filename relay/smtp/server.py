@@ -72,6 +72,7 @@ from relay.auth import ISubmitter
 from relay.config import ServerConfig, domain_problem
 from relay.domains import DomainError, normalize_domain, to_ascii
 from relay.envelope import ClientInfo, Envelope, Recipient
+from relay.metrics import reply_in
 from relay.policy import RelayPolicy
 from relay.smtp import replies as R
 from relay.smtp.address import Path, UnsendableAddress, normalized_path, parse_params, parse_path, split_argument
@@ -97,6 +98,8 @@ _RECEIVED_FIELD = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 MAX_PENDING_REPLIES = 1 << 16  # octets of replies collected before they are written out
 LOAD_THRESHOLD = 0.8  # share of max_sessions open past which timeouts are load_idle_timeout
 CLOSE_GRACE = 30.0  # seconds a closed session's last replies may wait to be read before the connection is cut
+
+_MESSAGE_VERBS = ("MAIL", "RCPT", "DATA", "BDAT")  # a refusal of these is a rejected message (metrics)
 
 BODY_7BIT = "7BIT"
 BODY_8BITMIME = "8BITMIME"
@@ -424,7 +427,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return
         self._counted = True
         set_nodelay(self.transport)
-        log.info("connect from {peer}", peer=self._peer())
+        log.info("connect from {peer}", peer=self._peer(), event="connect", tls=self.tls)
         self.setTimeout(self.factory.timeout())
         self._send(R.greeting(self.hostname))
         self._flush()
@@ -439,10 +442,10 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if self._counted:
             self._counted = False
             self.factory.session_closed(self)
-            log.info("disconnect from {peer}", peer=self._peer())
+            log.info("disconnect from {peer}", peer=self._peer(), event="disconnect")
 
     def timeoutConnection(self) -> None:
-        log.info("timeout after {state} from {peer}", state=self._state_name(), peer=self._peer())
+        log.info("timeout after {state} from {peer}", state=self._state_name(), peer=self._peer(), event="timeout")
         self._abort_message()
         self._send(R.idle_timeout(self.hostname))
         self._close()
@@ -461,6 +464,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def _send(self, reply: Reply) -> None:
         self._queue_output(_wire(reply))
+        reply_in(reply.code)
         if reply.code in R.PROTOCOL_ERROR_CODES:
             self.errors += 1
             if self.errors >= self.config.max_errors and not self._closed:
@@ -603,8 +607,10 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def _log_refusal(self, line: bytes, reply: Reply) -> None:
         verb = escape_controls(line[:12].split(b" ", 1)[0].decode("ascii", "replace").upper()) or "empty line"
+        stage = verb.lower() if verb in _MESSAGE_VERBS else None
         log.info("{verb} refused from {peer}: {reply}{reason}", verb=verb, peer=self._peer(),
-                 reply=str(reply), reason=f" ({escape_controls(self._reason)})" if self._reason else "")
+                 reply=str(reply), reason=f" ({escape_controls(self._reason)})" if self._reason else "",
+                 event="rejected" if stage else "refused", stage=stage)
 
     def _answer(self, answer: Answer) -> None:
         """Send a reply now, or pause input until a Deferred reply has been sent."""
@@ -753,7 +759,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return R.INTERNAL_ERROR
         if refusal is not None and refusal.code >= 400:
             log.info("refused sender <{sender}> for user {user} from {peer}: {reply}",
-                     sender=transaction.sender, user=self.auth_user, peer=self._peer(), reply=str(refusal))
+                     sender=transaction.sender, user=self.auth_user, peer=self._peer(), reply=str(refusal),
+                     event="rejected", stage="mail")
             return refusal
         self._transaction = transaction
         return R.SENDER_OK
@@ -840,7 +847,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return R.INTERNAL_ERROR
         if refusal is not None and refusal.code >= 400:
             log.info("refused recipient <{recipient}> from {peer}: {reply}",
-                     recipient=recipient.address, peer=self._peer(), reply=str(refusal))
+                     recipient=recipient.address, peer=self._peer(), reply=str(refusal),
+                     event="rejected", stage="rcpt")
             return refusal
         if transaction is self._transaction and all(
                 r.address != recipient.address for r in transaction.recipients):
@@ -921,6 +929,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         # The TLS layer pauses a registered producer until its handshake is done.
         self._release_output()
         self.transport.startTLS(self.factory.tls_context)
+        log.info("STARTTLS from {peer}", peer=self._peer(), event="tls", direction="in")
         self.tls = True
         self.helo = None
         self.esmtp = False
@@ -1001,7 +1010,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         logout()
         self.auth_user = avatar.name
         log.info("AUTH {mechanism} as {user} from {peer}: success",
-                 mechanism=mechanism, user=self.auth_user, peer=self._peer())
+                 mechanism=mechanism, user=self.auth_user, peer=self._peer(), event="auth")
         return AUTH_OK
 
     def _auth_failed(self, failure: Failure, mechanism: str, user: str) -> Answer:
@@ -1013,7 +1022,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.auth_failures += 1
         self.factory.limits.auth.failed(self.client)
         log.info("AUTH {mechanism} as {user!r} from {peer}: failed ({count} of {limit})",
-                 mechanism=mechanism, user=user, peer=self._peer(),
+                 mechanism=mechanism, user=user, peer=self._peer(), event="auth_failed",
                  count=self.auth_failures, limit=AUTH_FAILURE_LIMIT)
         return deferLater(self.clock, AUTH_FAILURE_DELAY, self._auth_failure_reply)
 
@@ -1149,7 +1158,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if refusal is not None:
             message.abort()
             log.info("{queue_id}: refused message from {peer} <{sender}>: {reply}",
-                     queue_id=queue_id, peer=self._peer(), sender=transaction.sender, reply=str(refusal))
+                     queue_id=queue_id, peer=self._peer(), sender=transaction.sender, reply=str(refusal),
+                     event="rejected", stage="data")
             return refusal
         envelope = self._envelope(queue_id, transaction, self._stored)
         try:
@@ -1170,7 +1180,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def _committed(self, result: Any, envelope: Envelope) -> Reply:
         log.info("{queue_id}: accepted from {peer} <{sender}>, {count} recipients, {size} octets",
                  queue_id=envelope.queue_id, peer=self._peer(), sender=envelope.sender,
-                 count=len(envelope.recipients), size=envelope.size)
+                 count=len(envelope.recipients), size=envelope.size, event="accepted")
         return R.queued(envelope.queue_id)
 
     def _commit_failed(self, failure: Failure, envelope: Envelope) -> Reply:
@@ -1289,6 +1299,7 @@ class SMTPServerFactory(ServerFactory):
     """
 
     protocol = SMTPServerProtocol
+    noisy = False  # no "Starting factory" lines
 
     def __init__(self, hostname: str, config: ServerConfig, spool: Any, policy: RelayPolicy,
                  clock: IReactorTime, tls_context: Any = None, submission: bool = False,
@@ -1351,16 +1362,16 @@ class SMTPServerFactory(ServerFactory):
         if not session.trusted and client and not self.limits.connections.allow(client):
             log.warn("refused connection from {peer}: more than {limit} connections from {client} in {unit:g} s",
                      peer=peer, limit=self.config.client_connection_rate_limit, client=client,
-                     unit=self.config.client_rate_time_unit)
+                     unit=self.config.client_rate_time_unit, event="connection_refused")
             return R.connection_rate_exceeded(self.hostname, client)
         refused = self.counts.admit(client, session.trusted)
         if refused == "client sessions":
             log.warn("refused connection from {peer}: {count} sessions from {client} already",
-                     peer=peer, count=self.counts.of(client), client=client)
+                     peer=peer, count=self.counts.of(client), client=client, event="connection_refused")
             return R.too_many_client_sessions(self.hostname, client)
         if refused is not None:
             log.warn("refused connection from {peer}: too many sessions ({count} open)",
-                     peer=peer, count=self.counts.total)
+                     peer=peer, count=self.counts.total, event="connection_refused")
             return R.too_many_connections(self.hostname)
         self._live.add(session)
         return None
