@@ -1,8 +1,10 @@
 """Delivery status notifications (RFC 3464): step 6 of the data flow.
 
 This module owns what the sender is told when a message cannot be delivered
-(``action="failed"``: a permanent failure or the end of the queue lifetime)
-or is still waiting (``action="delayed"``: a warning).  ``build_dsn`` is the
+(``action="failed"``: a permanent failure or the end of the queue lifetime),
+is still waiting (``action="delayed"``: a warning), or was handed to a next
+hop without DSN while the sender asked for success notices
+(``action="relayed"``, RFC 3461 5.2.2).  ``build_dsn`` is the
 pure function that writes the notification, a ``multipart/report``
 (RFC 6522) of three parts:
 
@@ -10,8 +12,10 @@ pure function that writes the notification, a ``multipart/report``
 2. ``message/delivery-status``: for programs, one per-message group and one
    group per recipient (Reporting-MTA, Final-Recipient, Action, Status,
    Remote-MTA, Diagnostic-Code, ...);
-3. ``text/rfc822-headers``: the header section of the original message, never
-   its body (RET=HDRS always: privacy and size).
+3. the original: its header section (``text/rfc822-headers``), or, for a
+   failure whose sender asked ``RET=FULL``, the whole message
+   (``message/rfc822``) up to ``MAX_RETURNED`` octets (headers only beyond).
+   Without RET, and for delay and relayed notices, headers only.
 
 What a recipient's group says comes from the facts of its last attempt
 (``relay.envelope.Attempt``), never from parsing stored text: ``Status`` is
@@ -37,11 +41,12 @@ where needed), so it can be relayed by any next hop.
 from __future__ import annotations
 
 import binascii
+import io
 import re
 import secrets
 from datetime import datetime, timezone
 from email.utils import format_datetime
-from typing import BinaryIO, Iterable, Optional
+from typing import BinaryIO, Iterable, Optional, Union
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -54,20 +59,26 @@ from relay.envelope import (
     Attempt,
     ClientInfo,
     Envelope,
-    Params,
     Recipient,
     describe,
 )
 from relay.queue.store import Spool
+from relay.smtp import dsn
 
 log = Logger(namespace="relay.bounce")
 
 ACTION_FAILED = "failed"
 ACTION_DELAYED = "delayed"
-ACTIONS = (ACTION_FAILED, ACTION_DELAYED)
+ACTION_RELAYED = "relayed"
+ACTIONS = (ACTION_FAILED, ACTION_DELAYED, ACTION_RELAYED)
+_NOTIFY_WORD = {ACTION_FAILED: dsn.FAILURE, ACTION_DELAYED: dsn.DELAY, ACTION_RELAYED: dsn.SUCCESS}
 
 SUBJECT_FAILED = "Undelivered Mail Returned to Sender"
 SUBJECT_DELAYED = "Delayed Mail (still being retried)"
+SUBJECT_RELAYED = "Successful Mail Delivery Report"
+_SUBJECTS = {ACTION_FAILED: SUBJECT_FAILED, ACTION_DELAYED: SUBJECT_DELAYED, ACTION_RELAYED: SUBJECT_RELAYED}
+STATUS_SUCCESS_DEFAULT = "2.0.0"
+MAX_RETURNED = 10 * 1024 * 1024  # octets of the original a RET=FULL failure notice returns whole
 FROM_NAME = "Mail Delivery System"
 FROM_LOCAL = "MAILER-DAEMON"
 AUTO_SUBMITTED = "auto-replied"  # RFC 3834
@@ -88,7 +99,6 @@ CRLF = "\r\n"
 
 _HEADER_END = re.compile(rb"\n\r?\n")
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
-_XTEXT_HEX = re.compile(r"\+([0-9A-Fa-f]{2})")
 # QCHAR of RFC 6533: what utf-8-addr-xtext carries as itself.
 _QCHAR = frozenset(chr(c) for c in range(0x21, 0x7F)) - {"+", "=", "\\"}
 
@@ -123,6 +133,25 @@ def _header_end(buffer: bytearray, start: int) -> Optional[int]:
         return 0
     match = _HEADER_END.search(buffer, start)
     return None if match is None else match.start() + 1
+
+
+class _Whole:
+    """The whole original message, read for a RET=FULL failure notice."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def _read_original(spool: Spool, queue_id: str) -> Union[bytes, _Whole]:
+    """The whole original (RET=FULL), or its header section when it cannot be read whole."""
+    try:
+        with spool.open_message(queue_id) as f:
+            data = f.read(MAX_RETURNED + 1)
+    except (KeyError, OSError):
+        return _read_original_headers(spool, queue_id)
+    if len(data) > MAX_RETURNED:
+        return read_header_section(io.BytesIO(data))
+    return _Whole(data)
 
 
 def _read_original_headers(spool: Spool, queue_id: str) -> bytes:
@@ -173,6 +202,8 @@ def recipient_status(recipient: Recipient, action: str = ACTION_FAILED) -> str:
     """
     attempt = _last_attempt(recipient)
     status = attempt.status if attempt is not None else ""
+    if action == ACTION_RELAYED:
+        return status if status.startswith("2.") else STATUS_SUCCESS_DEFAULT
     if action == ACTION_DELAYED:
         return status if status.startswith("4.") else STATUS_TRANSIENT_DEFAULT
     if attempt is not None and attempt.outcome == OUTCOME_TRANSIENT:
@@ -188,23 +219,16 @@ def _mta_name(host: str) -> str:
     return rest.rstrip("]") if bracket else host
 
 
-def _param(params: Params, keyword: str) -> Optional[str]:
-    for key, value in params:
-        if key.upper() == keyword:
-            return value
-    return None
-
-
 def wants_notification(recipient: Recipient, action: str) -> bool:
     """Whether the recipient's NOTIFY parameter (RFC 3461) asks for this kind of notice.
 
-    Without NOTIFY, failures and delays are reported; NOTIFY=NEVER reports nothing.
+    Without NOTIFY, failures and delays are reported and successes are not;
+    NOTIFY=NEVER reports nothing.
     """
-    notify = _param(recipient.params, "NOTIFY")
-    if notify is None:
-        return True
-    wanted = {word.strip().upper() for word in notify.split(",")}
-    return ("FAILURE" if action == ACTION_FAILED else "DELAY") in wanted
+    words = dsn.notify_words(recipient.params)
+    if words is None:
+        return action != ACTION_RELAYED
+    return _NOTIFY_WORD[action] in words
 
 
 def notification_due(envelope: Envelope, recipient: Recipient, action: str) -> bool:
@@ -217,11 +241,6 @@ def notification_due(envelope: Envelope, recipient: Recipient, action: str) -> b
 
 
 # -- encodings -----------------------------------------------------------------
-
-
-def _xtext_decode(value: str) -> str:
-    """Decode the ``+HH`` escapes of xtext (RFC 3461 4)."""
-    return _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), value)
 
 
 def _utf8_addr_xtext(address: str) -> str:
@@ -311,6 +330,18 @@ def _text_part(content_type: str, data: bytes, utf8: bool) -> bytes:
     return head.encode("ascii") + data
 
 
+def _message_part(message: bytes, smtputf8: bool) -> bytes:
+    """The whole original as a ``message/rfc822`` part (``message/global`` for an SMTPUTF8 one).
+
+    A message part may not be quoted-printable (RFC 2046 5.2.1): 8-bit
+    content goes as 8bit, which makes the notification an 8BITMIME message.
+    """
+    content_type = "message/global" if smtputf8 else "message/rfc822"
+    encoding = "7bit" if message.isascii() else "8bit"
+    head = f"Content-Type: {content_type}{CRLF}Content-Transfer-Encoding: {encoding}{CRLF}{CRLF}"
+    return head.encode("ascii") + message
+
+
 def _ascii_host(hostname: str) -> str:
     """The host name as it goes in a field: A-labels when it has U-labels."""
     if hostname.isascii():
@@ -330,6 +361,7 @@ def _human_text(
     hostname: str,
     action: str,
     retry_until: Optional[float],
+    returned_whole: bool = False,
 ) -> str:
     lines = [f"This is the mail system at host {hostname}.", ""]
     if action == ACTION_DELAYED:
@@ -342,10 +374,17 @@ def _human_text(
             "The mail system will keep trying"
             + (f" until {_date(retry_until)}." if retry_until is not None else "."),
         ]
+    elif action == ACTION_RELAYED:
+        lines += [
+            "Your message was successfully relayed to the recipients below.",
+            "The next mail system does not offer delivery status notifications,",
+            "so this is the last report you will get about them from here.",
+        ]
     else:
         lines += [
             "Your message could not be delivered to one or more recipients.",
-            "The reasons are given below; the headers of your message are attached.",
+            "The reasons are given below; your message"
+            + (" is attached." if returned_whole else "'s headers are attached."),
         ]
     lines += ["", f"Queue id of your message: {envelope.queue_id}"]
     if envelope.arrival > 0:
@@ -375,9 +414,9 @@ def _reason(recipient: Recipient, action: str) -> str:
 
 def _per_message_fields(envelope: Envelope, hostname: str, utf8: bool) -> list[tuple[str, str]]:
     fields: list[tuple[str, str]] = []
-    envid = _param(envelope.mail_params, "ENVID")
+    envid = dsn.param(envelope.mail_params, dsn.ENVID)
     if envid:
-        fields.append(("Original-Envelope-Id", _field_text(_xtext_decode(envid), utf8)))
+        fields.append(("Original-Envelope-Id", _field_text(dsn.xtext_decode(envid), utf8)))
     fields += [
         ("Reporting-MTA", f"dns; {_ascii_host(hostname)}"),
         ("X-Relay-Queue-ID", envelope.queue_id),
@@ -392,9 +431,9 @@ def _per_recipient_fields(
     recipient: Recipient, action: str, retry_until: Optional[float], utf8: bool
 ) -> list[tuple[str, str]]:
     fields = [("Final-Recipient", _address_field(recipient.address, utf8))]
-    orcpt = _param(recipient.params, "ORCPT")
+    orcpt = dsn.param(recipient.params, dsn.ORCPT)
     if orcpt and ";" in orcpt:
-        kind, _, original = _xtext_decode(orcpt).partition(";")
+        kind, _, original = dsn.xtext_decode(orcpt).partition(";")
         fields.append(("Original-Recipient", f"{kind.strip()}; {_field_text(original.strip(), utf8)}"))
     fields += [("Action", action), ("Status", recipient_status(recipient, action))]
     attempt = _last_attempt(recipient)
@@ -451,13 +490,15 @@ def build_dsn(
     action: str = ACTION_FAILED,
     retry_until: Optional[float] = None,
     message_id: Optional[str] = None,
+    original: Optional[bytes] = None,
 ) -> bytes:
     """The notification about ``recipients`` of ``envelope`` as message bytes (CRLF lines).
 
     ``headers`` is the original header section (anything after an empty line
-    is ignored); ``now`` dates the notification; ``retry_until`` is when a
-    delayed message will be given up.  Pure apart from the random Message-ID
-    and boundary.
+    is ignored); ``original``, when given, is the whole original message,
+    returned as ``message/rfc822`` instead of the headers (RET=FULL);
+    ``now`` dates the notification; ``retry_until`` is when a delayed message
+    will be given up.  Pure apart from the random Message-ID and boundary.
     """
     if action not in ACTIONS:
         raise ValueError(f"unknown DSN action {action!r}")
@@ -467,7 +508,7 @@ def build_dsn(
     parts = [
         _text_part(
             "text/plain; charset=utf-8",
-            _human_text(envelope, recipients, hostname, action, retry_until).encode("utf-8"),
+            _human_text(envelope, recipients, hostname, action, retry_until, original is not None).encode("utf-8"),
             utf8,
         ),
         _text_part(
@@ -475,7 +516,8 @@ def build_dsn(
             _delivery_status(envelope, recipients, hostname, action, retry_until, utf8).encode("utf-8"),
             utf8,
         ),
-        _text_part(headers_type, _header_lines(headers), utf8),
+        _message_part(original, envelope.smtputf8) if original is not None
+        else _text_part(headers_type, _header_lines(headers), utf8),
     ]
     boundary = _boundary(envelope, hostname, parts)
     host = _ascii_host(hostname)
@@ -483,7 +525,7 @@ def build_dsn(
         [
             ("From", f"{FROM_NAME} <{FROM_LOCAL}@{host}>"),
             ("To", f"<{envelope.sender}>"),
-            ("Subject", SUBJECT_DELAYED if action == ACTION_DELAYED else SUBJECT_FAILED),
+            ("Subject", _SUBJECTS[action]),
             ("Date", _date(now)),
             ("Message-ID", message_id or new_message_id(hostname, now)),
             ("Auto-Submitted", AUTO_SUBMITTED),
@@ -531,13 +573,15 @@ def send_dsn(
         why = "null sender" if envelope.sender == "" else "NOTIFY asks for none"
         log.info("{queue_id}: no {action} notification ({why})", queue_id=queue_id, action=action, why=why)
         return defer.succeed(None)
-    d = spool.call_reading(_read_original_headers, spool, queue_id)  # off the reactor thread
+    whole = action == ACTION_FAILED and dsn.ret_value(envelope.mail_params) == dsn.RET_FULL and envelope.size <= MAX_RETURNED
+    read = _read_original if whole else _read_original_headers
+    d = spool.call_reading(read, spool, queue_id)  # off the reactor thread
     d.addCallback(_spool_dsn, spool, envelope, wanted, hostname, now, action, retry_until)
     return d
 
 
 def _spool_dsn(
-    headers: bytes,
+    original: Union[bytes, "_Whole"],
     spool: Spool,
     envelope: Envelope,
     recipients: list[Recipient],
@@ -547,16 +591,18 @@ def _spool_dsn(
     retry_until: Optional[float],
 ) -> Deferred:
     incoming = spool.new_message()
+    whole = original.data if isinstance(original, _Whole) else None
     try:
         message = build_dsn(
             envelope,
             recipients,
-            headers,
+            b"" if whole is not None else original,
             hostname,
             now,
             action,
             retry_until,
             message_id=f"<{incoming.queue_id}@{_ascii_host(hostname)}>",
+            original=whole,
         )
         incoming.write(message)
     except Exception:

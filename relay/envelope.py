@@ -107,6 +107,16 @@ class Recipient:
     history: tuple[Attempt, ...] = ()
     reported: bool = False  # FAILED and its DSN spooled (or none due): never reported again
     warned: bool = False  # a "delayed" DSN was spooled for it: never warned again
+    # DELIVERED to a next hop without DSN while NOTIFY asked for SUCCESS: a "relayed" DSN
+    # is owed until ``reported``.
+    relayed_notice: bool = False
+
+    @property
+    def awaiting_report(self) -> bool:
+        """Failed, or relayed with a success notice owed, and its notification not spooled yet."""
+        if self.reported:
+            return False
+        return self.status == FAILED or (self.status == DELIVERED and self.relayed_notice)
 
     @property
     def domain(self) -> str:
@@ -299,6 +309,7 @@ def _read_v2(raw: dict, read_attempt: Callable[[dict], Attempt] = _read_attempt)
                 history=tuple(read_attempt(a) for a in r.get("history", ())),
                 reported=bool(r.get("reported", False)),
                 warned=bool(r.get("warned", False)),
+                relayed_notice=bool(r.get("relayed_notice", False)),
             )
         )
     return Envelope(

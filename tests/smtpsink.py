@@ -27,11 +27,38 @@ class Received:
     mail_options: list[str] = field(default_factory=list)
 
 
+_DSN_MAIL = ("RET", "ENVID")
+_DSN_RCPT = ("NOTIFY", "ORCPT")
+
+
+def _take_params(arg: str, keywords: tuple[str, ...]) -> tuple[str, list[str]]:
+    """``arg`` without the parameters named in ``keywords``, and those parameters as sent."""
+    kept, taken = [], []
+    for word in arg.split(" "):
+        (taken if word.split("=", 1)[0].upper() in keywords else kept).append(word)
+    return " ".join(kept), taken
+
+
 class _RecordingSMTP(SMTP):
-    """aiosmtpd's SMTP, recording each RCPT argument as sent (source routes included)."""
+    """aiosmtpd's SMTP, recording each RCPT argument as sent (source routes included).
+
+    With the sink's ``dsn`` on, it also takes the DSN parameters (RFC 3461),
+    which aiosmtpd itself does not implement, and records them per command.
+    """
+
+    async def smtp_MAIL(self, arg):
+        sink = self.event_handler.sink
+        if sink.dsn and arg:
+            arg, taken = _take_params(arg, _DSN_MAIL)
+            sink.dsn_mail.append(taken)
+        return await super().smtp_MAIL(arg)
 
     async def smtp_RCPT(self, arg):
-        self.event_handler.sink.raw_rcpts.append(arg)
+        sink = self.event_handler.sink
+        sink.raw_rcpts.append(arg)
+        if sink.dsn and arg:
+            arg, taken = _take_params(arg, _DSN_RCPT)
+            sink.dsn_rcpt.append(taken)
         return await super().smtp_RCPT(arg)
 
 
@@ -43,6 +70,12 @@ class _SinkController(Controller):
 class _Handler:
     def __init__(self, sink: "SMTPSink") -> None:
         self.sink = sink
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.sink.dsn:
+            responses.insert(len(responses) - 1, "250-DSN")
+        return responses
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         reply = self.sink.rcpt_reply(address) if self.sink.rcpt_reply else None
@@ -73,6 +106,7 @@ class SMTPSink:
         port: int = 0,
         rcpt_reply: Optional[Callable[[str], Optional[str]]] = None,
         data_reply: Optional[Callable[[], Optional[str]]] = None,
+        dsn: bool = False,
         **smtp_kwargs,
     ) -> None:
         from relayproc import free_port  # tests/ is on sys.path for test modules
@@ -84,6 +118,9 @@ class SMTPSink:
         self.messages: list[Received] = []
         self.refused: list[Received] = []  # transactions answered with a scripted DATA reply
         self.raw_rcpts: list[str] = []
+        self.dsn = dsn  # advertise DSN and take its parameters
+        self.dsn_mail: list[list[str]] = []  # the DSN parameters of each MAIL
+        self.dsn_rcpt: list[list[str]] = []  # the DSN parameters of each RCPT
         self.lock = threading.Lock()
         kwargs = {"decode_data": False, "enable_SMTPUTF8": True, **smtp_kwargs}
         self.controller = _SinkController(

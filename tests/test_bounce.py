@@ -348,8 +348,8 @@ class BuildDsnTests(SynchronousTestCase):
         self.assertIn("X-Next: ok", parse(raw).get_payload()[2].get_content())
 
     def test_unknown_action_refused(self) -> None:
-        """An action other than failed or delayed is a programming error, not a notification."""
-        self.assertRaises(ValueError, self.dsn, action="relayed")
+        """An action other than failed, delayed or relayed is a programming error, not a notification."""
+        self.assertRaises(ValueError, self.dsn, action="delivered")
 
 
 MX = "mx.pf.test[192.0.2.40]"
@@ -655,5 +655,5 @@ class ModuleTests(SynchronousTestCase):
     """Constants the scheduler relies on."""
 
     def test_actions(self) -> None:
-        """The two actions are the RFC 3464 words failed and delayed."""
-        self.assertEqual(bounce.ACTIONS, ("failed", "delayed"))
+        """The actions are the RFC 3464 words failed, delayed and relayed."""
+        self.assertEqual(bounce.ACTIONS, ("failed", "delayed", "relayed"))

@@ -1,14 +1,21 @@
-"""DSN parameters (RFC 3461): their syntax, and the client passing them on to a next hop with DSN."""
+"""DSN (RFC 3461): parameter syntax, passing the request on, and relay's own relayed and RET=FULL notices."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, strategies as st
-from twisted.trial.unittest import SynchronousTestCase
 
+from relay.bounce import ACTION_RELAYED, build_dsn
+from relay.envelope import DELIVERED
+from relay.queue.scheduler import settle
+from relay.queue.store import QueueSummary
 from relay.smtp import dsn
 from relay.smtp.dsn import check_mail_param, check_rcpt_params, xtext_decode, xtext_encode
+from test_bounce import HOST, NOW as BOUNCE_NOW, ORIGINAL_HEADERS, original_envelope, parse
 from test_client import ClientTestCase, pump, transaction
+from test_scheduler import NOW, FakeDSN, FakeDelivery, FakeSpool, delivered, envelope, scheduler
 
 
 @given(st.text(alphabet=st.characters(max_codepoint=127)))
@@ -106,3 +113,69 @@ class ClientPassesDSNTests(ClientTestCase):
         pump(self.transport)
         self.server("250 queued")
         self.assertFalse(self.successResultOf(d).dsn)
+
+
+# -- the relay's own success notice and RET --------------------------------------------
+
+SUCCESS = (("NOTIFY", "SUCCESS"),)
+
+
+def with_params(env, params):
+    return env.with_recipients([replace(r, params=params) for r in env.recipients])
+
+
+@pytest.mark.parametrize("params,passed,sender,owed", [
+    (SUCCESS, False, "s@origin.test", True),
+    ((("NOTIFY", "SUCCESS,FAILURE"),), False, "s@origin.test", True),
+    (SUCCESS, True, "s@origin.test", False),   # the next hop took the request on
+    ((("NOTIFY", "FAILURE"),), False, "s@origin.test", False),
+    ((), False, "s@origin.test", False),        # no NOTIFY: no success notice
+    (SUCCESS, False, "", False),                # never a notice to <>
+])
+def test_settle_marks_a_relayed_notice_owed(params, passed, sender, owed):
+    """A delivered recipient owes a relayed notice only with NOTIFY=SUCCESS, a next hop without DSN and a real sender."""
+    env = with_params(envelope("a@a.test", sender=sender), params)
+    [r] = settle(env, [replace(delivered("a@a.test"), dsn_passed=passed)], NOW, {}).recipients
+    assert r.status == DELIVERED and r.relayed_notice == owed and r.awaiting_report == owed
+    assert QueueSummary.of(env.with_recipients([r])).unreported == int(owed)
+
+
+def test_scheduler_spools_the_relayed_notice_then_removes_the_message():
+    """After a delivery that owes a relayed notice the scheduler spools it (action relayed) and removes the message."""
+    env = with_params(envelope("a@a.test"), SUCCESS)
+    spool, dsn_sender = FakeSpool([env]), FakeDSN()
+    s, _ = scheduler(spool, FakeDelivery(lambda e: [delivered("a@a.test")]), send_dsn=dsn_sender)
+    s.enqueue(env.queue_id)
+    assert [(c["action"], c["recipients"]) for c in dsn_sender.calls] == [(ACTION_RELAYED, ["a@a.test"])]
+    assert env.queue_id not in spool.envelopes
+
+
+def test_relayed_notice_that_cannot_be_spooled_keeps_the_message():
+    """When the notice cannot be spooled, the delivered recipient stays stored as owing it (not lost)."""
+    env = with_params(envelope("a@a.test"), SUCCESS)
+    spool = FakeSpool([env])
+    s, _ = scheduler(spool, FakeDelivery(lambda e: [delivered("a@a.test")]), send_dsn=FakeDSN(fail=1))
+    s.enqueue(env.queue_id)
+    [r] = spool.envelopes[env.queue_id].recipients
+    assert r.status == DELIVERED and r.relayed_notice and not r.reported
+
+
+def test_relayed_report_says_relayed_with_a_2xx_status():
+    """A relayed notice has Action relayed, a 2.x.x Status, the success subject and the headers only."""
+    env = original_envelope()
+    message = parse(build_dsn(env, list(env.recipients)[:1], ORIGINAL_HEADERS, HOST, BOUNCE_NOW, action=ACTION_RELAYED))
+    assert message["Subject"] == "Successful Mail Delivery Report"
+    status = next(p for p in message.walk() if p.get_content_type() == "message/delivery-status")
+    text = status.as_string()
+    assert "Action: relayed" in text and "Status: 2." in text
+    assert [p.get_content_type() for p in message.iter_parts()][-1] == "text/rfc822-headers"
+
+
+def test_failure_report_with_the_whole_original():
+    """Given the whole original (RET=FULL), the third part is message/rfc822 holding it."""
+    env = original_envelope()
+    original = ORIGINAL_HEADERS + b"\r\nthe body\r\n"
+    message = parse(build_dsn(env, list(env.recipients), ORIGINAL_HEADERS, HOST, BOUNCE_NOW, original=original))
+    last = list(message.iter_parts())[-1]
+    assert last.get_content_type() == "message/rfc822"
+    assert b"the body" in last.as_bytes()

@@ -182,13 +182,13 @@ def test_greeting_names_host() -> None:
 
 
 def test_ehlo_advertises_extensions() -> None:
-    """EHLO lists PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES, SMTPUTF8, ETRN and no STARTTLS or AUTH without TLS."""
+    """EHLO lists PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES, SMTPUTF8, DSN, ETRN and no STARTTLS or AUTH without TLS."""
     s = session(max_message_size=1234)
     out = s.lines(b"EHLO client.test\r\n")
     assert out[0] == "250-relay.test"
     assert out[-1].startswith("250 ")
     keywords = {line[4:] for line in out[1:]}
-    assert keywords == {"PIPELINING", "SIZE 1234", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "ETRN"}
+    assert keywords == {"PIPELINING", "SIZE 1234", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN", "ETRN"}
 
 
 def test_ehlo_advertises_starttls_with_context() -> None:
@@ -308,7 +308,11 @@ def test_quit_closes() -> None:
     (b"MAIL FROM:<s@x.test> SIZE=abc\r\n", "501 5.5.4"),
     (b"MAIL FROM:<s@x.test> BODY=BINARYMIME\r\n", "501 5.5.4"),
     (b"MAIL FROM:<s@x.test> SMTPUTF8=yes\r\n", "501 5.5.4"),
-    (b"MAIL FROM:<s@x.test> RET=HDRS\r\n", "555 5.5.4"),
+    (b"MAIL FROM:<s@x.test> RET=HDRS\r\n", "250 2.1.0"),
+    (b"MAIL FROM:<s@x.test> RET=HDRS ENVID=QQ314159\r\n", "250 2.1.0"),
+    (b"MAIL FROM:<s@x.test> RET=BODY\r\n", "501 5.5.4"),
+    (b"MAIL FROM:<s@x.test> RET=FULL RET=HDRS\r\n", "501 5.5.4"),
+    (b"MAIL FROM:<s@x.test> ENVID=a=b\r\n", "501 5.5.4"),
     (b"MAIL FROM:<s@x.test> SIZE=\r\n", "501 5.5.4"),
     (b"MAIL TO:<s@x.test>\r\n", "501 5.5.4"),
     (b"MAIL\r\n", "501 5.5.4"),
@@ -335,8 +339,12 @@ def test_mail_params_need_ehlo() -> None:
     (b"RCPT TO:<u>\r\n", "501 5.1.3"),
     (b"RCPT TO:u@example.org\r\n", "501 5.1.3"),
     (b"RCPT TO:<u@example..org>\r\n", "501 5.1.3"),
-    (b"RCPT TO:<u@example.org> NOTIFY=NEVER\r\n", "555 5.5.4"),
-    (b"RCPT TO:<u@example.org> ORCPT=rfc822;u@example.org\r\n", "555 5.5.4"),
+    (b"RCPT TO:<u@example.org> NOTIFY=NEVER\r\n", "250 2.1.5"),
+    (b"RCPT TO:<u@example.org> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;u@example.org\r\n", "250 2.1.5"),
+    (b"RCPT TO:<u@example.org> NOTIFY=NEVER,SUCCESS\r\n", "501 5.5.4"),
+    (b"RCPT TO:<u@example.org> NOTIFY=FAILURE NOTIFY=DELAY\r\n", "501 5.5.4"),
+    (b"RCPT TO:<u@example.org> ORCPT=u@example.org\r\n", "501 5.5.4"),
+    (b"RCPT TO:<u@example.org> XFOO=1\r\n", "555 5.5.4"),
     (b"RCPT FROM:<u@example.org>\r\n", "501 5.5.4"),
     (b"RCPT TO:<u@elsewhere.test>\r\n", "554 5.7.1"),
     (b"RCPT TO:<u@[192.0.2.1]>\r\n", "554 5.7.1"),

@@ -53,7 +53,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from relay.log import Logger
 from twisted.python.failure import Failure
 
-from relay.bounce import ACTION_DELAYED, ACTION_FAILED, notification_due
+from relay.bounce import ACTION_DELAYED, ACTION_FAILED, ACTION_RELAYED, notification_due
 from relay.config import QueueConfig
 from relay.domains import normalize_domain
 from relay.envelope import (
@@ -89,7 +89,7 @@ _COMPACT_SLACK = 1024
 STATUS_EXPIRED = "4.4.7"
 TEXT_EXPIRED = "delivery time expired"
 
-_NOTICE = {ACTION_FAILED: "bounce", ACTION_DELAYED: "delay warning"}
+_NOTICE = {ACTION_FAILED: "bounce", ACTION_DELAYED: "delay warning", ACTION_RELAYED: "success notice"}
 
 # send_dsn(spool, envelope, recipients, hostname, now, **options) -> Deferred[str | None]
 SendDSN = Callable[..., Deferred]
@@ -155,11 +155,18 @@ def settle(
     ``None`` there means the recipient has expired: it becomes FAILED and
     keeps its last error (its notification says 4.4.7, delivery time
     expired).  Failures nobody is to be told about (``notification_due``:
-    the null sender, NOTIFY) are marked reported at once.
+    the null sender, NOTIFY) are marked reported at once.  A recipient
+    delivered to a next hop without DSN whose NOTIFY asks for SUCCESS owes
+    its sender a "relayed" notice (RFC 3461 5.2.2): ``relayed_notice``.
     """
     after = apply_outcomes(envelope, outcomes, now)
+    passed = {o.recipient for o in outcomes if o.kind == OUTCOME_DELIVERED and o.dsn_passed}
+    delivered_now = {o.recipient for o in outcomes if o.kind == OUTCOME_DELIVERED}
     updated = []
     for r in after.recipients:
+        if (r.status == DELIVERED and r.address in delivered_now and r.address not in passed
+                and not r.reported and notification_due(envelope, r, ACTION_RELAYED)):
+            r = replace(r, relayed_notice=True)
         if r.status == PENDING and r.address in next_times:
             when = next_times[r.address]
             r = replace(r, next_attempt=when) if when is not None else replace(r, status=FAILED)
@@ -170,10 +177,10 @@ def settle(
 
 
 def mark(envelope: Envelope, reported: frozenset[str], warned: frozenset[str]) -> Envelope:
-    """Mark FAILED recipients in ``reported`` reported and pending ones in ``warned`` warned."""
+    """Mark recipients in ``reported`` (failed or relayed) reported and pending ones in ``warned`` warned."""
     updated = []
     for r in envelope.recipients:
-        if r.status == FAILED and r.address in reported:
+        if r.awaiting_report and r.address in reported:
             updated.append(replace(r, reported=True))
         elif r.status == PENDING and r.address in warned:
             updated.append(replace(r, warned=True))
@@ -181,8 +188,8 @@ def mark(envelope: Envelope, reported: frozenset[str], warned: frozenset[str]) -
 
 
 def unreported(envelope: Envelope) -> list[Recipient]:
-    """Recipients that failed and whose notification is not spooled yet."""
-    return [r for r in envelope.recipients if r.status == FAILED and not r.reported]
+    """Recipients owed a notification (failed, or relayed with SUCCESS asked) not spooled yet."""
+    return [r for r in envelope.recipients if r.awaiting_report]
 
 
 def first_arrival(envelope: Envelope, now: float) -> float:
@@ -666,16 +673,20 @@ class Scheduler(Service):
         Returns the envelope (None when it was removed meanwhile) and, when a
         notification could not be spooled, when to try again.
         """
-        failed = unreported(envelope)
+        owed = unreported(envelope)
+        failed = [r for r in owed if r.status == FAILED]
+        relayed = [r for r in owed if r.status == DELIVERED]
         delayed = self._delayed(envelope, now)
-        if not failed and not delayed:
+        if not owed and not delayed:
             return envelope, None
         reported: frozenset[str] = frozenset()
         warned: frozenset[str] = frozenset()
         report_at = None
-        if failed:
-            if await self._notify(envelope, failed, now, ACTION_FAILED):
-                reported = frozenset(r.address for r in failed)
+        for action, recipients in ((ACTION_FAILED, failed), (ACTION_RELAYED, relayed)):
+            if not recipients:
+                continue
+            if await self._notify(envelope, recipients, now, action):
+                reported |= frozenset(r.address for r in recipients)
             else:
                 report_at = now + self.config.min_retry
         if delayed and await self._notify(envelope, delayed, now, ACTION_DELAYED):
@@ -698,7 +709,7 @@ class Scheduler(Service):
     async def _notify(self, envelope: Envelope, recipients: list[Recipient], now: float, action: str) -> bool:
         """Spool one notification; True once it is durable (or none was due)."""
         queue_id = envelope.queue_id
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = {} if action == ACTION_FAILED else {"action": action}
         if action == ACTION_DELAYED:
             options = {"action": ACTION_DELAYED, "retry_until": deadline(first_arrival(envelope, now), self.config)}
         try:

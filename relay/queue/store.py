@@ -71,7 +71,7 @@ from relay.log import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from relay.envelope import FAILED, Envelope, EnvelopeFormatError
+from relay.envelope import Envelope, EnvelopeFormatError
 from relay.queue.files import (
     ENVELOPE_SUFFIX,
     MESSAGE_SUFFIX,
@@ -156,7 +156,7 @@ class QueueSummary(NamedTuple):
     held: bool
     due: Optional[float]  # the earliest next attempt of a pending recipient; None: at once
     domains: tuple[str, ...]  # the domain of each pending recipient, as stored
-    unreported: int = 0  # FAILED recipients whose notification is not spooled yet
+    unreported: int = 0  # recipients owed a notification not spooled yet (Recipient.awaiting_report)
 
     @classmethod
     def of(cls, envelope: Envelope) -> "QueueSummary":
@@ -168,7 +168,7 @@ class QueueSummary(NamedTuple):
             held=envelope.held,
             due=due,
             domains=tuple(r.domain for r in pending),
-            unreported=sum(1 for r in envelope.recipients if r.status == FAILED and not r.reported),
+            unreported=sum(1 for r in envelope.recipients if r.awaiting_report),
         )
 
 

@@ -74,7 +74,7 @@ from relay.domains import DomainError, normalize_domain, to_ascii
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.metrics import reply_in
 from relay.policy import RelayPolicy
-from relay.smtp import replies as R
+from relay.smtp import dsn, replies as R
 from relay.smtp.address import Path, UnsendableAddress, normalized_path, parse_params, parse_path, split_argument
 from relay.smtp.flow import ReplyThrottle
 from relay.smtp.limits import ClientLimits, SessionCounts, client_key
@@ -709,7 +709,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             extensions.append("STARTTLS")
         if self._auth_offered():
             extensions.append("AUTH " + " ".join(AUTH_MECHANISMS))
-        extensions += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", "ETRN"]
+        extensions += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", "DSN", "ETRN"]
         return extensions
 
     def _auth_offered(self) -> bool:
@@ -783,6 +783,11 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
                 smtputf8 = True
             elif keyword == "AUTH" and self._auth_offered():
                 pass  # RFC 4954 5: accepted; the identity we pass on is our own
+            elif keyword in dsn.MAIL_KEYWORDS:
+                refusal = dsn.check_mail_param(keyword, value, others)
+                if refusal is not None:
+                    return refusal
+                others.append((keyword, value))
             else:
                 return R.UNSUPPORTED_PARAM
         return body, smtputf8, tuple(others)
@@ -795,14 +800,20 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return R.SYNTAX_RCPT
         try:
             path_text, params_text = split_argument(argument[3:])
-            params = parse_params(params_text)
         except ValueError as e:
             self._reason = str(e)
             return R.BAD_RECIPIENT
-        if params:
-            return R.UNSUPPORTED_PARAM
+        try:
+            params = parse_params(params_text)
+        except ValueError as e:
+            self._reason = str(e)
+            return R.SYNTAX_PARAMS
+        checked = dsn.check_rcpt_params(params, transaction.smtputf8)
+        if isinstance(checked, Reply):
+            return checked
+        params = list(checked)
         if path_text[1:-1].lower() == POSTMASTER:
-            return self._postmaster(transaction)
+            return self._postmaster(transaction, tuple(params))
         path = self._parse_path(path_text, transaction.smtputf8, R.BAD_RECIPIENT, R.BAD_IDN_RECIPIENT,
                                 R.UNSENDABLE_RECIPIENT)
         if isinstance(path, Reply):
@@ -830,13 +841,13 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
                 return bad_idn
             return unsendable if isinstance(e, UnsendableAddress) else bad
 
-    def _postmaster(self, transaction: _Transaction) -> Reply:
+    def _postmaster(self, transaction: _Transaction, params: tuple = ()) -> Reply:
         """``RCPT TO:<postmaster>`` (RFC 5321 4.5.1): accepted from anyone, delivered to ``[server] postmaster``."""
         address = self.config.postmaster or f"{POSTMASTER}@{to_ascii(self.hostname)}"
         if len(transaction.recipients) >= self.config.max_recipients:
             return R.TOO_MANY_RECIPIENTS
         if all(r.address != address for r in transaction.recipients):
-            transaction.recipients.append(Recipient(address=address))
+            transaction.recipients.append(Recipient(address=address, params=params))
         return R.RECIPIENT_OK
 
     def _recipient_checked(self, refusal: Optional[Reply], transaction: _Transaction,
