@@ -182,13 +182,13 @@ def test_greeting_names_host() -> None:
 
 
 def test_ehlo_advertises_extensions() -> None:
-    """EHLO lists PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES, SMTPUTF8, DSN, ETRN and no STARTTLS or AUTH without TLS."""
+    """EHLO lists PIPELINING, SIZE, CHUNKING, 8BITMIME, ENHANCEDSTATUSCODES, SMTPUTF8, DSN, ETRN and no STARTTLS or AUTH without TLS."""
     s = session(max_message_size=1234)
     out = s.lines(b"EHLO client.test\r\n")
     assert out[0] == "250-relay.test"
     assert out[-1].startswith("250 ")
     keywords = {line[4:] for line in out[1:]}
-    assert keywords == {"PIPELINING", "SIZE 1234", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN", "ETRN"}
+    assert keywords == {"PIPELINING", "SIZE 1234", "CHUNKING", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN", "ETRN"}
 
 
 def test_ehlo_advertises_starttls_with_context() -> None:

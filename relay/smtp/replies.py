@@ -148,7 +148,7 @@ SENDER_OK = Reply(250, "2.1.0", "Ok")
 RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 VRFY_REPLY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
-HELP_REPLY = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
+HELP_REPLY = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP")
 READY_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 
 
@@ -168,6 +168,13 @@ SYNTAX_EHLO = Reply(501, "5.5.4", "Syntax: EHLO hostname")
 SYNTAX_MAIL = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
 SYNTAX_RCPT = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
 SYNTAX_DATA = Reply(501, "5.5.4", "Syntax: DATA")
+SYNTAX_BDAT = Reply(501, "5.5.4", "Syntax: BDAT chunk-size [LAST]")
+BDAT_THEN_DATA = Reply(503, "5.5.1", "Error: DATA after BDAT in one transaction")
+
+
+def chunk_received(octets: int) -> Reply:
+    """The answer to a BDAT chunk that is not the last (RFC 3030 2)."""
+    return Reply(250, "2.0.0", f"{octets} octets received")
 SYNTAX_RSET = Reply(501, "5.5.4", "Syntax: RSET")
 SYNTAX_QUIT = Reply(501, "5.5.4", "Syntax: QUIT")
 SYNTAX_STARTTLS = Reply(501, "5.5.4", "Syntax: STARTTLS")

@@ -156,6 +156,8 @@ def _has_long_line(text: bytes) -> bool:
 
 
 class DataReader:
+    dot_stuffed = True  # DATA: a leading "." of a line is transparency (RFC 5321 4.5.2)
+
     """Reads one DATA stream after the 354, in chunks, to its CRLF.CRLF end.
 
     ``feed`` returns None while the end has not been seen, then the bytes
@@ -240,7 +242,7 @@ class DataReader:
             self.bare_newline = True
         if b"\0" in region:
             self.nul = True
-        if not self._midline and region.startswith(b"."):
+        if self.dot_stuffed and not self._midline and region.startswith(b"."):
             region = region[1:]
         self._midline = False
         text = region.replace(b"\r\n.", b"\r\n") if dots else region
@@ -279,6 +281,36 @@ class DataReader:
             self.oversize = True
         self._pending = b"\r" if pending.endswith(b"\r") else b""
         self._midline = True
+
+
+class ChunkReader(DataReader):
+    """Reads a BDAT message (RFC 3030), chunk by chunk, with the checks of DATA.
+
+    BDAT content is not dot-stuffed and has no end line: ``feed_chunk`` takes
+    any part of it, ``finish`` ends it after the last chunk.  The same limits
+    (size, line length, NUL, loop count) apply, and a bare CR or LF is
+    refused as in DATA, so what is queued is CRLF text that a next hop
+    speaking only DATA reads exactly as sent.  A message whose last line has
+    no CRLF gets one.
+    """
+
+    dot_stuffed = False
+
+    def feed_chunk(self, data: bytes) -> None:
+        buf = self._pending + data if self._pending else data
+        last = buf.rfind(b"\r\n")
+        if last < 0:
+            self._pending = buf
+        else:
+            complete, self._pending = buf[: last + 2], buf[last + 2:]
+            self._consume(complete, dots=False)
+        self._check_overlong()
+
+    def finish(self) -> None:
+        """The last chunk is in: a final line without CRLF is ended with one."""
+        pending, self._pending = self._pending, b""
+        if pending:
+            self._consume(pending + b"\r\n", dots=False)
 
 
 class HeaderCompleter:
@@ -385,6 +417,11 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._transaction: Optional[_Transaction] = None
         self._message: Any = None  # the spool's IncomingMessage during DATA
         self._reader: Optional[DataReader] = None
+        self._chunks: Optional[ChunkReader] = None  # the BDAT message of this transaction
+        self._chunk_left = 0  # octets of the current BDAT chunk still to read
+        self._chunk_size = 0
+        self._chunk_last = False
+        self._chunk_refusal: Optional[Reply] = None  # the chunk is read and dropped, then refused
         self._out: list[bytes] = []
         self._out_size = 0
         self._throttle = ReplyThrottle(self._output_backed_up, self._output_drained)
@@ -456,6 +493,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def _state_name(self) -> str:
         if self._reader is not None:
             return "DATA"
+        if self._chunks is not None or self._chunk_left:
+            return "BDAT"
         if self._transaction is not None:
             return "MAIL"
         return "HELO" if self.helo else "CONNECT"
@@ -701,10 +740,18 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def _greeted(self, name: str, esmtp: bool) -> None:
         self.helo = name
         self.esmtp = esmtp
+        self._reset_transaction()
+
+    def _reset_transaction(self) -> None:
+        """No transaction any more; a BDAT message begun in it is dropped."""
         self._transaction = None
+        if self._chunks is not None:
+            self._chunks = None
+            self._abort_message()
 
     def _extensions(self) -> list[str]:
         extensions = ["PIPELINING", f"SIZE {self.config.max_message_size}"]
+        extensions.append("CHUNKING")
         if self.factory.tls_context is not None and not self.tls:
             extensions.append("STARTTLS")
         if self._auth_offered():
@@ -870,10 +917,21 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         transaction = self._transaction
         if transaction is None:
             return R.NEED_MAIL
+        if self._chunks is not None:
+            return R.BDAT_THEN_DATA
         if not transaction.recipients:
             return R.NEED_RCPT
         if argument:
             return R.SYNTAX_DATA
+        self._reader = self._begin_message(transaction, DataReader)
+        self.setRawMode()
+        timeout = self.factory.timeout()
+        self._data_deadline = self.clock.seconds() + timeout
+        self.setTimeout(timeout)
+        return R.START_DATA
+
+    def _begin_message(self, transaction: _Transaction, reader: type) -> Any:
+        """Start the queued message of ``transaction`` (its Received header first); the reader that fills it."""
         message = self.factory.spool.new_message()
         self._message = message
         sink = self._store
@@ -881,15 +939,49 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if self.factory.submission:
             self._completer = HeaderCompleter(self._store, self._missing_fields(message.queue_id))
             sink = self._completer.write
-        self._reader = DataReader(sink, self.config.max_message_size)
         self._stored = 0
         self._write_failed = False
         self._store(self._received_header(message.queue_id, transaction))
-        self.setRawMode()
+        return reader(sink, self.config.max_message_size)
+
+    def do_BDAT(self, argument: str) -> Answer:
+        """``BDAT size [LAST]`` (RFC 3030): the next ``size`` octets are message content, read raw.
+
+        A chunk that cannot be taken (no transaction, no recipient) is still
+        read to its end and dropped, so the octets never count as commands;
+        then it is refused.  The last chunk ends the message like DATA's end.
+        """
+        words = argument.split()
+        if not 1 <= len(words) <= 2 or not words[0].isdigit() or not words[0].isascii() or len(words[0]) > 18 \
+                or (len(words) == 2 and words[1].upper() != "LAST"):
+            return R.SYNTAX_BDAT
+        size, last = int(words[0]), len(words) == 2
+        transaction = self._transaction
+        refusal = R.NEED_MAIL if transaction is None else (R.NEED_RCPT if not transaction.recipients else None)
+        if refusal is None and self._chunks is None:
+            self._chunks = self._begin_message(transaction, ChunkReader)
+        self._chunk_refusal = refusal
+        self._chunk_left, self._chunk_size, self._chunk_last = size, size, last
         timeout = self.factory.timeout()
         self._data_deadline = self.clock.seconds() + timeout
         self.setTimeout(timeout)
-        return R.START_DATA
+        if size == 0:
+            return self._chunk_done()
+        self.setRawMode()
+        return None
+
+    def _chunk_done(self) -> Answer:
+        """The current BDAT chunk is read: its answer (the message's, for the last one)."""
+        self._chunk_left = 0
+        if self._chunk_refusal is not None:
+            refusal, self._chunk_refusal = self._chunk_refusal, None
+            return refusal
+        if not self._chunk_last:
+            return R.chunk_received(self._chunk_size)
+        reader, self._chunks = self._chunks, None
+        assert reader is not None
+        reader.finish()
+        return self._end_of_data(reader)
 
     def _missing_fields(self, queue_id: str) -> Callable[[set[bytes]], bytes]:
         """The Message-ID and Date fields a submitted message lacks, given its field names."""
@@ -906,7 +998,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def do_RSET(self, argument: str) -> Answer:
         if argument.strip():
             return R.SYNTAX_RSET
-        self._transaction = None
+        self._reset_transaction()
         return R.OK
 
     def do_NOOP(self, argument: str) -> Answer:
@@ -944,7 +1036,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.tls = True
         self.helo = None
         self.esmtp = False
-        self._transaction = None
+        self._reset_transaction()
         self.auth_user = ""  # RFC 3207 4.2: forget what the client said in clear
         return None
 
@@ -1114,6 +1206,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     # -- DATA ----------------------------------------------------------------
 
     def rawDataReceived(self, data: bytes) -> None:
+        if self._chunk_left:
+            self._chunk_data(data)
+            return
         reader = self._reader
         if reader is None:  # not reached: raw mode is only set with a reader
             self.setLineMode(data)
@@ -1128,6 +1223,20 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._answer(answer)
         # Back to commands: what followed the end of data is read as command
         # lines by LineReceiver's loop (once the reply is out, if it pauses).
+        self.line_mode = 1
+        self._buffer = rest + self._buffer
+
+    def _chunk_data(self, data: bytes) -> None:
+        """Octets of a BDAT chunk: to the message (or dropped), then the chunk's answer and commands again."""
+        take, rest = data[: self._chunk_left], data[self._chunk_left:]
+        self._chunk_left -= len(take)
+        self._data_progress(len(take))
+        if self._chunk_refusal is None and self._chunks is not None:
+            self._chunks.feed_chunk(take)
+        if self._chunk_left:
+            return
+        self._line_seen = True  # the end of a chunk restarts the timeout as a command line does
+        self._answer(self._chunk_done())
         self.line_mode = 1
         self._buffer = rest + self._buffer
 
@@ -1201,6 +1310,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def _abort_message(self) -> None:
         message, self._message, self._reader = self._message, None, None
+        self._chunks = None
         if message is not None:
             try:
                 message.abort()
