@@ -27,7 +27,7 @@ connection rate (``relay.smtp.limits``).  Timeouts are deadlines: a whole
 command line within the timeout, DATA at ``min_data_rate`` at least; under
 load the timeout is ``load_idle_timeout``.
 
-AUTH (RFC 4954) PLAIN and LOGIN is offered when the factory has a
+AUTH (RFC 4954) PLAIN and LOGIN (decoded by ``relay.smtp.sasl``) is offered when the factory has a
 twisted.cred portal, and only on a TLS-protected session (after STARTTLS or
 on an implicit-TLS listener) unless ``auth_in_clear`` is set.  Credentials
 are checked through the portal (in a thread: see ``relay.auth``); a failure
@@ -44,8 +44,6 @@ session answer 421 4.3.2 and close, letting a message in DATA finish first.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime
 from email.utils import format_datetime
 from functools import lru_cache
@@ -72,6 +70,7 @@ from relay.metrics import reply_in
 from relay.policy import RelayPolicy
 from relay.smtp import replies as R
 from relay.smtp.data import DataReader, HeaderCompleter
+from relay.smtp.sasl import AUTH_MECHANISMS, MAX_AUTH_LINE, AuthExchange
 from relay.smtp.address import Path, UnsendableAddress, normalized_path, parse_params, parse_path, split_argument
 from relay.smtp.flow import ReplyThrottle
 from relay.smtp.limits import ClientLimits, SessionCounts, client_key
@@ -80,8 +79,6 @@ from relay.smtp.replies import Reply
 log = Logger(namespace="relay.smtp.server")
 
 MAX_COMMAND_LINE = 512  # octets including CRLF (RFC 5321 4.5.3.1.4)
-MAX_AUTH_LINE = 12288  # octets including CRLF of AUTH lines and responses (RFC 4954 4)
-AUTH_MECHANISMS = ("PLAIN", "LOGIN")
 AUTH_FAILURE_DELAY = 1.0  # seconds before a 535, input paused meanwhile
 AUTH_FAILURE_LIMIT = 3  # failed AUTH attempts in one session before 421 and close
 SHUTDOWN_GRACE = 10.0  # seconds a message in DATA may take to finish when the relay stops
@@ -98,15 +95,9 @@ BODY_8BITMIME = "8BITMIME"
 Answer = Union[Optional[Reply], Deferred]
 
 from relay.smtp.replies import (  # AUTH, ETRN and shutdown
-    CHALLENGE_EMPTY,
-    CHALLENGE_USERNAME,
-    CHALLENGE_PASSWORD,
     AUTH_OK,
     AUTH_FAILED,
     AUTH_TEMPORARY_FAILURE,
-    AUTH_BAD_BASE64,
-    AUTH_CANCELLED,
-    AUTH_MALFORMED,
     AUTH_NOT_ENABLED,
     AUTH_NEED_EHLO,
     AUTH_TWICE,
@@ -185,7 +176,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._stored = 0  # octets written for the current message
         self._write_failed = False
         self._completer: Optional[HeaderCompleter] = None
-        self._exchange: Optional[_AuthExchange] = None
+        self._exchange: Optional[AuthExchange] = None
         self.auth_failures = 0
         self.shutting_down = False
 
@@ -740,39 +731,24 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return AUTH_MECHANISM_UNKNOWN
         if self.factory.limits.auth.blocked(self.client):
             return self._auth_rate_limited(mechanism)
-        exchange = _AuthExchange(mechanism)
+        exchange = AuthExchange(mechanism)
         if len(words) == 1:
             self._exchange = exchange
-            self._out.append(CHALLENGE_EMPTY if mechanism == "PLAIN" else CHALLENGE_USERNAME)
+            self._out.append(exchange.first_challenge())
             return None
         return self._auth_response(exchange, words[1].encode("ascii", "replace"), initial=True)
 
-    def _auth_response(self, exchange: "_AuthExchange", line: bytes, initial: bool = False) -> Answer:
+    def _auth_response(self, exchange: AuthExchange, line: bytes, initial: bool = False) -> Answer:
         """One client response of an AUTH exchange (or the initial response)."""
         self._exchange = None
-        if line == b"*" and not initial:
-            return AUTH_CANCELLED
-        if line == b"=" and initial:
-            data = b""
-        else:
-            try:
-                data = base64.b64decode(line, validate=True)
-            except (binascii.Error, ValueError):
-                return AUTH_BAD_BASE64
-        if exchange.mechanism == "PLAIN":
-            parts = data.split(b"\0")
-            if len(parts) != 3:
-                return AUTH_MALFORMED
-            authzid, username, password = parts
-            if authzid and authzid != username:
-                return self._verify(exchange.mechanism, username, None)
-            return self._verify(exchange.mechanism, username, password)
-        if exchange.username is None:
-            exchange.username = data
+        step = exchange.respond(line, initial)
+        if isinstance(step, bytes):  # the next challenge: the exchange goes on
             self._exchange = exchange
-            self._out.append(CHALLENGE_PASSWORD)
+            self._out.append(step)
             return None
-        return self._verify(exchange.mechanism, exchange.username, data)
+        if isinstance(step, Reply):
+            return step
+        return self._verify(exchange.mechanism, step.username, step.password)
 
     def _verify(self, mechanism: str, username: bytes, password: Optional[bytes]) -> Deferred:
         """Ask the portal; 235, or 535 after a delay (``password`` None: refused without asking)."""
@@ -1037,14 +1013,6 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def _date(self) -> str:
         return self.factory.date_text(self.clock.seconds())
-
-
-class _AuthExchange:
-    """An AUTH exchange waiting for the client's next response line."""
-
-    def __init__(self, mechanism: str) -> None:
-        self.mechanism = mechanism
-        self.username: Optional[bytes] = None  # LOGIN: given, waiting for the password
 
 
 @lru_cache(maxsize=1024)
