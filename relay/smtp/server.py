@@ -45,7 +45,6 @@ session answer 421 4.3.2 and close, letting a message in DATA finish first.
 from __future__ import annotations
 
 import datetime
-from email.utils import format_datetime
 from functools import lru_cache
 from typing import Any, Callable, Optional, Union
 
@@ -70,6 +69,7 @@ from relay.metrics import reply_in
 from relay.policy import RelayPolicy
 from relay.smtp import replies as R
 from relay.smtp.data import DataReader, HeaderCompleter
+from relay.smtp import trace
 from relay.smtp.sasl import AUTH_MECHANISMS, MAX_AUTH_LINE, AuthExchange
 from relay.smtp.address import Path, UnsendableAddress, normalized_path, parse_params, parse_path, split_argument
 from relay.smtp.flow import ReplyThrottle
@@ -958,10 +958,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def protocol_name(self, smtputf8: bool = False) -> str:
         """RFC 3848 / RFC 6531 ``with`` keyword: SMTP, ESMTP, ESMTPS, ESMTPSA, UTF8SMTPS..."""
-        if not self.esmtp:
-            return "SMTP"
-        name = "UTF8SMTP" if smtputf8 else "ESMTP"
-        return name + ("S" if self.tls else "") + ("A" if self.auth_user else "")
+        return trace.protocol_name(self.esmtp, smtputf8, self.tls, bool(self.auth_user))
 
     def client_info(self, smtputf8: bool = False) -> ClientInfo:
         """Who the client is, as the policy and the envelope see it."""
@@ -989,27 +986,11 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         )
 
     def _received_header(self, queue_id: str, transaction: _Transaction) -> bytes:
-        # RFC 5321 4.4: "from" Domain "(" TCP-info ")", where TCP-info is the
-        # peer's address literal (no reverse lookup: it would block).
-        ip = self.peer_host or "unknown"
-        literal = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
-        line = (f"Received: from {self.helo} ({literal})\r\n"
-                f"{self._received_comments()}"
-                f"\tby {self.hostname} (relay) with {self.protocol_name(transaction.smtputf8)}"
-                f" id {queue_id}\r\n")
-        if len(transaction.recipients) == 1:
-            return (line + f"\tfor <{transaction.recipients[0].address}>; {self._date()}\r\n").encode("utf-8")
-        return (line[:-2] + f";\r\n\t{self._date()}\r\n").encode("utf-8")
-
-    def _received_comments(self) -> str:
-        """The TLS and, with received_auth, the authenticated-sender comments of our Received header."""
-        comments = ""
-        if self.tls:
-            version, _, cipher = self._tls_description().partition(" ")
-            comments += f"\t(using {version} with cipher {cipher})\r\n" if cipher else f"\t(using {version})\r\n"
-        if self.auth_user and self.config.received_auth:
-            comments += f"\t(Authenticated sender: {_comment_text(self.auth_user)})\r\n"
-        return comments
+        comments = trace.received_comments(self._tls_description() if self.tls else "",
+                                           self.auth_user if self.config.received_auth else "")
+        return trace.received_header(self.helo, self.peer_host, self.hostname,
+                                     self.protocol_name(transaction.smtputf8), queue_id,
+                                     [r.address for r in transaction.recipients], self._date(), comments)
 
     def _date(self) -> str:
         return self.factory.date_text(self.clock.seconds())
@@ -1019,12 +1000,6 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 def _wire(reply: Reply) -> bytes:
     """The wire form of a reply; the constant ones are made once."""
     return reply.to_bytes()
-
-
-def _comment_text(text: str) -> str:
-    """``text`` safe inside a header comment: printable, parentheses and backslashes quoted."""
-    safe = "".join(c if c.isprintable() else "?" for c in text)
-    return safe.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
 
 
 def _valid_helo(name: str) -> bool:
@@ -1070,16 +1045,7 @@ class SMTPServerFactory(ServerFactory):
         self._live: set[SMTPServerProtocol] = set()
         self._drained: list[Deferred] = []
         self._grace: Any = None
-        self._date_second: Optional[int] = None
-        self._date_text = ""
-
-    def date_text(self, when: float) -> str:
-        """RFC 5322 date-time of ``when`` in UTC, as trace fields carry it (made once per second)."""
-        second = int(when)
-        if second != self._date_second:
-            moment = datetime.datetime.fromtimestamp(second, datetime.timezone.utc)
-            self._date_second, self._date_text = second, format_datetime(moment)
-        return self._date_text
+        self.date_text = trace.TraceDate()  # RFC 5322 date-time of a clock time, made once per second
 
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
         return SMTPServerProtocol(self)
