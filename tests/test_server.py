@@ -21,7 +21,7 @@ from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.policy import RelayPolicy
 from relay.smtp import replies as R
 from relay.smtp.replies import Reply
-from relay.smtp.server import SMTPServerFactory, SMTPServerProtocol
+from relay.smtp.server import SessionState, SMTPServerFactory, SMTPServerProtocol
 
 HOST = "relay.test"
 NOW = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 +0000
@@ -242,6 +242,24 @@ def test_nested_mail() -> None:
     s = ready()
     s.send(b"MAIL FROM:<s@x.test>\r\n")
     assert code(s.send(b"MAIL FROM:<t@x.test>\r\n")) == "503 5.5.1"
+
+
+def test_session_state_follows_the_dialogue() -> None:
+    """The session's state goes CONNECT, HELO, MAIL, DATA and back to HELO after the end of data and after RSET."""
+    s = session()
+    seen = [s.proto.state]
+    s.send(b"EHLO client.test\r\n")
+    seen.append(s.proto.state)
+    s.send(b"MAIL FROM:<s@x.test>\r\n")
+    seen.append(s.proto.state)
+    s.send(b"RCPT TO:<u@example.org>\r\nDATA\r\n")
+    seen.append(s.proto.state)
+    s.send(b"hi\r\n.\r\n")
+    seen.append(s.proto.state)
+    s.send(b"MAIL FROM:<s@x.test>\r\nRSET\r\n")
+    seen.append(s.proto.state)
+    assert seen == [SessionState.CONNECT, SessionState.HELO, SessionState.MAIL, SessionState.DATA,
+                    SessionState.HELO, SessionState.HELO]
 
 
 def test_rset_clears_transaction() -> None:

@@ -45,6 +45,7 @@ session answer 421 4.3.2 and close, letting a message in DATA finish first.
 from __future__ import annotations
 
 import datetime
+import enum
 from functools import lru_cache
 from typing import Any, Callable, Optional, Union
 
@@ -118,6 +119,15 @@ from relay.smtp.replies import (  # AUTH, ETRN and shutdown
 
 
 # -- the session ---------------------------------------------------------------------
+
+
+class SessionState(enum.Enum):
+    """The stage of an SMTP session; its value is the name logged (e.g. "timeout after MAIL")."""
+
+    CONNECT = "CONNECT"  # greeted, no HELO/EHLO yet
+    HELO = "HELO"  # HELO/EHLO given, no transaction
+    MAIL = "MAIL"  # MAIL accepted: RCPT and DATA expected
+    DATA = "DATA"  # reading the message after the 354
 
 
 class _Transaction:
@@ -218,7 +228,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             log.info("disconnect from {peer}", peer=self._peer(), event="disconnect")
 
     def timeoutConnection(self) -> None:
-        log.info("timeout after {state} from {peer}", state=self._state_name(), peer=self._peer(), event="timeout")
+        log.info("timeout after {state} from {peer}", state=self.state.value, peer=self._peer(), event="timeout")
         self._abort_message()
         self._send(R.idle_timeout(self.hostname))
         self._close()
@@ -226,12 +236,14 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def _peer(self) -> str:
         return f"[{self.peer_host}]:{self.peer_port}" if self.peer_host else "unknown"
 
-    def _state_name(self) -> str:
+    @property
+    def state(self) -> SessionState:
+        """Where the session is in the SMTP dialogue (RFC 5321 4.1.4), from what it holds."""
         if self._reader is not None:
-            return "DATA"
+            return SessionState.DATA
         if self._transaction is not None:
-            return "MAIL"
-        return "HELO" if self.helo else "CONNECT"
+            return SessionState.MAIL
+        return SessionState.HELO if self.helo else SessionState.CONNECT
 
     # -- output --------------------------------------------------------------
 
