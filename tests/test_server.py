@@ -1153,6 +1153,18 @@ def test_reply_parse(lines: list, expected: Reply) -> None:
     assert Reply.parse(lines) == expected
 
 
+@pytest.mark.parametrize("code, texts, expected", [
+    (250, ["2.1.0 Ok"], Reply(250, "2.1.0", "Ok")),
+    (550, ["5.1.1 no such", "5.1.1 user"], Reply(550, "5.1.1", "no such\nuser")),
+    (451, ["5.0.0 mismatched class"], Reply(451, "", "5.0.0 mismatched class")),
+    (220, [""], Reply(220, "", "")),
+])
+def test_reply_from_texts(code: int, texts: list, expected: Reply) -> None:
+    """Reply.from_texts builds the reply from lines already split off the wire, as Reply.parse would."""
+    assert Reply.from_texts(code, texts) == expected
+    assert Reply.parse([f"{code} {text}" for text in texts]) == expected
+
+
 @pytest.mark.parametrize("lines", [[], [b"hello"], [b"25 x"], [b"250-a", b"251 b"], [b"250x"]])
 def test_reply_parse_malformed(lines: list) -> None:
     """Reply.parse raises ValueError on lines that are not an SMTP reply."""

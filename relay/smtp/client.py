@@ -218,8 +218,8 @@ class _Response:
     lines: tuple[str, ...]  # the text after "NNN-" / "NNN " of each line
 
     def reply(self) -> Reply:
-        """The ``Reply``: enhanced status split out, lines joined with "\\n"."""
-        return Reply.parse([f"{self.code} {line}" for line in self.lines])
+        """The ``Reply``: enhanced status split out, lines joined with "\\n" (the lines are not parsed again)."""
+        return Reply.from_texts(self.code, self.lines)
 
 
 def parse_capabilities(lines: tuple[str, ...]) -> dict[str, str]:
