@@ -82,6 +82,7 @@ from relay.routing import RouteContext
 from relay.routing.mx import ResolutionError, Target
 from relay.smtp import client as smtp_client, dsn
 from relay.smtp.client import ClientOptions, SessionError, Transaction, TransactionResult
+from relay.trust import TrustStore
 
 log = Logger()
 
@@ -206,17 +207,22 @@ class Delivery:
         reactor: Any,
         connect: Optional[Connect] = None,
         mta_sts: Any = None,
+        trust: Optional[TrustStore] = None,
     ) -> None:
-        """``mta_sts``: a PolicyCache (built from ``resolver`` when ``[delivery] mta_sts`` is on)."""
+        """``mta_sts``: a PolicyCache (built from ``resolver`` when ``[delivery] mta_sts`` is on).
+
+        ``trust``: the loaded ``[delivery] tls_ca_file`` (built here, read at the first use, when not given).
+        """
         self._config = config
         self._chain = chain
         self._resolver = resolver
         self._spool = spool
         self._reactor = reactor
+        self._trust = trust if trust is not None else TrustStore(config.delivery.tls_ca_file)
         if mta_sts is None and config.delivery.mta_sts:
             from relay.mta_sts import policy_cache
 
-            mta_sts = policy_cache(resolver, reactor, config.delivery.tls_ca_file)
+            mta_sts = policy_cache(resolver, reactor, self._trust)
         self._mta_sts = mta_sts
         self.pool = ConnectionPool(
             reactor,
@@ -526,6 +532,7 @@ class Delivery:
             tls=TLS_VERIFY if verify else route.tls,
             tls_hostname=target.host,
             ca_file=self._config.delivery.tls_ca_file,
+            trust=self._trust,
             username=route.username,
             password=password,
             auth_in_clear=route.auth_in_clear,

@@ -37,6 +37,7 @@ from relay.mta_sts import (
     policy_url,
 )
 from relay.routing.mx import MXResolver, ResolutionError
+from relay.trust import TrustStore
 
 _t = SynchronousTestCase()
 success = _t.successResultOf
@@ -437,7 +438,7 @@ def test_endpoint_factory_is_https_only_and_resolves_through_our_resolver(tmp_pa
         asked.append((host, port))
         return defer.succeed(["127.0.0.9"])
 
-    factory = _EndpointFactory(reactor, resolve, str(cert), 30)
+    factory = _EndpointFactory(reactor, resolve, TrustStore(str(cert)), 30)
     verifyObject(IAgentEndpointFactory, factory)
 
     class URI:

@@ -43,6 +43,7 @@ from relay.envelope import OUTCOME_TRANSIENT, TLS_REQUIRE, TLS_VERIFY
 from relay.outcome import NETWORK_TEXT, STAGE_CONNECT, LocalReply, Reason, ReasonedError, classify, network_reason
 from relay.smtp.replies import Reply
 from relay.smtp.tls import CertificateCheck, tls_failure
+from relay.trust import TrustStore
 
 log = Logger()
 
@@ -76,9 +77,6 @@ REPLY_BAD_ADDRESS = LocalReply(553, "5.1.3", "address contains characters not al
 TEXT_TOO_BIG = "message size {size} exceeds the remote server's limit of {limit} octets"
 
 _REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])(?:([ -])(.*))?$", re.DOTALL)
-_PEM_CERT = re.compile(
-    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
-)
 _BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 
@@ -125,6 +123,7 @@ class ClientOptions:
     timeouts: ClientTimeouts = ClientTimeouts()
     starttls: bool = True  # False: a session in clear after a failed handshake (tls = "may" only)
     source: tuple[str, ...] = ()  # local addresses to connect from, at most one per IP version
+    trust: Optional[TrustStore] = field(default=None, compare=False, repr=False)  # ca_file loaded once
 
 
 @dataclass(frozen=True)
@@ -668,7 +667,8 @@ class SMTPClientProtocol(LineReceiver):
 
         if self.options.tls != TLS_VERIFY:
             return ssl.CertificateOptions(verify=False)
-        self._tls_check = CertificateCheck(self.options.tls_hostname or self.host, trust_root(self.options.ca_file))
+        trust = self.options.trust if self.options.trust is not None else TrustStore(self.options.ca_file)
+        self._tls_check = CertificateCheck(self.options.tls_hostname or self.host, trust.root())
         return self._tls_check
 
     def _tls_established(self) -> None:
@@ -1055,19 +1055,6 @@ class SMTPClientFactory(Factory):
         protocol = SMTPClientProtocol(self.options, self.host, self.clock)
         protocol.factory = self
         return protocol
-
-
-def trust_root(ca_file: str) -> Any:
-    """Twisted's trust root: the certificates of ``ca_file``, or the platform's store."""
-    from twisted.internet import ssl
-
-    if not ca_file:
-        return ssl.platformTrust()
-    with open(ca_file, "rb") as f:
-        pems = _PEM_CERT.findall(f.read())
-    if not pems:
-        raise ValueError(f"no certificate in {ca_file}")
-    return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(p) for p in pems])
 
 
 def source_for(address: str, sources: tuple[str, ...]) -> str:
