@@ -411,9 +411,7 @@ class SMTPClientProtocol(LineReceiver):
     delimiter = b"\n"
     MAX_LENGTH = MAX_REPLY_LENGTH
 
-    def __init__(self, options: ClientOptions, host: str = "", clock: Optional[IReactorTime] = None) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[no-redef]
+    def __init__(self, options: ClientOptions, host: str, clock: IReactorTime) -> None:
         self.options = options
         self.host = host
         self.clock = clock
