@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 from typing import Any, Callable, Optional
@@ -9,17 +10,24 @@ from typing import Any, Callable, Optional
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase as TrialTestCase
+from zope.interface import implementer
 
+from relay.auth import SenderLoginMap, SubmitterRealm
 from relay.config import ServerConfig
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.policy import RelayPolicy
+from relay.queue.store import Spool
 from relay.smtp import replies as R
+from relay.smtp import server as server_module
 from relay.smtp.replies import Reply
 from relay.smtp.server import SessionState, SMTPServerFactory, SMTPServerProtocol
 
@@ -964,7 +972,6 @@ def test_big_message_fast_path() -> None:
 
 def test_real_spool_commit(tmp_path: Any) -> None:
     """With the on-disk spool, 250 comes only once the commit ran, and the queued files hold the message."""
-    spool_module = pytest.importorskip("relay.queue.store")
     jobs: list[tuple[Callable[..., Any], tuple]] = []
 
     def runner(f: Callable[..., Any], *args: Any) -> Deferred:
@@ -974,7 +981,7 @@ def test_real_spool_commit(tmp_path: Any) -> None:
 
     clock = Clock()
     clock.advance(NOW)
-    spool = spool_module.Spool(str(tmp_path), clock=clock, runner=runner)
+    spool = Spool(str(tmp_path), clock=clock, runner=runner)
     spool.recover()
     s = ready(spool=spool, clock=clock)
     s.send(TRANSACTION)
@@ -999,9 +1006,8 @@ def test_real_spool_commit(tmp_path: Any) -> None:
 
 def test_real_spool_refused_message_leaves_nothing(tmp_path: Any) -> None:
     """With the on-disk spool, a refused message leaves no file behind."""
-    spool_module = pytest.importorskip("relay.queue.store")
     clock = Clock()
-    spool = spool_module.Spool(str(tmp_path), clock=clock, runner=lambda f, *a: maybeDeferred(f, *a))
+    spool = Spool(str(tmp_path), clock=clock, runner=lambda f, *a: maybeDeferred(f, *a))
     spool.recover()
     s = ready(spool=spool, clock=clock)
     assert deliver(s, b"bare\nlf\r\n.\r\n") == R.BARE_NEWLINE_DATA.to_bytes()
@@ -1180,16 +1186,6 @@ def test_reply_round_trip() -> None:
 
 
 # -- AUTH (RFC 4954) ---------------------------------------------------------------------------------
-
-import base64  # noqa: E402
-
-from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse  # noqa: E402
-from twisted.cred.portal import Portal  # noqa: E402
-from twisted.internet.interfaces import ISSLTransport  # noqa: E402
-from zope.interface import implementer  # noqa: E402
-
-from relay.auth import SenderLoginMap, SubmitterRealm  # noqa: E402
-from relay.smtp import server as server_module  # noqa: E402
 
 PASSWORD = b"s3cret-Pa55"
 
