@@ -26,8 +26,8 @@ from twisted.logger import globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.test import iosim
-from twisted.trial.unittest import SynchronousTestCase
 
+from deferreds import failure_of, no_result, success
 from relay.control import (
     BadQueueId,
     ControlError,
@@ -51,9 +51,6 @@ from relay.control import probe as control_probe
 from relay.envelope import Envelope, Recipient
 from relay.queue.store import Spool
 
-_t = SynchronousTestCase()
-success = _t.successResultOf
-failure_of = _t.failureResultOf
 
 QID = "08DolYlYPhpza6mt"
 
@@ -126,7 +123,7 @@ def test_flush_waits_for_a_deferred_count() -> None:
     client, pump = connected(scheduler)
     d = call_remote(client, Flush)
     pump.flush()
-    _t.assertNoResult(d)
+    no_result(d)
     pending.callback(4)
     pump.flush()
     assert success(d) == {"count": 4}

@@ -11,10 +11,10 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from deferreds import no_result, success
 from relay.config import Config, ConfigError, DeliveryConfig, config_from_mapping
 from relay.delivery import Delivery
 from relay.domains import DomainSet
@@ -226,9 +226,6 @@ def events():
     globalLogPublisher.removeObserver(captured.append)
 
 
-_t = SynchronousTestCase()
-success = _t.successResultOf
-no_result = _t.assertNoResult
 
 
 def by_address(outcomes):
