@@ -199,6 +199,18 @@ def test_ehlo_advertises_extensions() -> None:
     assert keywords == {"PIPELINING", "SIZE 1234", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "ETRN"}
 
 
+def test_help_lists_the_verbs_the_session_offers() -> None:
+    """HELP names STARTTLS only while it is offered, AUTH only where it is offered, and ETRN always."""
+    plain = session()
+    assert plain.send(b"HELP\r\n") == b"214 2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP ETRN\r\n"
+    tls = session(tls_context=object())
+    assert b" STARTTLS ETRN\r\n" in tls.send(b"HELP\r\n")
+    tls.send(b"STARTTLS\r\n")
+    assert b"STARTTLS" not in tls.send(b"HELP\r\n")
+    clear_auth = session(portal=object(), auth_in_clear=True)
+    assert clear_auth.send(b"HELP\r\n").endswith(b" HELP AUTH ETRN\r\n")
+
+
 def test_ehlo_advertises_starttls_with_context() -> None:
     """STARTTLS is advertised when a TLS context is given."""
     s = session(tls_context=object())

@@ -159,7 +159,15 @@ SENDER_OK = Reply(250, "2.1.0", "Ok")
 RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 VRFY_REPLY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
-HELP_REPLY = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
+BASIC_VERBS = ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP")
+
+
+def help_reply(offered: Sequence[str]) -> Reply:
+    """The answer to HELP: the basic verbs and those the session ``offered`` now (STARTTLS, AUTH, ETRN...)."""
+    return Reply(214, "2.0.0", "Commands: " + " ".join((*BASIC_VERBS, *offered)))
+
+
+HELP_REPLY = help_reply(("ETRN",))  # a session that offers neither STARTTLS nor AUTH
 READY_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 
 

@@ -690,7 +690,18 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         return R.VRFY_REPLY
 
     def do_HELP(self, argument: str) -> Answer:
-        return R.HELP_REPLY
+        return R.help_reply(self._offered_verbs())
+
+    def _offered_verbs(self) -> list[str]:
+        """The verbs beyond the basic ones this session accepts now, as EHLO advertises them."""
+        verbs = []
+        if self.factory.tls_context is not None and not self.tls:
+            verbs.append("STARTTLS")
+        if self._auth_offered():
+            verbs.append("AUTH")
+        # BDAT joins here when the session offers CHUNKING.
+        verbs.append("ETRN")
+        return verbs
 
     def do_QUIT(self, argument: str) -> Answer:
         self._send(R.BYE)
