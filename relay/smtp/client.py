@@ -65,6 +65,8 @@ STAGE_STARTTLS = "starttls"
 STAGE_AUTH = "auth"
 STAGE_TIMEOUT = "timeout"
 STAGE_LOST = "lost"
+# Where a session is once it can carry mail: never a SessionError stage (a failure then is STAGE_LOST).
+STAGE_READY = "ready"
 
 # Replies this client makes up itself (LocalReply: never reported as the peer's words).
 REPLY_NO_SMTPUTF8 = LocalReply(550, "5.6.7", "remote server does not support SMTPUTF8", Reason.NO_SMTPUTF8)
@@ -720,7 +722,7 @@ class SMTPClientProtocol(LineReceiver):
         self._session_ready()
 
     def _session_ready(self) -> None:
-        self._stage = STAGE_LOST
+        self._stage = STAGE_READY
         self._setup_done = True
         self._arm_idle()
         self.ready.callback(self)
