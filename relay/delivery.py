@@ -141,7 +141,7 @@ def read_password(path: str) -> str:
 
 
 @dataclass(frozen=True)
-class _Member:
+class _RoutedRecipient:
     """A recipient of a group with the route it takes this time."""
 
     recipient: Recipient
@@ -272,7 +272,7 @@ class Delivery:
         context = RouteContext.from_envelope(envelope, self._config.hostname)
         routed = await defer.gatherResults([self._route(envelope, r, context) for r in pending])
         outcomes: dict[int, Outcome] = {}
-        groups: dict[tuple, list[tuple[int, _Member]]] = {}
+        groups: dict[tuple, list[tuple[int, _RoutedRecipient]]] = {}
         for index, (recipient, route) in enumerate(routed):
             if isinstance(route, Outcome):
                 outcomes[index] = route
@@ -280,7 +280,7 @@ class Delivery:
                 outcomes[index] = reject_outcome(recipient.address, route)
                 self._log_outcome(envelope, outcomes[index])
             else:
-                groups.setdefault(route.destination(), []).append((index, _Member(recipient, route)))
+                groups.setdefault(route.destination(), []).append((index, _RoutedRecipient(recipient, route)))
         body = _Body(self._spool, envelope.queue_id)
         running = [len(groups)]
 
@@ -326,7 +326,7 @@ class Delivery:
 
     # -- one destination -------------------------------------------------------
 
-    def _deliver_group(self, envelope: Envelope, members: list[_Member], body: _Body, forced: bool) -> Deferred:
+    def _deliver_group(self, envelope: Envelope, members: list[_RoutedRecipient], body: _Body, forced: bool) -> Deferred:
         """Fire with one Outcome per member, in order; an unexpected error makes them transient."""
         d = Deferred.fromCoroutine(self._deliver(envelope, members, body, forced))
 
@@ -343,7 +343,7 @@ class Delivery:
         d.addCallback(self._log_outcomes, envelope, self._reactor.seconds())
         return d
 
-    async def _deliver(self, envelope: Envelope, members: list[_Member], body: _Body, forced: bool) -> list[Outcome]:
+    async def _deliver(self, envelope: Envelope, members: list[_RoutedRecipient], body: _Body, forced: bool) -> list[Outcome]:
         route = members[0].route
         destination = route.destination()
         suspension = None if forced else self.suspended(destination)
@@ -423,7 +423,7 @@ class Delivery:
         for d in list(parked):
             d.cancel()
 
-    def _suspended_outcomes(self, envelope: Envelope, members: list[_Member], suspension: _Suspension) -> list[Outcome]:
+    def _suspended_outcomes(self, envelope: Envelope, members: list[_RoutedRecipient], suspension: _Suspension) -> list[Outcome]:
         text = f"{TEXT_SUSPENDED}: {suspension.text}"
         return [local_outcome(m.recipient.address, Reason.SUSPENDED, STATUS_NO_ANSWER, text, m.route.rule, suspension.host)
                 for m in members]
@@ -507,7 +507,7 @@ class Delivery:
 
     # -- building the transaction ----------------------------------------------
 
-    def _transaction(self, envelope: Envelope, members: list[_Member], body: _Body) -> Transaction:
+    def _transaction(self, envelope: Envelope, members: list[_RoutedRecipient], body: _Body) -> Transaction:
         return Transaction(
             sender=envelope.sender,
             recipients=tuple((m.recipient.address, tuple(m.route.rcpt_route)) for m in members),
@@ -577,7 +577,7 @@ class Delivery:
     # -- results ---------------------------------------------------------------
 
     def _replies_to_outcomes(
-        self, members: list[_Member], result: TransactionResult, target: Target, in_clear: bool = False
+        self, members: list[_RoutedRecipient], result: TransactionResult, target: Target, in_clear: bool = False
     ) -> list[Outcome]:
         """One Outcome per member from the peer's replies; ``in_clear``: sent in clear after a failed handshake."""
         host = host_label(target)
@@ -620,7 +620,7 @@ class Delivery:
         )
 
 
-def _addresses(members: Iterable[_Member]) -> str:
+def _addresses(members: Iterable[_RoutedRecipient]) -> str:
     return ", ".join(f"<{m.recipient.address}>" for m in members)
 
 
