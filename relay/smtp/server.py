@@ -95,28 +95,6 @@ BODY_8BITMIME = "8BITMIME"
 
 Answer = Union[Optional[Reply], Deferred]
 
-from relay.smtp.replies import (  # AUTH, ETRN and shutdown
-    AUTH_OK,
-    AUTH_FAILED,
-    AUTH_TEMPORARY_FAILURE,
-    AUTH_NOT_ENABLED,
-    AUTH_NEED_EHLO,
-    AUTH_TWICE,
-    AUTH_IN_TRANSACTION,
-    AUTH_MECHANISM_UNKNOWN,
-    AUTH_NEEDS_TLS,
-    SYNTAX_AUTH,
-    ETRN_IN_TRANSACTION,
-    SYNTAX_ETRN,
-    ETRN_BAD_DOMAIN,
-    ETRN_NO_QUEUE_NAMES,
-    too_many_auth_failures,
-    shutting_down,
-    etrn_started,
-    etrn_unavailable,
-    etrn_denied,
-)
-
 
 # -- the session ---------------------------------------------------------------------
 
@@ -200,7 +178,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.tls = ISSLTransport.providedBy(self.transport)  # an implicit-TLS listener
         self.client = client_key(self.peer_host) if self.peer_host else ""
         if self.factory.shutting_down:
-            self._send(shutting_down(self.hostname))
+            self._send(R.shutting_down(self.hostname))
             self._close()
             return
         refusal = self.factory.session_opened(self)
@@ -737,21 +715,21 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def do_AUTH(self, argument: str) -> Answer:
         if self.factory.portal is None:
-            return AUTH_NOT_ENABLED
+            return R.AUTH_NOT_ENABLED
         if not self.esmtp:
-            return AUTH_NEED_EHLO
+            return R.AUTH_NEED_EHLO
         if not self._auth_offered():
-            return AUTH_NEEDS_TLS
+            return R.AUTH_NEEDS_TLS
         if self.auth_user:
-            return AUTH_TWICE
+            return R.AUTH_TWICE
         if self._transaction is not None:
-            return AUTH_IN_TRANSACTION
+            return R.AUTH_IN_TRANSACTION
         words = argument.split(" ")
         if not words[0] or len(words) > 2:
-            return SYNTAX_AUTH
+            return R.SYNTAX_AUTH
         mechanism = words[0].upper()
         if mechanism not in AUTH_MECHANISMS:
-            return AUTH_MECHANISM_UNKNOWN
+            return R.AUTH_MECHANISM_UNKNOWN
         if self.factory.limits.auth.blocked(self.client):
             return self._auth_rate_limited(mechanism)
         exchange = AuthExchange(mechanism)
@@ -792,14 +770,14 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.auth_user = avatar.name
         log.info("AUTH {mechanism} as {user} from {peer}: success",
                  mechanism=mechanism, user=self.auth_user, peer=self._peer(), event="auth")
-        return AUTH_OK
+        return R.AUTH_OK
 
     def _auth_failed(self, failure: Failure, mechanism: str, user: str) -> Answer:
         if not failure.check(UnauthorizedLogin):
             log.error("AUTH {mechanism} as {user!r} from {peer}: checker unavailable ({error})",
                       mechanism=mechanism, user=user, peer=self._peer(),
                       error=failure.type.__name__)
-            return AUTH_TEMPORARY_FAILURE
+            return R.AUTH_TEMPORARY_FAILURE
         self.auth_failures += 1
         self.factory.limits.auth.failed(self.client)
         log.info("AUTH {mechanism} as {user!r} from {peer}: failed ({count} of {limit})",
@@ -816,10 +794,10 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def _auth_failure_reply(self) -> Optional[Reply]:
         if self.auth_failures < AUTH_FAILURE_LIMIT or self._closed:
-            return AUTH_FAILED
+            return R.AUTH_FAILED
         log.warn("too many authentication failures from {peer}", peer=self._peer())
-        self._send(AUTH_FAILED)
-        self._send(too_many_auth_failures(self.hostname))
+        self._send(R.AUTH_FAILED)
+        self._send(R.too_many_auth_failures(self.hostname))
         self._close()
         return None
 
@@ -829,21 +807,21 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if self.helo is None:
             return R.NEED_HELO
         if self._transaction is not None:
-            return ETRN_IN_TRANSACTION
+            return R.ETRN_IN_TRANSACTION
         node = argument.strip()
         if not node or " " in node:
-            return SYNTAX_ETRN
+            return R.SYNTAX_ETRN
         if node.startswith("#"):
-            return ETRN_NO_QUEUE_NAMES
+            return R.ETRN_NO_QUEUE_NAMES
         subdomains = node.startswith("@")
         name = node[1:] if subdomains else node
         if domain_problem(name) is not None:
-            return ETRN_BAD_DOMAIN
+            return R.ETRN_BAD_DOMAIN
         if not (self.trusted or self.auth_user):
-            return etrn_denied(name)
+            return R.etrn_denied(name)
         hook = self.factory.etrn
         if hook is None:
-            return etrn_unavailable(name)
+            return R.etrn_unavailable(name)
         domain = normalize_domain(name)
         started = maybeDeferred(hook, domain, subdomains)
         return started.addCallbacks(self._etrn_started, self._etrn_failed,
@@ -852,11 +830,11 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def _etrn_started(self, count: Any, name: str, subdomains: bool) -> Reply:
         log.info("ETRN {node} from {peer}: {count} message(s) scheduled now",
                  node=("@" if subdomains else "") + name, peer=self._peer(), count=count)
-        return etrn_started(name)
+        return R.etrn_started(name)
 
     def _etrn_failed(self, failure: Failure, name: str) -> Reply:
         log.failure("ETRN {node} from {peer} failed", failure, node=name, peer=self._peer())
-        return etrn_unavailable(name)
+        return R.etrn_unavailable(name)
 
     # -- shutdown --------------------------------------------------------------
 
@@ -878,7 +856,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def _say_goodbye(self) -> None:
         log.info("shutting down: closing the session from {peer}", peer=self._peer())
         self._exchange = None
-        self._send(shutting_down(self.hostname))
+        self._send(R.shutting_down(self.hostname))
         self._close()
 
     # -- DATA ----------------------------------------------------------------
