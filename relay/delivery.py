@@ -82,6 +82,7 @@ from relay.routing import RouteContext
 from relay.routing.mx import ResolutionError, Target
 from relay.smtp import client as smtp_client, dsn
 from relay.smtp.client import ClientOptions, SessionError, Transaction, TransactionResult
+from relay.seams import MessageSource, Resolver
 from relay.trust import TrustStore
 
 log = Logger()
@@ -202,8 +203,8 @@ class Delivery:
         self,
         config: Config,
         chain: Any,
-        resolver: Any,
-        spool: Any,
+        resolver: Resolver,
+        spool: MessageSource,
         reactor: Any,
         connect: Optional[Connect] = None,
         mta_sts: Any = None,

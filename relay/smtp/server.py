@@ -67,7 +67,7 @@ from relay.config import ServerConfig, domain_problem
 from relay.domains import DomainError, normalize_domain, to_ascii
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.metrics import reply_in
-from relay.policy import RelayPolicy
+from relay.seams import IncomingMessage, MessageSpool, Policy
 from relay.smtp import replies as R
 from relay.smtp.data import DataReader, HeaderCompleter
 from relay.smtp import trace
@@ -144,7 +144,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.trusted = False
         self.errors = 0
         self._transaction: Optional[_Transaction] = None
-        self._message: Any = None  # the spool's IncomingMessage during DATA
+        self._message: Optional[IncomingMessage] = None  # during DATA
         self._reader: Optional[DataReader] = None
         self._out: list[bytes] = []
         self._out_size = 0
@@ -1027,7 +1027,7 @@ class SMTPServerFactory(ServerFactory):
     protocol = SMTPServerProtocol
     noisy = False  # no "Starting factory" lines
 
-    def __init__(self, hostname: str, config: ServerConfig, spool: Any, policy: RelayPolicy,
+    def __init__(self, hostname: str, config: ServerConfig, spool: MessageSpool, policy: Policy,
                  clock: IReactorTime, tls_context: Any = None, submission: bool = False,
                  portal: Any = None, etrn: Optional[EtrnHook] = None,
                  limits: Optional[ClientLimits] = None) -> None:
