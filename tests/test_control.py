@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import pytest
 from twisted.internet import defer
+from twisted.internet import reactor as global_reactor
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.protocols import amp
@@ -359,7 +360,7 @@ def test_tool_reaches_a_control_service_over_its_unix_socket(tmp_path_factory: p
     from relayproc import relay_env
 
     directory = tmp_path_factory.mktemp("cs")
-    spool = Spool(str(directory), runner=lambda f, *args: defer.maybeDeferred(f, *args))
+    spool = Spool(str(directory), clock=global_reactor, runner=lambda f, *args: defer.maybeDeferred(f, *args))
     spool.recover()
     message = spool.new_message()
     message.write(b"Subject: x\r\n\r\nbody\r\n")
