@@ -25,7 +25,7 @@ import io
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Optional
+from typing import BinaryIO, Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
