@@ -31,6 +31,7 @@ from twisted.internet.interfaces import IDelayedCall
 
 from relay.log import Logger
 from relay.routing.mx import Target
+from relay.seams import OutboundConnection
 from relay.smtp import client as smtp_client
 from relay.smtp.client import ClientOptions
 
@@ -51,7 +52,7 @@ REUSE_TIME = 300.0
 class _Idle:
     key: PoolKey
     address: str
-    conn: Any
+    conn: OutboundConnection
     timer: Optional[IDelayedCall] = None
 
 
@@ -136,7 +137,7 @@ class ConnectionPool:
         self,
         key: PoolKey,
         address: str,
-        conn: Any,
+        conn: OutboundConnection,
         reusable: bool,
         idle_timeout: float = smtp_client.ClientTimeouts.idle,
     ) -> None:
@@ -144,7 +145,7 @@ class ConnectionPool:
         usage = self._usage.get(id(conn))
         if usage is not None:
             usage.transactions += 1
-        if not reusable or self._closing or getattr(conn, "closed", False) or self._worn(conn):
+        if not reusable or self._closing or conn.closed or self._worn(conn):
             self._close(conn, address)
             return
         line = self._waiting.get(address, ())
@@ -173,7 +174,7 @@ class ConnectionPool:
 
     # -- internals ----------------------------------------------------------------
 
-    def _worn(self, conn: Any) -> bool:
+    def _worn(self, conn: OutboundConnection) -> bool:
         """Whether ``conn`` carried its share of transactions or is too old to be reused."""
         usage = self._usage.get(id(conn))
         if usage is None:
@@ -200,7 +201,7 @@ class ConnectionPool:
         opened = self._reactor.seconds()
         d = defer.maybeDeferred(self._connect, self._reactor, target.address, target.port, target.host, options)
 
-        def connected(conn: Any) -> tuple[Any, bool]:
+        def connected(conn: OutboundConnection) -> tuple[Any, bool]:
             self._usage[id(conn)] = _Usage(opened)
             return (conn, False)
 
@@ -239,7 +240,7 @@ class ConnectionPool:
                 continue
             self._idle.remove(entry)
             self._cancel(entry)
-            if getattr(entry.conn, "closed", False) or getattr(entry.conn, "busy", False):
+            if entry.conn.closed or entry.conn.busy:
                 self._usage.pop(id(entry.conn), None)
                 self._uncount(entry.address)
                 continue
@@ -322,7 +323,7 @@ class ConnectionPool:
             self._idle.remove(entry)
             self._close(entry.conn, entry.address)
 
-    def _close(self, conn: Any, address: str) -> None:
+    def _close(self, conn: OutboundConnection, address: str) -> None:
         self._quit(conn)
         self._forget(address)
 
@@ -331,9 +332,9 @@ class ConnectionPool:
         if entry.timer is not None and entry.timer.active():
             entry.timer.cancel()
 
-    def _quit(self, conn: Any) -> Deferred:
+    def _quit(self, conn: OutboundConnection) -> Deferred:
         self._usage.pop(id(conn), None)
-        if getattr(conn, "closed", False):
+        if conn.closed:
             return defer.succeed(None)
         d = defer.maybeDeferred(conn.quit)
         d.addErrback(lambda f: log.debug("QUIT failed: {error}", error=f.getErrorMessage()))

@@ -82,6 +82,8 @@ from relay.routing import RouteContext
 from relay.routing.mx import ResolutionError, Target
 from relay.smtp import client as smtp_client, dsn
 from relay.smtp.client import ClientOptions, SessionError, Transaction, TransactionResult
+from relay.seams import MessageSource, Resolver
+from relay.trust import TrustStore
 
 log = Logger()
 
@@ -140,7 +142,7 @@ def read_password(path: str) -> str:
 
 
 @dataclass(frozen=True)
-class _Member:
+class _RoutedRecipient:
     """A recipient of a group with the route it takes this time."""
 
     recipient: Recipient
@@ -201,22 +203,27 @@ class Delivery:
         self,
         config: Config,
         chain: Any,
-        resolver: Any,
-        spool: Any,
+        resolver: Resolver,
+        spool: MessageSource,
         reactor: Any,
         connect: Optional[Connect] = None,
         mta_sts: Any = None,
+        trust: Optional[TrustStore] = None,
     ) -> None:
-        """``mta_sts``: a PolicyCache (built from ``resolver`` when ``[delivery] mta_sts`` is on)."""
+        """``mta_sts``: a PolicyCache (built from ``resolver`` when ``[delivery] mta_sts`` is on).
+
+        ``trust``: the loaded ``[delivery] tls_ca_file`` (built here, read at the first use, when not given).
+        """
         self._config = config
         self._chain = chain
         self._resolver = resolver
         self._spool = spool
         self._reactor = reactor
+        self._trust = trust if trust is not None else TrustStore(config.delivery.tls_ca_file)
         if mta_sts is None and config.delivery.mta_sts:
             from relay.mta_sts import policy_cache
 
-            mta_sts = policy_cache(resolver, reactor, config.delivery.tls_ca_file)
+            mta_sts = policy_cache(resolver, reactor, self._trust)
         self._mta_sts = mta_sts
         self.pool = ConnectionPool(
             reactor,
@@ -266,7 +273,7 @@ class Delivery:
         context = RouteContext.from_envelope(envelope, self._config.hostname)
         routed = await defer.gatherResults([self._route(envelope, r, context) for r in pending])
         outcomes: dict[int, Outcome] = {}
-        groups: dict[tuple, list[tuple[int, _Member]]] = {}
+        groups: dict[tuple, list[tuple[int, _RoutedRecipient]]] = {}
         for index, (recipient, route) in enumerate(routed):
             if isinstance(route, Outcome):
                 outcomes[index] = route
@@ -274,7 +281,7 @@ class Delivery:
                 outcomes[index] = reject_outcome(recipient.address, route)
                 self._log_outcome(envelope, outcomes[index])
             else:
-                groups.setdefault(route.destination(), []).append((index, _Member(recipient, route)))
+                groups.setdefault(route.destination(), []).append((index, _RoutedRecipient(recipient, route)))
         body = _Body(self._spool, envelope.queue_id)
         running = [len(groups)]
 
@@ -320,7 +327,7 @@ class Delivery:
 
     # -- one destination -------------------------------------------------------
 
-    def _deliver_group(self, envelope: Envelope, members: list[_Member], body: _Body, forced: bool) -> Deferred:
+    def _deliver_group(self, envelope: Envelope, members: list[_RoutedRecipient], body: _Body, forced: bool) -> Deferred:
         """Fire with one Outcome per member, in order; an unexpected error makes them transient."""
         d = Deferred.fromCoroutine(self._deliver(envelope, members, body, forced))
 
@@ -337,7 +344,7 @@ class Delivery:
         d.addCallback(self._log_outcomes, envelope, self._reactor.seconds())
         return d
 
-    async def _deliver(self, envelope: Envelope, members: list[_Member], body: _Body, forced: bool) -> list[Outcome]:
+    async def _deliver(self, envelope: Envelope, members: list[_RoutedRecipient], body: _Body, forced: bool) -> list[Outcome]:
         route = members[0].route
         destination = route.destination()
         suspension = None if forced else self.suspended(destination)
@@ -417,7 +424,7 @@ class Delivery:
         for d in list(parked):
             d.cancel()
 
-    def _suspended_outcomes(self, envelope: Envelope, members: list[_Member], suspension: _Suspension) -> list[Outcome]:
+    def _suspended_outcomes(self, envelope: Envelope, members: list[_RoutedRecipient], suspension: _Suspension) -> list[Outcome]:
         text = f"{TEXT_SUSPENDED}: {suspension.text}"
         return [local_outcome(m.recipient.address, Reason.SUSPENDED, STATUS_NO_ANSWER, text, m.route.rule, suspension.host)
                 for m in members]
@@ -501,7 +508,7 @@ class Delivery:
 
     # -- building the transaction ----------------------------------------------
 
-    def _transaction(self, envelope: Envelope, members: list[_Member], body: _Body) -> Transaction:
+    def _transaction(self, envelope: Envelope, members: list[_RoutedRecipient], body: _Body) -> Transaction:
         return Transaction(
             sender=envelope.sender,
             recipients=tuple((m.recipient.address, tuple(m.route.rcpt_route)) for m in members),
@@ -526,6 +533,7 @@ class Delivery:
             tls=TLS_VERIFY if verify else route.tls,
             tls_hostname=target.host,
             ca_file=self._config.delivery.tls_ca_file,
+            trust=self._trust,
             username=route.username,
             password=password,
             auth_in_clear=route.auth_in_clear,
@@ -570,7 +578,7 @@ class Delivery:
     # -- results ---------------------------------------------------------------
 
     def _replies_to_outcomes(
-        self, members: list[_Member], result: TransactionResult, target: Target, in_clear: bool = False
+        self, members: list[_RoutedRecipient], result: TransactionResult, target: Target, in_clear: bool = False
     ) -> list[Outcome]:
         """One Outcome per member from the peer's replies; ``in_clear``: sent in clear after a failed handshake."""
         host = host_label(target)
@@ -613,7 +621,7 @@ class Delivery:
         )
 
 
-def _addresses(members: Iterable[_Member]) -> str:
+def _addresses(members: Iterable[_RoutedRecipient]) -> str:
     return ", ".join(f"<{m.recipient.address}>" for m in members)
 
 

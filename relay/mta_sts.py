@@ -51,7 +51,7 @@ from zope.interface import implementer
 
 from relay.domains import normalize_domain
 from relay.envelope import ROUTE_SMARTHOST, NextHop, Route
-from relay.smtp.client import trust_root
+from relay.trust import TrustStore
 
 log = Logger()
 
@@ -242,10 +242,11 @@ class ResolvingTLSEndpoint:
 class _EndpointFactory:
     """Endpoints for the Agent: https only, resolved and verified as ``ResolvingTLSEndpoint``."""
 
-    def __init__(self, reactor: Any, resolve: Callable[[str, int], Deferred], ca_file: str, timeout: float) -> None:
+    def __init__(self, reactor: Any, resolve: Callable[[str, int], Deferred], trust: TrustStore,
+                 timeout: float) -> None:
         self._reactor = reactor
         self._resolve = resolve
-        self._ca_file = ca_file
+        self._trust = trust
         self._timeout = timeout
 
     def endpointForURI(self, uri: Any) -> ResolvingTLSEndpoint:
@@ -255,7 +256,7 @@ class _EndpointFactory:
         if uri.scheme != b"https":
             raise SchemeNotSupported(uri.scheme)
         host = uri.host.decode("ascii")
-        options = ssl.optionsForClientTLS(host, trustRoot=trust_root(self._ca_file))
+        options = ssl.optionsForClientTLS(host, trustRoot=self._trust.root())
         return ResolvingTLSEndpoint(self._reactor, self._resolve, host, uri.port, options, self._timeout)
 
 
@@ -332,7 +333,7 @@ class PolicyFetcher:
         self,
         reactor: Any,
         resolve: Callable[[str, int], Deferred],
-        ca_file: str = "",
+        trust: Optional[TrustStore] = None,
         timeout: float = FETCH_TIMEOUT,
         max_size: int = MAX_POLICY_SIZE,
         agent: Any = None,
@@ -342,7 +343,7 @@ class PolicyFetcher:
         self._max_size = max_size
         self._agent = agent or Agent.usingEndpointFactory(
             reactor,
-            _EndpointFactory(reactor, resolve, ca_file, timeout),
+            _EndpointFactory(reactor, resolve, trust if trust is not None else TrustStore(), timeout),
             pool=HTTPConnectionPool(reactor, persistent=False),
         )
 
@@ -482,7 +483,10 @@ class PolicyCache:
         self._entries[domain] = entry
 
 
-def policy_cache(resolver: Any, reactor: Any, ca_file: str = "") -> PolicyCache:
-    """The cache the relay uses: TXT and A/AAAA lookups through ``resolver`` (an MXResolver)."""
-    fetcher = PolicyFetcher(reactor, addresses_from(resolver), ca_file)
+def policy_cache(resolver: Any, reactor: Any, trust: Optional[TrustStore] = None) -> PolicyCache:
+    """The cache the relay uses: TXT and A/AAAA lookups through ``resolver`` (an MXResolver).
+
+    ``trust``: the CA certificates the policy host must present a certificate of (None: the system store).
+    """
+    fetcher = PolicyFetcher(reactor, addresses_from(resolver), trust)
     return PolicyCache(resolver.txt, fetcher, reactor)

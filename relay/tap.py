@@ -34,6 +34,7 @@ from relay.config import (
     apply_overrides,
     load_config,
 )
+from relay.trust import TrustStore, load_certificates
 
 log = Logger()
 
@@ -137,13 +138,12 @@ def build_tls_context(server: ServerConfig, source: str) -> Optional[ssl.Certifi
     """
     if not server.tls_certificate:
         return None
-    from cryptography import x509
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     cert_key, key_key = "server.tls_certificate", "server.tls_key"
     cert_pem = _read_bytes(server.tls_certificate, source, cert_key)
     try:
-        chain = x509.load_pem_x509_certificates(cert_pem)
+        chain = load_certificates(cert_pem)
     except ValueError:
         raise ConfigError(f"{source}: {cert_key}: {server.tls_certificate!r} holds no readable PEM certificate") from None
     key_pem = _read_bytes(server.tls_key, source, key_key)
@@ -164,6 +164,15 @@ def build_tls_context(server: ServerConfig, source: str) -> Optional[ssl.Certifi
     except Exception:
         raise ConfigError(f"{source}: {key_key}: the key does not match server.tls_certificate") from None
     return options
+
+
+def load_trust(config: Config) -> TrustStore:
+    """``[delivery] tls_ca_file`` read once, for delivery and MTA-STS; a bad file is a ConfigError naming the key."""
+    try:
+        return TrustStore(config.delivery.tls_ca_file).load()
+    except (OSError, ValueError):
+        raise ConfigError(f"{config.source or COMMAND_LINE}: delivery.tls_ca_file: "
+                          f"{config.delivery.tls_ca_file!r} holds no readable PEM certificate") from None
 
 
 def check_router_plugins(config: Config) -> None:
@@ -404,7 +413,8 @@ def _add_delivery(relay: RelayService, reactor: Any) -> None:
     from relay.delivery import Delivery
     from relay.queue.scheduler import Scheduler
 
-    relay.delivery = Delivery(relay.config, relay.chain, relay.resolver, relay.spool, reactor)
+    trust = load_trust(relay.config)
+    relay.delivery = Delivery(relay.config, relay.chain, relay.resolver, relay.spool, reactor, trust=trust)
     closing = _Closing(relay.delivery)
     closing.setName("delivery")
     closing.setServiceParent(relay)

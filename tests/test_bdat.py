@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 
-from relay.smtp.server import MAX_RECEIVED
+from relay.smtp.data import MAX_RECEIVED
 from test_server import ready, spool_of
 
 START = b"MAIL FROM:<s@x.test>\r\nRCPT TO:<u@example.org>\r\n"

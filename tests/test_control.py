@@ -21,13 +21,14 @@ from typing import Any, Optional
 
 import pytest
 from twisted.internet import defer
+from twisted.internet import reactor as global_reactor
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.test import iosim
-from twisted.trial.unittest import SynchronousTestCase
 
+from deferreds import failure_of, no_result, success
 from relay.control import (
     BadQueueId,
     ControlError,
@@ -51,9 +52,6 @@ from relay.control import probe as control_probe
 from relay.envelope import Envelope, Recipient
 from relay.queue.store import Spool
 
-_t = SynchronousTestCase()
-success = _t.successResultOf
-failure_of = _t.failureResultOf
 
 QID = "08DolYlYPhpza6mt"
 
@@ -126,7 +124,7 @@ def test_flush_waits_for_a_deferred_count() -> None:
     client, pump = connected(scheduler)
     d = call_remote(client, Flush)
     pump.flush()
-    _t.assertNoResult(d)
+    no_result(d)
     pending.callback(4)
     pump.flush()
     assert success(d) == {"count": 4}
@@ -362,7 +360,7 @@ def test_tool_reaches_a_control_service_over_its_unix_socket(tmp_path_factory: p
     from relayproc import relay_env
 
     directory = tmp_path_factory.mktemp("cs")
-    spool = Spool(str(directory), runner=lambda f, *args: defer.maybeDeferred(f, *args))
+    spool = Spool(str(directory), clock=global_reactor, runner=lambda f, *args: defer.maybeDeferred(f, *args))
     spool.recover()
     message = spool.new_message()
     message.write(b"Subject: x\r\n\r\nbody\r\n")

@@ -11,11 +11,11 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from relay.config import Config, DeliveryConfig
+from deferreds import no_result, success
+from relay.config import Config, ConfigError, DeliveryConfig, config_from_mapping
 from relay.delivery import Delivery
 from relay.domains import DomainSet
 from relay.envelope import (
@@ -26,6 +26,10 @@ from relay.envelope import (
     ROUTE_REJECT,
     ROUTE_SMARTHOST,
     ROUTE_SOURCE,
+    TLS_MAY,
+    TLS_REQUIRE,
+    TLS_VERIFY,
+    Attempt,
     Envelope,
     NextHop,
     Recipient,
@@ -33,7 +37,8 @@ from relay.envelope import (
 )
 from relay.interfaces import IRouter
 from relay.outcome import TEXT_INTERNAL, TEXT_ROUTING, Reason
-from relay.routing import RouterChain
+from relay.mta_sts import Policy
+from relay.routing import RouterChain, build_chain
 from relay.routing.mx import ResolutionError, Target
 from relay.smtp.client import STAGE_CONNECT, STAGE_GREETING, STAGE_LOST, ClientOptions, SessionError, Transaction, TransactionResult
 from relay.smtp.replies import Reply
@@ -221,9 +226,6 @@ def events():
     globalLogPublisher.removeObserver(captured.append)
 
 
-_t = SynchronousTestCase()
-success = _t.successResultOf
-no_result = _t.assertNoResult
 
 
 def by_address(outcomes):
@@ -761,11 +763,6 @@ def test_loopback_failover_partial_refusal_and_reuse(tmp_path):
 
 
 # -- outbound TLS policy, TLS in the history, MTA-STS ----------------------------------
-
-from relay.config import ConfigError, config_from_mapping  # noqa: E402
-from relay.envelope import TLS_MAY, TLS_REQUIRE, TLS_VERIFY, Attempt  # noqa: E402
-from relay.mta_sts import Policy  # noqa: E402
-from relay.routing import build_chain  # noqa: E402
 
 TLS13 = "TLSv1.3 TLS_AES_256_GCM_SHA384"
 

@@ -21,8 +21,6 @@ from twisted.python.systemd import ListenFDs
 from relay.config import Config, ConfigError, QueueConfig, ServerConfig
 from relay.tap import build_master, build_relay
 
-pytest.importorskip("relay.smtp.server")
-
 
 def config_for(tmp_path: Path, *listen: str, workers: int = 1) -> Config:
     return Config(hostname="relay.test", source="relay.toml",

@@ -23,8 +23,6 @@ from relay.reload import HangupService, RouteReloader, restart_keys
 from relay.routing import RouteContext
 from relay.tap import Options, build_relay
 
-pytest.importorskip("relay.smtp.server")
-
 
 def write(path: Path, routes: str, extra: str = "") -> None:
     path.write_text(f'hostname = "relay.test"\n{extra}\n{routes}')

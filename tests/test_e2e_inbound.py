@@ -174,10 +174,12 @@ def test_twistd_relay_with_no_configuration_listens_on_2525(tmp_path):
             assert code == 250
             assert s.has_extn("pipelining") and s.has_extn("enhancedstatuscodes")
             s.mail("a@example.org")
-            s.rcpt("b@example.net")
+            # An address literal on loopback: delivery, which may already be under way, never
+            # asks the system resolver nor leaves the machine.
+            s.rcpt("b@[127.0.0.1]")
             code, reply = s.data(b"Subject: default\r\n\r\nhi\r\n")
         assert code == 250
-        # Delivery may already be under way; the spool directory and the log tell where it went.
+        # The spool directory and the log tell where it went.
         assert (tmp_path / "relay-queue" / "queue.db").is_file()
         wait_until_logged = queue_id_of(reply)
         assert wait_until_logged in (tmp_path / "relay.log").read_text()

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.trial.unittest import SynchronousTestCase
 
+from deferreds import no_result, success
 from relay.config import ConfigError, QueueConfig, load_config
 from relay.delivery import TEXT_SUSPENDED
 from relay.outcome import Reason
@@ -24,9 +24,6 @@ from relay.smtp.replies import Reply
 from test_delivery import FakeConnector, Harness, envelope, refused
 from test_scheduler import FakeSpool, delivered, scheduler, transient
 
-_t = SynchronousTestCase()
-success = _t.successResultOf
-no_result = _t.assertNoResult
 
 STALLED = "127.0.0.4"  # b.test's only MX host in test_delivery's targets
 

@@ -11,7 +11,6 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
 from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgentEndpointFactory
@@ -19,6 +18,7 @@ from zope.interface.verify import verifyObject
 
 from certs import make_certificate
 from dnsserver import start_dns_server
+from deferreds import failure_of, no_result, success
 from relay.mta_sts import (
     MAX_MAX_AGE,
     MODE_ENFORCE,
@@ -37,11 +37,8 @@ from relay.mta_sts import (
     policy_url,
 )
 from relay.routing.mx import MXResolver, ResolutionError
+from relay.trust import TrustStore
 
-_t = SynchronousTestCase()
-success = _t.successResultOf
-failure_of = _t.failureResultOf
-no_result = _t.assertNoResult
 
 POLICY = b"version: STSv1\r\nmode: enforce\r\nmx: mx1.a.test\r\nmx: *.backup.a.test\r\nmax_age: 86400\r\n"
 
@@ -437,7 +434,7 @@ def test_endpoint_factory_is_https_only_and_resolves_through_our_resolver(tmp_pa
         asked.append((host, port))
         return defer.succeed(["127.0.0.9"])
 
-    factory = _EndpointFactory(reactor, resolve, str(cert), 30)
+    factory = _EndpointFactory(reactor, resolve, TrustStore(str(cert)), 30)
     verifyObject(IAgentEndpointFactory, factory)
 
     class URI:

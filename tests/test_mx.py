@@ -19,10 +19,10 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from dnsserver import start_dns_server
+from deferreds import failure_of as failure, success
 from relay.envelope import ROUTE_MX, ROUTE_SMARTHOST, NextHop, Route
 from relay.routing.mx import (
     STATUS_DNS_TRANSIENT,
@@ -62,9 +62,6 @@ ZONE = {
     "xn--bcher-kva.test": {"MX": [[10, "mx2.example.test"]]},
 }
 
-_case = SynchronousTestCase()
-success = _case.successResultOf
-failure = _case.failureResultOf
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,12 @@ from pathlib import Path
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
 
+from deferreds import success
 from relay.envelope import Envelope, Recipient
 from relay.queue.partitions import merge_surplus, part_directories, part_directory, part_indexes
 from relay.queue.store import Spool
 
-_t = SynchronousTestCase()
 
 
 def sync_runner(f, *args):
@@ -26,7 +25,7 @@ def store(directory: str, n: int, large: bool = False) -> str:
     message = spool.new_message()
     message.write(b"Subject: %d\r\n\r\n" % n + (b"x" * 2000 if large else b"body") + b"\r\n")
     queue_id = message.queue_id
-    _t.successResultOf(message.commit(Envelope(queue_id=queue_id, sender="s@a.test",
+    success(message.commit(Envelope(queue_id=queue_id, sender="s@a.test",
                                                recipients=(Recipient(f"u{n}@b.test"),))))
     spool.close()
     return queue_id

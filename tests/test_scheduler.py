@@ -12,8 +12,8 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
 
+from deferreds import no_result, success
 from relay.envelope import (
     DELIVERED,
     FAILED,
@@ -34,9 +34,6 @@ from relay.queue.store import QueueSummary, Spool
 NOW = 1_700_000_000.0
 CONFIG = QueueConfig(min_retry=300.0, max_retry=3600.0, max_lifetime=86400.0)
 
-_t = SynchronousTestCase()
-success = _t.successResultOf
-no_result = _t.assertNoResult
 
 
 def envelope(*addresses: str, queue_id: str = "Q1", sender: str = "s@origin.test", **kw: Any) -> Envelope:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 from typing import Any, Callable, Optional
@@ -9,19 +10,26 @@ from typing import Any, Callable, Optional
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase as TrialTestCase
+from zope.interface import implementer
 
+from relay.auth import SenderLoginMap, SubmitterRealm
 from relay.config import ServerConfig
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.policy import RelayPolicy
+from relay.queue.store import Spool
 from relay.smtp import replies as R
+from relay.smtp import server as server_module
 from relay.smtp.replies import Reply
-from relay.smtp.server import SMTPServerFactory, SMTPServerProtocol
+from relay.smtp.server import SessionState, SMTPServerFactory, SMTPServerProtocol
 
 HOST = "relay.test"
 NOW = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 +0000
@@ -191,6 +199,18 @@ def test_ehlo_advertises_extensions() -> None:
     assert keywords == {"PIPELINING", "SIZE 1234", "CHUNKING", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN", "ETRN"}
 
 
+def test_help_lists_the_verbs_the_session_offers() -> None:
+    """HELP names STARTTLS only while it is offered, AUTH only where it is offered, and BDAT and ETRN always."""
+    plain = session()
+    assert plain.send(b"HELP\r\n") == b"214 2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP ETRN\r\n"
+    tls = session(tls_context=object())
+    assert b" STARTTLS ETRN\r\n" in tls.send(b"HELP\r\n")
+    tls.send(b"STARTTLS\r\n")
+    assert b"STARTTLS" not in tls.send(b"HELP\r\n")
+    clear_auth = session(portal=object(), auth_in_clear=True)
+    assert clear_auth.send(b"HELP\r\n").endswith(b" HELP AUTH ETRN\r\n")
+
+
 def test_ehlo_advertises_starttls_with_context() -> None:
     """STARTTLS is advertised when a TLS context is given."""
     s = session(tls_context=object())
@@ -242,6 +262,24 @@ def test_nested_mail() -> None:
     s = ready()
     s.send(b"MAIL FROM:<s@x.test>\r\n")
     assert code(s.send(b"MAIL FROM:<t@x.test>\r\n")) == "503 5.5.1"
+
+
+def test_session_state_follows_the_dialogue() -> None:
+    """The session's state goes CONNECT, HELO, MAIL, DATA and back to HELO after the end of data and after RSET."""
+    s = session()
+    seen = [s.proto.state]
+    s.send(b"EHLO client.test\r\n")
+    seen.append(s.proto.state)
+    s.send(b"MAIL FROM:<s@x.test>\r\n")
+    seen.append(s.proto.state)
+    s.send(b"RCPT TO:<u@example.org>\r\nDATA\r\n")
+    seen.append(s.proto.state)
+    s.send(b"hi\r\n.\r\n")
+    seen.append(s.proto.state)
+    s.send(b"MAIL FROM:<s@x.test>\r\nRSET\r\n")
+    seen.append(s.proto.state)
+    assert seen == [SessionState.CONNECT, SessionState.HELO, SessionState.MAIL, SessionState.DATA,
+                    SessionState.HELO, SessionState.HELO]
 
 
 def test_rset_clears_transaction() -> None:
@@ -954,7 +992,6 @@ def test_big_message_fast_path() -> None:
 
 def test_real_spool_commit(tmp_path: Any) -> None:
     """With the on-disk spool, 250 comes only once the commit ran, and the queued files hold the message."""
-    spool_module = pytest.importorskip("relay.queue.store")
     jobs: list[tuple[Callable[..., Any], tuple]] = []
 
     def runner(f: Callable[..., Any], *args: Any) -> Deferred:
@@ -964,7 +1001,7 @@ def test_real_spool_commit(tmp_path: Any) -> None:
 
     clock = Clock()
     clock.advance(NOW)
-    spool = spool_module.Spool(str(tmp_path), clock=clock, runner=runner)
+    spool = Spool(str(tmp_path), clock=clock, runner=runner)
     spool.recover()
     s = ready(spool=spool, clock=clock)
     s.send(TRANSACTION)
@@ -989,9 +1026,8 @@ def test_real_spool_commit(tmp_path: Any) -> None:
 
 def test_real_spool_refused_message_leaves_nothing(tmp_path: Any) -> None:
     """With the on-disk spool, a refused message leaves no file behind."""
-    spool_module = pytest.importorskip("relay.queue.store")
     clock = Clock()
-    spool = spool_module.Spool(str(tmp_path), clock=clock, runner=lambda f, *a: maybeDeferred(f, *a))
+    spool = Spool(str(tmp_path), clock=clock, runner=lambda f, *a: maybeDeferred(f, *a))
     spool.recover()
     s = ready(spool=spool, clock=clock)
     assert deliver(s, b"bare\nlf\r\n.\r\n") == R.BARE_NEWLINE_DATA.to_bytes()
@@ -1143,6 +1179,18 @@ def test_reply_parse(lines: list, expected: Reply) -> None:
     assert Reply.parse(lines) == expected
 
 
+@pytest.mark.parametrize("code, texts, expected", [
+    (250, ["2.1.0 Ok"], Reply(250, "2.1.0", "Ok")),
+    (550, ["5.1.1 no such", "5.1.1 user"], Reply(550, "5.1.1", "no such\nuser")),
+    (451, ["5.0.0 mismatched class"], Reply(451, "", "5.0.0 mismatched class")),
+    (220, [""], Reply(220, "", "")),
+])
+def test_reply_from_texts(code: int, texts: list, expected: Reply) -> None:
+    """Reply.from_texts builds the reply from lines already split off the wire, as Reply.parse would."""
+    assert Reply.from_texts(code, texts) == expected
+    assert Reply.parse([f"{code} {text}" for text in texts]) == expected
+
+
 @pytest.mark.parametrize("lines", [[], [b"hello"], [b"25 x"], [b"250-a", b"251 b"], [b"250x"]])
 def test_reply_parse_malformed(lines: list) -> None:
     """Reply.parse raises ValueError on lines that are not an SMTP reply."""
@@ -1158,16 +1206,6 @@ def test_reply_round_trip() -> None:
 
 
 # -- AUTH (RFC 4954) ---------------------------------------------------------------------------------
-
-import base64  # noqa: E402
-
-from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse  # noqa: E402
-from twisted.cred.portal import Portal  # noqa: E402
-from twisted.internet.interfaces import ISSLTransport  # noqa: E402
-from zope.interface import implementer  # noqa: E402
-
-from relay.auth import SenderLoginMap, SubmitterRealm  # noqa: E402
-from relay.smtp import server as server_module  # noqa: E402
 
 PASSWORD = b"s3cret-Pa55"
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
+from twisted.internet import reactor as global_reactor
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -303,6 +304,8 @@ class StoreTestCase(SynchronousTestCase):
     def spool(self, root: Optional[Path] = None, recover: bool = True, cls: type = Spool, **kwargs: Any) -> Spool:
         kwargs.setdefault("runner", sync_runner)
         kwargs.setdefault("clock", self.clock)
+        if kwargs["runner"] is None:  # the store's own threads report to the real reactor
+            kwargs.setdefault("reactor", global_reactor)
         spool = cls(str(root or self.root), **kwargs)
         self.addCleanup(spool.close)
         if recover:
@@ -1418,7 +1421,7 @@ from relay.queue.store import Spool
 directory, large = sys.argv[1], int(sys.argv[2])
 SIZES = (100, 700, 2500, 40, 12000, 900, 300000, 1500)
 IN_FLIGHT = 20
-spool = Spool(directory, large_message=large)
+spool = Spool(directory, reactor=reactor, large_message=large)
 spool.recover()
 spool.start()
 made = [0]

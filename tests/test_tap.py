@@ -23,6 +23,7 @@ from twisted.plugin import getPlugins
 
 from relay import tap
 from relay.config import Config, ConfigError, QueueConfig, RouteConfig, ServerConfig, default_hostname
+from relay.queue.store import Spool
 from relay.tap import Options, RelayService, build_relay, build_tls_context, check_router_plugins
 
 REPO = Path(__file__).resolve().parent.parent
@@ -226,9 +227,6 @@ def test_clean_stop_on_sigterm_exits_zero() -> None:
 
 def test_build_relay_assembles_spool_then_listeners(tmp_path: Path) -> None:
     """build_relay puts the spool first, then one listener per endpoint, submission ones with their own factory."""
-    pytest.importorskip("relay.queue.store")
-    pytest.importorskip("relay.policy")
-    pytest.importorskip("relay.smtp.server")
     reactor = MemoryReactorClock()
     config = Config(
         hostname="relay.test",
@@ -236,8 +234,6 @@ def test_build_relay_assembles_spool_then_listeners(tmp_path: Path) -> None:
                             submission_listen=("tcp:2587",), auth_users=str(tmp_path / "users")),
         queue=QueueConfig(directory=str(tmp_path / "q")),
     )
-    from relay.queue.store import Spool
-
     relay = build_relay(config, reactor)
     children = list(relay)
     assert children[0].name == "spool" and isinstance(relay.spool, Spool)
@@ -265,7 +261,6 @@ class BusyReactor(MemoryReactorClock):
 
 def test_listener_that_cannot_bind_stops_start_up(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     """A listener whose port is taken ends start-up with status 1 and one line on the original stderr."""
-    pytest.importorskip("relay.smtp.server")
     config = Config(hostname="relay.test", server=ServerConfig(listen=("tcp:2525:interface=127.0.0.1",)),
                     queue=QueueConfig(directory=str(tmp_path / "q")))
     relay = build_relay(config, BusyReactor())
@@ -280,7 +275,6 @@ def test_listener_that_cannot_bind_stops_start_up(tmp_path: Path, capfd: pytest.
 
 def test_endpoint_that_cannot_be_built_is_a_config_error(tmp_path: Path) -> None:
     """A systemd endpoint outside systemd passes the loader but stops assembly with a line naming the key."""
-    pytest.importorskip("relay.smtp.server")
     config = Config(hostname="relay.test", source="relay.toml",
                     server=ServerConfig(listen=("tcp:2525", "systemd:domain=INET:index=7")),
                     queue=QueueConfig(directory=str(tmp_path / "q")))

@@ -66,7 +66,7 @@ from typing import Any, BinaryIO, Callable, Iterable, NamedTuple, Optional
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from relay.log import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -351,6 +351,7 @@ class Spool:
         directory: str,
         *,
         clock: Optional[IReactorTime] = None,
+        reactor: Any = None,
         runner: Optional[Runner] = None,
         fs: Any = None,
         large_message: int = LARGE_MESSAGE,
@@ -359,6 +360,11 @@ class Spool:
     ) -> None:
         """A store in ``directory``.
 
+        ``clock`` stamps queue ids and times lazy writes; ``reactor`` (or a
+        clock that is a reactor, as the composition root passes) is where the
+        store's own threads report their results and stop at shutdown.  Both
+        are injected: without them only the synchronous methods work (the
+        tools).
         ``runner(f, *args)`` runs each transaction and every read for the
         daemon (default: the store's own threads); with an injected runner
         everything runs at once on the calling thread, which tests use.
@@ -368,6 +374,7 @@ class Spool:
         self.directory = directory
         self.large_message = large_message
         self._clock = clock
+        self._reactor = reactor
         self._runner: Runner = runner if runner is not None else self._run_in_writer
         self._threaded = runner is None
         self._fs = fs if fs is not None else OsFileSystem()
@@ -426,8 +433,7 @@ class Spool:
         """Start the writer thread (only used without an injected runner)."""
         if self._writer is not None or not self._threaded:
             return
-        from twisted.internet import reactor
-
+        reactor = self._thread_reactor()
         self._writer = ThreadPool(minthreads=1, maxthreads=1, name="relay-store-writer")
         self._writer.start()
         self._shutdown_trigger = reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
@@ -447,8 +453,7 @@ class Spool:
         self._readers = self._io = None
         pool, self._writer = self._writer, None
         if self._shutdown_trigger is not None:
-            from twisted.internet import reactor
-
+            reactor = self._thread_reactor()
             ignore_errors(reactor.removeSystemEventTrigger, self._shutdown_trigger)  # type: ignore[attr-defined]
             self._shutdown_trigger = None
         if pool is not None:
@@ -505,9 +510,9 @@ class Spool:
         return self._writer_conn
 
     def _run_in_writer(self, f: Callable[..., Any], *args: Any) -> Deferred:
-        from twisted.internet import reactor
         from twisted.internet.threads import deferToThreadPool
 
+        reactor = self._thread_reactor()
         if self._writer is None:
             self.start()
         assert self._writer is not None
@@ -528,8 +533,7 @@ class Spool:
         """
         if not self._threaded:
             return defer.maybeDeferred(f, *args)
-        from twisted.internet import reactor
-
+        reactor = self._thread_reactor()
         d: Deferred = Deferred()
 
         def deliver(future: Future) -> None:
@@ -878,11 +882,18 @@ class Spool:
         return d
 
     def _get_clock(self) -> IReactorTime:
-        if self._clock is None:
-            from twisted.internet import reactor
+        """The injected clock, or the injected reactor's."""
+        clock = self._clock if self._clock is not None else self._reactor
+        if clock is None:
+            raise StoreError(f"{self.directory}: this use of the queue store needs a clock (clock= or reactor=)")
+        return clock
 
-            self._clock = reactor  # type: ignore[assignment]
-        return self._clock  # type: ignore[return-value]
+    def _thread_reactor(self) -> Any:
+        """The reactor the store's own threads report to: ``reactor``, or a clock that is one."""
+        reactor = self._reactor if self._reactor is not None else self._clock
+        if not IReactorFromThreads.providedBy(reactor):
+            raise StoreError(f"{self.directory}: the queue store's threads need the reactor (reactor=)")
+        return reactor
 
     # -- start-up recovery --------------------------------------------------
 

@@ -542,9 +542,8 @@ class MXResolver:
         return deferToThreadPool(reactor, self._pool, f, *args)
 
     def _reactor(self) -> Any:
-        """The clock when it can take calls from threads, else the global reactor."""
-        if IReactorFromThreads.providedBy(self._clock):
-            return self._clock
-        from twisted.internet import reactor
-
-        return reactor
+        """The injected clock, which must take calls from threads when the resolver runs its own."""
+        if not IReactorFromThreads.providedBy(self._clock):
+            raise TypeError("MXResolver's own threads need a clock that provides IReactorFromThreads "
+                            "(the reactor), or a runner")
+        return self._clock

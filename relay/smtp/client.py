@@ -25,7 +25,7 @@ import io
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Optional
+from typing import BinaryIO, Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -43,6 +43,7 @@ from relay.envelope import OUTCOME_TRANSIENT, TLS_REQUIRE, TLS_VERIFY
 from relay.outcome import NETWORK_TEXT, STAGE_CONNECT, LocalReply, Reason, ReasonedError, classify, network_reason
 from relay.smtp.replies import Reply
 from relay.smtp.tls import CertificateCheck, tls_failure
+from relay.trust import TrustStore
 
 log = Logger()
 
@@ -64,6 +65,8 @@ STAGE_STARTTLS = "starttls"
 STAGE_AUTH = "auth"
 STAGE_TIMEOUT = "timeout"
 STAGE_LOST = "lost"
+# Where a session is once it can carry mail: never a SessionError stage (a failure then is STAGE_LOST).
+STAGE_READY = "ready"
 
 # Replies this client makes up itself (LocalReply: never reported as the peer's words).
 REPLY_NO_SMTPUTF8 = LocalReply(550, "5.6.7", "remote server does not support SMTPUTF8", Reason.NO_SMTPUTF8)
@@ -76,9 +79,6 @@ REPLY_BAD_ADDRESS = LocalReply(553, "5.1.3", "address contains characters not al
 TEXT_TOO_BIG = "message size {size} exceeds the remote server's limit of {limit} octets"
 
 _REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])(?:([ -])(.*))?$", re.DOTALL)
-_PEM_CERT = re.compile(
-    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
-)
 _BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 
@@ -125,6 +125,7 @@ class ClientOptions:
     timeouts: ClientTimeouts = ClientTimeouts()
     starttls: bool = True  # False: a session in clear after a failed handshake (tls = "may" only)
     source: tuple[str, ...] = ()  # local addresses to connect from, at most one per IP version
+    trust: Optional[TrustStore] = field(default=None, compare=False, repr=False)  # ca_file loaded once
 
 
 @dataclass(frozen=True)
@@ -218,8 +219,8 @@ class _Response:
     lines: tuple[str, ...]  # the text after "NNN-" / "NNN " of each line
 
     def reply(self) -> Reply:
-        """The ``Reply``: enhanced status split out, lines joined with "\\n"."""
-        return Reply.parse([f"{self.code} {line}" for line in self.lines])
+        """The ``Reply``: enhanced status split out, lines joined with "\\n" (the lines are not parsed again)."""
+        return Reply.from_texts(self.code, self.lines)
 
 
 def parse_capabilities(lines: tuple[str, ...]) -> dict[str, str]:
@@ -412,9 +413,7 @@ class SMTPClientProtocol(LineReceiver):
     delimiter = b"\n"
     MAX_LENGTH = MAX_REPLY_LENGTH
 
-    def __init__(self, options: ClientOptions, host: str = "", clock: Optional[IReactorTime] = None) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[no-redef]
+    def __init__(self, options: ClientOptions, host: str, clock: IReactorTime) -> None:
         self.options = options
         self.host = host
         self.clock = clock
@@ -668,7 +667,8 @@ class SMTPClientProtocol(LineReceiver):
 
         if self.options.tls != TLS_VERIFY:
             return ssl.CertificateOptions(verify=False)
-        self._tls_check = CertificateCheck(self.options.tls_hostname or self.host, trust_root(self.options.ca_file))
+        trust = self.options.trust if self.options.trust is not None else TrustStore(self.options.ca_file)
+        self._tls_check = CertificateCheck(self.options.tls_hostname or self.host, trust.root())
         return self._tls_check
 
     def _tls_established(self) -> None:
@@ -722,7 +722,7 @@ class SMTPClientProtocol(LineReceiver):
         self._session_ready()
 
     def _session_ready(self) -> None:
-        self._stage = STAGE_LOST
+        self._stage = STAGE_READY
         self._setup_done = True
         self._arm_idle()
         self.ready.callback(self)
@@ -1055,19 +1055,6 @@ class SMTPClientFactory(Factory):
         protocol = SMTPClientProtocol(self.options, self.host, self.clock)
         protocol.factory = self
         return protocol
-
-
-def trust_root(ca_file: str) -> Any:
-    """Twisted's trust root: the certificates of ``ca_file``, or the platform's store."""
-    from twisted.internet import ssl
-
-    if not ca_file:
-        return ssl.platformTrust()
-    with open(ca_file, "rb") as f:
-        pems = _PEM_CERT.findall(f.read())
-    if not pems:
-        raise ValueError(f"no certificate in {ca_file}")
-    return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(p) for p in pems])
 
 
 def source_for(address: str, sources: tuple[str, ...]) -> str:

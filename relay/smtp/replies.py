@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, Union
+from typing import Iterable, Sequence, Union
 
 _STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -78,8 +78,7 @@ class Reply:
         """
         texts: list[str] = []
         code = None
-        status = ""
-        for number, raw in enumerate(lines):
+        for raw in lines:
             line = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
             line = line.rstrip("\r\n")
             if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in ("", " ", "-"):
@@ -89,7 +88,21 @@ class Reply:
                 code = this_code
             elif this_code != code:
                 raise ValueError("reply lines carry different codes")
-            text = line[4:]
+            texts.append(line[4:])
+        if code is None:
+            raise ValueError("empty reply")
+        return cls.from_texts(code, texts)
+
+    @classmethod
+    def from_texts(cls, code: int, texts: Sequence[str]) -> "Reply":
+        """The reply of ``code`` whose lines, after "NNN-" / "NNN ", are ``texts`` (already split off the wire).
+
+        The enhanced status code is taken from the first line when its class
+        matches the reply code, and removed from every line that repeats it.
+        """
+        status = ""
+        kept: list[str] = []
+        for number, text in enumerate(texts):
             if number == 0:
                 first, _, rest = text.partition(" ")
                 match = _STATUS.match(first)
@@ -98,10 +111,8 @@ class Reply:
                     text = rest
             elif status and (text == status or text.startswith(status + " ")):
                 text = text[len(status) + 1:]
-            texts.append(text)
-        if code is None:
-            raise ValueError("empty reply")
-        return cls(code, status, "\n".join(texts))
+            kept.append(text)
+        return cls(code, status, "\n".join(kept))
 
 
 # -- connection and session --------------------------------------------------------
@@ -148,7 +159,15 @@ SENDER_OK = Reply(250, "2.1.0", "Ok")
 RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 VRFY_REPLY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
-HELP_REPLY = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP")
+BASIC_VERBS = ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY", "HELP")
+
+
+def help_reply(offered: Sequence[str]) -> Reply:
+    """The answer to HELP: the basic verbs and those the session ``offered`` now (STARTTLS, AUTH, ETRN...)."""
+    return Reply(214, "2.0.0", "Commands: " + " ".join((*BASIC_VERBS, *offered)))
+
+
+HELP_REPLY = help_reply(("ETRN",))  # a session that offers neither STARTTLS nor AUTH
 READY_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 
 

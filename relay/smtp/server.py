@@ -11,12 +11,9 @@ written together.  When an answer is not ready (an asynchronous policy check,
 the spool's commit), line delivery and the transport are paused until it is
 written, so replies always come in command order.
 
-DATA is read in raw mode by ``DataReader``, chunk by chunk with bytes methods
-(no per-line Python loop): only CRLF.CRLF ends the data; bare CR or LF, text
-lines over 1000 octets, streams over the size limit and more than 100
-Received headers are noticed, the stream is read to its real end and then
-refused; nothing of a refused message is kept.  The outcome and the stored
-bytes do not depend on how the stream is split into reads.
+DATA is read in raw mode by ``relay.smtp.data.DataReader``: the stream is
+read to its real CRLF.CRLF end whatever is wrong with it, and the verdict
+and the stored bytes do not depend on how it is split into reads.
 
 A ``250`` to the end of DATA is sent only when the spool's commit has fired
 (the message is durable); a failed commit answers ``451``.
@@ -30,7 +27,7 @@ connection rate (``relay.smtp.limits``).  Timeouts are deadlines: a whole
 command line within the timeout, DATA at ``min_data_rate`` at least; under
 load the timeout is ``load_idle_timeout``.
 
-AUTH (RFC 4954) PLAIN and LOGIN is offered when the factory has a
+AUTH (RFC 4954) PLAIN and LOGIN (decoded by ``relay.smtp.sasl``) is offered when the factory has a
 twisted.cred portal, and only on a TLS-protected session (after STARTTLS or
 on an implicit-TLS listener) unless ``auth_in_clear`` is set.  Credentials
 are checked through the portal (in a thread: see ``relay.auth``); a failure
@@ -47,11 +44,8 @@ session answer 421 4.3.2 and close, letting a message in DATA finish first.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime
-import re
-from email.utils import format_datetime
+import enum
 from functools import lru_cache
 from typing import Any, Callable, Optional, Union
 
@@ -73,8 +67,11 @@ from relay.config import ServerConfig, domain_problem
 from relay.domains import DomainError, normalize_domain, to_ascii
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.metrics import reply_in
-from relay.policy import RelayPolicy
+from relay.seams import IncomingMessage, MessageSpool, Policy
 from relay.smtp import dsn, replies as R
+from relay.smtp.data import ChunkReader, DataReader, HeaderCompleter
+from relay.smtp import trace
+from relay.smtp.sasl import AUTH_MECHANISMS, MAX_AUTH_LINE, AuthExchange
 from relay.smtp.address import Path, UnsendableAddress, normalized_path, parse_params, parse_path, split_argument
 from relay.smtp.flow import ReplyThrottle
 from relay.smtp.limits import ClientLimits, SessionCounts, client_key
@@ -83,18 +80,10 @@ from relay.smtp.replies import Reply
 log = Logger(namespace="relay.smtp.server")
 
 MAX_COMMAND_LINE = 512  # octets including CRLF (RFC 5321 4.5.3.1.4)
-MAX_TEXT_LINE = 1000  # octets including CRLF (RFC 5321 4.5.3.1.6)
-MAX_RECEIVED = 100  # more Received headers than this: a mail loop (RFC 5321 6.3)
-MAX_AUTH_LINE = 12288  # octets including CRLF of AUTH lines and responses (RFC 4954 4)
-AUTH_MECHANISMS = ("PLAIN", "LOGIN")
 AUTH_FAILURE_DELAY = 1.0  # seconds before a 535, input paused meanwhile
 AUTH_FAILURE_LIMIT = 3  # failed AUTH attempts in one session before 421 and close
 SHUTDOWN_GRACE = 10.0  # seconds a message in DATA may take to finish when the relay stops
-MAX_HEADER_BUFFER = 1 << 20  # header section held to complete a submitted message
 POSTMASTER = "postmaster"  # the one recipient accepted without a domain (RFC 5321 4.5.1)
-# A Received field: the name in any case, optional white space before the colon
-# (RFC 5322 4.5 obsolete syntax, which many parsers still accept).
-_RECEIVED_FIELD = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 MAX_PENDING_REPLIES = 1 << 16  # octets of replies collected before they are written out
 LOAD_THRESHOLD = 0.8  # share of max_sessions open past which timeouts are load_idle_timeout
 CLOSE_GRACE = 30.0  # seconds a closed session's last replies may wait to be read before the connection is cut
@@ -106,277 +95,18 @@ BODY_8BITMIME = "8BITMIME"
 
 Answer = Union[Optional[Reply], Deferred]
 
-from relay.smtp.replies import (  # AUTH, ETRN and shutdown
-    CHALLENGE_EMPTY,
-    CHALLENGE_USERNAME,
-    CHALLENGE_PASSWORD,
-    AUTH_OK,
-    AUTH_FAILED,
-    AUTH_TEMPORARY_FAILURE,
-    AUTH_BAD_BASE64,
-    AUTH_CANCELLED,
-    AUTH_MALFORMED,
-    AUTH_NOT_ENABLED,
-    AUTH_NEED_EHLO,
-    AUTH_TWICE,
-    AUTH_IN_TRANSACTION,
-    AUTH_MECHANISM_UNKNOWN,
-    AUTH_NEEDS_TLS,
-    SYNTAX_AUTH,
-    ETRN_IN_TRANSACTION,
-    SYNTAX_ETRN,
-    ETRN_BAD_DOMAIN,
-    ETRN_NO_QUEUE_NAMES,
-    too_many_auth_failures,
-    shutting_down,
-    etrn_started,
-    etrn_unavailable,
-    etrn_denied,
-)
-
-
-# -- the DATA stream ---------------------------------------------------------------
-
-
-def _has_long_line(text: bytes) -> bool:
-    """Whether a line of ``text`` (which starts a line) is longer than MAX_TEXT_LINE with its CRLF.
-
-    Any MAX_TEXT_LINE octets in a row without a LF lie inside one line that
-    is too long; otherwise the scan jumps to just after the last LF of each
-    window, some MAX_TEXT_LINE octets a step (six times faster than
-    splitting a 64 KiB chunk into lines).
-    """
-    start, end = 0, len(text)
-    while end - start >= MAX_TEXT_LINE:
-        newline = text.rfind(b"\n", start, start + MAX_TEXT_LINE)
-        if newline < 0:
-            return True
-        start = newline + 1
-    return False
-
-
-class DataReader:
-    dot_stuffed = True  # DATA: a leading "." of a line is transparency (RFC 5321 4.5.2)
-
-    """Reads one DATA stream after the 354, in chunks, to its CRLF.CRLF end.
-
-    ``feed`` returns None while the end has not been seen, then the bytes
-    that followed the end (pipelined commands).  Message bytes, dot-unstuffed,
-    go to ``sink`` as long as nothing is wrong; after the first problem the
-    reader stops storing but keeps every check running, so the verdict
-    (``refusal``) is the same however the stream is split.
-
-    Invariant: ``_pending`` starts at the beginning of a line (unless
-    ``_midline``, after a too long line was dropped) and holds no CRLF.
-    """
-
-    def __init__(self, sink: Callable[[bytes], None], max_size: int) -> None:
-        self._sink = sink
-        self._max_size = max_size
-        self._pending = b""
-        self._midline = False
-        self._in_headers = True
-        self.size = 0  # octets of the message after dot-unstuffing
-        self.received_headers = 0
-        self.bare_newline = False
-        self.nul = False
-        self.too_long = False
-        self.oversize = False
-
-    @property
-    def failed(self) -> bool:
-        return self.bare_newline or self.nul or self.too_long or self.oversize or self.received_headers > MAX_RECEIVED
-
-    def refusal(self) -> Optional[Reply]:
-        """The reply refusing the message, by fixed precedence; None when it is fine."""
-        if self.bare_newline:
-            return R.BARE_NEWLINE_DATA
-        if self.nul:
-            return R.NUL_IN_DATA
-        if self.too_long:
-            return R.LINE_TOO_LONG_DATA
-        if self.oversize:
-            return R.SIZE_EXCEEDED
-        if self.received_headers > MAX_RECEIVED:
-            return R.TOO_MANY_HOPS
-        return None
-
-    def feed(self, data: bytes) -> Optional[bytes]:
-        """Consume ``data``; None until the end of data, then the bytes behind it."""
-        buf = self._pending + data if self._pending else data
-        last = buf.rfind(b"\r\n")
-        if last < 0:
-            self._pending = buf
-            self._check_overlong()
-            return None
-        complete, self._pending = buf[: last + 2], buf[last + 2:]
-        # One scan tells whether any line after the first starts with ".": in most
-        # chunks none does, and then there is neither an end nor a dot to remove.
-        dots = complete.find(b"\r\n.") >= 0
-        end = self._find_end(complete) if dots or complete.startswith(b".") else -1
-        if end >= 0:
-            self._consume(complete[:end])
-            rest = complete[end + 3:] + self._pending
-            self._pending = b""
-            return rest
-        self._consume(complete, dots)
-        self._check_overlong()
-        return None
-
-    def _find_end(self, complete: bytes) -> int:
-        """Offset of the ``.CRLF`` end line in ``complete`` (which starts a line), or -1."""
-        if not self._midline and complete.startswith(b".\r\n"):
-            return 0
-        i = complete.find(b"\r\n.\r\n")
-        return -1 if i < 0 else i + 2
-
-    def _consume(self, region: bytes, dots: bool = True) -> None:
-        """Check and store whole lines (``region`` is empty or ends with CRLF).
-
-        ``dots`` False: no line after the first starts with "." (nothing to unstuff there).
-        """
-        if not region:
-            return
-        lines = region.count(b"\r\n")
-        if region.count(b"\r") != lines or region.count(b"\n") != lines:
-            self.bare_newline = True
-        if b"\0" in region:
-            self.nul = True
-        if self.dot_stuffed and not self._midline and region.startswith(b"."):
-            region = region[1:]
-        self._midline = False
-        text = region.replace(b"\r\n.", b"\r\n") if dots else region
-        if len(text) >= MAX_TEXT_LINE and _has_long_line(text):
-            self.too_long = True
-        if self._in_headers:
-            self._count_received(text)
-        self.size += len(text)
-        if self.size > self._max_size:
-            self.oversize = True
-        if not self.failed:
-            self._sink(text)
-
-    def _count_received(self, text: bytes) -> None:
-        if text.startswith(b"\r\n"):
-            self._in_headers = False
-            return
-        end = text.find(b"\r\n\r\n")
-        if end >= 0:
-            self._in_headers = False
-            text = text[: end + 2]
-        self.received_headers += len(_RECEIVED_FIELD.findall(text))
-
-    def _check_overlong(self) -> None:
-        """A partial line already longer than any allowed line: note it and drop it."""
-        pending = self._pending
-        if len(pending) <= MAX_TEXT_LINE:
-            return
-        self.too_long = True
-        if b"\n" in pending or b"\r" in pending[:-1]:
-            self.bare_newline = True
-        if b"\0" in pending:
-            self.nul = True
-        self.size += len(pending)
-        if self.size > self._max_size:
-            self.oversize = True
-        self._pending = b"\r" if pending.endswith(b"\r") else b""
-        self._midline = True
-
-
-class ChunkReader(DataReader):
-    """Reads a BDAT message (RFC 3030), chunk by chunk, with the checks of DATA.
-
-    BDAT content is not dot-stuffed and has no end line: ``feed_chunk`` takes
-    any part of it, ``finish`` ends it after the last chunk.  The same limits
-    (size, line length, NUL, loop count) apply, and a bare CR or LF is
-    refused as in DATA, so what is queued is CRLF text that a next hop
-    speaking only DATA reads exactly as sent.  A message whose last line has
-    no CRLF gets one.
-    """
-
-    dot_stuffed = False
-
-    def feed_chunk(self, data: bytes) -> None:
-        buf = self._pending + data if self._pending else data
-        last = buf.rfind(b"\r\n")
-        if last < 0:
-            self._pending = buf
-        else:
-            complete, self._pending = buf[: last + 2], buf[last + 2:]
-            self._consume(complete, dots=False)
-        self._check_overlong()
-
-    def finish(self) -> None:
-        """The last chunk is in: a final line without CRLF is ended with one."""
-        pending, self._pending = self._pending, b""
-        if pending:
-            self._consume(pending + b"\r\n", dots=False)
-
-
-class HeaderCompleter:
-    """Adds the Message-ID and Date fields a submitted message lacks (RFC 6409 8.2, 8.3).
-
-    Sits between the DataReader and the queue file, which receive whole
-    lines: the header section is held back (up to ``MAX_HEADER_BUFFER``
-    octets) until its end is seen (an empty line, a line that is not a
-    header field, or the end of data), then the missing fields are written
-    before it, that is right after our Received header, and the rest
-    streams through.  A header section longer than the limit is passed on
-    unchanged.
-    """
-
-    def __init__(self, sink: Callable[[bytes], None], missing: Callable[[set[bytes]], bytes]) -> None:
-        self._sink = sink
-        self._missing = missing
-        self._held: list[bytes] = []
-        self._held_size = 0
-        self._names: set[bytes] = set()
-        self._done = False
-        self.added = b""
-
-    def write(self, text: bytes) -> None:
-        if self._done:
-            self._sink(text)
-            return
-        start = 0
-        while start < len(text):
-            end = text.find(b"\r\n", start)
-            end = len(text) if end < 0 else end + 2
-            line = text[start:end]
-            if not self._header_line(line):
-                self._held.append(text[:start])
-                self.finish()
-                self._sink(text[start:])
-                return
-            start = end
-        self._held.append(text)
-        self._held_size += len(text)
-        if self._held_size > MAX_HEADER_BUFFER:
-            self._release(b"")
-
-    def finish(self) -> None:
-        """The header section is complete: write the missing fields and what was held."""
-        if not self._done:
-            self.added = self._missing(self._names)
-            self._release(self.added)
-
-    def _release(self, prefix: bytes) -> None:
-        self._done = True
-        held, self._held = b"".join(self._held), []
-        if prefix or held:
-            self._sink(prefix + held)
-
-    def _header_line(self, line: bytes) -> bool:
-        if line[:1] in (b" ", b"\t"):
-            return bool(self._names)  # a continuation of the previous field
-        name, colon, _ = line.partition(b":")
-        if not colon or not name or any(c <= 32 or c >= 127 for c in name):
-            return False
-        self._names.add(name.lower())
-        return True
-
 
 # -- the session ---------------------------------------------------------------------
+
+
+class SessionState(enum.Enum):
+    """The stage of an SMTP session; its value is the name logged (e.g. "timeout after MAIL")."""
+
+    CONNECT = "CONNECT"  # greeted, no HELO/EHLO yet
+    HELO = "HELO"  # HELO/EHLO given, no transaction
+    MAIL = "MAIL"  # MAIL accepted: RCPT and DATA expected
+    DATA = "DATA"  # reading the message after the 354
+    BDAT = "BDAT"  # a message coming in BDAT chunks (RFC 3030)
 
 
 class _Transaction:
@@ -415,7 +145,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.trusted = False
         self.errors = 0
         self._transaction: Optional[_Transaction] = None
-        self._message: Any = None  # the spool's IncomingMessage during DATA
+        self._message: Optional[IncomingMessage] = None  # during DATA
         self._reader: Optional[DataReader] = None
         self._chunks: Optional[ChunkReader] = None  # the BDAT message of this transaction
         self._chunk_left = 0  # octets of the current BDAT chunk still to read
@@ -440,7 +170,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._stored = 0  # octets written for the current message
         self._write_failed = False
         self._completer: Optional[HeaderCompleter] = None
-        self._exchange: Optional[_AuthExchange] = None
+        self._exchange: Optional[AuthExchange] = None
         self.auth_failures = 0
         self.shutting_down = False
 
@@ -454,7 +184,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.tls = ISSLTransport.providedBy(self.transport)  # an implicit-TLS listener
         self.client = client_key(self.peer_host) if self.peer_host else ""
         if self.factory.shutting_down:
-            self._send(shutting_down(self.hostname))
+            self._send(R.shutting_down(self.hostname))
             self._close()
             return
         refusal = self.factory.session_opened(self)
@@ -482,7 +212,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             log.info("disconnect from {peer}", peer=self._peer(), event="disconnect")
 
     def timeoutConnection(self) -> None:
-        log.info("timeout after {state} from {peer}", state=self._state_name(), peer=self._peer(), event="timeout")
+        log.info("timeout after {state} from {peer}", state=self.state.value, peer=self._peer(), event="timeout")
         self._abort_message()
         self._send(R.idle_timeout(self.hostname))
         self._close()
@@ -490,14 +220,16 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def _peer(self) -> str:
         return f"[{self.peer_host}]:{self.peer_port}" if self.peer_host else "unknown"
 
-    def _state_name(self) -> str:
+    @property
+    def state(self) -> SessionState:
+        """Where the session is in the SMTP dialogue (RFC 5321 4.1.4), from what it holds."""
         if self._reader is not None:
-            return "DATA"
+            return SessionState.DATA
         if self._chunks is not None or self._chunk_left:
-            return "BDAT"
+            return SessionState.BDAT
         if self._transaction is not None:
-            return "MAIL"
-        return "HELO" if self.helo else "CONNECT"
+            return SessionState.MAIL
+        return SessionState.HELO if self.helo else SessionState.CONNECT
 
     # -- output --------------------------------------------------------------
 
@@ -792,8 +524,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if isinstance(path, Reply):
             return path
         transaction = _Transaction(path.mailbox, body, smtputf8, others)
-        check_sender = getattr(self.factory.policy, "check_sender", None)
-        if not self.auth_user or check_sender is None:
+        check_sender = self.factory.policy.check_sender
+        if not self.auth_user:
             self._transaction = transaction
             return R.SENDER_OK
         answer = maybeDeferred(check_sender, self.client_info(smtputf8), path.mailbox)
@@ -1008,7 +740,18 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         return R.VRFY_REPLY
 
     def do_HELP(self, argument: str) -> Answer:
-        return R.HELP_REPLY
+        return R.help_reply(self._offered_verbs())
+
+    def _offered_verbs(self) -> list[str]:
+        """The verbs beyond the basic ones this session accepts now, as EHLO advertises them."""
+        verbs = []
+        if self.factory.tls_context is not None and not self.tls:
+            verbs.append("STARTTLS")
+        if self._auth_offered():
+            verbs.append("AUTH")
+        # BDAT joins here when the session offers CHUNKING.
+        verbs.append("ETRN")
+        return verbs
 
     def do_QUIT(self, argument: str) -> Answer:
         self._send(R.BYE)
@@ -1044,56 +787,41 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def do_AUTH(self, argument: str) -> Answer:
         if self.factory.portal is None:
-            return AUTH_NOT_ENABLED
+            return R.AUTH_NOT_ENABLED
         if not self.esmtp:
-            return AUTH_NEED_EHLO
+            return R.AUTH_NEED_EHLO
         if not self._auth_offered():
-            return AUTH_NEEDS_TLS
+            return R.AUTH_NEEDS_TLS
         if self.auth_user:
-            return AUTH_TWICE
+            return R.AUTH_TWICE
         if self._transaction is not None:
-            return AUTH_IN_TRANSACTION
+            return R.AUTH_IN_TRANSACTION
         words = argument.split(" ")
         if not words[0] or len(words) > 2:
-            return SYNTAX_AUTH
+            return R.SYNTAX_AUTH
         mechanism = words[0].upper()
         if mechanism not in AUTH_MECHANISMS:
-            return AUTH_MECHANISM_UNKNOWN
+            return R.AUTH_MECHANISM_UNKNOWN
         if self.factory.limits.auth.blocked(self.client):
             return self._auth_rate_limited(mechanism)
-        exchange = _AuthExchange(mechanism)
+        exchange = AuthExchange(mechanism)
         if len(words) == 1:
             self._exchange = exchange
-            self._out.append(CHALLENGE_EMPTY if mechanism == "PLAIN" else CHALLENGE_USERNAME)
+            self._out.append(exchange.first_challenge())
             return None
         return self._auth_response(exchange, words[1].encode("ascii", "replace"), initial=True)
 
-    def _auth_response(self, exchange: "_AuthExchange", line: bytes, initial: bool = False) -> Answer:
+    def _auth_response(self, exchange: AuthExchange, line: bytes, initial: bool = False) -> Answer:
         """One client response of an AUTH exchange (or the initial response)."""
         self._exchange = None
-        if line == b"*" and not initial:
-            return AUTH_CANCELLED
-        if line == b"=" and initial:
-            data = b""
-        else:
-            try:
-                data = base64.b64decode(line, validate=True)
-            except (binascii.Error, ValueError):
-                return AUTH_BAD_BASE64
-        if exchange.mechanism == "PLAIN":
-            parts = data.split(b"\0")
-            if len(parts) != 3:
-                return AUTH_MALFORMED
-            authzid, username, password = parts
-            if authzid and authzid != username:
-                return self._verify(exchange.mechanism, username, None)
-            return self._verify(exchange.mechanism, username, password)
-        if exchange.username is None:
-            exchange.username = data
+        step = exchange.respond(line, initial)
+        if isinstance(step, bytes):  # the next challenge: the exchange goes on
             self._exchange = exchange
-            self._out.append(CHALLENGE_PASSWORD)
+            self._out.append(step)
             return None
-        return self._verify(exchange.mechanism, exchange.username, data)
+        if isinstance(step, Reply):
+            return step
+        return self._verify(exchange.mechanism, step.username, step.password)
 
     def _verify(self, mechanism: str, username: bytes, password: Optional[bytes]) -> Deferred:
         """Ask the portal; 235, or 535 after a delay (``password`` None: refused without asking)."""
@@ -1114,14 +842,14 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.auth_user = avatar.name
         log.info("AUTH {mechanism} as {user} from {peer}: success",
                  mechanism=mechanism, user=self.auth_user, peer=self._peer(), event="auth")
-        return AUTH_OK
+        return R.AUTH_OK
 
     def _auth_failed(self, failure: Failure, mechanism: str, user: str) -> Answer:
         if not failure.check(UnauthorizedLogin):
             log.error("AUTH {mechanism} as {user!r} from {peer}: checker unavailable ({error})",
                       mechanism=mechanism, user=user, peer=self._peer(),
                       error=failure.type.__name__)
-            return AUTH_TEMPORARY_FAILURE
+            return R.AUTH_TEMPORARY_FAILURE
         self.auth_failures += 1
         self.factory.limits.auth.failed(self.client)
         log.info("AUTH {mechanism} as {user!r} from {peer}: failed ({count} of {limit})",
@@ -1138,10 +866,10 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def _auth_failure_reply(self) -> Optional[Reply]:
         if self.auth_failures < AUTH_FAILURE_LIMIT or self._closed:
-            return AUTH_FAILED
+            return R.AUTH_FAILED
         log.warn("too many authentication failures from {peer}", peer=self._peer())
-        self._send(AUTH_FAILED)
-        self._send(too_many_auth_failures(self.hostname))
+        self._send(R.AUTH_FAILED)
+        self._send(R.too_many_auth_failures(self.hostname))
         self._close()
         return None
 
@@ -1151,21 +879,21 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if self.helo is None:
             return R.NEED_HELO
         if self._transaction is not None:
-            return ETRN_IN_TRANSACTION
+            return R.ETRN_IN_TRANSACTION
         node = argument.strip()
         if not node or " " in node:
-            return SYNTAX_ETRN
+            return R.SYNTAX_ETRN
         if node.startswith("#"):
-            return ETRN_NO_QUEUE_NAMES
+            return R.ETRN_NO_QUEUE_NAMES
         subdomains = node.startswith("@")
         name = node[1:] if subdomains else node
         if domain_problem(name) is not None:
-            return ETRN_BAD_DOMAIN
+            return R.ETRN_BAD_DOMAIN
         if not (self.trusted or self.auth_user):
-            return etrn_denied(name)
+            return R.etrn_denied(name)
         hook = self.factory.etrn
         if hook is None:
-            return etrn_unavailable(name)
+            return R.etrn_unavailable(name)
         domain = normalize_domain(name)
         started = maybeDeferred(hook, domain, subdomains)
         return started.addCallbacks(self._etrn_started, self._etrn_failed,
@@ -1174,11 +902,11 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def _etrn_started(self, count: Any, name: str, subdomains: bool) -> Reply:
         log.info("ETRN {node} from {peer}: {count} message(s) scheduled now",
                  node=("@" if subdomains else "") + name, peer=self._peer(), count=count)
-        return etrn_started(name)
+        return R.etrn_started(name)
 
     def _etrn_failed(self, failure: Failure, name: str) -> Reply:
         log.failure("ETRN {node} from {peer} failed", failure, node=name, peer=self._peer())
-        return etrn_unavailable(name)
+        return R.etrn_unavailable(name)
 
     # -- shutdown --------------------------------------------------------------
 
@@ -1200,7 +928,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def _say_goodbye(self) -> None:
         log.info("shutting down: closing the session from {peer}", peer=self._peer())
         self._exchange = None
-        self._send(shutting_down(self.hostname))
+        self._send(R.shutting_down(self.hostname))
         self._close()
 
     # -- DATA ----------------------------------------------------------------
@@ -1321,10 +1049,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def protocol_name(self, smtputf8: bool = False) -> str:
         """RFC 3848 / RFC 6531 ``with`` keyword: SMTP, ESMTP, ESMTPS, ESMTPSA, UTF8SMTPS..."""
-        if not self.esmtp:
-            return "SMTP"
-        name = "UTF8SMTP" if smtputf8 else "ESMTP"
-        return name + ("S" if self.tls else "") + ("A" if self.auth_user else "")
+        return trace.protocol_name(self.esmtp, smtputf8, self.tls, bool(self.auth_user))
 
     def client_info(self, smtputf8: bool = False) -> ClientInfo:
         """Who the client is, as the policy and the envelope see it."""
@@ -1352,50 +1077,20 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         )
 
     def _received_header(self, queue_id: str, transaction: _Transaction) -> bytes:
-        # RFC 5321 4.4: "from" Domain "(" TCP-info ")", where TCP-info is the
-        # peer's address literal (no reverse lookup: it would block).
-        ip = self.peer_host or "unknown"
-        literal = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
-        line = (f"Received: from {self.helo} ({literal})\r\n"
-                f"{self._received_comments()}"
-                f"\tby {self.hostname} (relay) with {self.protocol_name(transaction.smtputf8)}"
-                f" id {queue_id}\r\n")
-        if len(transaction.recipients) == 1:
-            return (line + f"\tfor <{transaction.recipients[0].address}>; {self._date()}\r\n").encode("utf-8")
-        return (line[:-2] + f";\r\n\t{self._date()}\r\n").encode("utf-8")
-
-    def _received_comments(self) -> str:
-        """The TLS and, with received_auth, the authenticated-sender comments of our Received header."""
-        comments = ""
-        if self.tls:
-            version, _, cipher = self._tls_description().partition(" ")
-            comments += f"\t(using {version} with cipher {cipher})\r\n" if cipher else f"\t(using {version})\r\n"
-        if self.auth_user and self.config.received_auth:
-            comments += f"\t(Authenticated sender: {_comment_text(self.auth_user)})\r\n"
-        return comments
+        comments = trace.received_comments(self._tls_description() if self.tls else "",
+                                           self.auth_user if self.config.received_auth else "")
+        return trace.received_header(self.helo, self.peer_host, self.hostname,
+                                     self.protocol_name(transaction.smtputf8), queue_id,
+                                     [r.address for r in transaction.recipients], self._date(), comments)
 
     def _date(self) -> str:
         return self.factory.date_text(self.clock.seconds())
-
-
-class _AuthExchange:
-    """An AUTH exchange waiting for the client's next response line."""
-
-    def __init__(self, mechanism: str) -> None:
-        self.mechanism = mechanism
-        self.username: Optional[bytes] = None  # LOGIN: given, waiting for the password
 
 
 @lru_cache(maxsize=1024)
 def _wire(reply: Reply) -> bytes:
     """The wire form of a reply; the constant ones are made once."""
     return reply.to_bytes()
-
-
-def _comment_text(text: str) -> str:
-    """``text`` safe inside a header comment: printable, parentheses and backslashes quoted."""
-    safe = "".join(c if c.isprintable() else "?" for c in text)
-    return safe.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
 
 
 def _valid_helo(name: str) -> bool:
@@ -1422,7 +1117,7 @@ class SMTPServerFactory(ServerFactory):
     protocol = SMTPServerProtocol
     noisy = False  # no "Starting factory" lines
 
-    def __init__(self, hostname: str, config: ServerConfig, spool: Any, policy: RelayPolicy,
+    def __init__(self, hostname: str, config: ServerConfig, spool: MessageSpool, policy: Policy,
                  clock: IReactorTime, tls_context: Any = None, submission: bool = False,
                  portal: Any = None, etrn: Optional[EtrnHook] = None,
                  limits: Optional[ClientLimits] = None) -> None:
@@ -1441,16 +1136,7 @@ class SMTPServerFactory(ServerFactory):
         self._live: set[SMTPServerProtocol] = set()
         self._drained: list[Deferred] = []
         self._grace: Any = None
-        self._date_second: Optional[int] = None
-        self._date_text = ""
-
-    def date_text(self, when: float) -> str:
-        """RFC 5322 date-time of ``when`` in UTC, as trace fields carry it (made once per second)."""
-        second = int(when)
-        if second != self._date_second:
-            moment = datetime.datetime.fromtimestamp(second, datetime.timezone.utc)
-            self._date_second, self._date_text = second, format_datetime(moment)
-        return self._date_text
+        self.date_text = trace.TraceDate()  # RFC 5322 date-time of a clock time, made once per second
 
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
         return SMTPServerProtocol(self)
