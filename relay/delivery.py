@@ -175,12 +175,18 @@ class _Body:
         if self._loading is None:
             self._loading = defer.maybeDeferred(self._spool.message_opener, self._queue_id)
             self._loading.addCallback(self._loaded)
+            if self._opener is not None:  # the bytes were in memory: no waiting
+                return defer.succeed(None)
         waiter: Deferred = Deferred()
         self._loading.addBoth(_relay_to, waiter)
         return waiter
 
     def _loaded(self, opener: Callable[[], Any]) -> None:
         self._opener = opener
+
+    @property
+    def loaded(self) -> bool:
+        return self._opener is not None
 
     def open(self) -> Any:
         assert self._opener is not None, "the message is opened before it was loaded"
@@ -467,7 +473,8 @@ class Delivery:
                 if not parked and self._parked.get(destination) is parked:
                     del self._parked[destination]
             try:
-                await body.load()
+                if not body.loaded:
+                    await body.load()
             except Exception:
                 log.failure("{queue_id}: cannot read the queued message; deferred", queue_id=envelope.queue_id)
                 self.pool.checkin(key, target.address, conn, reusable=True, idle_timeout=options.timeouts.idle)

@@ -11,9 +11,10 @@ default ``info``) is applied twice.  Events below it are dropped where they
 are made, before any observer formats them, so debug lines cost nothing
 unless asked for; a named one goes straight to the metrics
 (``count_events``), never to the log.  And the daemon's log observer sits
-behind Twisted's own ``FilteringLogObserver`` with a
-``LogLevelFilterPredicate`` (``filtered``), which also filters the lines of
-Twisted itself.
+behind Twisted's own ``FilteringLogObserver`` with a level predicate
+(``filtered``; ``LevelPredicate`` decides as ``LogLevelFilterPredicate`` with
+one default level, without a namespace look-up per event), which also
+filters the lines of Twisted itself.
 
 The daemon's log is text (twistd's classic lines) or JSON (one object per
 line), written once per reactor turn.
@@ -33,10 +34,11 @@ from datetime import datetime, timezone
 
 from twisted.logger import (
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
     Logger as _TwistedLogger,
     LogLevel,
-    LogLevelFilterPredicate,
+    PredicateResult,
     formatEvent,
     formatEventAsClassicLogText,
     formatTime,
@@ -70,10 +72,22 @@ def count_events(counter: Optional[Callable[[dict], None]]) -> None:
     _counter = counter
 
 
+@implementer(ILogFilterPredicate)
+class LevelPredicate:
+    """Twisted's level filter for one threshold in every namespace, as LogLevelFilterPredicate
+    with only a default level would decide it, without its per-namespace look-up on every event."""
+
+    def __init__(self, threshold: Any) -> None:
+        self._shown = frozenset(_ORDER[_ORDER.index(threshold):])
+
+    def __call__(self, event: dict) -> Any:
+        return PredicateResult.maybe if event.get("log_level") in self._shown else PredicateResult.no
+
+
 def filtered(observer: Any, level: Optional[str] = None) -> FilteringLogObserver:
     """``observer`` behind Twisted's level filter: events at ``level`` (default: the relay's) and above."""
     threshold = LEVELS[level] if level is not None else _threshold
-    return FilteringLogObserver(observer, [LogLevelFilterPredicate(defaultLogLevel=threshold)])
+    return FilteringLogObserver(observer, [LevelPredicate(threshold)])
 
 
 def enabled(level: Any) -> bool:
