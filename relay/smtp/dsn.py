@@ -44,6 +44,7 @@ REPEATED = Reply(501, "5.5.4", "Error: a DSN parameter is given twice")
 
 _XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*")
 _XTEXT_HEX = re.compile(r"\+([0-9A-F]{2})")
+_XTEXT_PLAIN = re.compile(r"[!-*,-<>-~]*")
 _ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")
 # utf-8-addr-xtext / utf-8-addr-unitext (RFC 6533 3): no controls, no space, no "+" or "=" raw.
 _UTF8_ADDR = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2}|\\x\{[0-9A-F]{2,6}\}|[^\x00-\x7f])+")
@@ -56,6 +57,8 @@ def is_xtext(value: str) -> bool:
 
 def xtext_encode(text: str) -> str:
     """``text`` (ASCII) as xtext: "+", "=", controls and space as "+HH"."""
+    if _XTEXT_PLAIN.fullmatch(text):  # the usual address: nothing to encode
+        return text
     return "".join(c if "!" <= c <= "~" and c not in "+=" else f"+{ord(c):02X}" for c in text)
 
 
