@@ -68,6 +68,7 @@ class Reason(str, enum.Enum):
     NO_SMTPUTF8 = "no-smtputf8"
     NO_8BITMIME = "no-8bitmime"
     UNSAFE_ADDRESS = "unsafe-address"
+    NUL_CONTENT = "nul-in-content"  # a NUL in the message (queued before relay refused them)
     # decisions before any connection
     DNS = "dns"
     REJECT_ROUTE = "reject-route"

@@ -792,6 +792,41 @@ class TransactionTests(ClientTestCase):
         self.assertEqual(self.sent(), b"no newline\r\n.\r\n")
 
 
+class NulTests(ClientTestCase):
+    def test_message_in_memory_with_nul_is_never_sent(self):
+        """A queued message holding a NUL gets 554 5.6.0 from relay itself; not even MAIL is sent."""
+        self.ready(caps=("PIPELINING",))
+        result = self.successResultOf(self.proto.send(transaction(message=b"Subject: x\r\n\r\na\0.\r\n", crlf_only=True)))
+        reply = result.replies["a@dest.test"]
+        self.assertEqual((reply.code, reply.status), (554, "5.6.0"))
+        self.assertIsInstance(reply, LocalReply)
+        self.assertEqual(self.sent(), b"")
+
+    def test_streamed_message_with_nul_ends_the_session_before_the_end_of_data(self):
+        """A NUL found while streaming a large message drops the connection without the final dot."""
+        class FileLike(io.RawIOBase):
+            def __init__(self, data):
+                self._data = io.BytesIO(data)
+
+            def readable(self):
+                return True
+
+            def read(self, n=-1):
+                return self._data.read(n)
+
+        body = b"Subject: x\r\n\r\n" + b"line\r\n" * 20000 + b"a\0.\r\n"
+        t = Transaction("s@src.test", (("a@dest.test", ()),), len(body), open_message=lambda: FileLike(body), queue_id="Q1")
+        self.ready(caps=("PIPELINING",))
+        d = self.proto.send(t)
+        self.server("250 ok", "250 ok", "354 go")
+        pump(self.transport)
+        error = self.failureResultOf(d, SessionError).value
+        self.assertFalse(error.transient)
+        self.assertEqual((error.reply.code, error.reply.status), (554, "5.6.0"))
+        self.assertNotIn(b"\r\n.\r\n", self.sent())
+        self.assertTrue(self.transport.disconnecting)
+
+
 class TimeoutTests(ClientTestCase):
     def assert_timeout(self, d, seconds: float) -> None:
         self.clock.advance(seconds - 0.5)

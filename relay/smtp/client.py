@@ -77,6 +77,8 @@ REPLY_NO_8BITMIME = LocalReply(
 )
 REPLY_BAD_ADDRESS = LocalReply(553, "5.1.3", "address contains characters not allowed in SMTP", Reason.UNSAFE_ADDRESS)
 TEXT_TOO_BIG = "message size {size} exceeds the remote server's limit of {limit} octets"
+# NUL is never sent: a next hop that drops it could read a "\0." line as the end of the data.
+REPLY_NUL = LocalReply(554, "5.6.0", "message contains a NUL character; not relayed", Reason.NUL_CONTENT)
 
 _REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])(?:([ -])(.*))?$", re.DOTALL)
 _BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
@@ -288,6 +290,10 @@ class DotStuffer:
 
 
 @implementer(IPullProducer)
+class NulInMessage(Exception):
+    """A NUL in a message being streamed: the data must not be ended (nothing is delivered)."""
+
+
 class MessageProducer:
     """Streams a message file to a consumer, dot-stuffed, one chunk per request.
 
@@ -340,6 +346,8 @@ class MessageProducer:
                 if not chunk:
                     self._end()
                     return
+                if b"\0" in chunk:
+                    raise NulInMessage()
                 data = self._stuffer.feed(chunk)
                 if len(chunk) < self._chunk_size:  # a short read is the end: one write with the dot
                     self._end(data)
@@ -347,7 +355,7 @@ class MessageProducer:
                 if data:
                     self._consumer.write(data)
                     return
-        except OSError as e:
+        except (OSError, NulInMessage) as e:
             self._stop()
             self._registered = False
             self._consumer.unregisterProducer()
@@ -743,6 +751,9 @@ class SMTPClientProtocol(LineReceiver):
         try:
             synthesized = self._precheck(transaction)
             source = None if synthesized else transaction.open_message()
+            if isinstance(source, io.BytesIO) and b"\0" in source.getvalue():
+                source.close()
+                synthesized, source = REPLY_NUL, None
         except OSError as e:
             log.error("{queue_id}: cannot read the queued message: {error}", queue_id=transaction.queue_id, error=str(e))
             self.busy = False
@@ -930,6 +941,11 @@ class SMTPClientProtocol(LineReceiver):
 
     def _read_failed(self, error: BaseException) -> None:
         queue_id = self._txn.transaction.queue_id if self._txn else ""
+        if isinstance(error, NulInMessage):
+            log.error("{queue_id}: a NUL character in the message; connection to {host} dropped before the end of data",
+                      queue_id=queue_id, host=self.host)
+            self._fail(SessionError(REPLY_NUL, False, STAGE_LOST, "message contains a NUL character", Reason.NUL_CONTENT))
+            return
         log.error("{queue_id}: cannot read the queued message: {error}; connection to {host} dropped", queue_id=queue_id, error=str(error), host=self.host)
         self._fail(SessionError(None, True, STAGE_LOST, "cannot read the queued message", Reason.MESSAGE_UNREADABLE))
 
