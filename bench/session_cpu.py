@@ -31,7 +31,7 @@ from twisted.logger import globalLogPublisher  # noqa: E402
 from relay.config import ServerConfig  # noqa: E402
 from relay.envelope import Envelope  # noqa: E402
 from relay.policy import RelayPolicy  # noqa: E402
-from relay.smtp.server import SMTPServerFactory  # noqa: E402
+from relay.smtp.factory import SMTPServerFactory  # noqa: E402
 
 MAX_MESSAGES = 200_000
 

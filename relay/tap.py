@@ -469,7 +469,7 @@ def _add_listeners(relay: RelayService, reactor: Any) -> None:
     from relay.policy import RelayPolicy
     from relay.routing import rcpt_check
     from relay.smtp.limits import ClientLimits
-    from relay.smtp.server import SMTPServerFactory
+    from relay.smtp.factory import SMTPServerFactory
 
     config = relay.config
     portal, sender_logins = _auth_parts(config, reactor)

@@ -28,7 +28,7 @@ from relay.dkim import (
 )
 from relay.policy import RelayPolicy
 from relay.queue.store import Spool
-from relay.smtp.server import SMTPServerFactory
+from relay.smtp.factory import SMTPServerFactory
 
 MESSAGE = (
     b"Received: from client.test ([192.0.2.7])\r\n\tby relay.test (relay) with ESMTP id X; date\r\n"

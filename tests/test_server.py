@@ -27,9 +27,11 @@ from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.policy import RelayPolicy
 from relay.queue.store import Spool
 from relay.smtp import replies as R
+from relay.smtp import factory as factory_module
 from relay.smtp import server as server_module
 from relay.smtp.replies import Reply
-from relay.smtp.server import SessionState, SMTPServerFactory, SMTPServerProtocol
+from relay.smtp.factory import SMTPServerFactory
+from relay.smtp.server import SessionState, SMTPServerProtocol
 
 HOST = "relay.test"
 NOW = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 +0000
@@ -1685,7 +1687,7 @@ def test_stopping_grace_period_cuts_off_slow_sessions() -> None:
     s.read()
     s.send(b"EHLO c.test\r\n" + TRANSACTION + b"partial")
     d = factory.stopping()
-    factory.clock.advance(server_module.SHUTDOWN_GRACE)
+    factory.clock.advance(factory_module.SHUTDOWN_GRACE)
     assert s.read() == SHUTDOWN and s.closed and d.called
     assert spool_of(s).messages[0].state == "aborted"
 

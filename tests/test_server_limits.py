@@ -26,7 +26,8 @@ from relay.policy import RelayPolicy
 from relay.smtp.flow import ReplyThrottle, pending_output
 from relay.smtp import limits
 from relay.smtp.limits import AuthFailures, ConnectionRate, SessionCounts, client_key
-from relay.smtp.server import MAX_PENDING_REPLIES, CLOSE_GRACE, SMTPServerFactory
+from relay.smtp.factory import SMTPServerFactory
+from relay.smtp.server import MAX_PENDING_REPLIES, CLOSE_GRACE
 
 from test_server import (
     PLAIN_BAD, PLAIN_OK, TRANSACTION, FakeSpool, RecordingTransport, Session, code, make_factory, make_portal,

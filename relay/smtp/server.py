@@ -1,4 +1,6 @@
-"""The inbound ESMTP server: one ``SMTPServerProtocol`` per connection, and its factory.
+"""The inbound ESMTP session: one ``SMTPServerProtocol`` per connection.
+
+Its factory (admission, live sessions, shutdown) is ``relay.smtp.factory``.
 
 The protocol parses commands, enforces the limits, asks the relay policy
 (``relay.policy.RelayPolicy``) about each recipient and hands each message to
@@ -21,7 +23,7 @@ A ``250`` to the end of DATA is sent only when the spool's commit has fired
 Hostile clients: replies of one read are written out past
 ``MAX_PENDING_REPLIES``, and input stops while the transport holds more
 unsent output than it buffers (``relay.smtp.flow``), so a client that does
-not read cannot grow the session.  The factory admits sessions under
+not read cannot grow the session.  The factory (``relay.smtp.factory``) admits sessions under
 ``max_sessions``, the trusted reserve, the per-address cap and the
 connection rate (``relay.smtp.limits``).  Timeouts are deadlines: a whole
 command line within the timeout, DATA at ``min_data_rate`` at least; under
@@ -38,7 +40,7 @@ sessions gets 454 without a check.  Passwords are never logged.
 On a submission listener (RFC 6409) MAIL needs a successful AUTH, and a
 message without Message-ID or Date gets them right after our Received
 header.  ETRN (RFC 1985) from a trusted or authenticated client calls the
-factory's ``etrn`` hook.  ``SMTPServerFactory.stopping()`` makes every
+factory's ``etrn`` hook.  The factory's ``stopping()`` makes every
 session answer 421 4.3.2 and close, letting a message in DATA finish first.
 """
 
@@ -47,14 +49,13 @@ from __future__ import annotations
 import datetime
 import enum
 from functools import lru_cache
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import address as _address
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
-from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import deferLater
 from relay.log import Logger, escape_controls
 from twisted.protocols.basic import LineReceiver
@@ -67,25 +68,26 @@ from relay.config import ServerConfig, domain_problem
 from relay.domains import DomainError, normalize_domain, to_ascii
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.metrics import reply_in
-from relay.seams import IncomingMessage, MessageSpool, Policy
+from relay.seams import IncomingMessage
 from relay.smtp import dsn, replies as R
 from relay.smtp.data import ChunkReader, DataReader, HeaderCompleter
 from relay.smtp import trace
 from relay.smtp.sasl import AUTH_MECHANISMS, MAX_AUTH_LINE, AuthExchange
 from relay.smtp.address import Path, UnsendableAddress, normalized_path, parse_params, parse_path, split_argument
 from relay.smtp.flow import ReplyThrottle
-from relay.smtp.limits import ClientLimits, SessionCounts, client_key
+from relay.smtp.limits import client_key
 from relay.smtp.replies import Reply
+
+if TYPE_CHECKING:
+    from relay.smtp.factory import SMTPServerFactory
 
 log = Logger(namespace="relay.smtp.server")
 
 MAX_COMMAND_LINE = 512  # octets including CRLF (RFC 5321 4.5.3.1.4)
 AUTH_FAILURE_DELAY = 1.0  # seconds before a 535, input paused meanwhile
 AUTH_FAILURE_LIMIT = 3  # failed AUTH attempts in one session before 421 and close
-SHUTDOWN_GRACE = 10.0  # seconds a message in DATA may take to finish when the relay stops
 POSTMASTER = "postmaster"  # the one recipient accepted without a domain (RFC 5321 4.5.1)
 MAX_PENDING_REPLIES = 1 << 16  # octets of replies collected before they are written out
-LOAD_THRESHOLD = 0.8  # share of max_sessions open past which timeouts are load_idle_timeout
 CLOSE_GRACE = 30.0  # seconds a closed session's last replies may wait to be read before the connection is cut
 
 _MESSAGE_VERBS = ("MAIL", "RCPT", "DATA", "BDAT")  # a refusal of these is a rejected message (metrics)
@@ -1096,130 +1098,3 @@ def _wire(reply: Reply) -> bytes:
 def _valid_helo(name: str) -> bool:
     """A HELO/EHLO argument: one non-empty word of printable characters."""
     return bool(name) and all(c.isprintable() and not c.isspace() for c in name)
-
-
-# -- the factory ---------------------------------------------------------------------
-
-
-EtrnHook = Callable[[str, bool], Any]  # (domain, subdomains) -> messages scheduled
-
-
-class SMTPServerFactory(ServerFactory):
-    """Builds one SMTPServerProtocol per connection and keeps the live sessions.
-
-    ``portal`` (a twisted.cred Portal answering ``relay.auth.ISubmitter``)
-    enables AUTH; ``etrn(domain, subdomains)`` starts the delivery of the
-    mail queued for a domain (None: ETRN answers 458).  ``limits`` is the
-    per-address state shared by the listeners of the process (connection
-    rate, AUTH failures); sessions are counted per factory.
-    """
-
-    protocol = SMTPServerProtocol
-    noisy = False  # no "Starting factory" lines
-
-    def __init__(self, hostname: str, config: ServerConfig, spool: MessageSpool, policy: Policy,
-                 clock: IReactorTime, tls_context: Any = None, submission: bool = False,
-                 portal: Any = None, etrn: Optional[EtrnHook] = None,
-                 limits: Optional[ClientLimits] = None) -> None:
-        self.hostname = hostname
-        self.config = config
-        self.spool = spool
-        self.policy = policy
-        self.clock = clock
-        self.tls_context = tls_context
-        self.submission = submission
-        self.portal = portal
-        self.etrn = etrn
-        self.limits = limits if limits is not None else ClientLimits(config, clock)
-        self.counts = SessionCounts(config)
-        self.shutting_down = False
-        self._live: set[SMTPServerProtocol] = set()
-        self._drained: list[Deferred] = []
-        self._grace: Any = None
-        self.date_text = trace.TraceDate()  # RFC 5322 date-time of a clock time, made once per second
-
-    def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
-        return SMTPServerProtocol(self)
-
-    @property
-    def sessions(self) -> int:
-        """Sessions open now."""
-        return self.counts.total
-
-    def timeout(self) -> float:
-        """The deadline of a command line or DATA stretch: idle_timeout, or load_idle_timeout under load.
-
-        Under load means more than LOAD_THRESHOLD of max_sessions are open
-        on this listener (as Postfix shortens smtpd_timeout under stress).
-        """
-        config = self.config
-        if self.counts.total > config.max_sessions * LOAD_THRESHOLD:
-            return min(config.idle_timeout, config.load_idle_timeout)
-        return config.idle_timeout
-
-    def session_opened(self, session: SMTPServerProtocol) -> Optional[Reply]:
-        """Count a new session; None, or the 421 refusing it (it is not counted then).
-
-        A trusted client may use every one of ``max_sessions``; any other
-        leaves ``reserved_sessions`` free, has at most
-        ``max_sessions_per_client`` at a time and opens at most
-        ``client_connection_rate_limit`` per ``client_rate_time_unit``.
-        """
-        client, peer = session.client, session._peer()
-        if not session.trusted and client and not self.limits.connections.allow(client):
-            log.warn("refused connection from {peer}: more than {limit} connections from {client} in {unit:g} s",
-                     peer=peer, limit=self.config.client_connection_rate_limit, client=client,
-                     unit=self.config.client_rate_time_unit, event="connection_refused")
-            return R.connection_rate_exceeded(self.hostname, client)
-        refused = self.counts.admit(client, session.trusted)
-        if refused == "client sessions":
-            log.warn("refused connection from {peer}: {count} sessions from {client} already",
-                     peer=peer, count=self.counts.of(client), client=client, event="connection_refused")
-            return R.too_many_client_sessions(self.hostname, client)
-        if refused is not None:
-            log.warn("refused connection from {peer}: too many sessions ({count} open)",
-                     peer=peer, count=self.counts.total, event="connection_refused")
-            return R.too_many_connections(self.hostname)
-        self._live.add(session)
-        return None
-
-    def session_closed(self, session: SMTPServerProtocol) -> None:
-        self.counts.release(session.client)
-        self._live.discard(session)
-        if self.shutting_down and not self._live:
-            self._all_closed()
-
-    def stopping(self, grace: float = SHUTDOWN_GRACE) -> Deferred:
-        """The relay stops: every session answers 421 4.3.2 and closes.
-
-        Idle sessions are closed now; a session reading DATA or waiting for
-        an answer gets it first (the spool's commit decides 250 or 451).
-        The Deferred fires when every session has closed, or after ``grace``
-        seconds, when the remaining ones are cut off.
-        """
-        self.shutting_down = True
-        for session in list(self._live):
-            session.shutdown()
-        if not self._live:
-            return succeed(None)
-        log.info("waiting up to {grace:g} s for {count} session(s) to finish", grace=grace, count=len(self._live))
-        drained: Deferred = Deferred()
-        self._drained.append(drained)
-        if self._grace is None:
-            self._grace = self.clock.callLater(grace, self._grace_over)
-        return drained
-
-    def _grace_over(self) -> None:
-        self._grace = None
-        for session in list(self._live):
-            log.warn("session from {peer} still busy at shutdown: closed", peer=session._peer())
-            session.abort_for_shutdown()
-        self._all_closed()
-
-    def _all_closed(self) -> None:
-        if self._grace is not None and self._grace.active():
-            self._grace.cancel()
-        self._grace = None
-        drained, self._drained = self._drained, []
-        for d in drained:
-            d.callback(None)
