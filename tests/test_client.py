@@ -27,8 +27,6 @@ from zope.interface import implementer
 from relay.smtp.client import (
     ClientOptions,
     ClientTimeouts,
-    DotStuffer,
-    MessageProducer,
     SessionError,
     SMTPClientProtocol,
     Transaction,
@@ -36,6 +34,7 @@ from relay.smtp.client import (
 )
 from relay.outcome import LocalReply, Reason
 from relay.smtp.replies import Reply
+from relay.smtp.stream import DotStuffer, MessageProducer
 
 REPO = Path(__file__).resolve().parent.parent
 

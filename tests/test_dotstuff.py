@@ -8,7 +8,7 @@ import re
 from hypothesis import given, settings, strategies as st
 from twisted.internet.testing import StringTransport
 
-from relay.smtp.client import DotStuffer, MessageProducer
+from relay.smtp.stream import DotStuffer, MessageProducer
 
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
 
