@@ -46,7 +46,7 @@ from relay.outcome import (
     unreachable,
     unreachable_outcome,
 )
-from relay.queue.scheduler import apply_outcome
+from relay.queue.rules import apply_outcome
 from relay.queue.store import Spool
 from relay.smtp.client import REPLY_NO_SMTPUTF8, TEXT_TOO_BIG, SessionError
 from relay.smtp.replies import Reply

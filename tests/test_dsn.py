@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 
 from relay.bounce import ACTION_RELAYED, build_dsn
 from relay.envelope import DELIVERED
-from relay.queue.scheduler import settle
+from relay.queue.rules import settle
 from relay.queue.store import QueueSummary
 from relay.smtp import dsn
 from relay.smtp.dsn import check_mail_param, check_rcpt_params, xtext_decode, xtext_encode

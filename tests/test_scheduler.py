@@ -28,7 +28,8 @@ from relay.envelope import (
 )
 from relay.bounce import recipient_status
 from relay.config import ConfigError, QueueConfig, load_config
-from relay.queue.scheduler import Scheduler, apply_outcomes, settle
+from relay.queue.rules import apply_outcomes, settle
+from relay.queue.scheduler import Scheduler
 from relay.queue.store import QueueSummary, Spool
 
 NOW = 1_700_000_000.0
