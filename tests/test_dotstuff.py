@@ -79,3 +79,14 @@ def test_message_producer_stuffs_every_dot_line(data: bytes, chunk_size: int, in
         transport.producer.resumeProducing()
     assert done == [True]
     _check_wire(transport.value(), data)
+
+
+def test_message_producer_is_a_pull_producer() -> None:
+    """MessageProducer declares IPullProducer (what the transport it registers with relies on)."""
+    from twisted.internet.interfaces import IPullProducer
+    from zope.interface.verify import verifyClass
+
+    from relay.smtp.stream import MessageProducer
+
+    assert IPullProducer.implementedBy(MessageProducer)
+    verifyClass(IPullProducer, MessageProducer)

@@ -76,11 +76,11 @@ class DotStuffer:
         return tail + END_OF_DATA
 
 
-@implementer(IPullProducer)
 class NulInMessage(Exception):
     """A NUL in a message being streamed: the data must not be ended (nothing is delivered)."""
 
 
+@implementer(IPullProducer)
 class MessageProducer:
     """Streams a message file to a consumer, dot-stuffed, one chunk per request.
 
