@@ -124,7 +124,7 @@ class ConnectionPool:
         grant = self._grant_now(key, target.address, reuse=not fresh)
         if grant is None:
             waiter = _Waiter(key, target.address, fresh)
-            waiter.deferred = Deferred(canceller=lambda d: self._unwait(waiter))
+            waiter.deferred = Deferred(canceller=lambda d: self._remove_waiter(waiter))  # then CancelledError
             self._waiting.setdefault(target.address, collections.deque()).append(waiter)
             d = waiter.deferred
         else:
@@ -281,10 +281,6 @@ class ConnectionPool:
             return
         if not line:
             del self._waiting[waiter.address]
-
-    def _unwait(self, waiter: _Waiter) -> None:
-        """The wait was cancelled: out of line (the Deferred errbacks with CancelledError)."""
-        self._remove_waiter(waiter)
 
     def _serve_waiting(self) -> None:
         """Let waiting checkouts go as far as the limits allow, destinations taking turns.

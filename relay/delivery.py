@@ -384,7 +384,8 @@ class Delivery:
         for target in targets:
             options = self._options(route, target, password, verify=enforce)
             try:
-                result, in_clear = await self._try_target(envelope, target, options, transaction, route, body)
+                result, in_clear = await self._try_target(envelope, target, options, transaction, route, body,
+                                                          destination)
             except _DestinationSuspended:
                 suspension = self.suspended(destination)
                 if suspension is None:
@@ -415,8 +416,10 @@ class Delivery:
 
     def _suspend(self, envelope: Envelope, destination: tuple, last: Unreachable) -> None:
         """No host of ``destination`` answered: defer its mail without connecting until the next retry."""
-        until = self._reactor.seconds() + self._config.queue.min_retry
-        self._suspended[destination] = _Suspension(until, last.text, last.host, last.reason)
+        now = self._reactor.seconds()
+        for expired in [d for d, s in self._suspended.items() if s.until <= now]:
+            del self._suspended[expired]  # destinations not asked for since: nothing else would drop them
+        self._suspended[destination] = _Suspension(now + self._config.queue.min_retry, last.text, last.host, last.reason)
         parked = self._parked.pop(destination, set())
         log.info(
             "{queue_id}: delivery to {host} temporarily suspended for {seconds:.0f}s: {error}{waiting}",
@@ -437,7 +440,7 @@ class Delivery:
 
     async def _try_target(
         self, envelope: Envelope, target: Target, options: ClientOptions, transaction: Transaction, route: Route,
-        body: _Body,
+        body: _Body, destination: tuple,
     ) -> tuple[Union[TransactionResult, Unreachable], bool]:
         """Hand the transaction to ``target``: its result (or why it could not take it),
         and whether it went in clear after a failed TLS handshake.
@@ -453,7 +456,6 @@ class Delivery:
         while True:
             key = _pool_key(target, options, route)
             checkout = self.pool.checkout(key, target, options, fresh=fresh)
-            destination = route.destination()
             parked = self._parked.setdefault(destination, set())
             parked.add(checkout)
             try:

@@ -23,6 +23,7 @@ from relay.smtp.client import STAGE_STARTTLS, ClientOptions, SessionError, sourc
 from relay.smtp.replies import Reply
 from test_delivery import FakeConnector, Harness, envelope, refused
 from test_scheduler import FakeSpool, delivered, scheduler, transient
+from test_scheduler import envelope as scheduler_envelope
 
 
 STALLED = "127.0.0.4"  # b.test's only MX host in test_delivery's targets
@@ -261,6 +262,4 @@ def test_scheduler_stores_a_destination_outcome_before_the_attempt_ends():
 
 
 def envelope_for_scheduler(*addresses: str) -> Any:
-    from test_scheduler import envelope as make
-
-    return replace(make(*addresses), queue_id="Q1")
+    return replace(scheduler_envelope(*addresses), queue_id="Q1")

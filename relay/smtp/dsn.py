@@ -14,7 +14,15 @@ from __future__ import annotations
 import re
 from typing import Iterable, Optional, Union
 
-from relay.smtp.replies import Reply
+from relay.smtp.replies import (
+    BAD_ENVID,
+    BAD_NOTIFY,
+    BAD_ORCPT,
+    BAD_RET,
+    REPEATED_DSN_PARAM,
+    UNSUPPORTED_PARAM,
+    Reply,
+)
 
 Params = tuple[tuple[str, Optional[str]], ...]
 
@@ -36,11 +44,6 @@ _NOTIFY_WORDS = frozenset((SUCCESS, FAILURE, DELAY))
 MAX_ENVID = 100  # RFC 3461 4.4
 MAX_ORCPT = 500  # RFC 3461 4.2
 
-BAD_RET = Reply(501, "5.5.4", "Error: RET must be FULL or HDRS")
-BAD_ENVID = Reply(501, "5.5.4", "Error: bad ENVID parameter (xtext of at most 100 characters)")
-BAD_NOTIFY = Reply(501, "5.5.4", "Error: NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY")
-BAD_ORCPT = Reply(501, "5.5.4", "Error: bad ORCPT parameter (addr-type;xtext)")
-REPEATED = Reply(501, "5.5.4", "Error: a DSN parameter is given twice")
 
 _XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*")
 _XTEXT_HEX = re.compile(r"\+([0-9A-F]{2})")
@@ -70,7 +73,7 @@ def xtext_decode(value: str) -> str:
 def check_mail_param(keyword: str, value: Optional[str], seen: Iterable[tuple[str, Optional[str]]]) -> Optional[Reply]:
     """Why a RET or ENVID parameter of MAIL is refused, or None (then keep it as received)."""
     if any(k == keyword for k, _ in seen):
-        return REPEATED
+        return REPEATED_DSN_PARAM
     if keyword == RET:
         return None if value is not None and value.upper() in (RET_FULL, RET_HDRS) else BAD_RET
     if value is None or not value or len(value) > MAX_ENVID or not is_xtext(value):
@@ -87,9 +90,9 @@ def check_rcpt_params(params: Iterable[tuple[str, Optional[str]]], smtputf8: boo
     for keyword, value in params:
         keyword = keyword.upper()
         if keyword not in RCPT_KEYWORDS:
-            return Reply(555, "5.5.4", "Error: unsupported parameter")
+            return UNSUPPORTED_PARAM
         if any(k == keyword for k, _ in kept):
-            return REPEATED
+            return REPEATED_DSN_PARAM
         problem = _notify_problem(value) if keyword == NOTIFY else _orcpt_problem(value, smtputf8)
         if problem is not None:
             return problem

@@ -210,6 +210,12 @@ UNSENDABLE_SENDER = Reply(553, "5.1.7", "Sender address cannot be relayed: '<' o
 UNSENDABLE_RECIPIENT = Reply(553, "5.1.3", "Recipient address cannot be relayed: '<' or '>' in the local part")
 BAD_IDN_HELO = Reply(501, "5.5.4", "Error: HELO/EHLO name is not a valid internationalized domain name (IDNA 2008)")
 UNSUPPORTED_PARAM = Reply(555, "5.5.4", "Error: unsupported parameter")
+# DSN parameters (RFC 3461), checked by relay.smtp.dsn
+BAD_RET = Reply(501, "5.5.4", "Error: RET must be FULL or HDRS")
+BAD_ENVID = Reply(501, "5.5.4", "Error: bad ENVID parameter (xtext of at most 100 characters)")
+BAD_NOTIFY = Reply(501, "5.5.4", "Error: NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY")
+BAD_ORCPT = Reply(501, "5.5.4", "Error: bad ORCPT parameter (addr-type;xtext)")
+REPEATED_DSN_PARAM = Reply(501, "5.5.4", "Error: a DSN parameter is given twice")
 NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
 NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
 NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
