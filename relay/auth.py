@@ -390,7 +390,7 @@ def check_files(server: Any, source: str) -> None:
 
     Raises ConfigError naming ``source`` and the key (run at start-up, before the reactor).
     """
-    from relay.config import ConfigError
+    from relay.config_values import ConfigError
 
     for key in ("auth_users", "sender_login_map"):
         path = getattr(server, key, "")

@@ -35,7 +35,8 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from relay.config import COMMAND_LINE, Config, ConfigError
+from relay.config import COMMAND_LINE, Config
+from relay.config_values import ConfigError
 from relay.domains import normalize_domain
 from relay.log import Logger
 

@@ -26,7 +26,8 @@ from typing import Any, Callable, Optional
 
 from twisted.application.service import Service
 
-from relay.config import COMMAND_LINE, Config, ConfigError
+from relay.config import COMMAND_LINE, Config
+from relay.config_values import ConfigError
 from relay.log import Logger
 
 log = Logger(namespace="relay.reload")

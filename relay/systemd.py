@@ -60,7 +60,7 @@ def check_family(endpoint: Any, where: str) -> None:
     import os
     import socket
 
-    from relay.config import ConfigError
+    from relay.config_values import ConfigError
 
     fd, family = getattr(endpoint, "fileno", None), getattr(endpoint, "addressFamily", None)
     if not isinstance(fd, int) or family is None:

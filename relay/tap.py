@@ -29,11 +29,11 @@ from twisted.python import usage
 from relay.config import (
     COMMAND_LINE,
     Config,
-    ConfigError,
     ServerConfig,
     apply_overrides,
     load_config,
 )
+from relay.config_values import ConfigError
 from relay.trust import TrustStore, load_certificates
 
 log = Logger()

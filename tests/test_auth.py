@@ -35,7 +35,8 @@ from relay.auth import (
     parse_users,
     verify_password,
 )
-from relay.config import ConfigError, ServerConfig, config_from_mapping
+from relay.config import ServerConfig, config_from_mapping
+from relay.config_values import ConfigError
 from relay.envelope import ClientInfo
 from relay.policy import RelayPolicy
 

@@ -11,7 +11,6 @@ import pytest
 
 from relay.config import (
     Config,
-    ConfigError,
     DeliveryConfig,
     QueueConfig,
     RouteConfig,
@@ -19,11 +18,9 @@ from relay.config import (
     apply_overrides,
     config_from_mapping,
     default_hostname,
-    domain_pattern_problem,
     load_config,
-    parse_duration,
-    parse_size,
 )
+from relay.config_values import ConfigError, domain_pattern_problem, parse_duration, parse_size
 from relay.domains import DomainSet
 
 FULL = """
@@ -381,7 +378,8 @@ def test_bad_override_names_the_option(kwargs: dict, option: str) -> None:
 
 def test_server_postmaster_key(tmp_path) -> None:
     """[server] postmaster takes an address; a value that is not one is an error naming file and key."""
-    from relay.config import ConfigError, load_config
+    from relay.config import load_config
+    from relay.config_values import ConfigError
 
     good = tmp_path / "good.toml"
     good.write_text('[server]\npostmaster = "admin@ops.example"\n')

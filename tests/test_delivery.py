@@ -15,7 +15,8 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from deferreds import no_result, success
-from relay.config import Config, ConfigError, DeliveryConfig, config_from_mapping
+from relay.config import Config, DeliveryConfig, config_from_mapping
+from relay.config_values import ConfigError
 from relay.delivery import Delivery
 from relay.domains import DomainSet
 from relay.envelope import (

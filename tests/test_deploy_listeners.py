@@ -18,7 +18,8 @@ from twisted.internet.endpoints import AdoptedStreamServerEndpoint, _SystemdPars
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.systemd import ListenFDs
 
-from relay.config import Config, ConfigError, QueueConfig, ServerConfig
+from relay.config import Config, QueueConfig, ServerConfig
+from relay.config_values import ConfigError
 from relay.tap import build_master, build_relay
 
 
@@ -166,7 +167,7 @@ def test_systemd_ssl_without_a_socket_loads_and_says_so_at_assembly(tmp_path: Pa
 
 def test_systemd_ssl_needs_a_domain() -> None:
     """Without domain= the string is not a valid endpoint, said in one line."""
-    from relay.config import endpoint_problem
+    from relay.config_values import endpoint_problem
 
     assert endpoint_problem("systemd-ssl:index=0:privateKey=key.pem") == (
         "is not a valid endpoint: systemd-ssl needs domain= (INET or INET6, as for systemd:)")

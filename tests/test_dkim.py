@@ -15,7 +15,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from dkimkeys import dict_dns, private_pem, records_of, signatures, signing_key, verify_all, write_key
-from relay.config import Config, ConfigError, DkimConfig, ServerConfig
+from relay.config import Config, DkimConfig, ServerConfig
+from relay.config_values import ConfigError
 from relay.dkim import (
     DKIMKeyError,
     Signer,

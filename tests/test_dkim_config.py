@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from dkimkeys import write_key
-from relay.config import ConfigError, DkimConfig, config_from_mapping, load_config
+from relay.config import DkimConfig, config_from_mapping, load_config
+from relay.config_values import ConfigError
 from relay.tap import Options
 
 

@@ -15,7 +15,8 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
 from deferreds import no_result, success
-from relay.config import ConfigError, QueueConfig, load_config
+from relay.config import QueueConfig, load_config
+from relay.config_values import ConfigError
 from relay.delivery import TEXT_SUSPENDED
 from relay.outcome import Reason
 from relay.envelope import DELIVERED, OUTCOME_DELIVERED, OUTCOME_TRANSIENT, PENDING, Route, NextHop

@@ -15,7 +15,8 @@ import twisted.plugins
 from twisted.internet import defer
 from zope.interface.verify import verifyObject
 
-from relay.config import Config, ConfigError, RouteConfig
+from relay.config import Config, RouteConfig
+from relay.config_values import ConfigError
 from relay.envelope import ROUTE_MX, ROUTE_REJECT, ROUTE_SMARTHOST, ROUTE_SOURCE, ClientInfo, NextHop, Recipient, Route
 from relay.interfaces import IRouter, IRouterFactory
 from relay.routing import RouteContext, build_chain, rcpt_check

@@ -11,7 +11,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from relay.config import Config, ConfigError, RouteConfig, ServerConfig
+from relay.config import Config, RouteConfig, ServerConfig
+from relay.config_values import ConfigError
 from relay.domains import DomainSet
 from relay.envelope import (
     ROUTE_MX,

@@ -27,7 +27,8 @@ from relay.envelope import (
     Recipient,
 )
 from relay.bounce import recipient_status
-from relay.config import ConfigError, QueueConfig, load_config
+from relay.config import QueueConfig, load_config
+from relay.config_values import ConfigError
 from relay.queue.rules import apply_outcomes, settle
 from relay.queue.scheduler import Scheduler
 from relay.queue.store import QueueSummary, Spool

@@ -20,7 +20,8 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase as TrialTestCase
 
-from relay.config import Config, ConfigError, ServerConfig, config_from_mapping
+from relay.config import Config, ServerConfig, config_from_mapping
+from relay.config_values import ConfigError
 from relay.smtp import replies as R
 from relay.policy import RelayPolicy
 from relay.smtp.flow import ReplyThrottle, pending_output

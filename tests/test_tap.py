@@ -22,7 +22,8 @@ from twisted.logger import Logger, formatEvent
 from twisted.plugin import getPlugins
 
 from relay import tap
-from relay.config import Config, ConfigError, QueueConfig, RouteConfig, ServerConfig, default_hostname
+from relay.config import Config, QueueConfig, RouteConfig, ServerConfig, default_hostname
+from relay.config_values import ConfigError
 from relay.queue.store import Spool
 from relay.tap import Options, RelayService, build_relay, build_tls_context, check_router_plugins
 

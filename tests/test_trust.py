@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from certs import make_certificate
-from relay.config import Config, ConfigError, DeliveryConfig
+from relay.config import Config, DeliveryConfig
+from relay.config_values import ConfigError
 from relay.tap import load_trust
 from relay.trust import TrustStore, load_certificates, read_certificates
 

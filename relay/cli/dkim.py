@@ -26,7 +26,8 @@ import os
 import sys
 from typing import NoReturn, Optional, Sequence, TextIO
 
-from relay.config import ConfigError, domain_problem, load_config, selector_problem
+from relay.config import load_config
+from relay.config_values import ConfigError, domain_problem, selector_problem
 from relay.domains import normalize_domain
 from relay.dkim import ED25519, RSA, WEAK_RSA_BITS, DKIMKeyError, SigningKey, key_from_pem, load_key
 

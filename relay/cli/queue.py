@@ -59,7 +59,8 @@ from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence, TextIO
 
 from relay import control
 from relay.cli import shape
-from relay.config import ConfigError, load_config
+from relay.config import load_config
+from relay.config_values import ConfigError
 from relay.envelope import DELIVERED, FAILED, PENDING, Attempt, Envelope, EnvelopeFormatError, Recipient
 from relay.queue.partitions import part_directory, part_indexes
 from relay.queue.store import Spool, StoreError, valid_queue_id

@@ -27,7 +27,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import react
 from twisted.python.failure import Failure
 
-from relay.config import Config, ConfigError, parse_hostport
+from relay.config import Config
+from relay.config_values import ConfigError, parse_hostport
 from relay.envelope import ROUTE_REJECT, ClientInfo, Recipient, Route
 from relay.routing import RouteContext, RouterChain, build_chain
 

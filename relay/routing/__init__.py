@@ -31,7 +31,8 @@ from relay.log import Logger
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
-from relay.config import Config, ConfigError, RouteConfig
+from relay.config import Config, RouteConfig
+from relay.config_values import ConfigError
 from relay.domains import DomainSet
 from relay.envelope import (
     ROUTE_KINDS,

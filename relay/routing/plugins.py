@@ -21,7 +21,7 @@ from twisted.plugin import getPlugins
 from zope.interface import Invalid
 from zope.interface.verify import verifyObject
 
-from relay.config import ConfigError
+from relay.config_values import ConfigError
 from relay.interfaces import IRouter, IRouterFactory
 
 __all__ = [

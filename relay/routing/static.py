@@ -13,7 +13,7 @@ from typing import Any, Iterable, Optional, Union
 
 from zope.interface import implementer
 
-from relay.config import parse_hostport
+from relay.config_values import parse_hostport
 from relay.domains import ip_literal
 from relay.envelope import (
     ROUTE_REJECT,

@@ -64,7 +64,8 @@ from twisted.python.failure import Failure
 
 from relay.smtp import set_nodelay, write_now
 from relay.auth import ISubmitter
-from relay.config import ServerConfig, domain_problem
+from relay.config import ServerConfig
+from relay.config_values import domain_problem
 from relay.domains import DomainError, normalize_domain, to_ascii
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.metrics import reply_in
