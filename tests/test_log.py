@@ -140,3 +140,43 @@ def test_json_message_is_twisteds_text_for_every_kind_of_format() -> None:
         observer(dict(event(fmt), **fields))
         observer.flush()
         assert json.loads(out.getvalue())["message"] == formatEvent(dict(event(fmt), **fields)), fmt
+
+
+def test_text_lines_are_twisteds_classic_text_for_every_kind_of_event() -> None:
+    """A text line equals Twisted's formatEventAsClassicLogText: specs, !r, callables, missing
+    fields, braces, attributes, newlines, a log_system, no level, an empty format and a failure."""
+    from twisted.logger import formatEventAsClassicLogText
+    from twisted.python.failure import Failure
+
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        failure = Failure()
+    cases = [("{n:.2f} s {who!r}", {"n": 1.5, "who": "x"}), ("{f()} called", {"f": lambda: "it"}),
+             ("{missing} field", {}), ("{{literal}} {a.real} {b[0]}", {"a": 3, "b": ["first"]}),
+             ("two\nlines {x}", {"x": "and\nthree"}), ("from {peer}", {"peer": "[::1]:25", "log_system": "sys"}),
+             ("no level", {"log_level": None}), ("", {}), ("failed: {why}", {"why": "boom", "log_failure": failure}),
+             ("{n:d}", {"n": "not a number"})]
+    for fmt, fields in cases:
+        observer = TextLogObserver(io.StringIO())
+        whole = dict(event(fmt), **fields)
+        if whole.get("log_level", LogLevel.info) is None:
+            del whole["log_level"]
+        assert observer.format(whole) == formatEventAsClassicLogText(whole, formatTime=observer._time), fmt
+
+
+def test_logger_events_are_those_twisteds_logger_makes() -> None:
+    """relay's Logger hands observers the keys and values Twisted's Logger.emit would, and an unknown level is
+    Twisted's error event."""
+    from twisted.logger import Logger as TwistedLogger
+
+    ours: list[dict] = []
+    theirs: list[dict] = []
+    Logger(namespace="relay.test", observer=ours.append).info("hello {who}", who="you", event="greeting")
+    TwistedLogger(namespace="relay.test", observer=theirs.append).info("hello {who}", who="you", event="greeting")
+    assert sorted(ours[0]) == sorted(theirs[0])
+    assert {k: v for k, v in ours[0].items() if k not in ("log_logger", "log_time")} == \
+        {k: v for k, v in theirs[0].items() if k not in ("log_logger", "log_time")}
+    bad: list[dict] = []
+    Logger(namespace="relay.test", observer=bad.append).emit("loud", "never")  # type: ignore[arg-type]
+    assert [e["log_format"] for e in bad] == ["Got invalid log level {invalidLevel!r} in {logger}.emit()."]
