@@ -6,7 +6,7 @@ policy of the route, AUTH PLAIN/LOGIN (RFC 4954), pipelined transactions
 (RFC 2920), the MAIL parameters SIZE (RFC 1870), BODY=8BITMIME (RFC 6152) and
 SMTPUTF8 (RFC 6531), and the message itself, streamed from the spool through
 a pull producer with dot-stuffing that holds across every chunk boundary
-(``relay.smtp.stream``).
+(``relay.smtp.stream``).  The peer's replies are read by ``relay.smtp.response``.
 
 It knows nothing of the queue or of routing: the delivery module opens a
 connection with ``connect``, hands ``Transaction`` values to ``send`` and gets
@@ -24,7 +24,6 @@ import base64
 import collections
 import io
 import ipaddress
-import re
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Optional
 
@@ -33,7 +32,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime, ITLSTransport
 from twisted.internet.protocol import Factory
 from relay.log import Logger
-from relay.metrics import reply_out
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
@@ -42,15 +40,12 @@ from relay.smtp import dsn, set_nodelay, write_now
 from relay.envelope import OUTCOME_TRANSIENT, TLS_REQUIRE, TLS_VERIFY
 from relay.outcome import NETWORK_TEXT, STAGE_CONNECT, LocalReply, Reason, ReasonedError, classify, network_reason
 from relay.smtp.replies import Reply
+from relay.smtp.response import MAX_REPLY_LENGTH, MalformedReply, ReplyReader, Response, describe, parse_capabilities
 from relay.smtp.stream import CHUNK_SIZE, CRLF, END_OF_DATA, MessageProducer, NulInMessage
 from relay.smtp.tls import CertificateCheck, tls_failure
 from relay.trust import TrustStore
 
 log = Logger()
-
-# A reply line is 512 octets in RFC 5321 4.5.3.1.5; tolerate far longer ones,
-# and drop the connection beyond this (for one line and for a whole reply).
-MAX_REPLY_LENGTH = 64 * 1024
 
 # Session stages named by SessionError.stage (STAGE_CONNECT: no connection at all).
 STAGE_GREETING = "greeting"
@@ -73,9 +68,6 @@ REPLY_BAD_ADDRESS = LocalReply(553, "5.1.3", "address contains characters not al
 TEXT_TOO_BIG = "message size {size} exceeds the remote server's limit of {limit} octets"
 # NUL is never sent: a next hop that drops it could read a "\0." line as the end of the data.
 REPLY_NUL = LocalReply(554, "5.6.0", "message contains a NUL character; not relayed", Reason.NUL_CONTENT)
-
-_REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])(?:([ -])(.*))?$", re.DOTALL)
-
 
 # -- the values exchanged with the delivery module ------------------------------
 
@@ -198,39 +190,6 @@ class SessionError(ReasonedError):
         return self.message
 
 
-def describe(reply: Reply) -> str:
-    """``"550 5.1.1 no such user"``: one line for logs and errors."""
-    return str(reply)
-
-
-# -- reply parsing ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Response:
-    """A complete (possibly multi-line) reply as read off the wire."""
-
-    code: int
-    lines: tuple[str, ...]  # the text after "NNN-" / "NNN " of each line
-
-    def reply(self) -> Reply:
-        """The ``Reply``: enhanced status split out, lines joined with "\\n" (the lines are not parsed again)."""
-        return Reply.from_texts(self.code, self.lines)
-
-
-def parse_capabilities(lines: tuple[str, ...]) -> dict[str, str]:
-    """EHLO keywords (upper-cased) -> their parameters, from the lines after the first."""
-    capabilities: dict[str, str] = {}
-    for line in lines[1:]:
-        keyword, _, params = line.strip().partition(" ")
-        if keyword.upper().startswith("AUTH="):  # the pre-RFC 4954 form
-            keyword, params = "AUTH", keyword[5:] + " " + params
-            params = " ".join((capabilities.get("AUTH", "") + " " + params).split())
-        if keyword:
-            capabilities[keyword.upper()] = params.strip()
-    return capabilities
-
-
 # -- the protocol -----------------------------------------------------------------
 
 
@@ -240,7 +199,7 @@ class _Pending:
 
     what: str
     timeout: float
-    handler: Callable[[_Response], None]
+    handler: Callable[[Response], None]
 
 
 @dataclass
@@ -250,9 +209,9 @@ class _TxnState:
     transaction: Transaction
     deferred: Deferred
     pipelined: bool
-    rset: Optional[_Response] = None
-    mail: Optional[_Response] = None
-    rcpt: dict[int, _Response] = field(default_factory=dict)
+    rset: Optional[Response] = None
+    mail: Optional[Response] = None
+    rcpt: dict[int, Response] = field(default_factory=dict)
     replies: dict[str, Reply] = field(default_factory=dict)
     accepted: list[str] = field(default_factory=list)
 
@@ -282,9 +241,7 @@ class SMTPClientProtocol(LineReceiver):
         self.tls = ""
         self.chunk_size = CHUNK_SIZE
         self._pending: collections.deque[_Pending] = collections.deque()
-        self._lines: list[str] = []
-        self._reply_code = 0
-        self._reply_size = 0
+        self._replies = ReplyReader()
         self._timer = None
         self._stage = STAGE_GREETING
         self._setup_done = False
@@ -322,7 +279,11 @@ class SMTPClientProtocol(LineReceiver):
         if self._dead:
             return
         try:
-            self._reply_line(line)
+            response = self._replies.line(line)
+            if response is not None:
+                self._dispatch(response)
+        except MalformedReply as e:
+            self._protocol_error(str(e))
         except Exception:
             log.failure("error handling a reply from {host}", host=self.host)
             self._protocol_error("internal error handling a reply")
@@ -333,32 +294,7 @@ class SMTPClientProtocol(LineReceiver):
 
     # -- replies -------------------------------------------------------------
 
-    def _reply_line(self, line: bytes) -> None:
-        line = line.rstrip(b"\r")
-        m = _REPLY_LINE.match(line)
-        if m is None:
-            self._protocol_error("malformed reply line")
-            return
-        code = int(m.group(1))
-        if m.group(2) != b"-":
-            reply_out(code)
-        if self._lines and code != self._reply_code:
-            self._protocol_error("inconsistent codes in a multi-line reply")
-            return
-        self._reply_size += len(line)
-        if self._reply_size > MAX_REPLY_LENGTH:
-            self._protocol_error("reply too long")
-            return
-        self._reply_code = code
-        self._lines.append((m.group(3) or b"").decode("utf-8", "replace"))
-        if m.group(2) == b"-":
-            return
-        response = _Response(code, tuple(self._lines))
-        self._lines = []
-        self._reply_size = 0
-        self._dispatch(response)
-
-    def _dispatch(self, response: _Response) -> None:
+    def _dispatch(self, response: Response) -> None:
         if not self._pending:
             if response.code == 421:
                 self._peer_closing(response)
@@ -371,16 +307,16 @@ class SMTPClientProtocol(LineReceiver):
             self._arm(self._pending[0].timeout, self._pending[0].what)
         pending.handler(response)
 
-    def _expect(self, what: str, timeout: float, handler: Callable[[_Response], None]) -> None:
+    def _expect(self, what: str, timeout: float, handler: Callable[[Response], None]) -> None:
         self._pending.append(_Pending(what, timeout, handler))
         if len(self._pending) == 1:
             self._arm(timeout, what)
 
-    def _command(self, line: bytes, what: str, timeout: float, handler: Callable[[_Response], None]) -> None:
+    def _command(self, line: bytes, what: str, timeout: float, handler: Callable[[Response], None]) -> None:
         """Send one command and wait for its reply."""
         self._commands([(line, what, timeout, handler)])
 
-    def _commands(self, commands: list[tuple[bytes, str, float, Callable[[_Response], None]]]) -> None:
+    def _commands(self, commands: list[tuple[bytes, str, float, Callable[[Response], None]]]) -> None:
         """Send commands in one write (a pipelined group) and wait for each reply in order."""
         for _, what, timeout, handler in commands:
             self._expect(what, timeout, handler)
@@ -438,7 +374,7 @@ class SMTPClientProtocol(LineReceiver):
             abort = getattr(self.transport, "abortConnection", None)
             (abort or self.transport.loseConnection)()
 
-    def _refuse_session(self, response: _Response, stage: str) -> None:
+    def _refuse_session(self, response: Response, stage: str) -> None:
         """A refusal at greeting/EHLO: SessionError, QUIT (unless 421), close."""
         reply = response.reply()
         log.info("{host}: {stage} refused: {reply}", host=self.host, stage=stage, reply=describe(reply))
@@ -453,7 +389,7 @@ class SMTPClientProtocol(LineReceiver):
 
     # -- session set-up --------------------------------------------------------
 
-    def _on_greeting(self, response: _Response) -> None:
+    def _on_greeting(self, response: Response) -> None:
         if response.code != 220:
             self._refuse_session(response, STAGE_GREETING)
             return
@@ -467,7 +403,7 @@ class SMTPClientProtocol(LineReceiver):
     def _hostname(self) -> bytes:
         return to_ascii(self.options.hostname).encode("ascii") if not self.options.hostname.isascii() else self.options.hostname.encode("ascii")
 
-    def _on_ehlo(self, response: _Response) -> None:
+    def _on_ehlo(self, response: Response) -> None:
         if self._stage == STAGE_STARTTLS:
             self._tls_established()
         if response.code == 250:
@@ -478,7 +414,7 @@ class SMTPClientProtocol(LineReceiver):
         else:
             self._refuse_session(response, STAGE_EHLO)
 
-    def _on_helo(self, response: _Response) -> None:
+    def _on_helo(self, response: Response) -> None:
         if response.code != 250:
             self._refuse_session(response, STAGE_EHLO)
             return
@@ -498,7 +434,7 @@ class SMTPClientProtocol(LineReceiver):
     def _tls_required(self) -> bool:
         return self.options.tls in (TLS_REQUIRE, TLS_VERIFY)
 
-    def _on_starttls(self, response: _Response) -> None:
+    def _on_starttls(self, response: Response) -> None:
         if response.code != 220:
             if self._tls_required():
                 self._give_up(SessionError(response.reply(), True, STAGE_STARTTLS, f"{self.host} refused STARTTLS"))
@@ -554,13 +490,13 @@ class SMTPClientProtocol(LineReceiver):
             token = base64.b64encode(b"\0" + user + b"\0" + password)
             self._command(b"AUTH PLAIN " + token, "the reply to AUTH", timeout, self._on_auth)
         elif "LOGIN" in mechanisms:
-            def on_password_prompt(response: _Response) -> None:
+            def on_password_prompt(response: Response) -> None:
                 if response.code != 334:
                     self._on_auth(response)
                     return
                 self._command(base64.b64encode(password), "the reply to AUTH", timeout, self._on_auth)
 
-            def on_user_prompt(response: _Response) -> None:
+            def on_user_prompt(response: Response) -> None:
                 if response.code != 334:
                     self._on_auth(response)
                     return
@@ -570,7 +506,7 @@ class SMTPClientProtocol(LineReceiver):
         else:
             self._give_up(SessionError(None, True, STAGE_AUTH, f"{self.host} offers no AUTH mechanism relay supports", Reason.AUTH_UNAVAILABLE))
 
-    def _on_auth(self, response: _Response) -> None:
+    def _on_auth(self, response: Response) -> None:
         if response.code != 235:
             reply = response.reply()
             log.error("{host}: authentication as {user} failed: {reply}", host=self.host, user=self.options.username, reply=describe(reply))
@@ -681,7 +617,7 @@ class SMTPClientProtocol(LineReceiver):
         commands.append((b"DATA", "the reply to DATA", t.data_init, self._on_data))
         self._commands(commands)
 
-    def _mail_step(self) -> tuple[bytes, str, float, Callable[[_Response], None]]:
+    def _mail_step(self) -> tuple[bytes, str, float, Callable[[Response], None]]:
         line = self._mail_command(self._txn.transaction)
         return (line, "the reply to MAIL", self.options.timeouts.mail, self._on_mail)
 
@@ -699,12 +635,12 @@ class SMTPClientProtocol(LineReceiver):
             line += b"".join(b" " + p.encode("utf-8") for p in dsn.rcpt_params_to_send(params, address))
         return line
 
-    def _rcpt_handler(self, index: int) -> Callable[[_Response], None]:
-        def handler(response: _Response) -> None:
+    def _rcpt_handler(self, index: int) -> Callable[[Response], None]:
+        def handler(response: Response) -> None:
             self._on_rcpt(index, response)
         return handler
 
-    def _on_rset(self, response: _Response) -> None:
+    def _on_rset(self, response: Response) -> None:
         state = self._txn
         state.rset = response
         if response.code // 100 != 2:
@@ -713,7 +649,7 @@ class SMTPClientProtocol(LineReceiver):
         if not state.pipelined:
             self._commands([self._mail_step()])
 
-    def _on_mail(self, response: _Response) -> None:
+    def _on_mail(self, response: Response) -> None:
         state = self._txn
         state.mail = response
         if response.code == 421:
@@ -729,7 +665,7 @@ class SMTPClientProtocol(LineReceiver):
     def _send_rcpt(self, index: int) -> None:
         self._command(self._rcpt_command(index), "the reply to RCPT", self.options.timeouts.rcpt, self._rcpt_handler(index))
 
-    def _on_rcpt(self, index: int, response: _Response) -> None:
+    def _on_rcpt(self, index: int, response: Response) -> None:
         state = self._txn
         state.rcpt[index] = response
         if response.code == 421:
@@ -755,7 +691,7 @@ class SMTPClientProtocol(LineReceiver):
             elif response is not None:
                 state.replies[address] = response.reply()
 
-    def _on_data(self, response: _Response) -> None:
+    def _on_data(self, response: Response) -> None:
         state = self._txn
         if state.pipelined:
             if state.mail.code // 100 != 2:
@@ -799,7 +735,7 @@ class SMTPClientProtocol(LineReceiver):
         log.error("{queue_id}: cannot read the queued message: {error}; connection to {host} dropped", queue_id=queue_id, error=str(error), host=self.host)
         self._fail(SessionError(None, True, STAGE_LOST, "cannot read the queued message", Reason.MESSAGE_UNREADABLE))
 
-    def _on_final_dot(self, response: _Response) -> None:
+    def _on_final_dot(self, response: Response) -> None:
         state = self._txn
         reply = response.reply()
         for address in state.accepted:
@@ -809,12 +745,12 @@ class SMTPClientProtocol(LineReceiver):
             return
         self._finish()
 
-    def _finish_all(self, reply: Reply, data: Optional[_Response] = None) -> None:
+    def _finish_all(self, reply: Reply, data: Optional[Response] = None) -> None:
         for address, _ in self._txn.transaction.recipients:
             self._txn.replies[address] = reply
         self._finish(data)
 
-    def _finish(self, data: Optional[_Response] = None) -> None:
+    def _finish(self, data: Optional[Response] = None) -> None:
         """End the transaction; a 354 to a pipelined DATA without recipients gets an empty message."""
         if data is not None and data.code == 354:
             self.transport.write(END_OF_DATA)
@@ -827,7 +763,7 @@ class SMTPClientProtocol(LineReceiver):
             self._arm_idle()
         state.deferred.callback(TransactionResult(dict(state.replies), self.host, self.tls, self._dsn))
 
-    def _server_closing(self, response: _Response) -> None:
+    def _server_closing(self, response: Response) -> None:
         """421 in a transaction: undecided recipients get it, and the connection is done."""
         state = self._txn
         reply = response.reply()
@@ -843,7 +779,7 @@ class SMTPClientProtocol(LineReceiver):
         self._finish()
         self.transport.loseConnection()
 
-    def _peer_closing(self, response: _Response) -> None:
+    def _peer_closing(self, response: Response) -> None:
         """An unsolicited 421 (RFC 5321 3.8): the peer is closing; one line, no protocol error."""
         reply = response.reply()
         log.info("{host}: the peer closes the connection: {reply}", host=self.host, reply=describe(reply))
@@ -872,7 +808,7 @@ class SMTPClientProtocol(LineReceiver):
         self._cancel_timer()
         d = self._quit_d = Deferred()
 
-        def on_reply(response: _Response) -> None:
+        def on_reply(response: Response) -> None:
             self._dead = True
             self._quit_d = None
             self._cancel_timer()
