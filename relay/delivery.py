@@ -81,7 +81,7 @@ from relay.outcome import (
 from relay.routing import RouteContext
 from relay.routing.mx import ResolutionError, Target
 from relay.smtp import client as smtp_client, dsn
-from relay.smtp.client import ClientOptions, SessionError, Transaction, TransactionResult
+from relay.smtp.transaction import ClientOptions, SessionError, Transaction, TransactionResult
 from relay.seams import MessageSource, Resolver
 from relay.trust import TrustStore
 

@@ -36,11 +36,11 @@ from relay.envelope import (
     Route,
 )
 from relay.interfaces import IRouter
-from relay.outcome import TEXT_INTERNAL, TEXT_ROUTING, Reason
+from relay.outcome import STAGE_CONNECT, TEXT_INTERNAL, TEXT_ROUTING, Reason
 from relay.mta_sts import Policy
 from relay.routing import RouterChain, build_chain
 from relay.routing.mx import ResolutionError, Target
-from relay.smtp.client import STAGE_CONNECT, STAGE_GREETING, STAGE_LOST, ClientOptions, SessionError, Transaction, TransactionResult
+from relay.smtp.transaction import STAGE_GREETING, STAGE_LOST, ClientOptions, SessionError, Transaction, TransactionResult
 from relay.smtp.replies import Reply
 
 OK = Reply(250, "2.0.0", "Ok: queued as ABC")
