@@ -80,7 +80,7 @@ from relay.outcome import (
 )
 from relay.routing import RouteContext
 from relay.routing.mx import ResolutionError, Target
-from relay.smtp import client as smtp_client, dsn
+from relay.smtp import connect as smtp_connect, dsn
 from relay.smtp.transaction import ClientOptions, SessionError, Transaction, TransactionResult
 from relay.seams import MessageSource, Resolver
 from relay.trust import TrustStore
@@ -233,7 +233,7 @@ class Delivery:
         self._mta_sts = mta_sts
         self.pool = ConnectionPool(
             reactor,
-            connect or smtp_client.connect,
+            connect or smtp_connect.connect,
             config.delivery.concurrency,
             config.delivery.per_destination,
             reuse_count=config.delivery.connection_reuse_count,

@@ -391,7 +391,7 @@ class SourceAddressTests(SynchronousTestCase):
         """connect() makes the connection from the configured local address of the target's IP version."""
         from twisted.internet.testing import MemoryReactorClock
 
-        from relay.smtp.client import connect
+        from relay.smtp.connect import connect
 
         reactor = MemoryReactorClock()
         options = ClientOptions("relay.test", source=("127.0.0.3", "::1"), timeouts=TIMEOUTS)
@@ -961,7 +961,7 @@ CLIENT_SCRIPT = textwrap.dedent(
     import io, json, os, sys
     from dataclasses import replace
     from twisted.internet import reactor, defer
-    from relay.smtp.client import connect
+    from relay.smtp.connect import connect
     from relay.smtp.transaction import ClientOptions, ClientTimeouts, Transaction, SessionError
 
     port, tls, paths = int(sys.argv[1]), sys.argv[2], sys.argv[3:]

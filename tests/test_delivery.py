@@ -173,7 +173,7 @@ class FakeSpool:
 
 
 def refused(address: str, host: str = "mx") -> SessionError:
-    """What ``relay.smtp.client.connect`` raises when the peer refuses the TCP connection."""
+    """What ``relay.smtp.connect.connect`` raises when the peer refuses the TCP connection."""
     return SessionError(None, True, STAGE_CONNECT, f"cannot connect to {host} [{address}]:25: Connection refused",
                         Reason.CONNECT_REFUSED)
 
@@ -680,7 +680,7 @@ from relay.delivery import Delivery
 from relay.envelope import Envelope, Recipient
 from relay.routing import build_chain
 from relay.routing.mx import Target
-from relay.smtp.client import connect
+from relay.smtp.connect import connect
 
 closed_port, sink_port = int(sys.argv[1]), int(sys.argv[2])
 connects = []

@@ -9,9 +9,10 @@ a pull producer with dot-stuffing that holds across every chunk boundary
 (``relay.smtp.stream``).  The peer's replies are read by ``relay.smtp.response``.
 
 It knows nothing of the queue or of routing: the delivery module opens a
-connection with ``connect``, hands ``Transaction`` values to ``send`` and gets
-back one ``Reply`` per recipient (``TransactionResult``), or a
-``SessionError`` when the connection itself could not carry the mail.
+connection with ``relay.smtp.connect.connect``, hands ``Transaction`` values
+to ``send`` and gets back one ``Reply`` per recipient (``TransactionResult``),
+or a ``SessionError`` when the connection itself could not carry the mail
+(the values live in ``relay.smtp.transaction``).
 
 Why not ``twisted.mail.smtp``'s client: it dot-stuffs per 16 KiB chunk and so
 misses a "." line that falls on a chunk boundary, and it has no pipelining and
@@ -23,14 +24,12 @@ from __future__ import annotations
 import base64
 import collections
 import io
-import ipaddress
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime, ITLSTransport
-from twisted.internet.protocol import Factory
 from relay.log import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
@@ -38,7 +37,7 @@ from twisted.python.failure import Failure
 from relay.domains import to_ascii
 from relay.smtp import dsn, set_nodelay, write_now
 from relay.envelope import OUTCOME_TRANSIENT, TLS_REQUIRE, TLS_VERIFY
-from relay.outcome import NETWORK_TEXT, STAGE_CONNECT, LocalReply, Reason, classify, network_reason
+from relay.outcome import LocalReply, Reason, classify
 from relay.smtp.replies import Reply
 from relay.smtp.response import MAX_REPLY_LENGTH, MalformedReply, ReplyReader, Response, describe, parse_capabilities
 from relay.smtp.transaction import (
@@ -713,68 +712,3 @@ def _is_7bit(open_message: Callable[[], BinaryIO], chunk_size: int) -> bool:
                 return True
             if not chunk.isascii():
                 return False
-
-
-# -- connecting -------------------------------------------------------------------
-
-
-class SMTPClientFactory(Factory):
-    """Builds the protocol for one outbound connection."""
-
-    noisy = False  # no "Starting factory" / "Stopping factory" lines per connection
-
-    def __init__(self, options: ClientOptions, host: str, clock: IReactorTime) -> None:
-        self.options = options
-        self.host = host
-        self.clock = clock
-
-    def buildProtocol(self, addr) -> SMTPClientProtocol:
-        protocol = SMTPClientProtocol(self.options, self.host, self.clock)
-        protocol.factory = self
-        return protocol
-
-
-def source_for(address: str, sources: tuple[str, ...]) -> str:
-    """The local address of ``sources`` of the same IP version as ``address``, or "" (the system's choice)."""
-    try:
-        version = ipaddress.ip_address(address).version
-    except ValueError:
-        return ""
-    for source in sources:
-        if ipaddress.ip_address(source).version == version:
-            return source
-    return ""
-
-
-def connect(reactor, address: str, port: int, host: str, options: ClientOptions) -> Deferred:
-    """Connect to ``address``:``port`` (IPv4 or IPv6) for ``host``; fires when the session is ready.
-
-    Fires with the ``SMTPClientProtocol`` once its ``ready`` fired (this
-    consumes ``ready``), or errbacks with ``SessionError`` (stage "connect"
-    when no TCP connection could be made within the connect timeout).
-    """
-    from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-
-    try:
-        ipv6 = ipaddress.ip_address(address).version == 6
-    except ValueError:
-        ipv6 = False
-    endpoint_type = TCP6ClientEndpoint if ipv6 else TCP4ClientEndpoint
-    bind = source_for(address, options.source)
-    endpoint = endpoint_type(reactor, address, port, timeout=options.timeouts.connect,
-                             bindAddress=(bind, 0) if bind else None)
-    d = endpoint.connect(SMTPClientFactory(options, host, reactor))
-
-    def connected(protocol: SMTPClientProtocol) -> Deferred:
-        return protocol.ready
-
-    def not_connected(failure: Failure) -> Failure:
-        if failure.check(SessionError):
-            return failure
-        reason = network_reason(failure.value)
-        log.info("cannot connect to {host} [{address}]:{port}: {error}", host=host, address=address, port=port, error=failure.getErrorMessage(), event="connect_failed")
-        raise SessionError(None, True, STAGE_CONNECT, f"cannot connect to {host} [{address}]:{port}: {NETWORK_TEXT.get(reason, reason.value)}", reason)
-
-    d.addCallback(connected)
-    d.addErrback(not_connected)
-    return d
