@@ -1,12 +1,14 @@
 """The outbound ESMTP client: one connection to one next hop, several transactions.
 
-This module owns the client side of RFC 5321 as relay speaks it: the
+This module owns the client's session as relay speaks it (RFC 5321): the
+connection, the replies awaited in order with their timeouts, the
 greeting, EHLO (HELO when EHLO is refused), STARTTLS (RFC 3207) with the TLS
-policy of the route, AUTH PLAIN/LOGIN (RFC 4954), pipelined transactions
-(RFC 2920), the MAIL parameters SIZE (RFC 1870), BODY=8BITMIME (RFC 6152) and
-SMTPUTF8 (RFC 6531), and the message itself, streamed from the spool through
-a pull producer with dot-stuffing that holds across every chunk boundary
-(``relay.smtp.stream``).  The peer's replies are read by ``relay.smtp.response``.
+policy of the route, AUTH PLAIN/LOGIN (RFC 4954), reuse and QUIT.  Each
+transaction is run by ``relay.smtp.exchange`` (pipelining, RFC 2920; the
+MAIL parameters SIZE, RFC 1870, BODY=8BITMIME, RFC 6152, and SMTPUTF8, RFC
+6531; the message streamed with dot-stuffing that holds across every chunk
+boundary, ``relay.smtp.stream``).  The peer's replies are read by
+``relay.smtp.response``.
 
 It knows nothing of the queue or of routing: the delivery module opens a
 connection with ``relay.smtp.connect.connect``, hands ``Transaction`` values
@@ -24,8 +26,8 @@ from __future__ import annotations
 import base64
 import collections
 import io
-from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -35,15 +37,12 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from relay.domains import to_ascii
-from relay.smtp import dsn, set_nodelay, write_now
+from relay.smtp import set_nodelay, write_now
 from relay.envelope import OUTCOME_TRANSIENT, TLS_REQUIRE, TLS_VERIFY
-from relay.outcome import LocalReply, Reason, classify
-from relay.smtp.replies import Reply
+from relay.outcome import Reason, classify
+from relay.smtp.exchange import MailExchange, Session, log_replies, precheck
 from relay.smtp.response import MAX_REPLY_LENGTH, MalformedReply, ReplyReader, Response, describe, parse_capabilities
 from relay.smtp.transaction import (
-    REPLY_BAD_ADDRESS,
-    REPLY_NO_8BITMIME,
-    REPLY_NO_SMTPUTF8,
     REPLY_NUL,
     STAGE_AUTH,
     STAGE_EHLO,
@@ -52,13 +51,12 @@ from relay.smtp.transaction import (
     STAGE_READY,
     STAGE_STARTTLS,
     STAGE_TIMEOUT,
-    TEXT_TOO_BIG,
     ClientOptions,
     SessionError,
     Transaction,
     TransactionResult,
 )
-from relay.smtp.stream import CHUNK_SIZE, CRLF, END_OF_DATA, MessageProducer, NulInMessage
+from relay.smtp.stream import CHUNK_SIZE, CRLF
 from relay.smtp.tls import CertificateCheck, tls_failure
 from relay.trust import TrustStore
 
@@ -74,20 +72,6 @@ class _Pending:
     what: str
     timeout: float
     handler: Callable[[Response], None]
-
-
-@dataclass
-class _TxnState:
-    """The progress of the transaction in flight."""
-
-    transaction: Transaction
-    deferred: Deferred
-    pipelined: bool
-    rset: Optional[Response] = None
-    mail: Optional[Response] = None
-    rcpt: dict[int, Response] = field(default_factory=dict)
-    replies: dict[str, Reply] = field(default_factory=dict)
-    accepted: list[str] = field(default_factory=list)
 
 
 class SMTPClientProtocol(LineReceiver):
@@ -121,9 +105,8 @@ class SMTPClientProtocol(LineReceiver):
         self._setup_done = False
         self._tls_started = False
         self._used = False
-        self._txn: Optional[_TxnState] = None
+        self._exchange: Optional[MailExchange] = None
         self._quit_d: Optional[Deferred] = None
-        self._source: Optional[BinaryIO] = None
         self._dead = False
         self._tls_check: Optional[CertificateCheck] = None
 
@@ -234,14 +217,14 @@ class SMTPClientProtocol(LineReceiver):
         self.closed = True
         self._pending.clear()
         self._cancel_timer()
-        txn, self._txn = self._txn, None
+        exchange, self._exchange = self._exchange, None
         quit_d, self._quit_d = self._quit_d, None
         self.busy = False
         if not self._setup_done:
             self._setup_done = True
             self.ready.errback(error)
-        elif txn is not None:
-            txn.deferred.errback(error)
+        elif exchange is not None:
+            exchange.deferred.errback(error)
         elif quit_d is not None:
             quit_d.callback(None)
         if drop and self.transport is not None:
@@ -409,7 +392,7 @@ class SMTPClientProtocol(LineReceiver):
         self.busy = True
         self._cancel_timer()
         try:
-            synthesized = self._precheck(transaction)
+            synthesized = precheck(transaction, self.capabilities, self.chunk_size)
             source = None if synthesized else transaction.open_message()
             if isinstance(source, io.BytesIO) and b"\0" in source.getvalue():
                 source.close()
@@ -423,254 +406,44 @@ class SMTPClientProtocol(LineReceiver):
             self.busy = False
             self._arm_idle()
             replies = {address: synthesized for address, _ in transaction.recipients}
-            self._log_replies(transaction, replies)
+            log_replies(transaction, replies, self.host)
             return defer.succeed(TransactionResult(replies, self.host, self.tls, self._dsn))
-        state = _TxnState(transaction, Deferred(), pipelined="PIPELINING" in self.capabilities)
-        self._txn = state
-        self._source = source
-        state.deferred.addBoth(self._close_source, source)
-        self._start_transaction(state)
-        return state.deferred
+        session = Session(
+            self.host, self.tls, self.capabilities, self.options.timeouts, self.chunk_size, self.transport,
+            commands=self._commands, expect=self._expect, arm=self._arm, fail=self._fail, ended=self._transaction_ended,
+        )
+        exchange = self._exchange = MailExchange(session, transaction, source)
+        rset, self._used = self._used, True
+        exchange.start(rset)
+        return exchange.deferred
 
-    def _close_source(self, result, source: BinaryIO):
-        try:
-            source.close()
-        except OSError:
-            pass
-        return result
-
-    def _precheck(self, transaction: Transaction) -> Optional[Reply]:
-        """A reply for every recipient when the peer cannot take this message at all."""
-        if transaction.smtputf8 and "SMTPUTF8" not in self.capabilities:
-            return REPLY_NO_SMTPUTF8
-        addresses = [transaction.sender] + [a for a, _ in transaction.recipients]
-        addresses += [h for _, route in transaction.recipients for h in route]
-        if any(_unsafe(a) for a in addresses):
-            return REPLY_BAD_ADDRESS
-        limit = self._size_limit()
-        if limit and transaction.size > limit:
-            return LocalReply(552, "5.3.4", TEXT_TOO_BIG.format(size=transaction.size, limit=limit), Reason.MESSAGE_TOO_BIG)
-        if transaction.body.upper() == "8BITMIME" and "8BITMIME" not in self.capabilities:
-            if not _is_7bit(transaction.open_message, self.chunk_size):
-                return REPLY_NO_8BITMIME
-        return None
-
-    def _size_limit(self) -> int:
-        if "SIZE" not in self.capabilities:
-            return 0
-        value = self.capabilities["SIZE"].split()
-        return int(value[0]) if value and value[0].isdigit() else 0
-
-    def _mail_command(self, transaction: Transaction) -> bytes:
-        params = []
-        if "SIZE" in self.capabilities:
-            params.append(f"SIZE={transaction.size}")
-        if transaction.body.upper() == "8BITMIME" and "8BITMIME" in self.capabilities:
-            params.append("BODY=8BITMIME")
-        if transaction.smtputf8 and "SMTPUTF8" in self.capabilities:
-            params.append("SMTPUTF8")
-        if self._dsn:
-            params += dsn.mail_params_to_send(transaction.mail_params)
-        line = f"MAIL FROM:<{transaction.sender}>" + "".join(" " + p for p in params)
-        return line.encode("utf-8")
-
-    def _start_transaction(self, state: _TxnState) -> None:
-        """Pipelined: [RSET] MAIL RCPT... DATA in one write.  Otherwise one command at a time."""
-        t = self.options.timeouts
-        transaction = state.transaction
-        commands = []
-        if self._used:
-            commands.append((b"RSET", "the reply to RSET", t.mail, self._on_rset))
-        self._used = True
-        if not state.pipelined:
-            self._commands(commands or [self._mail_step()])
-            return
-        commands.append(self._mail_step())
-        for i in range(len(transaction.recipients)):
-            commands.append((self._rcpt_command(i), "the reply to RCPT", t.rcpt, self._rcpt_handler(i)))
-        commands.append((b"DATA", "the reply to DATA", t.data_init, self._on_data))
-        self._commands(commands)
-
-    def _mail_step(self) -> tuple[bytes, str, float, Callable[[Response], None]]:
-        line = self._mail_command(self._txn.transaction)
-        return (line, "the reply to MAIL", self.options.timeouts.mail, self._on_mail)
+    def _transaction_ended(self, closing: bool) -> None:
+        """The exchange in flight is over; ``closing``: it ended with a 421, so the connection is done."""
+        self._exchange = None
+        self.busy = False
+        if closing:
+            self._dead = True
+            self.closed = True
+            self._pending.clear()
+            self._cancel_timer()
+        elif not self._dead:
+            self._arm_idle()
 
     @property
     def _dsn(self) -> bool:
         return "DSN" in self.capabilities
 
-    def _rcpt_command(self, index: int) -> bytes:
-        """RCPT for recipient ``index`` of the transaction, with its DSN parameters when the peer has DSN."""
-        transaction = self._txn.transaction
-        address, route = transaction.recipients[index]
-        line = _rcpt_command(address, route)
-        if self._dsn:
-            params = transaction.rcpt_params[index] if index < len(transaction.rcpt_params) else ()
-            line += b"".join(b" " + p.encode("utf-8") for p in dsn.rcpt_params_to_send(params, address))
-        return line
-
-    def _rcpt_handler(self, index: int) -> Callable[[Response], None]:
-        def handler(response: Response) -> None:
-            self._on_rcpt(index, response)
-        return handler
-
-    def _on_rset(self, response: Response) -> None:
-        state = self._txn
-        state.rset = response
-        if response.code // 100 != 2:
-            self._fail(SessionError(response.reply(), True, STAGE_LOST, f"{self.host} refused RSET"))
-            return
-        if not state.pipelined:
-            self._commands([self._mail_step()])
-
-    def _on_mail(self, response: Response) -> None:
-        state = self._txn
-        state.mail = response
-        if response.code == 421:
-            self._server_closing(response)
-            return
-        if state.pipelined:
-            return
-        if response.code // 100 != 2:
-            self._finish_all(response.reply())
-            return
-        self._send_rcpt(0)
-
-    def _send_rcpt(self, index: int) -> None:
-        self._command(self._rcpt_command(index), "the reply to RCPT", self.options.timeouts.rcpt, self._rcpt_handler(index))
-
-    def _on_rcpt(self, index: int, response: Response) -> None:
-        state = self._txn
-        state.rcpt[index] = response
-        if response.code == 421:
-            self._server_closing(response)
-            return
-        if state.pipelined:
-            return
-        if index + 1 < len(state.transaction.recipients):
-            self._send_rcpt(index + 1)
-            return
-        self._record_rcpts(state)
-        if state.accepted:
-            self._command(b"DATA", "the reply to DATA", self.options.timeouts.data_init, self._on_data)
-        else:
-            self._finish()
-
-    def _record_rcpts(self, state: _TxnState) -> None:
-        """Refused recipients get their RCPT reply; the others are accepted."""
-        for i, (address, _) in enumerate(state.transaction.recipients):
-            response = state.rcpt.get(i)
-            if response is not None and response.code // 100 == 2:
-                state.accepted.append(address)
-            elif response is not None:
-                state.replies[address] = response.reply()
-
-    def _on_data(self, response: Response) -> None:
-        state = self._txn
-        if state.pipelined:
-            if state.mail.code // 100 != 2:
-                self._finish_all(state.mail.reply(), data=response)
-                return
-            self._record_rcpts(state)
-            if not state.accepted:
-                self._finish(data=response)
-                return
-        if response.code == 421:
-            self._server_closing(response)
-            return
-        if response.code != 354:
-            for address in state.accepted:
-                state.replies[address] = response.reply()
-            self._finish()
-            return
-        self._stream_message(state)
-
-    def _stream_message(self, state: _TxnState) -> None:
-        t = self.options.timeouts
-        producer = MessageProducer(
-            self._source, self.transport,
-            progress=lambda: self._arm(t.data_block, "the peer to read the message data"),
-            done=lambda: self._expect("the reply to the end of data", t.final_dot, self._on_final_dot),
-            failed=self._read_failed,
-            chunk_size=self.chunk_size,
-            crlf_only=self._txn.transaction.crlf_only,
-            whole=self._txn.transaction.crlf_only,
-        )
-        self._arm(t.data_block, "the peer to read the message data")
-        producer.start()
-
-    def _read_failed(self, error: BaseException) -> None:
-        queue_id = self._txn.transaction.queue_id if self._txn else ""
-        if isinstance(error, NulInMessage):
-            log.error("{queue_id}: a NUL character in the message; connection to {host} dropped before the end of data",
-                      queue_id=queue_id, host=self.host)
-            self._fail(SessionError(REPLY_NUL, False, STAGE_LOST, "message contains a NUL character", Reason.NUL_CONTENT))
-            return
-        log.error("{queue_id}: cannot read the queued message: {error}; connection to {host} dropped", queue_id=queue_id, error=str(error), host=self.host)
-        self._fail(SessionError(None, True, STAGE_LOST, "cannot read the queued message", Reason.MESSAGE_UNREADABLE))
-
-    def _on_final_dot(self, response: Response) -> None:
-        state = self._txn
-        reply = response.reply()
-        for address in state.accepted:
-            state.replies[address] = reply
-        if response.code == 421:
-            self._server_closing(response)
-            return
-        self._finish()
-
-    def _finish_all(self, reply: Reply, data: Optional[Response] = None) -> None:
-        for address, _ in self._txn.transaction.recipients:
-            self._txn.replies[address] = reply
-        self._finish(data)
-
-    def _finish(self, data: Optional[Response] = None) -> None:
-        """End the transaction; a 354 to a pipelined DATA without recipients gets an empty message."""
-        if data is not None and data.code == 354:
-            self.transport.write(END_OF_DATA)
-            self._expect("the reply to the end of data", self.options.timeouts.final_dot, lambda r: self._finish())
-            return
-        state, self._txn = self._txn, None
-        self.busy = False
-        self._log_replies(state.transaction, state.replies)
-        if not self._dead:
-            self._arm_idle()
-        state.deferred.callback(TransactionResult(dict(state.replies), self.host, self.tls, self._dsn))
-
-    def _server_closing(self, response: Response) -> None:
-        """421 in a transaction: undecided recipients get it, and the connection is done."""
-        state = self._txn
-        reply = response.reply()
-        for i, (address, _) in enumerate(state.transaction.recipients):
-            refusal = state.rcpt.get(i)
-            if refusal is not None and refusal.code // 100 != 2:
-                state.replies[address] = refusal.reply()
-            state.replies.setdefault(address, reply)
-        self._dead = True
-        self.closed = True
-        self._pending.clear()
-        self._cancel_timer()
-        self._finish()
-        self.transport.loseConnection()
-
     def _peer_closing(self, response: Response) -> None:
         """An unsolicited 421 (RFC 5321 3.8): the peer is closing; one line, no protocol error."""
         reply = response.reply()
         log.info("{host}: the peer closes the connection: {reply}", host=self.host, reply=describe(reply))
-        if self._txn is not None or not self._setup_done:  # in the middle of the message data
+        if self._exchange is not None or not self._setup_done:  # in the middle of the message data
             self._fail(SessionError(reply, True, STAGE_LOST, f"{self.host} closed the connection"))
             return
         self._dead = True
         self.closed = True
         self._cancel_timer()
         self.transport.loseConnection()
-
-    def _log_replies(self, transaction: Transaction, replies: dict[str, Reply]) -> None:
-        for address, reply in replies.items():
-            log.debug(
-                "{queue_id}: to <{recipient}> via {host}: {reply}",
-                queue_id=transaction.queue_id, recipient=address, host=self.host, reply=describe(reply),
-            )
 
     # -- the end -------------------------------------------------------------------
 
@@ -691,24 +464,3 @@ class SMTPClientProtocol(LineReceiver):
 
         self._command(b"QUIT", "the reply to QUIT", self.options.timeouts.mail, on_reply)
         return d
-
-
-def _unsafe(address: str) -> bool:
-    """True for an address that would break the command line it goes into."""
-    return any(c in address for c in "\r\n<>\0")
-
-
-def _rcpt_command(address: str, route: tuple[str, ...]) -> bytes:
-    path = (",".join("@" + h for h in route) + ":" if route else "") + address
-    return f"RCPT TO:<{path}>".encode("utf-8")
-
-
-def _is_7bit(open_message: Callable[[], BinaryIO], chunk_size: int) -> bool:
-    """True when every byte of the message is below 128."""
-    with open_message() as f:
-        while True:
-            chunk = f.read(chunk_size)
-            if not chunk:
-                return True
-            if not chunk.isascii():
-                return False
