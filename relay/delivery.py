@@ -29,8 +29,8 @@ Connections are limited (``[delivery] concurrency`` in all,
 them): work beyond the limits waits in its destination's line, it never
 fails, and the lines take turns, so a stalled destination holds only its
 own connections.  A destination none of whose hosts answered is suspended
-until the next retry (``[queue] min_retry``): its mail, waiting or new, is
-deferred without a connection.  The message bytes are read when a
+until the next retry (``[queue] min_retry``; ``relay.suspension`` keeps
+them): its mail, waiting or new, is deferred without a connection.  The message bytes are read when a
 connection is ready for them.
 """
 
@@ -83,6 +83,7 @@ from relay.routing.mx import ResolutionError, Target
 from relay.smtp import connect as smtp_connect, dsn
 from relay.smtp.transaction import ClientOptions, SessionError, Transaction, TransactionResult
 from relay.seams import MessageSource, Resolver
+from relay.suspension import DestinationSuspended, Suspension, Suspensions
 from relay.trust import TrustStore
 
 log = Logger()
@@ -147,16 +148,6 @@ class _RoutedRecipient:
 
     recipient: Recipient
     route: Route
-
-
-@dataclass(frozen=True)
-class _Suspension:
-    """A destination that failed to answer: until when its mail is deferred without a connection."""
-
-    until: float
-    text: str
-    host: str
-    reason: Reason = Reason.SUSPENDED  # why the destination failed
 
 
 class _Body:
@@ -239,8 +230,7 @@ class Delivery:
             reuse_count=config.delivery.connection_reuse_count,
             reuse_time=config.delivery.connection_reuse_time,
         )
-        self._suspended: dict[tuple, _Suspension] = {}
-        self._parked: dict[tuple, set[Deferred]] = {}  # destination -> checkouts waiting for a place
+        self.suspensions = Suspensions(reactor, config.queue.min_retry)
 
     # -- public ----------------------------------------------------------------
 
@@ -262,14 +252,6 @@ class Delivery:
     def close(self) -> Deferred:
         """Close the idle connections (at shutdown); fires when they are closed."""
         return self.pool.close()
-
-    def suspended(self, destination: tuple) -> Optional[_Suspension]:
-        """The suspension in force for a destination (``Route.destination()``), if any."""
-        suspension = self._suspended.get(destination)
-        if suspension is not None and suspension.until <= self._reactor.seconds():
-            del self._suspended[destination]
-            return None
-        return suspension
 
     # -- one attempt -----------------------------------------------------------
 
@@ -353,7 +335,7 @@ class Delivery:
     async def _deliver(self, envelope: Envelope, members: list[_RoutedRecipient], body: _Body, forced: bool) -> list[Outcome]:
         route = members[0].route
         destination = route.destination()
-        suspension = None if forced else self.suspended(destination)
+        suspension = None if forced else self.suspensions.get(destination)
         if suspension is not None:
             return self._suspended_outcomes(envelope, members, suspension)
         try:
@@ -386,10 +368,10 @@ class Delivery:
             try:
                 result, in_clear = await self._try_target(envelope, target, options, transaction, route, body,
                                                           destination)
-            except _DestinationSuspended:
-                suspension = self.suspended(destination)
+            except DestinationSuspended:
+                suspension = self.suspensions.get(destination)
                 if suspension is None:
-                    suspension = _Suspension(0.0, TEXT_NO_ANSWER_BEFORE, host_label(target), Reason.SUSPENDED)
+                    suspension = Suspension(0.0, TEXT_NO_ANSWER_BEFORE, host_label(target), Reason.SUSPENDED)
                 return self._suspended_outcomes(envelope, members, suspension)
             except _BodyUnavailable:
                 return [internal_outcome(m.recipient.address, m.route.rule, reason=Reason.MESSAGE_UNREADABLE) for m in members]
@@ -407,33 +389,14 @@ class Delivery:
                     "{queue_id}: MTA-STS testing: {host} took the mail without TLS; enforce mode would have refused it",
                     queue_id=envelope.queue_id, host=host_label(target),
                 )
-            self._suspended.pop(destination, None)
+            self.suspensions.lift(destination)
             return self._replies_to_outcomes(members, result, target, in_clear)
         assert last is not None
         if not forced:
-            self._suspend(envelope, destination, last)
+            self.suspensions.suspend(envelope.queue_id, destination, last)
         return [unreachable_outcome(m.recipient.address, last, m.route.rule) for m in members]
 
-    def _suspend(self, envelope: Envelope, destination: tuple, last: Unreachable) -> None:
-        """No host of ``destination`` answered: defer its mail without connecting until the next retry."""
-        now = self._reactor.seconds()
-        for expired in [d for d, s in self._suspended.items() if s.until <= now]:
-            del self._suspended[expired]  # destinations not asked for since: nothing else would drop them
-        self._suspended[destination] = _Suspension(now + self._config.queue.min_retry, last.text, last.host, last.reason)
-        parked = self._parked.pop(destination, set())
-        log.info(
-            "{queue_id}: delivery to {host} temporarily suspended for {seconds:.0f}s: {error}{waiting}",
-            queue_id=envelope.queue_id,
-            host=last.host,
-            seconds=self._config.queue.min_retry,
-            error=last.text,
-            waiting=f"; {len(parked)} waiting transaction(s) deferred" if parked else "",
-            event="suspended",
-        )
-        for d in list(parked):
-            d.cancel()
-
-    def _suspended_outcomes(self, envelope: Envelope, members: list[_RoutedRecipient], suspension: _Suspension) -> list[Outcome]:
+    def _suspended_outcomes(self, envelope: Envelope, members: list[_RoutedRecipient], suspension: Suspension) -> list[Outcome]:
         text = f"{TEXT_SUSPENDED}: {suspension.text}"
         return [local_outcome(m.recipient.address, Reason.SUSPENDED, STATUS_NO_ANSWER, text, m.route.rule, suspension.host)
                 for m in members]
@@ -448,7 +411,7 @@ class Delivery:
         A reused idle connection that fails before any reply is replaced by a
         fresh one once (the peer may have dropped it while idle).  With
         ``tls = "may"``, a STARTTLS handshake that fails is followed at once
-        by a session in clear.  Raises _DestinationSuspended when the wait for
+        by a session in clear.  Raises DestinationSuspended when the wait for
         a connection was cut short by a suspension, _BodyUnavailable when the
         message cannot be read.
         """
@@ -456,12 +419,11 @@ class Delivery:
         while True:
             key = _pool_key(target, options, route)
             checkout = self.pool.checkout(key, target, options, fresh=fresh)
-            parked = self._parked.setdefault(destination, set())
-            parked.add(checkout)
+            self.suspensions.park(destination, checkout)
             try:
                 conn, reused = await checkout
             except defer.CancelledError:
-                raise _DestinationSuspended() from None
+                raise DestinationSuspended() from None
             except Exception:
                 failure = Failure()
                 if self._may_fall_back(options, failure.value):
@@ -471,9 +433,7 @@ class Delivery:
                     log.failure("{queue_id}: connecting to {host} failed", failure, queue_id=envelope.queue_id, host=host_label(target))
                 return unreachable_target(target, failure), not options.starttls
             finally:
-                parked.discard(checkout)
-                if not parked and self._parked.get(destination) is parked:
-                    del self._parked[destination]
+                self.suspensions.unpark(destination, checkout)
             try:
                 if not body.loaded:
                     await body.load()
@@ -663,10 +623,6 @@ def _clean(result: TransactionResult) -> bool:
     errors", Exim's "too many nonmail commands").
     """
     return any(200 <= reply.code < 300 for reply in result.replies.values())
-
-
-class _DestinationSuspended(Exception):
-    """The wait for a connection ended because the destination was suspended meanwhile."""
 
 
 class _BodyUnavailable(Exception):
