@@ -45,7 +45,7 @@ from relay.log import Logger
 from twisted.python.failure import Failure
 
 from relay.config import Config
-from relay.connections import ConnectionPool, PoolKey
+from relay.connections import ConnectionPool
 from relay.mta_sts import MODE_ENFORCE, MODE_TESTING
 from relay.envelope import (
     OUTCOME_DELIVERED,
@@ -54,7 +54,6 @@ from relay.envelope import (
     ROUTE_MX,
     ROUTE_REJECT,
     TLS_MAY,
-    TLS_VERIFY,
     Envelope,
     Outcome,
     Recipient,
@@ -75,10 +74,10 @@ from relay.outcome import (
     reject_outcome,
     reply_outcome,
     resolution_outcome,
-    unreachable,
     unreachable_outcome,
 )
 from relay.routing import RouteContext
+from relay.nexthop import PasswordError, host_label, pool_key, read_password, session_options, unreachable_target
 from relay.routing.mx import ResolutionError, Target
 from relay.smtp import connect as smtp_connect, dsn
 from relay.smtp.transaction import ClientOptions, SessionError, Transaction, TransactionResult
@@ -98,45 +97,6 @@ OUTCOME_EVENTS = {OUTCOME_DELIVERED: "delivered", OUTCOME_TRANSIENT: "deferred",
 Connect = Callable[..., Deferred]
 # progress(outcomes): the outcomes of one destination, while the message's others still run.
 Progress = Callable[[list[Outcome]], None]
-
-
-def host_label(target: Target) -> str:
-    """``mx1.example.test[192.0.2.1]``, or the bare address for a literal."""
-    if target.host.startswith("[") or target.host == target.address:
-        return f"[{target.address}]"
-    return f"{target.host}[{target.address}]"
-
-
-def unreachable_target(target: Target, failure: Failure) -> Unreachable:
-    """Why ``target`` could not carry the mail (typed, never the exception's text)."""
-    return unreachable(f"{host_label(target)}:{target.port}", host_label(target), failure)
-
-
-# -- passwords -------------------------------------------------------------------
-
-
-TEXT_PASSWORD_UNREADABLE = "cannot read password file {path}: {reason}"
-TEXT_PASSWORD_EMPTY = "password file {path} is empty"
-
-
-class PasswordError(Exception):
-    """The password file of a route cannot be used; the text names the file only."""
-
-
-def read_password(path: str) -> str:
-    """The first line of ``path``, stripped; PasswordError naming the file (never its content)."""
-    try:
-        with open(path, "rb") as f:
-            first = f.readline(4096)
-    except OSError as e:
-        raise PasswordError(TEXT_PASSWORD_UNREADABLE.format(path=path, reason=e.strerror or "error")) from None
-    try:
-        password = first.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise PasswordError(TEXT_PASSWORD_UNREADABLE.format(path=path, reason="not UTF-8")) from None
-    if not password:
-        raise PasswordError(TEXT_PASSWORD_EMPTY.format(path=path))
-    return password
 
 
 # -- delivery ----------------------------------------------------------------------
@@ -364,7 +324,7 @@ class Delivery:
         transaction = self._transaction(envelope, members, body)
         last: Optional[Unreachable] = None
         for target in targets:
-            options = self._options(route, target, password, verify=enforce)
+            options = session_options(self._config, self._trust, route, target, password, verify=enforce)
             try:
                 result, in_clear = await self._try_target(envelope, target, options, transaction, route, body,
                                                           destination)
@@ -417,7 +377,7 @@ class Delivery:
         """
         fresh = False
         while True:
-            key = _pool_key(target, options, route)
+            key = pool_key(target, options, route)
             checkout = self.pool.checkout(key, target, options, fresh=fresh)
             self.suspensions.park(destination, checkout)
             try:
@@ -489,24 +449,6 @@ class Delivery:
             crlf_only=True,  # the server refuses bare CR and LF: the store holds CRLF text only
             mail_params=_only(envelope.mail_params, dsn.MAIL_KEYWORDS),
             rcpt_params=tuple(_only(m.recipient.params, dsn.RCPT_KEYWORDS) for m in members),
-        )
-
-    def _options(self, route: Route, target: Target, password: str, verify: bool = False) -> ClientOptions:
-        """The session options: the route's TLS policy (``verify`` forces "verify"), for ``target.host``.
-
-        The certificate is checked against the configured name of the next
-        hop (the smart host's or MX host's name), never against an address.
-        """
-        return ClientOptions(
-            hostname=self._config.hostname,
-            tls=TLS_VERIFY if verify else route.tls,
-            tls_hostname=target.host,
-            ca_file=self._config.delivery.tls_ca_file,
-            trust=self._trust,
-            username=route.username,
-            password=password,
-            auth_in_clear=route.auth_in_clear,
-            source=self._config.delivery.source_address,
         )
 
     # -- MTA-STS ---------------------------------------------------------------
@@ -592,22 +534,6 @@ class Delivery:
 
 def _addresses(members: Iterable[_RoutedRecipient]) -> str:
     return ", ".join(f"<{m.recipient.address}>" for m in members)
-
-
-def _pool_key(target: Target, options: ClientOptions, route: Route) -> PoolKey:
-    """Connections are shared only between identical sessions: same peer, same TLS and AUTH."""
-    return (
-        target.address,
-        target.port,
-        options.hostname,
-        options.tls,
-        options.tls_hostname,
-        options.ca_file,
-        options.username,
-        route.password_file,
-        options.auth_in_clear,
-        options.starttls,
-    )
 
 
 def _only(params: tuple, keywords: tuple[str, ...]) -> tuple:
