@@ -30,8 +30,10 @@ them): work beyond the limits waits in its destination's line, it never
 fails, and the lines take turns, so a stalled destination holds only its
 own connections.  A destination none of whose hosts answered is suspended
 until the next retry (``[queue] min_retry``; ``relay.suspension`` keeps
-them): its mail, waiting or new, is deferred without a connection.  The message bytes are read when a
-connection is ready for them.
+them): its mail, waiting or new, is deferred without a connection.  The
+message bytes are read when a connection is ready for them
+(``relay.outgoing``); what delivery derives from each next hop (labels,
+session options, pool keys) is in ``relay.nexthop``.
 """
 
 from __future__ import annotations
@@ -76,10 +78,11 @@ from relay.outcome import (
     resolution_outcome,
     unreachable_outcome,
 )
+from relay.outgoing import BodyUnavailable, MessageBody, transaction_for
 from relay.routing import RouteContext
 from relay.nexthop import PasswordError, host_label, pool_key, read_password, session_options, unreachable_target
 from relay.routing.mx import ResolutionError, Target
-from relay.smtp import connect as smtp_connect, dsn
+from relay.smtp import connect as smtp_connect
 from relay.smtp.transaction import ClientOptions, SessionError, Transaction, TransactionResult
 from relay.seams import MessageSource, Resolver
 from relay.suspension import DestinationSuspended, Suspension, Suspensions
@@ -108,49 +111,6 @@ class _RoutedRecipient:
 
     recipient: Recipient
     route: Route
-
-
-class _Body:
-    """The message bytes of one attempt, read once, when the first connection is ready for them."""
-
-    def __init__(self, spool: Any, queue_id: str) -> None:
-        self._spool = spool
-        self._queue_id = queue_id
-        self._loading: Optional[Deferred] = None
-        self._opener: Optional[Callable[[], Any]] = None
-
-    def load(self) -> Deferred:
-        """Fire once the bytes can be opened; errback when the message cannot be read."""
-        if self._opener is not None:
-            return defer.succeed(None)
-        if self._loading is None:
-            self._loading = defer.maybeDeferred(self._spool.message_opener, self._queue_id)
-            self._loading.addCallback(self._loaded)
-            if self._opener is not None:  # the bytes were in memory: no waiting
-                return defer.succeed(None)
-        waiter: Deferred = Deferred()
-        self._loading.addBoth(_relay_to, waiter)
-        return waiter
-
-    def _loaded(self, opener: Callable[[], Any]) -> None:
-        self._opener = opener
-
-    @property
-    def loaded(self) -> bool:
-        return self._opener is not None
-
-    def open(self) -> Any:
-        assert self._opener is not None, "the message is opened before it was loaded"
-        return self._opener()
-
-
-def _relay_to(result: Any, waiter: Deferred) -> Any:
-    """Fire ``waiter`` with a copy of ``result`` and pass ``result`` on unchanged."""
-    if isinstance(result, Failure):
-        waiter.errback(result)
-        return None  # each waiter reports the failure; the shared Deferred keeps none
-    waiter.callback(result)
-    return result
 
 
 class Delivery:
@@ -230,7 +190,7 @@ class Delivery:
                 self._log_outcome(envelope, outcomes[index])
             else:
                 groups.setdefault(route.destination(), []).append((index, _RoutedRecipient(recipient, route)))
-        body = _Body(self._spool, envelope.queue_id)
+        body = MessageBody(self._spool, envelope.queue_id)
         running = [len(groups)]
 
         def ended(group_outcomes: list[Outcome]) -> list[Outcome]:
@@ -275,7 +235,7 @@ class Delivery:
 
     # -- one destination -------------------------------------------------------
 
-    def _deliver_group(self, envelope: Envelope, members: list[_RoutedRecipient], body: _Body, forced: bool) -> Deferred:
+    def _deliver_group(self, envelope: Envelope, members: list[_RoutedRecipient], body: MessageBody, forced: bool) -> Deferred:
         """Fire with one Outcome per member, in order; an unexpected error makes them transient."""
         d = Deferred.fromCoroutine(self._deliver(envelope, members, body, forced))
 
@@ -292,7 +252,7 @@ class Delivery:
         d.addCallback(self._log_outcomes, envelope, self._reactor.seconds())
         return d
 
-    async def _deliver(self, envelope: Envelope, members: list[_RoutedRecipient], body: _Body, forced: bool) -> list[Outcome]:
+    async def _deliver(self, envelope: Envelope, members: list[_RoutedRecipient], body: MessageBody, forced: bool) -> list[Outcome]:
         route = members[0].route
         destination = route.destination()
         suspension = None if forced else self.suspensions.get(destination)
@@ -321,7 +281,7 @@ class Delivery:
         targets, enforce = self._apply_sts(envelope, route, targets, policy)
         if not targets:
             return [local_outcome(m.recipient.address, Reason.MTA_STS, STATUS_MTA_STS, TEXT_MTA_STS_NO_MX, m.route.rule) for m in members]
-        transaction = self._transaction(envelope, members, body)
+        transaction = transaction_for(envelope, [(m.recipient, m.route) for m in members], body)
         last: Optional[Unreachable] = None
         for target in targets:
             options = session_options(self._config, self._trust, route, target, password, verify=enforce)
@@ -333,7 +293,7 @@ class Delivery:
                 if suspension is None:
                     suspension = Suspension(0.0, TEXT_NO_ANSWER_BEFORE, host_label(target), Reason.SUSPENDED)
                 return self._suspended_outcomes(envelope, members, suspension)
-            except _BodyUnavailable:
+            except BodyUnavailable:
                 return [internal_outcome(m.recipient.address, m.route.rule, reason=Reason.MESSAGE_UNREADABLE) for m in members]
             if isinstance(result, Unreachable):
                 last = result
@@ -363,7 +323,7 @@ class Delivery:
 
     async def _try_target(
         self, envelope: Envelope, target: Target, options: ClientOptions, transaction: Transaction, route: Route,
-        body: _Body, destination: tuple,
+        body: MessageBody, destination: tuple,
     ) -> tuple[Union[TransactionResult, Unreachable], bool]:
         """Hand the transaction to ``target``: its result (or why it could not take it),
         and whether it went in clear after a failed TLS handshake.
@@ -372,7 +332,7 @@ class Delivery:
         fresh one once (the peer may have dropped it while idle).  With
         ``tls = "may"``, a STARTTLS handshake that fails is followed at once
         by a session in clear.  Raises DestinationSuspended when the wait for
-        a connection was cut short by a suspension, _BodyUnavailable when the
+        a connection was cut short by a suspension, BodyUnavailable when the
         message cannot be read.
         """
         fresh = False
@@ -400,7 +360,7 @@ class Delivery:
             except Exception:
                 log.failure("{queue_id}: cannot read the queued message; deferred", queue_id=envelope.queue_id)
                 self.pool.checkin(key, target.address, conn, reusable=True, idle_timeout=options.timeouts.idle)
-                raise _BodyUnavailable() from None
+                raise BodyUnavailable() from None
             try:
                 result = await conn.send(transaction)
             except SessionError as e:
@@ -434,22 +394,6 @@ class Delivery:
             event="tls_fallback",
         )
         return replace(options, starttls=False)
-
-    # -- building the transaction ----------------------------------------------
-
-    def _transaction(self, envelope: Envelope, members: list[_RoutedRecipient], body: _Body) -> Transaction:
-        return Transaction(
-            sender=envelope.sender,
-            recipients=tuple((m.recipient.address, tuple(m.route.rcpt_route)) for m in members),
-            size=envelope.size,
-            body=envelope.body,
-            smtputf8=envelope.smtputf8,
-            open_message=body.open,
-            queue_id=envelope.queue_id,
-            crlf_only=True,  # the server refuses bare CR and LF: the store holds CRLF text only
-            mail_params=_only(envelope.mail_params, dsn.MAIL_KEYWORDS),
-            rcpt_params=tuple(_only(m.recipient.params, dsn.RCPT_KEYWORDS) for m in members),
-        )
 
     # -- MTA-STS ---------------------------------------------------------------
 
@@ -536,11 +480,6 @@ def _addresses(members: Iterable[_RoutedRecipient]) -> str:
     return ", ".join(f"<{m.recipient.address}>" for m in members)
 
 
-def _only(params: tuple, keywords: tuple[str, ...]) -> tuple:
-    """The parameters among ``params`` whose keyword is one of ``keywords``."""
-    return tuple((k, v) for k, v in params if k.upper() in keywords)
-
-
 def _clean(result: TransactionResult) -> bool:
     """Whether a connection may carry another transaction: the peer accepted something in this one.
 
@@ -549,7 +488,3 @@ def _clean(result: TransactionResult) -> bool:
     errors", Exim's "too many nonmail commands").
     """
     return any(200 <= reply.code < 300 for reply in result.replies.values())
-
-
-class _BodyUnavailable(Exception):
-    """The queued message could not be read for sending."""
