@@ -32,8 +32,7 @@ from twisted.internet.interfaces import IDelayedCall
 from relay.log import Logger
 from relay.routing.mx import Target
 from relay.seams import OutboundConnection
-from relay.smtp import client as smtp_client
-from relay.smtp.client import ClientOptions
+from relay.smtp.transaction import ClientOptions, ClientTimeouts
 
 log = Logger()
 
@@ -139,7 +138,7 @@ class ConnectionPool:
         address: str,
         conn: OutboundConnection,
         reusable: bool,
-        idle_timeout: float = smtp_client.ClientTimeouts.idle,
+        idle_timeout: float = ClientTimeouts.idle,
     ) -> None:
         """Give a connection back after a transaction: kept idle, handed over, or closed."""
         usage = self._usage.get(id(conn))

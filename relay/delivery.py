@@ -29,9 +29,11 @@ Connections are limited (``[delivery] concurrency`` in all,
 them): work beyond the limits waits in its destination's line, it never
 fails, and the lines take turns, so a stalled destination holds only its
 own connections.  A destination none of whose hosts answered is suspended
-until the next retry (``[queue] min_retry``): its mail, waiting or new, is
-deferred without a connection.  The message bytes are read when a
-connection is ready for them.
+until the next retry (``[queue] min_retry``; ``relay.suspension`` keeps
+them): its mail, waiting or new, is deferred without a connection.  The
+message bytes are read when a connection is ready for them
+(``relay.outgoing``); what delivery derives from each next hop (labels,
+session options, pool keys) is in ``relay.nexthop``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from relay.log import Logger
 from twisted.python.failure import Failure
 
 from relay.config import Config
-from relay.connections import ConnectionPool, PoolKey
+from relay.connections import ConnectionPool
 from relay.mta_sts import MODE_ENFORCE, MODE_TESTING
 from relay.envelope import (
     OUTCOME_DELIVERED,
@@ -54,7 +56,6 @@ from relay.envelope import (
     ROUTE_MX,
     ROUTE_REJECT,
     TLS_MAY,
-    TLS_VERIFY,
     Envelope,
     Outcome,
     Recipient,
@@ -75,14 +76,16 @@ from relay.outcome import (
     reject_outcome,
     reply_outcome,
     resolution_outcome,
-    unreachable,
     unreachable_outcome,
 )
+from relay.outgoing import BodyUnavailable, MessageBody, transaction_for
 from relay.routing import RouteContext
+from relay.nexthop import PasswordError, host_label, pool_key, read_password, session_options, unreachable_target
 from relay.routing.mx import ResolutionError, Target
-from relay.smtp import client as smtp_client, dsn
-from relay.smtp.client import ClientOptions, SessionError, Transaction, TransactionResult
+from relay.smtp import connect as smtp_connect
+from relay.smtp.transaction import ClientOptions, SessionError, Transaction, TransactionResult
 from relay.seams import MessageSource, Resolver
+from relay.suspension import DestinationSuspended, Suspension, Suspensions
 from relay.trust import TrustStore
 
 log = Logger()
@@ -99,45 +102,6 @@ Connect = Callable[..., Deferred]
 Progress = Callable[[list[Outcome]], None]
 
 
-def host_label(target: Target) -> str:
-    """``mx1.example.test[192.0.2.1]``, or the bare address for a literal."""
-    if target.host.startswith("[") or target.host == target.address:
-        return f"[{target.address}]"
-    return f"{target.host}[{target.address}]"
-
-
-def unreachable_target(target: Target, failure: Failure) -> Unreachable:
-    """Why ``target`` could not carry the mail (typed, never the exception's text)."""
-    return unreachable(f"{host_label(target)}:{target.port}", host_label(target), failure)
-
-
-# -- passwords -------------------------------------------------------------------
-
-
-TEXT_PASSWORD_UNREADABLE = "cannot read password file {path}: {reason}"
-TEXT_PASSWORD_EMPTY = "password file {path} is empty"
-
-
-class PasswordError(Exception):
-    """The password file of a route cannot be used; the text names the file only."""
-
-
-def read_password(path: str) -> str:
-    """The first line of ``path``, stripped; PasswordError naming the file (never its content)."""
-    try:
-        with open(path, "rb") as f:
-            first = f.readline(4096)
-    except OSError as e:
-        raise PasswordError(TEXT_PASSWORD_UNREADABLE.format(path=path, reason=e.strerror or "error")) from None
-    try:
-        password = first.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise PasswordError(TEXT_PASSWORD_UNREADABLE.format(path=path, reason="not UTF-8")) from None
-    if not password:
-        raise PasswordError(TEXT_PASSWORD_EMPTY.format(path=path))
-    return password
-
-
 # -- delivery ----------------------------------------------------------------------
 
 
@@ -147,59 +111,6 @@ class _RoutedRecipient:
 
     recipient: Recipient
     route: Route
-
-
-@dataclass(frozen=True)
-class _Suspension:
-    """A destination that failed to answer: until when its mail is deferred without a connection."""
-
-    until: float
-    text: str
-    host: str
-    reason: Reason = Reason.SUSPENDED  # why the destination failed
-
-
-class _Body:
-    """The message bytes of one attempt, read once, when the first connection is ready for them."""
-
-    def __init__(self, spool: Any, queue_id: str) -> None:
-        self._spool = spool
-        self._queue_id = queue_id
-        self._loading: Optional[Deferred] = None
-        self._opener: Optional[Callable[[], Any]] = None
-
-    def load(self) -> Deferred:
-        """Fire once the bytes can be opened; errback when the message cannot be read."""
-        if self._opener is not None:
-            return defer.succeed(None)
-        if self._loading is None:
-            self._loading = defer.maybeDeferred(self._spool.message_opener, self._queue_id)
-            self._loading.addCallback(self._loaded)
-            if self._opener is not None:  # the bytes were in memory: no waiting
-                return defer.succeed(None)
-        waiter: Deferred = Deferred()
-        self._loading.addBoth(_relay_to, waiter)
-        return waiter
-
-    def _loaded(self, opener: Callable[[], Any]) -> None:
-        self._opener = opener
-
-    @property
-    def loaded(self) -> bool:
-        return self._opener is not None
-
-    def open(self) -> Any:
-        assert self._opener is not None, "the message is opened before it was loaded"
-        return self._opener()
-
-
-def _relay_to(result: Any, waiter: Deferred) -> Any:
-    """Fire ``waiter`` with a copy of ``result`` and pass ``result`` on unchanged."""
-    if isinstance(result, Failure):
-        waiter.errback(result)
-        return None  # each waiter reports the failure; the shared Deferred keeps none
-    waiter.callback(result)
-    return result
 
 
 class Delivery:
@@ -233,14 +144,13 @@ class Delivery:
         self._mta_sts = mta_sts
         self.pool = ConnectionPool(
             reactor,
-            connect or smtp_client.connect,
+            connect or smtp_connect.connect,
             config.delivery.concurrency,
             config.delivery.per_destination,
             reuse_count=config.delivery.connection_reuse_count,
             reuse_time=config.delivery.connection_reuse_time,
         )
-        self._suspended: dict[tuple, _Suspension] = {}
-        self._parked: dict[tuple, set[Deferred]] = {}  # destination -> checkouts waiting for a place
+        self.suspensions = Suspensions(reactor, config.queue.min_retry)
 
     # -- public ----------------------------------------------------------------
 
@@ -263,14 +173,6 @@ class Delivery:
         """Close the idle connections (at shutdown); fires when they are closed."""
         return self.pool.close()
 
-    def suspended(self, destination: tuple) -> Optional[_Suspension]:
-        """The suspension in force for a destination (``Route.destination()``), if any."""
-        suspension = self._suspended.get(destination)
-        if suspension is not None and suspension.until <= self._reactor.seconds():
-            del self._suspended[destination]
-            return None
-        return suspension
-
     # -- one attempt -----------------------------------------------------------
 
     async def _attempt(
@@ -288,7 +190,7 @@ class Delivery:
                 self._log_outcome(envelope, outcomes[index])
             else:
                 groups.setdefault(route.destination(), []).append((index, _RoutedRecipient(recipient, route)))
-        body = _Body(self._spool, envelope.queue_id)
+        body = MessageBody(self._spool, envelope.queue_id)
         running = [len(groups)]
 
         def ended(group_outcomes: list[Outcome]) -> list[Outcome]:
@@ -333,7 +235,7 @@ class Delivery:
 
     # -- one destination -------------------------------------------------------
 
-    def _deliver_group(self, envelope: Envelope, members: list[_RoutedRecipient], body: _Body, forced: bool) -> Deferred:
+    def _deliver_group(self, envelope: Envelope, members: list[_RoutedRecipient], body: MessageBody, forced: bool) -> Deferred:
         """Fire with one Outcome per member, in order; an unexpected error makes them transient."""
         d = Deferred.fromCoroutine(self._deliver(envelope, members, body, forced))
 
@@ -350,10 +252,10 @@ class Delivery:
         d.addCallback(self._log_outcomes, envelope, self._reactor.seconds())
         return d
 
-    async def _deliver(self, envelope: Envelope, members: list[_RoutedRecipient], body: _Body, forced: bool) -> list[Outcome]:
+    async def _deliver(self, envelope: Envelope, members: list[_RoutedRecipient], body: MessageBody, forced: bool) -> list[Outcome]:
         route = members[0].route
         destination = route.destination()
-        suspension = None if forced else self.suspended(destination)
+        suspension = None if forced else self.suspensions.get(destination)
         if suspension is not None:
             return self._suspended_outcomes(envelope, members, suspension)
         try:
@@ -379,19 +281,19 @@ class Delivery:
         targets, enforce = self._apply_sts(envelope, route, targets, policy)
         if not targets:
             return [local_outcome(m.recipient.address, Reason.MTA_STS, STATUS_MTA_STS, TEXT_MTA_STS_NO_MX, m.route.rule) for m in members]
-        transaction = self._transaction(envelope, members, body)
+        transaction = transaction_for(envelope, [(m.recipient, m.route) for m in members], body)
         last: Optional[Unreachable] = None
         for target in targets:
-            options = self._options(route, target, password, verify=enforce)
+            options = session_options(self._config, self._trust, route, target, password, verify=enforce)
             try:
                 result, in_clear = await self._try_target(envelope, target, options, transaction, route, body,
                                                           destination)
-            except _DestinationSuspended:
-                suspension = self.suspended(destination)
+            except DestinationSuspended:
+                suspension = self.suspensions.get(destination)
                 if suspension is None:
-                    suspension = _Suspension(0.0, TEXT_NO_ANSWER_BEFORE, host_label(target), Reason.SUSPENDED)
+                    suspension = Suspension(0.0, TEXT_NO_ANSWER_BEFORE, host_label(target), Reason.SUSPENDED)
                 return self._suspended_outcomes(envelope, members, suspension)
-            except _BodyUnavailable:
+            except BodyUnavailable:
                 return [internal_outcome(m.recipient.address, m.route.rule, reason=Reason.MESSAGE_UNREADABLE) for m in members]
             if isinstance(result, Unreachable):
                 last = result
@@ -407,40 +309,21 @@ class Delivery:
                     "{queue_id}: MTA-STS testing: {host} took the mail without TLS; enforce mode would have refused it",
                     queue_id=envelope.queue_id, host=host_label(target),
                 )
-            self._suspended.pop(destination, None)
+            self.suspensions.lift(destination)
             return self._replies_to_outcomes(members, result, target, in_clear)
         assert last is not None
         if not forced:
-            self._suspend(envelope, destination, last)
+            self.suspensions.suspend(envelope.queue_id, destination, last)
         return [unreachable_outcome(m.recipient.address, last, m.route.rule) for m in members]
 
-    def _suspend(self, envelope: Envelope, destination: tuple, last: Unreachable) -> None:
-        """No host of ``destination`` answered: defer its mail without connecting until the next retry."""
-        now = self._reactor.seconds()
-        for expired in [d for d, s in self._suspended.items() if s.until <= now]:
-            del self._suspended[expired]  # destinations not asked for since: nothing else would drop them
-        self._suspended[destination] = _Suspension(now + self._config.queue.min_retry, last.text, last.host, last.reason)
-        parked = self._parked.pop(destination, set())
-        log.info(
-            "{queue_id}: delivery to {host} temporarily suspended for {seconds:.0f}s: {error}{waiting}",
-            queue_id=envelope.queue_id,
-            host=last.host,
-            seconds=self._config.queue.min_retry,
-            error=last.text,
-            waiting=f"; {len(parked)} waiting transaction(s) deferred" if parked else "",
-            event="suspended",
-        )
-        for d in list(parked):
-            d.cancel()
-
-    def _suspended_outcomes(self, envelope: Envelope, members: list[_RoutedRecipient], suspension: _Suspension) -> list[Outcome]:
+    def _suspended_outcomes(self, envelope: Envelope, members: list[_RoutedRecipient], suspension: Suspension) -> list[Outcome]:
         text = f"{TEXT_SUSPENDED}: {suspension.text}"
         return [local_outcome(m.recipient.address, Reason.SUSPENDED, STATUS_NO_ANSWER, text, m.route.rule, suspension.host)
                 for m in members]
 
     async def _try_target(
         self, envelope: Envelope, target: Target, options: ClientOptions, transaction: Transaction, route: Route,
-        body: _Body, destination: tuple,
+        body: MessageBody, destination: tuple,
     ) -> tuple[Union[TransactionResult, Unreachable], bool]:
         """Hand the transaction to ``target``: its result (or why it could not take it),
         and whether it went in clear after a failed TLS handshake.
@@ -448,20 +331,19 @@ class Delivery:
         A reused idle connection that fails before any reply is replaced by a
         fresh one once (the peer may have dropped it while idle).  With
         ``tls = "may"``, a STARTTLS handshake that fails is followed at once
-        by a session in clear.  Raises _DestinationSuspended when the wait for
-        a connection was cut short by a suspension, _BodyUnavailable when the
+        by a session in clear.  Raises DestinationSuspended when the wait for
+        a connection was cut short by a suspension, BodyUnavailable when the
         message cannot be read.
         """
         fresh = False
         while True:
-            key = _pool_key(target, options, route)
+            key = pool_key(target, options, route)
             checkout = self.pool.checkout(key, target, options, fresh=fresh)
-            parked = self._parked.setdefault(destination, set())
-            parked.add(checkout)
+            self.suspensions.park(destination, checkout)
             try:
                 conn, reused = await checkout
             except defer.CancelledError:
-                raise _DestinationSuspended() from None
+                raise DestinationSuspended() from None
             except Exception:
                 failure = Failure()
                 if self._may_fall_back(options, failure.value):
@@ -471,16 +353,14 @@ class Delivery:
                     log.failure("{queue_id}: connecting to {host} failed", failure, queue_id=envelope.queue_id, host=host_label(target))
                 return unreachable_target(target, failure), not options.starttls
             finally:
-                parked.discard(checkout)
-                if not parked and self._parked.get(destination) is parked:
-                    del self._parked[destination]
+                self.suspensions.unpark(destination, checkout)
             try:
                 if not body.loaded:
                     await body.load()
             except Exception:
                 log.failure("{queue_id}: cannot read the queued message; deferred", queue_id=envelope.queue_id)
                 self.pool.checkin(key, target.address, conn, reusable=True, idle_timeout=options.timeouts.idle)
-                raise _BodyUnavailable() from None
+                raise BodyUnavailable() from None
             try:
                 result = await conn.send(transaction)
             except SessionError as e:
@@ -514,40 +394,6 @@ class Delivery:
             event="tls_fallback",
         )
         return replace(options, starttls=False)
-
-    # -- building the transaction ----------------------------------------------
-
-    def _transaction(self, envelope: Envelope, members: list[_RoutedRecipient], body: _Body) -> Transaction:
-        return Transaction(
-            sender=envelope.sender,
-            recipients=tuple((m.recipient.address, tuple(m.route.rcpt_route)) for m in members),
-            size=envelope.size,
-            body=envelope.body,
-            smtputf8=envelope.smtputf8,
-            open_message=body.open,
-            queue_id=envelope.queue_id,
-            crlf_only=True,  # the server refuses bare CR and LF: the store holds CRLF text only
-            mail_params=_only(envelope.mail_params, dsn.MAIL_KEYWORDS),
-            rcpt_params=tuple(_only(m.recipient.params, dsn.RCPT_KEYWORDS) for m in members),
-        )
-
-    def _options(self, route: Route, target: Target, password: str, verify: bool = False) -> ClientOptions:
-        """The session options: the route's TLS policy (``verify`` forces "verify"), for ``target.host``.
-
-        The certificate is checked against the configured name of the next
-        hop (the smart host's or MX host's name), never against an address.
-        """
-        return ClientOptions(
-            hostname=self._config.hostname,
-            tls=TLS_VERIFY if verify else route.tls,
-            tls_hostname=target.host,
-            ca_file=self._config.delivery.tls_ca_file,
-            trust=self._trust,
-            username=route.username,
-            password=password,
-            auth_in_clear=route.auth_in_clear,
-            source=self._config.delivery.source_address,
-        )
 
     # -- MTA-STS ---------------------------------------------------------------
 
@@ -634,27 +480,6 @@ def _addresses(members: Iterable[_RoutedRecipient]) -> str:
     return ", ".join(f"<{m.recipient.address}>" for m in members)
 
 
-def _pool_key(target: Target, options: ClientOptions, route: Route) -> PoolKey:
-    """Connections are shared only between identical sessions: same peer, same TLS and AUTH."""
-    return (
-        target.address,
-        target.port,
-        options.hostname,
-        options.tls,
-        options.tls_hostname,
-        options.ca_file,
-        options.username,
-        route.password_file,
-        options.auth_in_clear,
-        options.starttls,
-    )
-
-
-def _only(params: tuple, keywords: tuple[str, ...]) -> tuple:
-    """The parameters among ``params`` whose keyword is one of ``keywords``."""
-    return tuple((k, v) for k, v in params if k.upper() in keywords)
-
-
 def _clean(result: TransactionResult) -> bool:
     """Whether a connection may carry another transaction: the peer accepted something in this one.
 
@@ -663,11 +488,3 @@ def _clean(result: TransactionResult) -> bool:
     errors", Exim's "too many nonmail commands").
     """
     return any(200 <= reply.code < 300 for reply in result.replies.values())
-
-
-class _DestinationSuspended(Exception):
-    """The wait for a connection ended because the destination was suspended meanwhile."""
-
-
-class _BodyUnavailable(Exception):
-    """The queued message could not be read for sending."""

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 if TYPE_CHECKING:
     from relay.envelope import ClientInfo, Envelope, Recipient, Route
     from relay.policy import PolicyAnswer
-    from relay.smtp.client import Transaction
+    from relay.smtp.transaction import Transaction
 
 
 @runtime_checkable

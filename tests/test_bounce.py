@@ -48,7 +48,7 @@ from relay.outcome import (
 )
 from relay.queue.rules import apply_outcome
 from relay.queue.store import Spool
-from relay.smtp.client import REPLY_NO_SMTPUTF8, TEXT_TOO_BIG, SessionError
+from relay.smtp.transaction import REPLY_NO_SMTPUTF8, TEXT_TOO_BIG, SessionError
 from relay.smtp.replies import Reply
 
 HOST = "relay.example.org"

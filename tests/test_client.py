@@ -24,14 +24,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from relay.smtp.client import (
-    ClientOptions,
-    ClientTimeouts,
-    SessionError,
-    SMTPClientProtocol,
-    Transaction,
-    TransactionResult,
-)
+from relay.smtp.client import SMTPClientProtocol
+from relay.smtp.transaction import ClientOptions, ClientTimeouts, SessionError, Transaction, TransactionResult
 from relay.outcome import LocalReply, Reason
 from relay.smtp.replies import Reply
 from relay.smtp.stream import DotStuffer, MessageProducer
@@ -397,7 +391,7 @@ class SourceAddressTests(SynchronousTestCase):
         """connect() makes the connection from the configured local address of the target's IP version."""
         from twisted.internet.testing import MemoryReactorClock
 
-        from relay.smtp.client import connect
+        from relay.smtp.connect import connect
 
         reactor = MemoryReactorClock()
         options = ClientOptions("relay.test", source=("127.0.0.3", "::1"), timeouts=TIMEOUTS)
@@ -967,7 +961,8 @@ CLIENT_SCRIPT = textwrap.dedent(
     import io, json, os, sys
     from dataclasses import replace
     from twisted.internet import reactor, defer
-    from relay.smtp.client import connect, ClientOptions, ClientTimeouts, Transaction, SessionError
+    from relay.smtp.connect import connect
+    from relay.smtp.transaction import ClientOptions, ClientTimeouts, Transaction, SessionError
 
     port, tls, paths = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
     out = {}

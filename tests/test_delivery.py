@@ -37,11 +37,11 @@ from relay.envelope import (
     Route,
 )
 from relay.interfaces import IRouter
-from relay.outcome import TEXT_INTERNAL, TEXT_ROUTING, Reason
+from relay.outcome import STAGE_CONNECT, TEXT_INTERNAL, TEXT_ROUTING, Reason
 from relay.mta_sts import Policy
 from relay.routing import RouterChain, build_chain
 from relay.routing.mx import ResolutionError, Target
-from relay.smtp.client import STAGE_CONNECT, STAGE_GREETING, STAGE_LOST, ClientOptions, SessionError, Transaction, TransactionResult
+from relay.smtp.transaction import STAGE_GREETING, STAGE_LOST, ClientOptions, SessionError, Transaction, TransactionResult
 from relay.smtp.replies import Reply
 
 OK = Reply(250, "2.0.0", "Ok: queued as ABC")
@@ -174,7 +174,7 @@ class FakeSpool:
 
 
 def refused(address: str, host: str = "mx") -> SessionError:
-    """What ``relay.smtp.client.connect`` raises when the peer refuses the TCP connection."""
+    """What ``relay.smtp.connect.connect`` raises when the peer refuses the TCP connection."""
     return SessionError(None, True, STAGE_CONNECT, f"cannot connect to {host} [{address}]:25: Connection refused",
                         Reason.CONNECT_REFUSED)
 
@@ -681,7 +681,7 @@ from relay.delivery import Delivery
 from relay.envelope import Envelope, Recipient
 from relay.routing import build_chain
 from relay.routing.mx import Target
-from relay.smtp.client import connect
+from relay.smtp.connect import connect
 
 closed_port, sink_port = int(sys.argv[1]), int(sys.argv[2])
 connects = []

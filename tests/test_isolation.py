@@ -20,7 +20,8 @@ from relay.config_values import ConfigError
 from relay.delivery import TEXT_SUSPENDED
 from relay.outcome import Reason
 from relay.envelope import DELIVERED, OUTCOME_DELIVERED, OUTCOME_TRANSIENT, PENDING, Route, NextHop
-from relay.smtp.client import STAGE_STARTTLS, ClientOptions, SessionError, source_for
+from relay.smtp.connect import source_for
+from relay.smtp.transaction import STAGE_STARTTLS, ClientOptions, SessionError
 from relay.smtp.replies import Reply
 from test_delivery import FakeConnector, Harness, envelope, refused
 from test_scheduler import FakeSpool, delivered, scheduler, transient

@@ -10,6 +10,7 @@ from twisted.python.failure import Failure
 
 from relay.envelope import OUTCOME_DELIVERED, OUTCOME_PERMANENT, OUTCOME_TRANSIENT, Route
 from relay.outcome import (
+    STAGE_CONNECT,
     STATUS_NO_ANSWER,
     TEXT_INTERNAL,
     LocalReply,
@@ -26,7 +27,7 @@ from relay.outcome import (
     unreachable,
     unreachable_outcome,
 )
-from relay.smtp.client import REPLY_NO_SMTPUTF8, STAGE_CONNECT, STAGE_GREETING, STAGE_LOST, SessionError
+from relay.smtp.transaction import REPLY_NO_SMTPUTF8, STAGE_GREETING, STAGE_LOST, SessionError
 from relay.smtp.replies import Reply
 
 WHERE = "mx1.a.test[127.0.0.2]:25"

@@ -15,7 +15,8 @@ from relay.policy import RelayPolicy
 from relay.queue.store import Spool
 from relay.routing.mx import MXResolver
 from relay.seams import IncomingMessage, MessageSource, MessageSpool, OutboundConnection, Policy, Resolver
-from relay.smtp.client import ClientOptions, SMTPClientProtocol
+from relay.smtp.client import SMTPClientProtocol
+from relay.smtp.transaction import ClientOptions
 from test_delivery import FakeConnection, FakeConnector, FakeResolver
 from test_delivery import FakeSpool as DeliveryFakeSpool
 from test_server import FakeSpool as ServerFakeSpool

@@ -1,17 +1,20 @@
 """The outbound ESMTP client: one connection to one next hop, several transactions.
 
-This module owns the client side of RFC 5321 as relay speaks it: the
+This module owns the client's session as relay speaks it (RFC 5321): the
+connection, the replies awaited in order with their timeouts, the
 greeting, EHLO (HELO when EHLO is refused), STARTTLS (RFC 3207) with the TLS
-policy of the route, AUTH PLAIN/LOGIN (RFC 4954), pipelined transactions
-(RFC 2920), the MAIL parameters SIZE (RFC 1870), BODY=8BITMIME (RFC 6152) and
-SMTPUTF8 (RFC 6531), and the message itself, streamed from the spool through
-a pull producer with dot-stuffing that holds across every chunk boundary
-(``relay.smtp.stream``).
+policy of the route, AUTH PLAIN/LOGIN (RFC 4954), reuse and QUIT.  Each
+transaction is run by ``relay.smtp.exchange`` (pipelining, RFC 2920; the
+MAIL parameters SIZE, RFC 1870, BODY=8BITMIME, RFC 6152, and SMTPUTF8, RFC
+6531; the message streamed with dot-stuffing that holds across every chunk
+boundary, ``relay.smtp.stream``).  The peer's replies are read by
+``relay.smtp.response``.
 
 It knows nothing of the queue or of routing: the delivery module opens a
-connection with ``connect``, hands ``Transaction`` values to ``send`` and gets
-back one ``Reply`` per recipient (``TransactionResult``), or a
-``SessionError`` when the connection itself could not carry the mail.
+connection with ``relay.smtp.connect.connect``, hands ``Transaction`` values
+to ``send`` and gets back one ``Reply`` per recipient (``TransactionResult``),
+or a ``SessionError`` when the connection itself could not carry the mail
+(the values live in ``relay.smtp.transaction``).
 
 Why not ``twisted.mail.smtp``'s client: it dot-stuffs per 16 KiB chunk and so
 misses a "." line that falls on a chunk boundary, and it has no pipelining and
@@ -23,213 +26,41 @@ from __future__ import annotations
 import base64
 import collections
 import io
-import ipaddress
-import re
-from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime, ITLSTransport
-from twisted.internet.protocol import Factory
 from relay.log import Logger
-from relay.metrics import reply_out
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from relay.domains import to_ascii
-from relay.smtp import dsn, set_nodelay, write_now
+from relay.smtp import set_nodelay, write_now
 from relay.envelope import OUTCOME_TRANSIENT, TLS_REQUIRE, TLS_VERIFY
-from relay.outcome import NETWORK_TEXT, STAGE_CONNECT, LocalReply, Reason, ReasonedError, classify, network_reason
-from relay.smtp.replies import Reply
-from relay.smtp.stream import CHUNK_SIZE, CRLF, END_OF_DATA, MessageProducer, NulInMessage
+from relay.outcome import Reason, classify
+from relay.smtp.exchange import MailExchange, Session, log_replies, precheck
+from relay.smtp.response import MAX_REPLY_LENGTH, MalformedReply, ReplyReader, Response, describe, parse_capabilities
+from relay.smtp.transaction import (
+    REPLY_NUL,
+    STAGE_AUTH,
+    STAGE_EHLO,
+    STAGE_GREETING,
+    STAGE_LOST,
+    STAGE_READY,
+    STAGE_STARTTLS,
+    STAGE_TIMEOUT,
+    ClientOptions,
+    SessionError,
+    Transaction,
+    TransactionResult,
+)
+from relay.smtp.stream import CHUNK_SIZE, CRLF
 from relay.smtp.tls import CertificateCheck, tls_failure
 from relay.trust import TrustStore
 
 log = Logger()
-
-# A reply line is 512 octets in RFC 5321 4.5.3.1.5; tolerate far longer ones,
-# and drop the connection beyond this (for one line and for a whole reply).
-MAX_REPLY_LENGTH = 64 * 1024
-
-# Session stages named by SessionError.stage (STAGE_CONNECT: no connection at all).
-STAGE_GREETING = "greeting"
-STAGE_EHLO = "ehlo"
-STAGE_STARTTLS = "starttls"
-STAGE_AUTH = "auth"
-STAGE_TIMEOUT = "timeout"
-STAGE_LOST = "lost"
-# Where a session is once it can carry mail: never a SessionError stage (a failure then is STAGE_LOST).
-STAGE_READY = "ready"
-
-# Replies this client makes up itself (LocalReply: never reported as the peer's words).
-REPLY_NO_SMTPUTF8 = LocalReply(550, "5.6.7", "remote server does not support SMTPUTF8", Reason.NO_SMTPUTF8)
-REPLY_NO_8BITMIME = LocalReply(
-    554, "5.6.3",
-    "remote server does not support 8BITMIME; conversion required but not supported",
-    Reason.NO_8BITMIME,
-)
-REPLY_BAD_ADDRESS = LocalReply(553, "5.1.3", "address contains characters not allowed in SMTP", Reason.UNSAFE_ADDRESS)
-TEXT_TOO_BIG = "message size {size} exceeds the remote server's limit of {limit} octets"
-# NUL is never sent: a next hop that drops it could read a "\0." line as the end of the data.
-REPLY_NUL = LocalReply(554, "5.6.0", "message contains a NUL character; not relayed", Reason.NUL_CONTENT)
-
-_REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])(?:([ -])(.*))?$", re.DOTALL)
-
-
-# -- the values exchanged with the delivery module ------------------------------
-
-
-@dataclass(frozen=True)
-class ClientTimeouts:
-    """Seconds to wait at each step; defaults from RFC 5321 4.5.3.2."""
-
-    connect: float = 30
-    greeting: float = 300
-    ehlo: float = 300
-    mail: float = 300
-    rcpt: float = 300
-    data_init: float = 120
-    data_block: float = 180
-    final_dot: float = 600
-    idle: float = 60  # a pooled connection idle longer than this is closed
-
-
-@dataclass(frozen=True)
-class ClientOptions:
-    """How to talk to one next hop.
-
-    ``tls``: "may" starts TLS when offered, without a certificate check;
-    "require" never sends mail in clear (no STARTTLS is a transient failure);
-    "verify" is "require" plus a certificate verified against the system CA
-    store (or ``ca_file``) for ``tls_hostname`` (the host name when empty).
-    With ``username`` set, AUTH PLAIN (or LOGIN) follows, only after TLS
-    unless ``auth_in_clear``.  ``starttls`` False skips STARTTLS (the retry in
-    clear of "may" after a failed handshake).  ``source`` are the local
-    addresses outbound connections are made from (one per IP version).  The password is never logged and never put in
-    an exception text.
-    """
-
-    hostname: str
-    tls: str = "may"
-    tls_hostname: str = ""
-    ca_file: str = ""
-    username: str = ""
-    password: str = field(default="", repr=False)
-    auth_in_clear: bool = False
-    timeouts: ClientTimeouts = ClientTimeouts()
-    starttls: bool = True  # False: a session in clear after a failed handshake (tls = "may" only)
-    source: tuple[str, ...] = ()  # local addresses to connect from, at most one per IP version
-    trust: Optional[TrustStore] = field(default=None, compare=False, repr=False)  # ca_file loaded once
-
-
-@dataclass(frozen=True)
-class Transaction:
-    """One message to some recipients of one destination.
-
-    ``recipients`` are ``(address, rcpt_route)`` pairs; a non-empty route is
-    sent as the source route ``<@h2,@h3:user@domain>``.  ``open_message``
-    opens the stored message (CRLF line endings) for binary reading; it is
-    called once per attempt (twice for an 8BITMIME message toward a server
-    without 8BITMIME, to check whether it is 7-bit after all).
-    """
-
-    sender: str  # "" for <>
-    recipients: tuple[tuple[str, tuple[str, ...]], ...]
-    size: int
-    body: str = "7BIT"  # or "8BITMIME"
-    smtputf8: bool = False
-    open_message: Callable[[], BinaryIO] = field(kw_only=True)
-    queue_id: str = field(default="", kw_only=True)  # for the logs
-    crlf_only: bool = field(default=False, kw_only=True)  # no bare CR or LF in the message (queued mail)
-    # DSN parameters (RFC 3461) as received: RET/ENVID, and NOTIFY/ORCPT per recipient (same order);
-    # sent only to a next hop that advertises DSN.
-    mail_params: tuple[tuple[str, Optional[str]], ...] = field(default=(), kw_only=True)
-    rcpt_params: tuple[tuple[tuple[str, Optional[str]], ...], ...] = field(default=(), kw_only=True)
-
-
-@dataclass(frozen=True)
-class TransactionResult:
-    """Every recipient's final reply, from the peer or synthesized here."""
-
-    replies: dict[str, Reply]
-    host: str
-    tls: str  # "TLSv1.3 TLS_AES_256_GCM_SHA384", or "" in clear
-    dsn: bool = False  # the peer advertised DSN: the DSN parameters went with the mail
-
-
-# The reason of a session error when its creator names none, by stage.
-_STAGE_REASONS = {
-    STAGE_CONNECT: Reason.CONNECT_FAILED,
-    STAGE_GREETING: Reason.SESSION_REFUSED,
-    STAGE_EHLO: Reason.SESSION_REFUSED,
-    STAGE_STARTTLS: Reason.TLS_UNAVAILABLE,
-    STAGE_AUTH: Reason.AUTH_FAILED,
-    STAGE_TIMEOUT: Reason.TIMEOUT,
-    STAGE_LOST: Reason.LOST,
-}
-
-
-class SessionError(ReasonedError):
-    """The connection or session could not carry mail.
-
-    ``stage`` is one of "connect", "greeting", "ehlo", "starttls", "auth",
-    "timeout", "lost"; ``reason`` (a ``relay.outcome.Reason``) says why in
-    a type, never in the words of an exception.  ``reply`` is the peer's
-    reply when there was one; ``transient`` says whether a later attempt may
-    succeed.  An authentication failure is transient on purpose: it is a
-    configuration problem, and mail waits in the queue while the operator
-    fixes it.
-    """
-
-    def __init__(
-        self, reply: Optional[Reply], transient: bool, stage: str, message: str = "", reason: Optional[Reason] = None
-    ) -> None:
-        self.reply = reply
-        self.transient = transient
-        self.stage = stage
-        self.reason = reason if reason is not None else _STAGE_REASONS.get(stage, Reason.LOCAL_ERROR)
-        self.message = message or (describe(reply) if reply else stage)
-        super().__init__(self.message)
-
-    def __str__(self) -> str:
-        if self.reply is not None and self.message != describe(self.reply):
-            return f"{self.message}: {describe(self.reply)}"
-        return self.message
-
-
-def describe(reply: Reply) -> str:
-    """``"550 5.1.1 no such user"``: one line for logs and errors."""
-    return str(reply)
-
-
-# -- reply parsing ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Response:
-    """A complete (possibly multi-line) reply as read off the wire."""
-
-    code: int
-    lines: tuple[str, ...]  # the text after "NNN-" / "NNN " of each line
-
-    def reply(self) -> Reply:
-        """The ``Reply``: enhanced status split out, lines joined with "\\n" (the lines are not parsed again)."""
-        return Reply.from_texts(self.code, self.lines)
-
-
-def parse_capabilities(lines: tuple[str, ...]) -> dict[str, str]:
-    """EHLO keywords (upper-cased) -> their parameters, from the lines after the first."""
-    capabilities: dict[str, str] = {}
-    for line in lines[1:]:
-        keyword, _, params = line.strip().partition(" ")
-        if keyword.upper().startswith("AUTH="):  # the pre-RFC 4954 form
-            keyword, params = "AUTH", keyword[5:] + " " + params
-            params = " ".join((capabilities.get("AUTH", "") + " " + params).split())
-        if keyword:
-            capabilities[keyword.upper()] = params.strip()
-    return capabilities
-
 
 # -- the protocol -----------------------------------------------------------------
 
@@ -240,21 +71,7 @@ class _Pending:
 
     what: str
     timeout: float
-    handler: Callable[[_Response], None]
-
-
-@dataclass
-class _TxnState:
-    """The progress of the transaction in flight."""
-
-    transaction: Transaction
-    deferred: Deferred
-    pipelined: bool
-    rset: Optional[_Response] = None
-    mail: Optional[_Response] = None
-    rcpt: dict[int, _Response] = field(default_factory=dict)
-    replies: dict[str, Reply] = field(default_factory=dict)
-    accepted: list[str] = field(default_factory=list)
+    handler: Callable[[Response], None]
 
 
 class SMTPClientProtocol(LineReceiver):
@@ -282,17 +99,14 @@ class SMTPClientProtocol(LineReceiver):
         self.tls = ""
         self.chunk_size = CHUNK_SIZE
         self._pending: collections.deque[_Pending] = collections.deque()
-        self._lines: list[str] = []
-        self._reply_code = 0
-        self._reply_size = 0
+        self._replies = ReplyReader()
         self._timer = None
         self._stage = STAGE_GREETING
         self._setup_done = False
         self._tls_started = False
         self._used = False
-        self._txn: Optional[_TxnState] = None
+        self._exchange: Optional[MailExchange] = None
         self._quit_d: Optional[Deferred] = None
-        self._source: Optional[BinaryIO] = None
         self._dead = False
         self._tls_check: Optional[CertificateCheck] = None
 
@@ -322,7 +136,11 @@ class SMTPClientProtocol(LineReceiver):
         if self._dead:
             return
         try:
-            self._reply_line(line)
+            response = self._replies.line(line)
+            if response is not None:
+                self._dispatch(response)
+        except MalformedReply as e:
+            self._protocol_error(str(e))
         except Exception:
             log.failure("error handling a reply from {host}", host=self.host)
             self._protocol_error("internal error handling a reply")
@@ -333,32 +151,7 @@ class SMTPClientProtocol(LineReceiver):
 
     # -- replies -------------------------------------------------------------
 
-    def _reply_line(self, line: bytes) -> None:
-        line = line.rstrip(b"\r")
-        m = _REPLY_LINE.match(line)
-        if m is None:
-            self._protocol_error("malformed reply line")
-            return
-        code = int(m.group(1))
-        if m.group(2) != b"-":
-            reply_out(code)
-        if self._lines and code != self._reply_code:
-            self._protocol_error("inconsistent codes in a multi-line reply")
-            return
-        self._reply_size += len(line)
-        if self._reply_size > MAX_REPLY_LENGTH:
-            self._protocol_error("reply too long")
-            return
-        self._reply_code = code
-        self._lines.append((m.group(3) or b"").decode("utf-8", "replace"))
-        if m.group(2) == b"-":
-            return
-        response = _Response(code, tuple(self._lines))
-        self._lines = []
-        self._reply_size = 0
-        self._dispatch(response)
-
-    def _dispatch(self, response: _Response) -> None:
+    def _dispatch(self, response: Response) -> None:
         if not self._pending:
             if response.code == 421:
                 self._peer_closing(response)
@@ -371,16 +164,16 @@ class SMTPClientProtocol(LineReceiver):
             self._arm(self._pending[0].timeout, self._pending[0].what)
         pending.handler(response)
 
-    def _expect(self, what: str, timeout: float, handler: Callable[[_Response], None]) -> None:
+    def _expect(self, what: str, timeout: float, handler: Callable[[Response], None]) -> None:
         self._pending.append(_Pending(what, timeout, handler))
         if len(self._pending) == 1:
             self._arm(timeout, what)
 
-    def _command(self, line: bytes, what: str, timeout: float, handler: Callable[[_Response], None]) -> None:
+    def _command(self, line: bytes, what: str, timeout: float, handler: Callable[[Response], None]) -> None:
         """Send one command and wait for its reply."""
         self._commands([(line, what, timeout, handler)])
 
-    def _commands(self, commands: list[tuple[bytes, str, float, Callable[[_Response], None]]]) -> None:
+    def _commands(self, commands: list[tuple[bytes, str, float, Callable[[Response], None]]]) -> None:
         """Send commands in one write (a pipelined group) and wait for each reply in order."""
         for _, what, timeout, handler in commands:
             self._expect(what, timeout, handler)
@@ -424,21 +217,21 @@ class SMTPClientProtocol(LineReceiver):
         self.closed = True
         self._pending.clear()
         self._cancel_timer()
-        txn, self._txn = self._txn, None
+        exchange, self._exchange = self._exchange, None
         quit_d, self._quit_d = self._quit_d, None
         self.busy = False
         if not self._setup_done:
             self._setup_done = True
             self.ready.errback(error)
-        elif txn is not None:
-            txn.deferred.errback(error)
+        elif exchange is not None:
+            exchange.deferred.errback(error)
         elif quit_d is not None:
             quit_d.callback(None)
         if drop and self.transport is not None:
             abort = getattr(self.transport, "abortConnection", None)
             (abort or self.transport.loseConnection)()
 
-    def _refuse_session(self, response: _Response, stage: str) -> None:
+    def _refuse_session(self, response: Response, stage: str) -> None:
         """A refusal at greeting/EHLO: SessionError, QUIT (unless 421), close."""
         reply = response.reply()
         log.info("{host}: {stage} refused: {reply}", host=self.host, stage=stage, reply=describe(reply))
@@ -453,7 +246,7 @@ class SMTPClientProtocol(LineReceiver):
 
     # -- session set-up --------------------------------------------------------
 
-    def _on_greeting(self, response: _Response) -> None:
+    def _on_greeting(self, response: Response) -> None:
         if response.code != 220:
             self._refuse_session(response, STAGE_GREETING)
             return
@@ -467,7 +260,7 @@ class SMTPClientProtocol(LineReceiver):
     def _hostname(self) -> bytes:
         return to_ascii(self.options.hostname).encode("ascii") if not self.options.hostname.isascii() else self.options.hostname.encode("ascii")
 
-    def _on_ehlo(self, response: _Response) -> None:
+    def _on_ehlo(self, response: Response) -> None:
         if self._stage == STAGE_STARTTLS:
             self._tls_established()
         if response.code == 250:
@@ -478,7 +271,7 @@ class SMTPClientProtocol(LineReceiver):
         else:
             self._refuse_session(response, STAGE_EHLO)
 
-    def _on_helo(self, response: _Response) -> None:
+    def _on_helo(self, response: Response) -> None:
         if response.code != 250:
             self._refuse_session(response, STAGE_EHLO)
             return
@@ -498,7 +291,7 @@ class SMTPClientProtocol(LineReceiver):
     def _tls_required(self) -> bool:
         return self.options.tls in (TLS_REQUIRE, TLS_VERIFY)
 
-    def _on_starttls(self, response: _Response) -> None:
+    def _on_starttls(self, response: Response) -> None:
         if response.code != 220:
             if self._tls_required():
                 self._give_up(SessionError(response.reply(), True, STAGE_STARTTLS, f"{self.host} refused STARTTLS"))
@@ -554,13 +347,13 @@ class SMTPClientProtocol(LineReceiver):
             token = base64.b64encode(b"\0" + user + b"\0" + password)
             self._command(b"AUTH PLAIN " + token, "the reply to AUTH", timeout, self._on_auth)
         elif "LOGIN" in mechanisms:
-            def on_password_prompt(response: _Response) -> None:
+            def on_password_prompt(response: Response) -> None:
                 if response.code != 334:
                     self._on_auth(response)
                     return
                 self._command(base64.b64encode(password), "the reply to AUTH", timeout, self._on_auth)
 
-            def on_user_prompt(response: _Response) -> None:
+            def on_user_prompt(response: Response) -> None:
                 if response.code != 334:
                     self._on_auth(response)
                     return
@@ -570,7 +363,7 @@ class SMTPClientProtocol(LineReceiver):
         else:
             self._give_up(SessionError(None, True, STAGE_AUTH, f"{self.host} offers no AUTH mechanism relay supports", Reason.AUTH_UNAVAILABLE))
 
-    def _on_auth(self, response: _Response) -> None:
+    def _on_auth(self, response: Response) -> None:
         if response.code != 235:
             reply = response.reply()
             log.error("{host}: authentication as {user} failed: {reply}", host=self.host, user=self.options.username, reply=describe(reply))
@@ -599,7 +392,7 @@ class SMTPClientProtocol(LineReceiver):
         self.busy = True
         self._cancel_timer()
         try:
-            synthesized = self._precheck(transaction)
+            synthesized = precheck(transaction, self.capabilities, self.chunk_size)
             source = None if synthesized else transaction.open_message()
             if isinstance(source, io.BytesIO) and b"\0" in source.getvalue():
                 source.close()
@@ -613,254 +406,44 @@ class SMTPClientProtocol(LineReceiver):
             self.busy = False
             self._arm_idle()
             replies = {address: synthesized for address, _ in transaction.recipients}
-            self._log_replies(transaction, replies)
+            log_replies(transaction, replies, self.host)
             return defer.succeed(TransactionResult(replies, self.host, self.tls, self._dsn))
-        state = _TxnState(transaction, Deferred(), pipelined="PIPELINING" in self.capabilities)
-        self._txn = state
-        self._source = source
-        state.deferred.addBoth(self._close_source, source)
-        self._start_transaction(state)
-        return state.deferred
+        session = Session(
+            self.host, self.tls, self.capabilities, self.options.timeouts, self.chunk_size, self.transport,
+            commands=self._commands, expect=self._expect, arm=self._arm, fail=self._fail, ended=self._transaction_ended,
+        )
+        exchange = self._exchange = MailExchange(session, transaction, source)
+        rset, self._used = self._used, True
+        exchange.start(rset)
+        return exchange.deferred
 
-    def _close_source(self, result, source: BinaryIO):
-        try:
-            source.close()
-        except OSError:
-            pass
-        return result
-
-    def _precheck(self, transaction: Transaction) -> Optional[Reply]:
-        """A reply for every recipient when the peer cannot take this message at all."""
-        if transaction.smtputf8 and "SMTPUTF8" not in self.capabilities:
-            return REPLY_NO_SMTPUTF8
-        addresses = [transaction.sender] + [a for a, _ in transaction.recipients]
-        addresses += [h for _, route in transaction.recipients for h in route]
-        if any(_unsafe(a) for a in addresses):
-            return REPLY_BAD_ADDRESS
-        limit = self._size_limit()
-        if limit and transaction.size > limit:
-            return LocalReply(552, "5.3.4", TEXT_TOO_BIG.format(size=transaction.size, limit=limit), Reason.MESSAGE_TOO_BIG)
-        if transaction.body.upper() == "8BITMIME" and "8BITMIME" not in self.capabilities:
-            if not _is_7bit(transaction.open_message, self.chunk_size):
-                return REPLY_NO_8BITMIME
-        return None
-
-    def _size_limit(self) -> int:
-        if "SIZE" not in self.capabilities:
-            return 0
-        value = self.capabilities["SIZE"].split()
-        return int(value[0]) if value and value[0].isdigit() else 0
-
-    def _mail_command(self, transaction: Transaction) -> bytes:
-        params = []
-        if "SIZE" in self.capabilities:
-            params.append(f"SIZE={transaction.size}")
-        if transaction.body.upper() == "8BITMIME" and "8BITMIME" in self.capabilities:
-            params.append("BODY=8BITMIME")
-        if transaction.smtputf8 and "SMTPUTF8" in self.capabilities:
-            params.append("SMTPUTF8")
-        if self._dsn:
-            params += dsn.mail_params_to_send(transaction.mail_params)
-        line = f"MAIL FROM:<{transaction.sender}>" + "".join(" " + p for p in params)
-        return line.encode("utf-8")
-
-    def _start_transaction(self, state: _TxnState) -> None:
-        """Pipelined: [RSET] MAIL RCPT... DATA in one write.  Otherwise one command at a time."""
-        t = self.options.timeouts
-        transaction = state.transaction
-        commands = []
-        if self._used:
-            commands.append((b"RSET", "the reply to RSET", t.mail, self._on_rset))
-        self._used = True
-        if not state.pipelined:
-            self._commands(commands or [self._mail_step()])
-            return
-        commands.append(self._mail_step())
-        for i in range(len(transaction.recipients)):
-            commands.append((self._rcpt_command(i), "the reply to RCPT", t.rcpt, self._rcpt_handler(i)))
-        commands.append((b"DATA", "the reply to DATA", t.data_init, self._on_data))
-        self._commands(commands)
-
-    def _mail_step(self) -> tuple[bytes, str, float, Callable[[_Response], None]]:
-        line = self._mail_command(self._txn.transaction)
-        return (line, "the reply to MAIL", self.options.timeouts.mail, self._on_mail)
+    def _transaction_ended(self, closing: bool) -> None:
+        """The exchange in flight is over; ``closing``: it ended with a 421, so the connection is done."""
+        self._exchange = None
+        self.busy = False
+        if closing:
+            self._dead = True
+            self.closed = True
+            self._pending.clear()
+            self._cancel_timer()
+        elif not self._dead:
+            self._arm_idle()
 
     @property
     def _dsn(self) -> bool:
         return "DSN" in self.capabilities
 
-    def _rcpt_command(self, index: int) -> bytes:
-        """RCPT for recipient ``index`` of the transaction, with its DSN parameters when the peer has DSN."""
-        transaction = self._txn.transaction
-        address, route = transaction.recipients[index]
-        line = _rcpt_command(address, route)
-        if self._dsn:
-            params = transaction.rcpt_params[index] if index < len(transaction.rcpt_params) else ()
-            line += b"".join(b" " + p.encode("utf-8") for p in dsn.rcpt_params_to_send(params, address))
-        return line
-
-    def _rcpt_handler(self, index: int) -> Callable[[_Response], None]:
-        def handler(response: _Response) -> None:
-            self._on_rcpt(index, response)
-        return handler
-
-    def _on_rset(self, response: _Response) -> None:
-        state = self._txn
-        state.rset = response
-        if response.code // 100 != 2:
-            self._fail(SessionError(response.reply(), True, STAGE_LOST, f"{self.host} refused RSET"))
-            return
-        if not state.pipelined:
-            self._commands([self._mail_step()])
-
-    def _on_mail(self, response: _Response) -> None:
-        state = self._txn
-        state.mail = response
-        if response.code == 421:
-            self._server_closing(response)
-            return
-        if state.pipelined:
-            return
-        if response.code // 100 != 2:
-            self._finish_all(response.reply())
-            return
-        self._send_rcpt(0)
-
-    def _send_rcpt(self, index: int) -> None:
-        self._command(self._rcpt_command(index), "the reply to RCPT", self.options.timeouts.rcpt, self._rcpt_handler(index))
-
-    def _on_rcpt(self, index: int, response: _Response) -> None:
-        state = self._txn
-        state.rcpt[index] = response
-        if response.code == 421:
-            self._server_closing(response)
-            return
-        if state.pipelined:
-            return
-        if index + 1 < len(state.transaction.recipients):
-            self._send_rcpt(index + 1)
-            return
-        self._record_rcpts(state)
-        if state.accepted:
-            self._command(b"DATA", "the reply to DATA", self.options.timeouts.data_init, self._on_data)
-        else:
-            self._finish()
-
-    def _record_rcpts(self, state: _TxnState) -> None:
-        """Refused recipients get their RCPT reply; the others are accepted."""
-        for i, (address, _) in enumerate(state.transaction.recipients):
-            response = state.rcpt.get(i)
-            if response is not None and response.code // 100 == 2:
-                state.accepted.append(address)
-            elif response is not None:
-                state.replies[address] = response.reply()
-
-    def _on_data(self, response: _Response) -> None:
-        state = self._txn
-        if state.pipelined:
-            if state.mail.code // 100 != 2:
-                self._finish_all(state.mail.reply(), data=response)
-                return
-            self._record_rcpts(state)
-            if not state.accepted:
-                self._finish(data=response)
-                return
-        if response.code == 421:
-            self._server_closing(response)
-            return
-        if response.code != 354:
-            for address in state.accepted:
-                state.replies[address] = response.reply()
-            self._finish()
-            return
-        self._stream_message(state)
-
-    def _stream_message(self, state: _TxnState) -> None:
-        t = self.options.timeouts
-        producer = MessageProducer(
-            self._source, self.transport,
-            progress=lambda: self._arm(t.data_block, "the peer to read the message data"),
-            done=lambda: self._expect("the reply to the end of data", t.final_dot, self._on_final_dot),
-            failed=self._read_failed,
-            chunk_size=self.chunk_size,
-            crlf_only=self._txn.transaction.crlf_only,
-            whole=self._txn.transaction.crlf_only,
-        )
-        self._arm(t.data_block, "the peer to read the message data")
-        producer.start()
-
-    def _read_failed(self, error: BaseException) -> None:
-        queue_id = self._txn.transaction.queue_id if self._txn else ""
-        if isinstance(error, NulInMessage):
-            log.error("{queue_id}: a NUL character in the message; connection to {host} dropped before the end of data",
-                      queue_id=queue_id, host=self.host)
-            self._fail(SessionError(REPLY_NUL, False, STAGE_LOST, "message contains a NUL character", Reason.NUL_CONTENT))
-            return
-        log.error("{queue_id}: cannot read the queued message: {error}; connection to {host} dropped", queue_id=queue_id, error=str(error), host=self.host)
-        self._fail(SessionError(None, True, STAGE_LOST, "cannot read the queued message", Reason.MESSAGE_UNREADABLE))
-
-    def _on_final_dot(self, response: _Response) -> None:
-        state = self._txn
-        reply = response.reply()
-        for address in state.accepted:
-            state.replies[address] = reply
-        if response.code == 421:
-            self._server_closing(response)
-            return
-        self._finish()
-
-    def _finish_all(self, reply: Reply, data: Optional[_Response] = None) -> None:
-        for address, _ in self._txn.transaction.recipients:
-            self._txn.replies[address] = reply
-        self._finish(data)
-
-    def _finish(self, data: Optional[_Response] = None) -> None:
-        """End the transaction; a 354 to a pipelined DATA without recipients gets an empty message."""
-        if data is not None and data.code == 354:
-            self.transport.write(END_OF_DATA)
-            self._expect("the reply to the end of data", self.options.timeouts.final_dot, lambda r: self._finish())
-            return
-        state, self._txn = self._txn, None
-        self.busy = False
-        self._log_replies(state.transaction, state.replies)
-        if not self._dead:
-            self._arm_idle()
-        state.deferred.callback(TransactionResult(dict(state.replies), self.host, self.tls, self._dsn))
-
-    def _server_closing(self, response: _Response) -> None:
-        """421 in a transaction: undecided recipients get it, and the connection is done."""
-        state = self._txn
-        reply = response.reply()
-        for i, (address, _) in enumerate(state.transaction.recipients):
-            refusal = state.rcpt.get(i)
-            if refusal is not None and refusal.code // 100 != 2:
-                state.replies[address] = refusal.reply()
-            state.replies.setdefault(address, reply)
-        self._dead = True
-        self.closed = True
-        self._pending.clear()
-        self._cancel_timer()
-        self._finish()
-        self.transport.loseConnection()
-
-    def _peer_closing(self, response: _Response) -> None:
+    def _peer_closing(self, response: Response) -> None:
         """An unsolicited 421 (RFC 5321 3.8): the peer is closing; one line, no protocol error."""
         reply = response.reply()
         log.info("{host}: the peer closes the connection: {reply}", host=self.host, reply=describe(reply))
-        if self._txn is not None or not self._setup_done:  # in the middle of the message data
+        if self._exchange is not None or not self._setup_done:  # in the middle of the message data
             self._fail(SessionError(reply, True, STAGE_LOST, f"{self.host} closed the connection"))
             return
         self._dead = True
         self.closed = True
         self._cancel_timer()
         self.transport.loseConnection()
-
-    def _log_replies(self, transaction: Transaction, replies: dict[str, Reply]) -> None:
-        for address, reply in replies.items():
-            log.debug(
-                "{queue_id}: to <{recipient}> via {host}: {reply}",
-                queue_id=transaction.queue_id, recipient=address, host=self.host, reply=describe(reply),
-            )
 
     # -- the end -------------------------------------------------------------------
 
@@ -872,7 +455,7 @@ class SMTPClientProtocol(LineReceiver):
         self._cancel_timer()
         d = self._quit_d = Deferred()
 
-        def on_reply(response: _Response) -> None:
+        def on_reply(response: Response) -> None:
             self._dead = True
             self._quit_d = None
             self._cancel_timer()
@@ -881,89 +464,3 @@ class SMTPClientProtocol(LineReceiver):
 
         self._command(b"QUIT", "the reply to QUIT", self.options.timeouts.mail, on_reply)
         return d
-
-
-def _unsafe(address: str) -> bool:
-    """True for an address that would break the command line it goes into."""
-    return any(c in address for c in "\r\n<>\0")
-
-
-def _rcpt_command(address: str, route: tuple[str, ...]) -> bytes:
-    path = (",".join("@" + h for h in route) + ":" if route else "") + address
-    return f"RCPT TO:<{path}>".encode("utf-8")
-
-
-def _is_7bit(open_message: Callable[[], BinaryIO], chunk_size: int) -> bool:
-    """True when every byte of the message is below 128."""
-    with open_message() as f:
-        while True:
-            chunk = f.read(chunk_size)
-            if not chunk:
-                return True
-            if not chunk.isascii():
-                return False
-
-
-# -- connecting -------------------------------------------------------------------
-
-
-class SMTPClientFactory(Factory):
-    """Builds the protocol for one outbound connection."""
-
-    noisy = False  # no "Starting factory" / "Stopping factory" lines per connection
-
-    def __init__(self, options: ClientOptions, host: str, clock: IReactorTime) -> None:
-        self.options = options
-        self.host = host
-        self.clock = clock
-
-    def buildProtocol(self, addr) -> SMTPClientProtocol:
-        protocol = SMTPClientProtocol(self.options, self.host, self.clock)
-        protocol.factory = self
-        return protocol
-
-
-def source_for(address: str, sources: tuple[str, ...]) -> str:
-    """The local address of ``sources`` of the same IP version as ``address``, or "" (the system's choice)."""
-    try:
-        version = ipaddress.ip_address(address).version
-    except ValueError:
-        return ""
-    for source in sources:
-        if ipaddress.ip_address(source).version == version:
-            return source
-    return ""
-
-
-def connect(reactor, address: str, port: int, host: str, options: ClientOptions) -> Deferred:
-    """Connect to ``address``:``port`` (IPv4 or IPv6) for ``host``; fires when the session is ready.
-
-    Fires with the ``SMTPClientProtocol`` once its ``ready`` fired (this
-    consumes ``ready``), or errbacks with ``SessionError`` (stage "connect"
-    when no TCP connection could be made within the connect timeout).
-    """
-    from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-
-    try:
-        ipv6 = ipaddress.ip_address(address).version == 6
-    except ValueError:
-        ipv6 = False
-    endpoint_type = TCP6ClientEndpoint if ipv6 else TCP4ClientEndpoint
-    bind = source_for(address, options.source)
-    endpoint = endpoint_type(reactor, address, port, timeout=options.timeouts.connect,
-                             bindAddress=(bind, 0) if bind else None)
-    d = endpoint.connect(SMTPClientFactory(options, host, reactor))
-
-    def connected(protocol: SMTPClientProtocol) -> Deferred:
-        return protocol.ready
-
-    def not_connected(failure: Failure) -> Failure:
-        if failure.check(SessionError):
-            return failure
-        reason = network_reason(failure.value)
-        log.info("cannot connect to {host} [{address}]:{port}: {error}", host=host, address=address, port=port, error=failure.getErrorMessage(), event="connect_failed")
-        raise SessionError(None, True, STAGE_CONNECT, f"cannot connect to {host} [{address}]:{port}: {NETWORK_TEXT.get(reason, reason.value)}", reason)
-
-    d.addCallback(connected)
-    d.addErrback(not_connected)
-    return d
