@@ -26,7 +26,7 @@ from relay.envelope import (
     Outcome,
     Recipient,
 )
-from relay.bounce import recipient_status
+from relay.dsn_report import recipient_status
 from relay.config import ConfigError, QueueConfig, load_config
 from relay.queue.rules import apply_outcomes, settle
 from relay.queue.scheduler import Scheduler
