@@ -79,7 +79,8 @@ from relay.outcome import (
     unreachable_outcome,
 )
 from relay.routing import RouteContext
-from relay.routing.mx import ResolutionError, Target
+from relay.routing.dns import ResolutionError
+from relay.routing.mx import Target
 from relay.smtp import client as smtp_client, dsn
 from relay.smtp.client import ClientOptions, SessionError, Transaction, TransactionResult
 from relay.seams import MessageSource, Resolver
