@@ -30,11 +30,11 @@ from relay.config import (
     COMMAND_LINE,
     Config,
     ConfigError,
-    ServerConfig,
     apply_overrides,
     load_config,
 )
-from relay.trust import TrustStore, load_certificates
+from relay.server_tls import build_tls_context
+from relay.trust import load_trust
 
 log = Logger()
 
@@ -119,60 +119,6 @@ class Options(usage.Options):
 
 
 # -- start-up checks -----------------------------------------------------------
-
-
-def _read_bytes(path: str, source: str, key: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        reason = f"[Errno {e.errno}] {e.strerror}" if e.strerror else str(e)
-        raise ConfigError(f"{source}: {key}: cannot read {path!r}: {reason}") from None
-
-
-def build_tls_context(server: ServerConfig, source: str) -> Optional[ssl.CertificateOptions]:
-    """The server TLS context from server.tls_certificate and tls_key, or None.
-
-    The certificate file may hold the chain after the server's certificate.
-    TLS 1.2 is the minimum.  Any problem is a ConfigError naming the key.
-    """
-    if not server.tls_certificate:
-        return None
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
-    cert_key, key_key = "server.tls_certificate", "server.tls_key"
-    cert_pem = _read_bytes(server.tls_certificate, source, cert_key)
-    try:
-        chain = load_certificates(cert_pem)
-    except ValueError:
-        raise ConfigError(f"{source}: {cert_key}: {server.tls_certificate!r} holds no readable PEM certificate") from None
-    key_pem = _read_bytes(server.tls_key, source, key_key)
-    try:
-        key = load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError):
-        raise ConfigError(
-            f"{source}: {key_key}: {server.tls_key!r} holds no readable PEM private key (it must not be encrypted)"
-        ) from None
-    try:
-        options = ssl.CertificateOptions(
-            privateKey=key,
-            certificate=chain[0],
-            extraCertChain=chain[1:],
-            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-        )
-        options.getContext()
-    except Exception:
-        raise ConfigError(f"{source}: {key_key}: the key does not match server.tls_certificate") from None
-    return options
-
-
-def load_trust(config: Config) -> TrustStore:
-    """``[delivery] tls_ca_file`` read once, for delivery and MTA-STS; a bad file is a ConfigError naming the key."""
-    try:
-        return TrustStore(config.delivery.tls_ca_file).load()
-    except (OSError, ValueError):
-        raise ConfigError(f"{config.source or COMMAND_LINE}: delivery.tls_ca_file: "
-                          f"{config.delivery.tls_ca_file!r} holds no readable PEM certificate") from None
 
 
 def check_router_plugins(config: Config) -> None:

@@ -24,7 +24,8 @@ from twisted.plugin import getPlugins
 from relay import tap
 from relay.config import Config, ConfigError, QueueConfig, RouteConfig, ServerConfig, default_hostname
 from relay.queue.store import Spool
-from relay.tap import Options, RelayService, build_relay, build_tls_context, check_router_plugins
+from relay.server_tls import build_tls_context
+from relay.tap import Options, RelayService, build_relay, check_router_plugins
 
 REPO = Path(__file__).resolve().parent.parent
 TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
