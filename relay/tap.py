@@ -18,7 +18,6 @@ import signal
 import sys
 from typing import Any, NoReturn, Optional, Sequence
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet import ssl
@@ -34,12 +33,12 @@ from relay.config import (
     load_config,
 )
 from relay.server_tls import build_tls_context
+from relay.services import Closing, Listener, StoreService
 from relay.trust import load_trust
 
 log = Logger()
 
 EXIT_USAGE = 2  # bad configuration or option
-EXIT_FAILURE = 1  # could not start
 PROGRAM = "relay"
 
 
@@ -227,71 +226,6 @@ class RelayService(MultiService):
         return result
 
 
-def _stop_start_up(why: str) -> NoReturn:
-    """End start-up with one line on the original stderr (twistd has redirected
-    sys.stderr to the log by then), a critical log line, and exit status 1."""
-    line = f"{PROGRAM}: {why}"
-    log.critical("{line}", line=line)
-    stream = sys.__stderr__ or sys.stderr
-    stream.write(line + "\n")
-    stream.flush()
-    raise SystemExit(EXIT_FAILURE) from None
-
-
-class Listener(StreamServerEndpointService):
-    """One SMTP listener; failing to listen stops start-up instead of running deaf.
-
-    twistd only logs a listener that cannot bind and runs on; a relay that
-    accepts nothing must not look healthy, so the failure is one line on the
-    original stderr (twistd has redirected sys.stderr to the log by then),
-    a critical log line, and exit status 1.
-    """
-
-    _raiseSynchronously = True
-
-    def __init__(self, description: str, endpoint: Any, factory: Any) -> None:
-        super().__init__(endpoint, factory)
-        self.description = description
-
-    def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except Exception as e:
-            _stop_start_up(f"cannot listen on {self.description}: {' '.join(str(e).split())}")
-
-    def stopService(self) -> Any:
-        """Stop accepting, then let the open sessions end (they get 421 4.3.2)."""
-        from twisted.internet.defer import maybeDeferred
-
-        d = maybeDeferred(super().stopService)
-        stopping = getattr(self.factory, "stopping", None)
-        if stopping is not None:
-            d.addCallback(lambda _: stopping())
-        return d
-
-
-class _Store(Service):
-    """Runs the queue store; a store that cannot be opened stops start-up with one line."""
-
-    def __init__(self, spool: Any) -> None:
-        from relay.queue.store import SpoolService
-
-        self.inner = SpoolService(spool)
-
-    def startService(self) -> None:
-        from relay.queue.store import StoreError
-
-        try:
-            self.inner.startService()
-        except (StoreError, OSError) as e:
-            _stop_start_up(f"cannot open the queue: {' '.join(str(e).split())}")
-        super().startService()
-
-    def stopService(self) -> Any:
-        super().stopService()
-        return self.inner.stopService()
-
-
 def _add_metrics(relay: RelayService, reactor: Any) -> None:
     """Metrics first: counting starts before any other part logs, and the endpoint stops last."""
     from relay.metrics import add_metrics
@@ -303,7 +237,7 @@ def _add_spool(relay: RelayService, reactor: Any) -> None:
     from relay.queue.store import Spool
 
     relay.spool = Spool(relay.config.queue.directory, clock=reactor)
-    service = _Store(relay.spool)
+    service = StoreService(relay.spool)
     service.setName("spool")
     service.setServiceParent(relay)
 
@@ -333,17 +267,6 @@ def _endpoint(reactor: Any, description: str, where: str, inherited: Optional[di
     return endpoint
 
 
-class _Closing(Service):
-    """Calls ``close()`` on a part when the relay stops (pooled connections, threads)."""
-
-    def __init__(self, part: Any) -> None:
-        self.part = part
-
-    def stopService(self) -> Any:
-        super().stopService()
-        return self.part.close()
-
-
 def _add_routing(relay: RelayService, reactor: Any) -> None:
     """The router chain (built now, so a bad plugin or option stops start-up) and DNS."""
     from relay.routing import build_chain
@@ -361,7 +284,7 @@ def _add_delivery(relay: RelayService, reactor: Any) -> None:
 
     trust = load_trust(relay.config)
     relay.delivery = Delivery(relay.config, relay.chain, relay.resolver, relay.spool, reactor, trust=trust)
-    closing = _Closing(relay.delivery)
+    closing = Closing(relay.delivery)
     closing.setName("delivery")
     closing.setServiceParent(relay)
     relay.scheduler = Scheduler(
@@ -406,7 +329,7 @@ def _add_signing(relay: RelayService, reactor: Any) -> None:
     thread = SigningThread(reactor)
     relay.inbound = signing_spool(relay.spool, relay.config, thread)
     if relay.inbound is not relay.spool:
-        closing = _Closing(thread)  # stops after the listeners, whose commits wait for their signatures
+        closing = Closing(thread)  # stops after the listeners, whose commits wait for their signatures
         closing.setName("dkim")
         closing.setServiceParent(relay)
 

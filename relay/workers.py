@@ -131,13 +131,13 @@ class Supervisor(Service):
 
     def privilegedStartService(self) -> None:
         """Bind every listener now (before twistd drops privileges); no connection is ever accepted here."""
-        from relay.tap import _stop_start_up
+        from relay.services import stop_start_up
 
         for description, endpoint in self.endpoints:
             try:
                 port = _result(endpoint.listen(_NoConnections()))
             except Exception as e:
-                _stop_start_up(f"cannot listen on {description}: {' '.join(str(e).split())}")
+                stop_start_up(f"cannot listen on {description}: {' '.join(str(e).split())}")
             port.stopReading()
             self.ports.append((description, port))
         super().privilegedStartService()
