@@ -405,7 +405,7 @@ def makeService(options: Options) -> IService:
 
     config = options.config if options.config is not None else Config()
     set_level(config.log.level)
-    observer = daemon_observer(getattr(options, "parent", None), config.log.format)
+    observer = daemon_observer(getattr(options, "parent", None), reactor, config.log.format)
     try:
         if config.server.workers > 1:
             return build_master(config, reactor, getattr(options, "args", []), observer)

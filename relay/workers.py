@@ -411,7 +411,7 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> None:
     assert options.config is not None
     config = worker_config(options.config, args.index, args.workers)
     set_level(config.log.level)
-    observer = make_observer(sys.stdout, config.log.format, tag=f"worker-{args.index}")
+    observer = make_observer(sys.stdout, config.log.format, tag=f"worker-{args.index}", reactor=reactor)
     globalLogBeginner.beginLoggingTo([filtered(observer)], redirectStandardIO=False)
     siblings = [i for i in range(args.workers) if i != args.index]
     relay = build_relay(config, reactor, inherited=inherited,
