@@ -322,18 +322,12 @@ class InheritedEndpoint:
 
     def listen(self, factory: Any) -> Deferred:
         try:
-            prefix = self.description.split(":", 1)[0]
-            if prefix in ("ssl", "systemd-ssl"):
-                from twisted.internet.endpoints import serverFromString
+            from relay.server_tls import SSL_PREFIXES, listener_context
+
+            if self.description.split(":", 1)[0] in SSL_PREFIXES:  # the master bound it: only TLS is built here
                 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-                from relay.systemd import PREFIX, context_for
-
-                if prefix == PREFIX:  # the socket came from the master, only the TLS is built here
-                    context = context_for(self.reactor, self.description)
-                else:
-                    context = getattr(serverFromString(self.reactor, self.description), "_sslContextFactory")
-                factory = TLSMemoryBIOFactory(context, False, factory)
+                factory = TLSMemoryBIOFactory(listener_context(self.description), False, factory, clock=self.reactor)
             probe = socket.socket(fileno=os.dup(self.fd))
             family = probe.family
             probe.close()
