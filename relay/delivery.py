@@ -81,7 +81,8 @@ from relay.outcome import (
 from relay.outgoing import BodyUnavailable, MessageBody, transaction_for
 from relay.routing import RouteContext
 from relay.nexthop import PasswordError, host_label, pool_key, read_password, session_options, unreachable_target
-from relay.routing.mx import ResolutionError, Target
+from relay.routing.dns import ResolutionError
+from relay.routing.mx import Target
 from relay.smtp import connect as smtp_connect
 from relay.smtp.transaction import ClientOptions, SessionError, Transaction, TransactionResult
 from relay.seams import MessageSource, Resolver

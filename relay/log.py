@@ -178,11 +178,14 @@ class TextLogObserver:
     ``[namespace#level]``, text, tracebacks indented); the timestamp is
     formatted once per second, and every line of one reactor turn goes out
     in one write, at the end of that turn (at once off the reactor thread,
-    before the reactor runs, and at shutdown).
+    before the reactor runs, at shutdown, and always when no ``reactor`` is
+    given).  ``reactor`` is the one the composition root runs, which this
+    log schedules its writes on.
     """
 
-    def __init__(self, out: IO[str], tag: str = "") -> None:
+    def __init__(self, out: IO[str], tag: str = "", reactor: Any = None) -> None:
         self._out = out
+        self._reactor = reactor
         self.output = out
         self._tag = tag  # before the system of every line: which worker wrote it
         self._lines: list[str] = []
@@ -220,9 +223,8 @@ class TextLogObserver:
         return _escape_line(line) if line else line
 
     def _can_wait(self) -> bool:
-        from twisted.internet import reactor
-
-        if not getattr(reactor, "running", False) or not isInIOThread():
+        reactor = self._reactor
+        if reactor is None or not getattr(reactor, "running", False) or not isInIOThread():
             return False
         if not self._flush_due:
             self._flush_due = True
@@ -324,18 +326,19 @@ def _iso_time(when: Optional[float]) -> str:
     return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def make_observer(out: IO[str], format: str = "text", tag: str = "") -> TextLogObserver:
-    """The log observer for ``[log] format`` (``text`` or ``json``) writing to ``out``."""
-    return (JSONLogObserver if format == "json" else TextLogObserver)(out, tag=tag)
+def make_observer(out: IO[str], format: str = "text", tag: str = "", reactor: Any = None) -> TextLogObserver:
+    """The log observer for ``[log] format`` (``text`` or ``json``) writing to ``out`` on ``reactor``'s turns."""
+    return (JSONLogObserver if format == "json" else TextLogObserver)(out, tag=tag, reactor=reactor)
 
 
-def daemon_observer(options: Any, format: str = "text") -> Optional[TextLogObserver]:
+def daemon_observer(options: Any, reactor: Any, format: str = "text") -> Optional[TextLogObserver]:
     """The relay's text log for twistd's ``options``, to the file twistd would choose.
 
     None when twistd is to use another observer (``--logger``, ``--syslog``):
     twistd builds that one itself.  Standard output with ``-n`` and no
     ``--logfile`` (or ``--logfile -``), otherwise the named file (default
-    ``twistd.log``), rotated by size and on SIGUSR1 as twistd rotates it.
+    ``twistd.log``), rotated by size and on SIGUSR1 as twistd rotates it;
+    ``reactor`` runs that rotation and the write at the end of each turn.
     """
     if options is None or options.get("logger") or options.get("syslog"):
         return None
@@ -348,10 +351,8 @@ def daemon_observer(options: Any, format: str = "text") -> Optional[TextLogObser
         out = logfile.LogFile.fromFullPath(name or "twistd.log")
         if not signal.getsignal(signal.SIGUSR1):
             def rotate(signum: int, frame: Any) -> None:
-                from twisted.internet import reactor
-
-                reactor.callFromThread(out.rotate)  # type: ignore[attr-defined]
+                reactor.callFromThread(out.rotate)
             signal.signal(signal.SIGUSR1, rotate)
-    observer = make_observer(out, format)
+    observer = make_observer(out, format, reactor=reactor)
     atexit.register(observer.flush)
     return observer

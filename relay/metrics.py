@@ -283,7 +283,8 @@ class MetricsService(MultiService):
 
 def _listen(service: MultiService, config: Any, reactor: Any, registry: CollectorRegistry) -> None:
     from relay.config import COMMAND_LINE
-    from relay.tap import Listener, _endpoint
+    from relay.services import Listener
+    from relay.tap import _endpoint
 
     for index, description in enumerate(config.metrics.listen):
         endpoint = _endpoint(reactor, description, f"{config.source or COMMAND_LINE}: metrics.listen[{index}]")

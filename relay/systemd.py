@@ -17,8 +17,9 @@ it cannot serve SMTP over implicit TLS (submission on port 465).
 
 ``domain``, ``index`` and ``name`` are those of ``systemd:``; every other
 option is an option of ``ssl:`` (``privateKey``, ``certKey``,
-``extraCertChain``, ``dhParameters``, ``sslmethod``) and is read by
-Twisted's own ``ssl:`` parser, so both strings mean the same TLS.  The TLS
+``extraCertChain``, ``dhParameters``, ``sslmethod``), read by
+``relay.server_tls.options_context`` as Twisted's ``ssl:`` parser reads
+them, so both strings mean the same TLS.  The TLS
 context is built before the socket is looked up: a bad certificate is
 reported even where no socket was passed (when the configuration is
 loaded).
@@ -88,22 +89,6 @@ def split_options(options: dict[str, str]) -> tuple[dict[str, str], dict[str, st
     return socket, tls
 
 
-def tls_context(reactor: Any, tls: dict[str, str]) -> Any:
-    """The server TLS context that ``ssl:`` builds from the same options."""
-    from twisted.internet.endpoints import quoteStringArgument, serverFromString
-
-    text = "".join(f":{key}={quoteStringArgument(str(value))}" for key, value in tls.items())
-    return getattr(serverFromString(reactor, "ssl:0" + text), "_sslContextFactory")
-
-
-def context_for(reactor: Any, description: str) -> Any:
-    """The TLS context of a ``systemd-ssl:`` description (a worker, given the socket by its master)."""
-    from twisted.internet.endpoints import _parse
-
-    _, options = _parse(description)
-    return tls_context(reactor, split_options(options)[1])
-
-
 @implementer(IStreamServerEndpoint)
 class SystemdSSLEndpoint:
     """Listens with TLS on a socket systemd passed (``adopted``: Twisted's endpoint for it)."""
@@ -137,8 +122,10 @@ class SystemdSSLParser:
 
         if args:
             raise ValueError(f"{PREFIX} takes only key=value options (domain=, index= or name=, and those of ssl:)")
+        from relay.server_tls import options_context
+
         socket, tls = split_options(options)
         if "domain" not in socket:
             raise ValueError(f"{PREFIX} needs domain= (INET or INET6, as for systemd:)")
-        context = tls_context(reactor, tls)
+        context = options_context(tls)
         return SystemdSSLEndpoint(_SystemdParser()._parseServer(reactor, **socket), context)

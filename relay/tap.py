@@ -18,7 +18,6 @@ import signal
 import sys
 from typing import Any, NoReturn, Optional, Sequence
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet import ssl
@@ -29,17 +28,17 @@ from twisted.python import usage
 from relay.config import (
     COMMAND_LINE,
     Config,
-    ServerConfig,
     apply_overrides,
     load_config,
 )
 from relay.config_values import ConfigError
-from relay.trust import TrustStore, load_certificates
+from relay.server_tls import build_tls_context
+from relay.services import Closing, Listener, StoreService
+from relay.trust import load_trust
 
 log = Logger()
 
 EXIT_USAGE = 2  # bad configuration or option
-EXIT_FAILURE = 1  # could not start
 PROGRAM = "relay"
 
 
@@ -119,60 +118,6 @@ class Options(usage.Options):
 
 
 # -- start-up checks -----------------------------------------------------------
-
-
-def _read_bytes(path: str, source: str, key: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        reason = f"[Errno {e.errno}] {e.strerror}" if e.strerror else str(e)
-        raise ConfigError(f"{source}: {key}: cannot read {path!r}: {reason}") from None
-
-
-def build_tls_context(server: ServerConfig, source: str) -> Optional[ssl.CertificateOptions]:
-    """The server TLS context from server.tls_certificate and tls_key, or None.
-
-    The certificate file may hold the chain after the server's certificate.
-    TLS 1.2 is the minimum.  Any problem is a ConfigError naming the key.
-    """
-    if not server.tls_certificate:
-        return None
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
-    cert_key, key_key = "server.tls_certificate", "server.tls_key"
-    cert_pem = _read_bytes(server.tls_certificate, source, cert_key)
-    try:
-        chain = load_certificates(cert_pem)
-    except ValueError:
-        raise ConfigError(f"{source}: {cert_key}: {server.tls_certificate!r} holds no readable PEM certificate") from None
-    key_pem = _read_bytes(server.tls_key, source, key_key)
-    try:
-        key = load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError):
-        raise ConfigError(
-            f"{source}: {key_key}: {server.tls_key!r} holds no readable PEM private key (it must not be encrypted)"
-        ) from None
-    try:
-        options = ssl.CertificateOptions(
-            privateKey=key,
-            certificate=chain[0],
-            extraCertChain=chain[1:],
-            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-        )
-        options.getContext()
-    except Exception:
-        raise ConfigError(f"{source}: {key_key}: the key does not match server.tls_certificate") from None
-    return options
-
-
-def load_trust(config: Config) -> TrustStore:
-    """``[delivery] tls_ca_file`` read once, for delivery and MTA-STS; a bad file is a ConfigError naming the key."""
-    try:
-        return TrustStore(config.delivery.tls_ca_file).load()
-    except (OSError, ValueError):
-        raise ConfigError(f"{config.source or COMMAND_LINE}: delivery.tls_ca_file: "
-                          f"{config.delivery.tls_ca_file!r} holds no readable PEM certificate") from None
 
 
 def check_router_plugins(config: Config) -> None:
@@ -281,71 +226,6 @@ class RelayService(MultiService):
         return result
 
 
-def _stop_start_up(why: str) -> NoReturn:
-    """End start-up with one line on the original stderr (twistd has redirected
-    sys.stderr to the log by then), a critical log line, and exit status 1."""
-    line = f"{PROGRAM}: {why}"
-    log.critical("{line}", line=line)
-    stream = sys.__stderr__ or sys.stderr
-    stream.write(line + "\n")
-    stream.flush()
-    raise SystemExit(EXIT_FAILURE) from None
-
-
-class Listener(StreamServerEndpointService):
-    """One SMTP listener; failing to listen stops start-up instead of running deaf.
-
-    twistd only logs a listener that cannot bind and runs on; a relay that
-    accepts nothing must not look healthy, so the failure is one line on the
-    original stderr (twistd has redirected sys.stderr to the log by then),
-    a critical log line, and exit status 1.
-    """
-
-    _raiseSynchronously = True
-
-    def __init__(self, description: str, endpoint: Any, factory: Any) -> None:
-        super().__init__(endpoint, factory)
-        self.description = description
-
-    def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except Exception as e:
-            _stop_start_up(f"cannot listen on {self.description}: {' '.join(str(e).split())}")
-
-    def stopService(self) -> Any:
-        """Stop accepting, then let the open sessions end (they get 421 4.3.2)."""
-        from twisted.internet.defer import maybeDeferred
-
-        d = maybeDeferred(super().stopService)
-        stopping = getattr(self.factory, "stopping", None)
-        if stopping is not None:
-            d.addCallback(lambda _: stopping())
-        return d
-
-
-class _Store(Service):
-    """Runs the queue store; a store that cannot be opened stops start-up with one line."""
-
-    def __init__(self, spool: Any) -> None:
-        from relay.queue.store import SpoolService
-
-        self.inner = SpoolService(spool)
-
-    def startService(self) -> None:
-        from relay.queue.store import StoreError
-
-        try:
-            self.inner.startService()
-        except (StoreError, OSError) as e:
-            _stop_start_up(f"cannot open the queue: {' '.join(str(e).split())}")
-        super().startService()
-
-    def stopService(self) -> Any:
-        super().stopService()
-        return self.inner.stopService()
-
-
 def _add_metrics(relay: RelayService, reactor: Any) -> None:
     """Metrics first: counting starts before any other part logs, and the endpoint stops last."""
     from relay.metrics import add_metrics
@@ -357,7 +237,7 @@ def _add_spool(relay: RelayService, reactor: Any) -> None:
     from relay.queue.store import Spool
 
     relay.spool = Spool(relay.config.queue.directory, clock=reactor)
-    service = _Store(relay.spool)
+    service = StoreService(relay.spool)
     service.setName("spool")
     service.setServiceParent(relay)
 
@@ -387,17 +267,6 @@ def _endpoint(reactor: Any, description: str, where: str, inherited: Optional[di
     return endpoint
 
 
-class _Closing(Service):
-    """Calls ``close()`` on a part when the relay stops (pooled connections, threads)."""
-
-    def __init__(self, part: Any) -> None:
-        self.part = part
-
-    def stopService(self) -> Any:
-        super().stopService()
-        return self.part.close()
-
-
 def _add_routing(relay: RelayService, reactor: Any) -> None:
     """The router chain (built now, so a bad plugin or option stops start-up) and DNS."""
     from relay.routing import build_chain
@@ -415,7 +284,7 @@ def _add_delivery(relay: RelayService, reactor: Any) -> None:
 
     trust = load_trust(relay.config)
     relay.delivery = Delivery(relay.config, relay.chain, relay.resolver, relay.spool, reactor, trust=trust)
-    closing = _Closing(relay.delivery)
+    closing = Closing(relay.delivery)
     closing.setName("delivery")
     closing.setServiceParent(relay)
     relay.scheduler = Scheduler(
@@ -460,7 +329,7 @@ def _add_signing(relay: RelayService, reactor: Any) -> None:
     thread = SigningThread(reactor)
     relay.inbound = signing_spool(relay.spool, relay.config, thread)
     if relay.inbound is not relay.spool:
-        closing = _Closing(thread)  # stops after the listeners, whose commits wait for their signatures
+        closing = Closing(thread)  # stops after the listeners, whose commits wait for their signatures
         closing.setName("dkim")
         closing.setServiceParent(relay)
 
@@ -536,7 +405,7 @@ def makeService(options: Options) -> IService:
 
     config = options.config if options.config is not None else Config()
     set_level(config.log.level)
-    observer = daemon_observer(getattr(options, "parent", None), config.log.format)
+    observer = daemon_observer(getattr(options, "parent", None), reactor, config.log.format)
     try:
         if config.server.workers > 1:
             return build_master(config, reactor, getattr(options, "args", []), observer)

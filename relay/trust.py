@@ -5,7 +5,8 @@ cryptography's ``load_pem_x509_certificates`` (the server's certificate
 chain, ``[delivery] tls_ca_file``).  ``TrustStore`` is the trust root that
 SMTP delivery (``tls = "verify"``) and the MTA-STS policy fetch verify
 against: the composition root builds it once, so the CA file is read once
-at start-up, not on every verified connection.
+at start-up, not on every verified connection; ``load_trust`` is that, from
+``[delivery] tls_ca_file``, with a bad file a ConfigError naming the key.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from cryptography import x509
+
+from relay.config import COMMAND_LINE, Config, ConfigError
 
 
 def load_certificates(pem: bytes) -> list[x509.Certificate]:
@@ -59,3 +62,12 @@ class TrustStore:
                 self._root = ssl.trustRootFromCertificates(
                     [ssl.Certificate(X509.from_cryptography(c)) for c in certificates])
         return self._root
+
+
+def load_trust(config: Config) -> TrustStore:
+    """``[delivery] tls_ca_file`` read once, for delivery and MTA-STS; a bad file is a ConfigError naming the key."""
+    try:
+        return TrustStore(config.delivery.tls_ca_file).load()
+    except (OSError, ValueError):
+        raise ConfigError(f"{config.source or COMMAND_LINE}: delivery.tls_ca_file: "
+                          f"{config.delivery.tls_ca_file!r} holds no readable PEM certificate") from None

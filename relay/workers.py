@@ -131,13 +131,13 @@ class Supervisor(Service):
 
     def privilegedStartService(self) -> None:
         """Bind every listener now (before twistd drops privileges); no connection is ever accepted here."""
-        from relay.tap import _stop_start_up
+        from relay.services import stop_start_up
 
         for description, endpoint in self.endpoints:
             try:
                 port = _result(endpoint.listen(_NoConnections()))
             except Exception as e:
-                _stop_start_up(f"cannot listen on {description}: {' '.join(str(e).split())}")
+                stop_start_up(f"cannot listen on {description}: {' '.join(str(e).split())}")
             port.stopReading()
             self.ports.append((description, port))
         super().privilegedStartService()
@@ -322,18 +322,12 @@ class InheritedEndpoint:
 
     def listen(self, factory: Any) -> Deferred:
         try:
-            prefix = self.description.split(":", 1)[0]
-            if prefix in ("ssl", "systemd-ssl"):
-                from twisted.internet.endpoints import serverFromString
+            from relay.server_tls import SSL_PREFIXES, listener_context
+
+            if self.description.split(":", 1)[0] in SSL_PREFIXES:  # the master bound it: only TLS is built here
                 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-                from relay.systemd import PREFIX, context_for
-
-                if prefix == PREFIX:  # the socket came from the master, only the TLS is built here
-                    context = context_for(self.reactor, self.description)
-                else:
-                    context = getattr(serverFromString(self.reactor, self.description), "_sslContextFactory")
-                factory = TLSMemoryBIOFactory(context, False, factory)
+                factory = TLSMemoryBIOFactory(listener_context(self.description), False, factory, clock=self.reactor)
             probe = socket.socket(fileno=os.dup(self.fd))
             family = probe.family
             probe.close()
@@ -411,7 +405,7 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> None:
     assert options.config is not None
     config = worker_config(options.config, args.index, args.workers)
     set_level(config.log.level)
-    observer = make_observer(sys.stdout, config.log.format, tag=f"worker-{args.index}")
+    observer = make_observer(sys.stdout, config.log.format, tag=f"worker-{args.index}", reactor=reactor)
     globalLogBeginner.beginLoggingTo([filtered(observer)], redirectStandardIO=False)
     siblings = [i for i in range(args.workers) if i != args.index]
     relay = build_relay(config, reactor, inherited=inherited,

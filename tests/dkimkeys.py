@@ -63,7 +63,7 @@ def dict_dns(records: Mapping[str, str]) -> DnsFunc:
 
 def loopback_dns(port: int) -> DnsFunc:
     """A dkimpy ``dnsfunc`` asking the test DNS server on 127.0.0.1:``port`` through dnspython."""
-    from relay.routing.mx import make_resolver, resolve_txt
+    from relay.routing.dns import make_resolver, resolve_txt
 
     resolver = make_resolver((("127.0.0.1", port),), timeout=5.0)
 

@@ -1,4 +1,4 @@
-"""Tests for relay.bounce: RFC 3464 delivery status notifications, built and spooled."""
+"""Tests for relay.bounce and relay.dsn_report: RFC 3464 delivery status notifications, built and spooled."""
 
 from __future__ import annotations
 
@@ -19,15 +19,9 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from relay import bounce
-from relay.bounce import (
-    MAX_HEADER_OCTETS,
-    READ_CHUNK,
-    build_dsn,
-    read_header_section,
-    recipient_status,
-    send_dsn,
-)
+from relay import bounce, dsn_report
+from relay.bounce import MAX_HEADER_OCTETS, READ_CHUNK, read_header_section, send_dsn
+from relay.dsn_report import build_dsn, recipient_status
 from relay.envelope import (
     FAILED,
     OUTCOME_PERMANENT,
@@ -656,4 +650,4 @@ class ModuleTests(SynchronousTestCase):
 
     def test_actions(self) -> None:
         """The actions are the RFC 3464 words failed, delayed and relayed."""
-        self.assertEqual(bounce.ACTIONS, ("failed", "delayed", "relayed"))
+        self.assertEqual(dsn_report.ACTIONS, ("failed", "delayed", "relayed"))

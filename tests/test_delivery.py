@@ -40,7 +40,8 @@ from relay.interfaces import IRouter
 from relay.outcome import STAGE_CONNECT, TEXT_INTERNAL, TEXT_ROUTING, Reason
 from relay.mta_sts import Policy
 from relay.routing import RouterChain, build_chain
-from relay.routing.mx import ResolutionError, Target
+from relay.routing.dns import ResolutionError
+from relay.routing.mx import Target
 from relay.smtp.transaction import STAGE_GREETING, STAGE_LOST, ClientOptions, SessionError, Transaction, TransactionResult
 from relay.smtp.replies import Reply
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 from hypothesis import given, strategies as st
 
-from relay.bounce import ACTION_RELAYED, build_dsn
+from relay.dsn_report import ACTION_RELAYED, build_dsn
 from relay.envelope import DELIVERED
 from relay.queue.rules import settle
 from relay.queue.store import QueueSummary

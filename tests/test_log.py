@@ -25,6 +25,45 @@ def test_lines_are_twisted_classic_text_and_tagged_by_worker() -> None:
     assert tagged.getvalue().endswith(" [worker-1 relay.test#info] hi\n")
 
 
+class CountingOut(io.StringIO):
+    """A text stream that counts the writes made to it."""
+
+    writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_lines_of_one_reactor_turn_go_out_in_one_write_on_the_injected_reactor() -> None:
+    """On the reactor it is given (running, in its thread), the log writes a turn's lines once, at the turn's end."""
+    from twisted.internet.task import Clock
+    from twisted.python import threadable
+
+    threadable.registerAsIOThread()  # this test's thread is the reactor's
+    reactor = Clock()
+    reactor.running = True  # type: ignore[attr-defined]
+    out = CountingOut()
+    observer = TextLogObserver(out, reactor=reactor)
+    observer(event("first"))
+    observer(event("second"))
+    assert (out.getvalue(), out.writes) == ("", 0)
+    reactor.advance(0)
+    assert out.writes == 1
+    assert [line.split("] ", 1)[1] for line in out.getvalue().splitlines()] == ["first", "second"]
+
+
+def test_without_a_reactor_or_before_it_runs_each_line_is_written_at_once() -> None:
+    """With no reactor, or one that is not running yet, a line is written when it is logged."""
+    from twisted.internet.task import Clock
+
+    for reactor in (None, Clock()):
+        out = CountingOut()
+        observer = TextLogObserver(out, reactor=reactor)
+        observer(event("now"))
+        assert out.writes == 1 and out.getvalue().endswith("] now\n")
+
+
 def test_logging_while_the_observer_writes_does_not_hang() -> None:
     """A line logged during the observer's own write (a signal handler's) is written too, without deadlock."""
 

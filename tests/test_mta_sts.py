@@ -36,7 +36,8 @@ from relay.mta_sts import (
     parse_txt,
     policy_url,
 )
-from relay.routing.mx import MXResolver, ResolutionError
+from relay.routing.dns import ResolutionError
+from relay.routing.mx import MXResolver
 from relay.trust import TrustStore
 
 

@@ -1,4 +1,4 @@
-"""Tests for relay.routing.mx: MX and address resolution against a real DNS server on loopback.
+"""Tests for relay.routing.mx and relay.routing.dns: MX and address resolution against a real DNS server on loopback.
 
 The synchronous core (``resolve_host``) is driven directly against the
 server; the Deferred front (``MXResolver``) with an injected synchronous
@@ -24,18 +24,15 @@ from zope.interface import implementer
 from dnsserver import start_dns_server
 from deferreds import failure_of as failure, success
 from relay.envelope import ROUTE_MX, ROUTE_SMARTHOST, NextHop, Route
+from relay.routing.dns import STATUS_DNS_TRANSIENT, STATUS_NO_DOMAIN, ResolutionError, make_resolver
 from relay.routing.mx import (
-    STATUS_DNS_TRANSIENT,
     STATUS_NO_ADDRESS,
-    STATUS_NO_DOMAIN,
     STATUS_NULL_MX,
     Exchange,
     MXResolver,
     Resolution,
-    ResolutionError,
     Target,
     literal_address,
-    make_resolver,
     resolve_host,
 )
 

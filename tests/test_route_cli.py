@@ -18,7 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from relay.cli.route import EXIT_FAILED, EXIT_OK, EXIT_USAGE, parse_address, run
 from relay.envelope import Recipient, Route
-from relay.routing.mx import ResolutionError, Target
+from relay.routing.dns import ResolutionError
+from relay.routing.mx import Target
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))

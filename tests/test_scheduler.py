@@ -26,7 +26,7 @@ from relay.envelope import (
     Outcome,
     Recipient,
 )
-from relay.bounce import recipient_status
+from relay.dsn_report import recipient_status
 from relay.config import QueueConfig, load_config
 from relay.config_values import ConfigError
 from relay.queue.rules import apply_outcomes, settle

@@ -25,7 +25,8 @@ from relay import tap
 from relay.config import Config, QueueConfig, RouteConfig, ServerConfig, default_hostname
 from relay.config_values import ConfigError
 from relay.queue.store import Spool
-from relay.tap import Options, RelayService, build_relay, build_tls_context, check_router_plugins
+from relay.server_tls import build_tls_context
+from relay.tap import Options, RelayService, build_relay, check_router_plugins
 
 REPO = Path(__file__).resolve().parent.parent
 TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]

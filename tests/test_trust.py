@@ -9,7 +9,7 @@ import pytest
 from certs import make_certificate
 from relay.config import Config, DeliveryConfig
 from relay.config_values import ConfigError
-from relay.tap import load_trust
+from relay.trust import load_trust
 from relay.trust import TrustStore, load_certificates, read_certificates
 
 

@@ -184,7 +184,7 @@ def compare(key: SigningKey, records: Sequence[str]) -> tuple[bool, str]:
 
 
 def check(config_path: str, nameservers: Sequence[tuple[str, int]], stdout: TextIO) -> int:
-    from relay.routing.mx import ResolutionError, make_resolver, resolve_txt
+    from relay.routing.dns import ResolutionError, make_resolver, resolve_txt
 
     config = load_config(config_path)
     if not config.dkim:

@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Mapping, Optional
 
-from relay.bounce import ACTION_FAILED, ACTION_RELAYED, notification_due
+from relay.bounce import notification_due
+from relay.dsn_report import ACTION_FAILED, ACTION_RELAYED
 from relay.envelope import (
     DELIVERED,
     FAILED,

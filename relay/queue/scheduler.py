@@ -53,7 +53,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from relay.log import Logger
 from twisted.python.failure import Failure
 
-from relay.bounce import ACTION_DELAYED, ACTION_FAILED, ACTION_RELAYED, notification_due
+from relay.bounce import notification_due
+from relay.dsn_report import ACTION_DELAYED, ACTION_FAILED, ACTION_RELAYED
 from relay.config import QueueConfig
 from relay.domains import normalize_domain
 from relay.envelope import (

@@ -17,6 +17,7 @@ Modules:
   via, reject) and the inbound source route honouring router.
 - ``relay.routing.plugins``: discovery of router plugins by name.
 - ``relay.routing.mx``: MX, A and AAAA resolution of a route's hosts.
+- ``relay.routing.dns``: the dnspython queries under it (and TXT records).
 """
 
 from __future__ import annotations

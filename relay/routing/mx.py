@@ -1,17 +1,15 @@
 """Turning a Route's next hops into the addresses to connect to, in order.
 
-This module owns DNS for outbound mail: MX lookups of mail domains (RFC 5321
-section 5.1, null MX of RFC 7505), A/AAAA lookups of smart hosts and source
-route hops, address literals, and a cache of answers on the injected clock.
+This module owns the MX rules of outbound mail and the resolver the
+delivery asks: MX lookups of mail domains (RFC 5321 section 5.1, null MX of
+RFC 7505), A/AAAA lookups of smart hosts and source route hops, address
+literals, and a cache of answers on the injected clock.  The dnspython
+queries these rules are made of, and ``ResolutionError``, are
+``relay.routing.dns``'s.
 
-Choice of DNS client: dnspython's blocking ``Resolver``, run in a small
-thread pool of its own (``POOL_THREADS`` threads, not the reactor's shared
-pool, which the spool's fsyncs must never queue behind).  The Resolver
-already does everything a correct stub resolver must: CNAME chains, retry
-over several nameservers, TCP after a truncated UDP answer, negative TTLs
-from the SOA, /etc/resolv.conf.  Doing the same over Twisted UDP/TCP with
-the message API would save a few threads at the price of re-implementing
-all of that; a thread per concurrent lookup, with the cache in front and
+Lookups run in a small thread pool of their own (``POOL_THREADS`` threads,
+not the reactor's shared pool, which the spool's fsyncs must never queue
+behind); a thread per concurrent lookup, with the cache in front and
 concurrent lookups of one name merged, is cheap.
 
 The work is split in two:
@@ -43,7 +41,7 @@ Outcomes:
   mail until it is fixed instead of bouncing it.
 
 Cache: positive answers live for the smallest TTL involved (CNAMEs, MX,
-every address record), capped at ``MAX_TTL``.  Permanent failures (NXDOMAIN,
+every address record), capped at ``MAX_TTL`` (``relay.routing.dns``).  Permanent failures (NXDOMAIN,
 null MX, no address at all) live for their negative TTL, i.e. the SOA's
 minimum as dnspython computes it (300 s when the answer carries no SOA),
 capped at ``NEGATIVE_TTL_MAX``.  Transient failures are never cached.
@@ -56,10 +54,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import dns.exception
-import dns.message
 import dns.name
-import dns.nameserver
-import dns.rdatatype
 import dns.resolver
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
@@ -69,21 +64,26 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from relay.domains import ip_literal, normalize_domain
-from relay.envelope import OUTCOME_PERMANENT, NextHop, Route
-from relay.outcome import status_kind
+from relay.envelope import NextHop, Route
+from relay.routing.dns import (
+    NEGATIVE_TTL_MAX,
+    ResolutionError,
+    dns_name,
+    host_addresses,
+    lookup,
+    make_resolver,
+    not_found_error,
+    resolve_txt,
+    transient_error,
+)
 
 log = Logger()
 
 # Enhanced status codes (RFC 3463, RFC 7505).
-STATUS_NO_DOMAIN = "5.1.2"  # NXDOMAIN: bad destination system address
 STATUS_NULL_MX = "5.1.10"  # the domain accepts no mail
 STATUS_NO_ADDRESS = "5.4.4"  # no MX and no address: unable to route
-STATUS_DNS_TRANSIENT = "4.4.3"  # directory server failure
 
 POOL_THREADS = 4
-PER_SERVER_TIMEOUT = 2.0  # seconds for one query to one nameserver
-MAX_TTL = 86400.0
-NEGATIVE_TTL_MAX = 300.0
 MAX_CACHE_ENTRIES = 10000
 
 Runner = Callable[..., Any]  # runner(f, *args) -> Deferred (or a value)
@@ -97,27 +97,6 @@ class Target:
     address: str  # IP address (v4 or v6) to connect to
     port: int
     preference: int = 0  # MX preference; 0 otherwise
-
-
-class ResolutionError(Exception):
-    """A next hop could not be resolved; its enhanced ``status`` says whether to bounce.
-
-    The bucket follows the status (5.x.x permanent, 4.x.x transient), decided
-    by ``relay.outcome``; ``permanent`` is that decision.
-    """
-
-    def __init__(self, status: str, text: str, ttl: float = 0.0) -> None:
-        super().__init__(text)
-        self.status = status  # enhanced status code
-        self.text = text  # one line for logs, relay-route and DSNs
-        self.ttl = ttl  # how long a permanent answer may be cached
-
-    @property
-    def permanent(self) -> bool:
-        return status_kind(self.status) == OUTCOME_PERMANENT
-
-    def __repr__(self) -> str:
-        return f"ResolutionError({self.status!r}, {self.text!r})"
 
 
 @dataclass(frozen=True)
@@ -137,129 +116,24 @@ class Resolution:
     ttl: float
 
 
-# -- errors ----------------------------------------------------------------------
-
-
-def _transient(text: str) -> ResolutionError:
-    return ResolutionError(STATUS_DNS_TRANSIENT, text)
-
-
-def _not_found(name: str, mx: bool, ttl: float) -> ResolutionError:
-    """NXDOMAIN (or an unusable name): permanent for a mail domain, transient for a host."""
-    if mx:
-        return ResolutionError(STATUS_NO_DOMAIN, f"domain {name} does not exist", ttl)
-    return _transient(f"host {name} does not exist")
-
-
-def _failure_text(error: dns.exception.DNSException) -> str:
-    """A fixed description of a dnspython failure (never its own text)."""
-    if isinstance(error, dns.exception.Timeout):
-        return "timed out"
-    if isinstance(error, dns.resolver.NoNameservers):
-        return "no nameserver answered (SERVFAIL or refused)"
-    if isinstance(error, dns.resolver.NoResolverConfiguration):
-        return "no resolver configured"
-    return "DNS error"
-
-
-# -- the synchronous core (runs in the pool) -------------------------------------
-
-
-def make_resolver(
-    nameservers: tuple[tuple[str, int], ...] = (), timeout: float = 10.0
-) -> dns.resolver.Resolver:
-    """A dnspython Resolver for ``nameservers``, or the system's when empty.
-
-    Reads /etc/resolv.conf when ``nameservers`` is empty and raises
-    ``dns.resolver.NoResolverConfiguration`` (or OSError) if it cannot.
-    """
-    if nameservers:
-        resolver = dns.resolver.Resolver(configure=False)
-        resolver.nameservers = [dns.nameserver.Do53Nameserver(ip, port) for ip, port in nameservers]
-    else:
-        resolver = dns.resolver.Resolver()
-    resolver.lifetime = timeout
-    resolver.timeout = min(timeout, PER_SERVER_TIMEOUT)
-    return resolver
-
-
-def _qname(name: str) -> Optional[dns.name.Name]:
-    """The absolute DNS name for ``name``, or None when it is not a valid name.
-
-    ``name`` comes through ``normalize_domain``: text still not ASCII is a
-    name IDNA 2008 refused, never handed to another IDNA conversion.
-    """
-    if not name.isascii():
-        return None
-    try:
-        qname = dns.name.from_text(name)
-    except (dns.exception.DNSException, UnicodeError, ValueError):
-        return None
-    return None if qname == dns.name.root else qname
-
-
-def _negative_ttl(error: dns.resolver.NXDOMAIN) -> float:
-    """The negative TTL of an NXDOMAIN answer (SOA minimum), capped."""
-    try:
-        response = next(iter(error.responses().values()))
-        ttl = float(response.resolve_chaining().minimum_ttl)
-    except Exception:  # a malformed answer: fall back to the cap
-        ttl = NEGATIVE_TTL_MAX
-    return min(ttl, NEGATIVE_TTL_MAX)
-
-
-def _query(
-    resolver: dns.resolver.Resolver, qname: dns.name.Name, rdtype: str, mx: bool
-) -> tuple[Optional[Any], float]:
-    """One query: ``(rrset or None for NODATA, ttl)``; raises ResolutionError."""
-    name = qname.to_text(omit_final_dot=True)
-    try:
-        answer = resolver.resolve(qname, rdtype, raise_on_no_answer=False, search=False)
-    except dns.resolver.NXDOMAIN as e:
-        raise _not_found(name, mx, _negative_ttl(e)) from None
-    except dns.exception.DNSException as e:
-        raise _transient(f"DNS lookup of {name} {rdtype} failed: {_failure_text(e)}") from None
-    ttl = float(answer.chaining_result.minimum_ttl)
-    if answer.rrset is None:
-        return None, min(ttl, NEGATIVE_TTL_MAX)
-    return answer.rrset, min(ttl, MAX_TTL)
-
-
-def _addresses(
-    resolver: dns.resolver.Resolver, qname: dns.name.Name
-) -> tuple[tuple[str, ...], float, Optional[ResolutionError]]:
-    """A then AAAA addresses of a host, the smallest TTL, and the first failure met."""
-    found: list[str] = []
-    ttl = MAX_TTL
-    failure: Optional[ResolutionError] = None
-    for rdtype in ("A", "AAAA"):
-        try:
-            rrset, rrttl = _query(resolver, qname, rdtype, mx=True)
-        except ResolutionError as e:
-            failure = failure or e
-            continue
-        ttl = min(ttl, rrttl)
-        for rdata in rrset or ():
-            if rdata.address not in found:
-                found.append(rdata.address)
-    return tuple(found), ttl, failure
+# -- the MX rules (blocking: they run in the pool) -------------------------------
 
 
 def _host_resolution(resolver: dns.resolver.Resolver, qname: dns.name.Name, name: str) -> Resolution:
     """A smart host or source route hop: A/AAAA only, every failure transient."""
-    addresses, ttl, failure = _addresses(resolver, qname)
+    addresses, ttl, failure = host_addresses(resolver, qname)
     if addresses:
         return Resolution((Exchange(name, 0, addresses),), ttl)
     if failure is not None and not failure.permanent:
         raise failure
     if failure is not None:
-        raise _not_found(name, False, 0.0)
-    raise _transient(f"host {name} has no address records")
+        raise not_found_error(name, False, 0.0)
+    raise transient_error(f"host {name} has no address records")
 
 
 def _implicit_mx(resolver: dns.resolver.Resolver, qname: dns.name.Name, name: str, ttl: float) -> Resolution:
     """A mail domain without MX records: its own A/AAAA, preference 0."""
-    addresses, address_ttl, failure = _addresses(resolver, qname)
+    addresses, address_ttl, failure = host_addresses(resolver, qname)
     ttl = min(ttl, address_ttl)
     if addresses:
         return Resolution((Exchange(name, 0, addresses),), ttl)
@@ -288,7 +162,7 @@ def _is_null_mx(rrset: Any) -> bool:
 
 def _mx_resolution(resolver: dns.resolver.Resolver, qname: dns.name.Name, name: str) -> Resolution:
     """A mail domain: its MX hosts with their addresses, or the implicit MX."""
-    rrset, ttl = _query(resolver, qname, "MX", mx=True)
+    rrset, ttl = lookup(resolver, qname, "MX", mx=True)
     if rrset is None:
         return _implicit_mx(resolver, qname, name, ttl)
     if _is_null_mx(rrset):
@@ -297,15 +171,15 @@ def _mx_resolution(resolver: dns.resolver.Resolver, qname: dns.name.Name, name: 
         )
     exchanges = []
     for preference, host in _exchanges(rrset):
-        host_name = _qname(host)
+        host_name = dns_name(host)
         if host_name is None:
             continue
-        addresses, address_ttl, _ = _addresses(resolver, host_name)
+        addresses, address_ttl, _ = host_addresses(resolver, host_name)
         if addresses:
             exchanges.append(Exchange(host, preference, addresses))
             ttl = min(ttl, address_ttl)
     if not exchanges:
-        raise _transient(f"no MX host of {name} has an address")
+        raise transient_error(f"no MX host of {name} has an address")
     return Resolution(tuple(exchanges), ttl)
 
 
@@ -314,34 +188,12 @@ def resolve_host(resolver: dns.resolver.Resolver, name: str, mx: bool) -> Resolu
 
     Raises ResolutionError; never any other exception for DNS trouble.
     """
-    qname = _qname(name)
+    qname = dns_name(name)
     if qname is None:
-        raise _not_found(name, mx, NEGATIVE_TTL_MAX)
+        raise not_found_error(name, mx, NEGATIVE_TTL_MAX)
     if mx:
         return _mx_resolution(resolver, qname, name)
     return _host_resolution(resolver, qname, name)
-
-
-def resolve_txt(resolver: dns.resolver.Resolver, name: str) -> list[str]:
-    """The TXT records of ``name`` (blocking), each one's strings joined; [] for none.
-
-    NXDOMAIN and NODATA give []; any other failure raises a transient
-    ResolutionError.
-    """
-    qname = _qname(name)
-    if qname is None:
-        return []
-    try:
-        rrset, _ = _query(resolver, qname, "TXT", mx=True)
-    except ResolutionError as e:
-        if e.permanent:  # NXDOMAIN
-            return []
-        raise
-    records = []
-    for rdata in rrset or ():
-        records.append(b"".join(rdata.strings).decode("utf-8", "replace"))
-    return records
-
 
 # -- literals --------------------------------------------------------------------
 
@@ -421,7 +273,7 @@ class MXResolver:
         try:
             address = literal_address(hop.host)
         except ValueError:
-            return defer.fail(_not_found(hop.host, hop.mx, 0.0))
+            return defer.fail(not_found_error(hop.host, hop.mx, 0.0))
         if address is not None:
             return defer.succeed([Target(hop.host, address, port)])
         d = self._resolve(normalize_domain(hop.host), hop.mx)
@@ -461,7 +313,7 @@ class MXResolver:
         if failure.check(ResolutionError):
             return failure.value
         log.failure("unexpected error while resolving a next hop", failure)
-        return _transient("DNS lookup failed")
+        return transient_error("DNS lookup failed")
 
     # -- cache and lookups -----------------------------------------------------
 
@@ -493,7 +345,7 @@ class MXResolver:
             try:
                 self._resolver = make_resolver(self._nameservers, self._timeout)
             except (dns.exception.DNSException, OSError):
-                raise _transient("no DNS resolver: cannot read the system resolver configuration") from None
+                raise transient_error("no DNS resolver: cannot read the system resolver configuration") from None
         return self._resolver
 
     def _finished(self, result: Union[Resolution, Failure], key: tuple[str, bool]) -> None:
