@@ -333,7 +333,7 @@ class _Store(Service):
         self.inner = SpoolService(spool)
 
     def startService(self) -> None:
-        from relay.queue.store import StoreError
+        from relay.queue.schema import StoreError
 
         try:
             self.inner.startService()

@@ -62,7 +62,8 @@ from relay.cli import shape
 from relay.config import ConfigError, load_config
 from relay.envelope import DELIVERED, FAILED, PENDING, Attempt, Envelope, EnvelopeFormatError, Recipient
 from relay.queue.partitions import part_directory, part_indexes
-from relay.queue.store import Spool, StoreError, valid_queue_id
+from relay.queue.schema import StoreError
+from relay.queue.store import Spool, valid_queue_id
 
 PROG = "relay-queue"
 DEFAULT_QUEUE = "relay-queue"

@@ -27,7 +27,7 @@ from relay.envelope import (
     Outcome,
     Recipient,
 )
-from relay.queue.store import QueueSummary
+from relay.queue.schema import QueueSummary
 
 _STATE_AFTER = {
     OUTCOME_DELIVERED: DELIVERED,

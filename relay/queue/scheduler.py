@@ -69,7 +69,7 @@ from relay.envelope import (
 )
 from relay.queue.retry import RandomSource, deadline, next_attempt
 from relay.queue.rules import due_time, first_arrival, mark, settle, unreported
-from relay.queue.store import QueueSummary
+from relay.queue.schema import QueueSummary
 
 log = Logger()
 

@@ -20,7 +20,7 @@ Layout under ``Spool.directory``::
                            ``<id>.json``, ``<id>.msg`` and ``<id>.reason``
                            files, never deleted
 
-The database's ``user_version`` is the store's format (``STORE_VERSION``);
+The database's format is ``relay.queue.schema``;
 a queue directory in the file-per-message format of earlier releases is
 imported at start-up (``relay.queue.legacy``).
 
@@ -61,7 +61,7 @@ import sqlite3
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Iterable, NamedTuple, Optional
+from typing import Any, BinaryIO, Callable, Iterable, Optional
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -84,14 +84,15 @@ from relay.queue.files import (
     ignore_errors,
     write_file,
 )
+from relay.queue import schema
 from relay.queue.bounds import MAX_TIME, read_envelope
 from relay.queue.ids import new_queue_id, valid_queue_id
 from relay.queue.incoming import IncomingMessage
+from relay.queue.schema import QueueSummary, StoreError, connect, modify_in, prepare, remove_in
 
 log = Logger(namespace="relay.store")
 
 STORE_FILE = "queue.db"
-STORE_VERSION = 1
 TMP_DIR = "tmp"
 LARGE_DIR = "large"
 CORRUPT_DIR = "corrupt"
@@ -103,39 +104,8 @@ LAZY_DELAY = 0.05  # seconds an outcome or a removal waits to share a new messag
 READ_THREADS = 2
 IO_THREADS = 2  # large-message files
 RECENT_BYTES = 32 * 1024 * 1024  # bytes of just-committed messages kept for their first attempt
-BUSY_TIMEOUT = 30.0  # seconds a connection waits for another process's write lock
-# 16 KiB pages: a 100 KiB message is 7 pages written to the WAL (and checkpointed) instead
-# of 26 at SQLite's default 4 KiB; measured 0.64 -> 0.40 ms of store CPU per 100 KiB message,
-# 0.13 -> 0.16 ms per 4 KiB one.
-PAGE_SIZE = 16384
 
 Runner = Callable[..., Deferred]
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS envelope (
-    id TEXT PRIMARY KEY,
-    held INTEGER NOT NULL,
-    due REAL,
-    domains TEXT NOT NULL,
-    unreported INTEGER NOT NULL,
-    data BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS body (
-    id TEXT PRIMARY KEY,
-    data BLOB
-);
-"""
-
-
-_SHAPE_CHECKS = (
-    "SELECT id, held, due, domains, unreported, data FROM envelope LIMIT 0",
-    "SELECT id, data FROM body LIMIT 0",
-)
-
-
-class StoreError(Exception):
-    """The queue store cannot be used (not a database, a newer format...); ``str()`` names the file."""
-
 
 # Rows whose due time is no time at all (a queue changed behind the relay's back).
 _BAD_DUE = f"due IS NOT NULL AND (typeof(due) NOT IN ('real', 'integer') OR NOT (due BETWEEN 0 AND {MAX_TIME!r}))"
@@ -149,29 +119,6 @@ def _checked_directory(path: str) -> None:
         raise StoreError(f"{path}: {e.strerror}; the queue's directories must be the relay's own") from None
 
 
-class QueueSummary(NamedTuple):
-    """What scheduling needs to know of a queued message, kept in columns beside its envelope."""
-
-    queue_id: str
-    held: bool
-    due: Optional[float]  # the earliest next attempt of a pending recipient; None: at once
-    domains: tuple[str, ...]  # the domain of each pending recipient, as stored
-    unreported: int = 0  # recipients owed a notification not spooled yet (Recipient.awaiting_report)
-
-    @classmethod
-    def of(cls, envelope: Envelope) -> "QueueSummary":
-        pending = envelope.pending()
-        times = [r.next_attempt for r in pending]
-        due = None if not times or None in times else min(times)  # type: ignore[type-var]
-        return cls(
-            queue_id=envelope.queue_id,
-            held=envelope.held,
-            due=due,
-            domains=tuple(r.domain for r in pending),
-            unreported=sum(1 for r in envelope.recipients if r.awaiting_report),
-        )
-
-
 @dataclass
 class RecoveryReport:
     """What start-up recovery found and did."""
@@ -181,33 +128,6 @@ class RecoveryReport:
     removed_orphans: int = 0  # large files without a row deleted (never acknowledged)
     imported: int = 0  # entries imported from the file-per-message format
     quarantined: list[str] = field(default_factory=list)  # ids moved to corrupt/ by the import
-
-
-def connect(path: str) -> sqlite3.Connection:
-    """A connection to the store at ``path`` in WAL mode with synchronous=FULL (autocommit)."""
-    try:
-        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
-        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # takes effect when the database is created
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-    except sqlite3.Error as e:
-        raise StoreError(f"{path}: cannot open the queue store: {e}") from None
-    return conn
-
-
-def _row(envelope: Envelope) -> tuple:
-    summary = QueueSummary.of(envelope)
-    domains = "".join("\n" + d for d in summary.domains)  # each after a newline: "" is no domain, "\n" one empty
-    return (int(summary.held), summary.due, domains, summary.unreported, envelope.to_json())
-
-
-def _summary(row: tuple) -> QueueSummary:
-    queue_id, held, due, domains, unreported = row
-    return QueueSummary(queue_id, bool(held), due, tuple(domains.split("\n")[1:]), unreported)
-
-
-def _envelope(queue_id: str, data: bytes) -> Envelope:
-    return read_envelope(queue_id, data)
 
 
 # -- operations run in a transaction -------------------------------------------
@@ -239,7 +159,7 @@ class _StoreOperation(_Operation):
         self.body = body  # None: in large/
 
     def run(self, conn: sqlite3.Connection) -> str:
-        conn.execute("INSERT INTO envelope VALUES (?, ?, ?, ?, ?, ?)", (self.queue_id, *_row(self.envelope)))
+        conn.execute("INSERT INTO envelope VALUES (?, ?, ?, ?, ?, ?)", (self.queue_id, *schema.row(self.envelope)))
         conn.execute("INSERT INTO body VALUES (?, ?)", (self.queue_id, self.body))
         return self.queue_id
 
@@ -294,7 +214,7 @@ class _QuarantineOperation(_Operation):
             return False
         if not self.force:
             try:
-                _envelope(self.queue_id, row[0])
+                read_envelope(self.queue_id, row[0])
                 return False  # reads well by now
             except EnvelopeFormatError:
                 pass
@@ -315,29 +235,6 @@ class _QuarantineOperation(_Operation):
         if self.moved:
             for suffix in (MESSAGE_SUFFIX, ENVELOPE_SUFFIX, REASON_SUFFIX):
                 ignore_errors(self.spool._fs.unlink, self.base + suffix)
-
-
-def modify_in(conn: sqlite3.Connection, queue_id: str, change: Callable[[Envelope], Envelope]) -> Envelope:
-    """Replace the envelope of ``queue_id`` by ``change(current)`` in the open transaction."""
-    row = conn.execute("SELECT data FROM envelope WHERE id = ?", (queue_id,)).fetchone()
-    if row is None:
-        raise KeyError(queue_id)
-    new = change(_envelope(queue_id, row[0]))
-    if new.queue_id != queue_id:
-        raise ValueError(f"envelope is for {new.queue_id!r}, not {queue_id!r}")
-    conn.execute(
-        "UPDATE envelope SET held = ?, due = ?, domains = ?, unreported = ?, data = ? WHERE id = ?",
-        (*_row(new), queue_id),
-    )
-    return new
-
-
-def remove_in(conn: sqlite3.Connection, queue_id: str) -> tuple[bool, bool]:
-    """Delete the rows of ``queue_id``: (whether it was queued, whether its bytes are a large file)."""
-    body = conn.execute("SELECT data IS NULL FROM body WHERE id = ?", (queue_id,)).fetchone()
-    existed = conn.execute("DELETE FROM envelope WHERE id = ?", (queue_id,)).rowcount > 0
-    conn.execute("DELETE FROM body WHERE id = ?", (queue_id,))
-    return existed, bool(body and body[0])
 
 
 # -- the store -----------------------------------------------------------------
@@ -487,21 +384,7 @@ class Spool:
             if self._checked:
                 return
             self._fs.makedirs(self.directory)
-            conn = connect(self._path)
-            try:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version > STORE_VERSION:
-                    raise StoreError(
-                        f"{self._path}: queue store format {version} is newer than this relay reads ({STORE_VERSION})"
-                    )
-                if version < STORE_VERSION:
-                    conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {STORE_VERSION}; COMMIT;")
-                for query in _SHAPE_CHECKS:  # tables dropped or changed behind our back
-                    conn.execute(query).fetchall()
-            except sqlite3.DatabaseError as e:
-                raise StoreError(f"{self._path}: not a usable queue store: {e}") from None
-            finally:
-                conn.close()
+            prepare(self._path)
             self._checked = True
 
     def _writing(self) -> sqlite3.Connection:
@@ -580,7 +463,7 @@ class Spool:
         row = self._conn().execute("SELECT data FROM envelope WHERE id = ?", (queue_id,)).fetchone()
         if row is None:
             raise KeyError(queue_id)
-        return _envelope(queue_id, row[0])
+        return read_envelope(queue_id, row[0])
 
     def peek(self, queue_id: str) -> QueueSummary:
         """What scheduling needs of ``queue_id``; KeyError when it is not queued."""
@@ -591,7 +474,7 @@ class Spool:
         ).fetchone()
         if row is None:
             raise KeyError(queue_id)
-        return _summary(row)
+        return schema.summary(row)
 
     def state_counts(self, now: float) -> tuple[int, int, int, Optional[str]]:
         """Messages due now or in flight, deferred (due later), held, and the oldest queue id: one query."""
@@ -608,7 +491,7 @@ class Spool:
         if not os.path.exists(self._path):
             return []
         rows = self._conn().execute("SELECT id, held, due, domains, unreported FROM envelope ORDER BY id")
-        return [_summary(row) for row in rows]
+        return [schema.summary(row) for row in rows]
 
     def message_bytes(self, queue_id: str) -> Optional[bytes]:
         """The bytes of ``queue_id`` kept in the database, or None for a large message (a file).
@@ -957,7 +840,7 @@ class Spool:
             added = 0
             for envelope, body in entries:
                 cursor = conn.execute("INSERT OR IGNORE INTO envelope VALUES (?, ?, ?, ?, ?, ?)",
-                                      (envelope.queue_id, *_row(envelope)))
+                                      (envelope.queue_id, *schema.row(envelope)))
                 if cursor.rowcount:
                     large = len(body) > self.large_message
                     if large:
@@ -1015,5 +898,5 @@ class SpoolService(Service):
         return self.spool.stop()
 
 
-__all__ = ["Spool", "SpoolService", "IncomingMessage", "OsFileSystem", "QueueSummary", "RecoveryReport",
-           "StoreError", "new_queue_id", "valid_queue_id"]
+__all__ = ["Spool", "SpoolService", "IncomingMessage", "OsFileSystem", "RecoveryReport",
+           "new_queue_id", "valid_queue_id"]
