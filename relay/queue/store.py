@@ -31,10 +31,10 @@ which recovery deletes: never acknowledged); after it, a complete entry.
 A removal deletes the rows first and the large file after the commit, so
 no row ever names a missing file by our doing.
 
-Group commit.  Writes are queued as operations; one thread owns the
-writing connection and runs everything pending as one transaction, so the
-messages of many concurrent sessions share one fsync; while one batch
-commits, new operations accumulate for the next.  Reads for the daemon run
+Group commit.  Writes are queued as operations (``relay.queue.operations``);
+one thread owns the writing connection and runs everything pending as one
+transaction, so the messages of many concurrent sessions share one fsync;
+while one batch commits, new operations accumulate for the next.  Reads for the daemon run
 in a small pool of reader threads (WAL readers never wait on the writer),
 so the reactor thread does no database or file I/O on the hot path.  The
 bytes of a message just committed stay in memory (``RECENT_BYTES`` in all)
@@ -79,7 +79,6 @@ from relay.queue.files import (
     OsFileSystem,
     UnsafeFile,
     check_directory,
-    describe,
     file_problem,
     ignore_errors,
     write_file,
@@ -88,6 +87,7 @@ from relay.queue import schema
 from relay.queue.bounds import MAX_TIME, read_envelope
 from relay.queue.ids import new_queue_id, valid_queue_id
 from relay.queue.incoming import IncomingMessage
+from relay.queue.operations import GroupCommit, ModifyOperation, Operation, RemoveOperation, Runner, StoreOperation
 from relay.queue.schema import QueueSummary, StoreError, connect, modify_in, prepare, remove_in
 
 log = Logger(namespace="relay.store")
@@ -99,13 +99,10 @@ CORRUPT_DIR = "corrupt"
 MISSING_MESSAGE = "message file missing"
 
 LARGE_MESSAGE = 1024 * 1024  # octets kept in memory (and stored in the database) per message
-MAX_BATCH = 1000  # operations in one transaction
 LAZY_DELAY = 0.05  # seconds an outcome or a removal waits to share a new message's transaction
 READ_THREADS = 2
 IO_THREADS = 2  # large-message files
 RECENT_BYTES = 32 * 1024 * 1024  # bytes of just-committed messages kept for their first attempt
-
-Runner = Callable[..., Deferred]
 
 # Rows whose due time is no time at all (a queue changed behind the relay's back).
 _BAD_DUE = f"due IS NOT NULL AND (typeof(due) NOT IN ('real', 'integer') OR NOT (due BETWEEN 0 AND {MAX_TIME!r}))"
@@ -133,71 +130,9 @@ class RecoveryReport:
 # -- operations run in a transaction -------------------------------------------
 
 
-class _Operation:
-    """One change to the queue, run in the writer's transaction."""
-
-    queue_id: str
-    action: str
-
-    def run(self, conn: sqlite3.Connection) -> Any:
-        raise NotImplementedError
-
-    def committed(self) -> None:
-        """After the transaction is durable (in the writer's thread)."""
-
-    def undo(self) -> None:
-        """After the transaction failed (in the writer's thread)."""
-
-
-class _StoreOperation(_Operation):
-    action = "store"
-
-    def __init__(self, spool: "Spool", envelope: Envelope, body: Optional[bytes]) -> None:
-        self.spool = spool
-        self.queue_id = envelope.queue_id
-        self.envelope = envelope
-        self.body = body  # None: in large/
-
-    def run(self, conn: sqlite3.Connection) -> str:
-        conn.execute("INSERT INTO envelope VALUES (?, ?, ?, ?, ?, ?)", (self.queue_id, *schema.row(self.envelope)))
-        conn.execute("INSERT INTO body VALUES (?, ?)", (self.queue_id, self.body))
-        return self.queue_id
-
-    def undo(self) -> None:
-        if self.body is None:  # never acknowledged: its file goes too
-            ignore_errors(self.spool._fs.unlink, self.spool.large_path(self.queue_id))
-
-
-class _ModifyOperation(_Operation):
-    action = "update"
-
-    def __init__(self, queue_id: str, change: Callable[[Envelope], Envelope]) -> None:
-        self.queue_id = queue_id
-        self.change = change
-
-    def run(self, conn: sqlite3.Connection) -> Envelope:
-        return modify_in(conn, self.queue_id, self.change)
-
-
-class _RemoveOperation(_Operation):
-    action = "remove"
-
-    def __init__(self, spool: "Spool", queue_id: str) -> None:
-        self.spool = spool
-        self.queue_id = queue_id
-        self.large = False
-
-    def run(self, conn: sqlite3.Connection) -> bool:
-        existed, self.large = remove_in(conn, self.queue_id)
-        return existed
-
-    def committed(self) -> None:
-        if self.large:
-            ignore_errors(self.spool._fs.unlink, self.spool.large_path(self.queue_id))
-
-
-class _QuarantineOperation(_Operation):
+class _QuarantineOperation(Operation):
     action = "quarantine"
+    urgent = True
 
     def __init__(self, spool: "Spool", queue_id: str, reason: str, force: bool = False) -> None:
         self.spool = spool
@@ -286,13 +221,13 @@ class Spool:
         self._readers: Optional[ThreadPoolExecutor] = None
         self._io: Optional[ThreadPoolExecutor] = None
         self._shutdown_trigger: Any = None
-        self._pending: list[tuple[_Operation, Deferred]] = []
-        self._running = False
-        self._urgent = 0  # pending operations that start a transaction at once
-        self._lazy_delay = LAZY_DELAY if lazy_delay is None and runner is None else (lazy_delay or 0.0)
-        self._lazy_timer: Any = None
-        self._finishing = 0  # large messages whose file is being made durable before their commit
-        self._idle_waiters: list[Deferred] = []
+        self._commits = GroupCommit(
+            lambda f, *args: self._runner(f, *args),  # read at each batch: a test may swap the runner
+            self._writing,
+            self._get_clock,
+            self._committed,
+            lazy_delay=LAZY_DELAY if lazy_delay is None and runner is None else (lazy_delay or 0.0),
+        )
         self._commit_listeners: list[Callable[[str, Envelope], Any]] = []
         self._recent: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._recent_size = 0
@@ -339,7 +274,7 @@ class Spool:
 
     def stop(self) -> Deferred:
         """Fire once every queued operation is durable and the threads have stopped."""
-        d = self._when_idle()
+        d = self._commits.when_idle()
         d.addCallback(lambda _: self._stop_threads())
         return d
 
@@ -565,7 +500,7 @@ class Spool:
 
     def _store(self, envelope: Envelope, body: Optional[bytes]) -> Deferred:
         """Queue a new message (its bytes, or None when they are in ``large/`` already)."""
-        return self._submit(_StoreOperation(self, envelope, body))
+        return self._commits.submit(StoreOperation(self, envelope, body))
 
     def update(self, envelope: Envelope) -> Deferred:
         """Durably replace the envelope of ``envelope.queue_id``; KeyError when not queued."""
@@ -579,14 +514,14 @@ class Spool:
         """
         if not valid_queue_id(queue_id):
             return defer.fail(KeyError(queue_id))
-        return self._submit(_ModifyOperation(queue_id, change), lazy=True)
+        return self._commits.submit(ModifyOperation(queue_id, change), lazy=True)
 
     def remove(self, queue_id: str) -> Deferred:
         """Durably remove a message; removing one that is not queued succeeds and does nothing."""
         if not valid_queue_id(queue_id):
             return defer.fail(KeyError(queue_id))
         self._forget_recent(queue_id)
-        return self._submit(_RemoveOperation(self, queue_id), lazy=True).addCallback(lambda _: None)
+        return self._commits.submit(RemoveOperation(self, queue_id), lazy=True).addCallback(lambda _: None)
 
     def quarantine(self, queue_id: str, reason: str) -> Deferred:
         """Move an entry whose envelope cannot be read into corrupt/.
@@ -597,7 +532,7 @@ class Spool:
         if not valid_queue_id(queue_id):
             return defer.fail(KeyError(queue_id))
         self._forget_recent(queue_id)
-        return self._submit(_QuarantineOperation(self, queue_id, reason))
+        return self._commits.submit(_QuarantineOperation(self, queue_id, reason))
 
     def modify_sync(self, queue_id: str, change: Callable[[Envelope], Envelope]) -> Envelope:
         """``modify`` for tools that run without a reactor (blocking)."""
@@ -631,138 +566,6 @@ class Spool:
             ignore_errors(conn.execute, "ROLLBACK")
             raise
         return result
-
-    # -- group commit -------------------------------------------------------
-
-    def _submit(self, operation: _Operation, lazy: bool = False) -> Deferred:
-        """Queue ``operation`` for the next transaction.
-
-        A new message starts a transaction at once (a client waits for its
-        250).  A ``lazy`` change (an outcome, a removal) waits up to
-        ``lazy_delay`` for company: it goes with the next new message's
-        transaction, or alone when the delay is up, so under load outcomes
-        and removals cost no fsync of their own.
-        """
-        d: Deferred = Deferred()
-        self._pending.append((operation, d))
-        if not lazy:
-            self._urgent += 1
-        if not self._running:
-            self._next_batch()
-        return d
-
-    def _lazy_due(self) -> None:
-        self._lazy_timer = None
-        if not self._running:
-            self._next_batch(now=True)
-
-    def _next_batch(self, now: bool = False) -> None:
-        """Start a transaction of what is pending (one at a time: one writer).
-
-        Only lazy changes pending: wait for company, up to ``lazy_delay``.
-        """
-        if self._pending and not now and not self._urgent and self._lazy_delay > 0 and not self._idle_waiters:
-            if self._lazy_timer is None:
-                self._lazy_timer = self._get_clock().callLater(self._lazy_delay, self._lazy_due)
-            return
-        if self._lazy_timer is not None:
-            if self._lazy_timer.active():
-                self._lazy_timer.cancel()
-            self._lazy_timer = None
-        if not self._pending:
-            if self._finishing:
-                return  # its commit comes next; the waiters wait for it
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
-            return
-        batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-        self._urgent = sum(1 for op, _ in self._pending if isinstance(op, (_StoreOperation, _QuarantineOperation)))
-        self._running = True
-        try:
-            d = self._runner(self._run_batch, [op for op, _ in batch])
-        except Exception:
-            d = defer.fail()
-        d.addBoth(self._batch_done, batch)
-
-    def _run_batch(self, operations: list[_Operation]) -> list[tuple[bool, Any]]:
-        """Run every operation in one transaction and commit it (in the writer's thread).
-
-        An operation that fails on its own (an unknown id, a change that
-        raises) fails alone, before it wrote anything; a database error fails
-        the whole transaction, and nothing of it is answered as done.
-        """
-        results: list[tuple[bool, Any]] = []
-        try:
-            conn = self._writing()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for op in operations:
-                    try:
-                        results.append((True, op.run(conn)))
-                    except sqlite3.Error:
-                        raise
-                    except Exception as e:
-                        results.append((False, e))
-                conn.execute("COMMIT")
-            except BaseException:
-                ignore_errors(conn.execute, "ROLLBACK")
-                raise
-        except Exception as e:
-            for op in operations:
-                op.undo()
-            return [(False, e)] * len(operations)
-        for op, (ok, _) in zip(operations, results):
-            if ok:
-                op.committed()
-        return results
-
-    def _batch_done(self, outcome: Any, batch: list[tuple[_Operation, Deferred]]) -> None:
-        if isinstance(outcome, Failure):
-            results: list[tuple[bool, Any]] = [(False, outcome)] * len(batch)
-        else:
-            results = outcome
-        self._running = False
-        stored = []
-        for (op, d), (ok, value) in zip(batch, results):
-            if ok:
-                if isinstance(op, _StoreOperation):
-                    stored.append(op)
-                if not isinstance(op, _ModifyOperation):
-                    log.debug("{queue_id}: {action} done", queue_id=op.queue_id, action=op.action)
-                d.callback(value)
-            else:
-                self._log_failed(op, value)
-                d.errback(value if isinstance(value, Failure) else Failure(value))
-        for op in stored:  # after every 250 of the batch is written
-            self._committed(op.envelope, op.body)
-        if not self._running:
-            self._next_batch()
-
-    def _log_failed(self, op: _Operation, error: Any) -> None:
-        if isinstance(error, Failure):
-            error = error.value
-        if isinstance(error, KeyError):
-            log.info("{queue_id}: cannot {action}: not queued", queue_id=op.queue_id, action=op.action)
-        else:
-            log.error("{queue_id}: cannot {action}: {error}", queue_id=op.queue_id, action=op.action,
-                      error=describe(error))
-
-    def _finished_file(self, result: Any) -> Any:
-        """A large file is durable (its commit is submitted next) or failed (nothing follows)."""
-        self._finishing -= 1
-        if isinstance(result, Failure) and not self._running:
-            self._next_batch()  # fires the idle waiters when nothing else is left
-        return result
-
-    def _when_idle(self) -> Deferred:
-        if not self._running and not self._pending and not self._finishing:
-            return defer.succeed(None)
-        d: Deferred = Deferred()
-        self._idle_waiters.append(d)
-        if not self._running:
-            self._next_batch(now=True)  # lazy changes go now
-        return d
 
     def _get_clock(self) -> IReactorTime:
         """The injected clock, or the injected reactor's."""
