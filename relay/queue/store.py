@@ -3,7 +3,9 @@
 Every accepted message enters the queue through one door
 (``Spool.new_message`` then ``IncomingMessage.commit``), and the store is the
 single truth about it: every timer and in-flight set elsewhere is rebuilt
-from it at start-up (``Spool.recover``, then ``Spool.summaries``).
+from it at start-up (``Spool.recover``, then ``Spool.summaries``).  What
+recovery does, and how unreadable entries are moved into ``corrupt/``, is
+``relay.queue.recovery``.
 
 Layout under ``Spool.directory``::
 
@@ -60,7 +62,6 @@ import os
 import sqlite3
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Iterable, Optional
 
 from twisted.application.service import Service
@@ -71,23 +72,14 @@ from relay.log import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from relay.envelope import Envelope, EnvelopeFormatError
-from relay.queue.files import (
-    ENVELOPE_SUFFIX,
-    MESSAGE_SUFFIX,
-    REASON_SUFFIX,
-    OsFileSystem,
-    UnsafeFile,
-    check_directory,
-    file_problem,
-    ignore_errors,
-    write_file,
-)
-from relay.queue import schema
-from relay.queue.bounds import MAX_TIME, read_envelope
+from relay.envelope import Envelope
+from relay.queue.files import MESSAGE_SUFFIX, OsFileSystem, ignore_errors, write_file
+from relay.queue import recovery, schema
+from relay.queue.bounds import read_envelope
 from relay.queue.ids import new_queue_id, valid_queue_id
 from relay.queue.incoming import IncomingMessage
-from relay.queue.operations import GroupCommit, ModifyOperation, Operation, RemoveOperation, Runner, StoreOperation
+from relay.queue.operations import GroupCommit, ModifyOperation, RemoveOperation, Runner, StoreOperation
+from relay.queue.recovery import QuarantineOperation, RecoveryReport
 from relay.queue.schema import QueueSummary, StoreError, connect, modify_in, prepare, remove_in
 
 log = Logger(namespace="relay.store")
@@ -103,76 +95,6 @@ LAZY_DELAY = 0.05  # seconds an outcome or a removal waits to share a new messag
 READ_THREADS = 2
 IO_THREADS = 2  # large-message files
 RECENT_BYTES = 32 * 1024 * 1024  # bytes of just-committed messages kept for their first attempt
-
-# Rows whose due time is no time at all (a queue changed behind the relay's back).
-_BAD_DUE = f"due IS NOT NULL AND (typeof(due) NOT IN ('real', 'integer') OR NOT (due BETWEEN 0 AND {MAX_TIME!r}))"
-
-
-def _checked_directory(path: str) -> None:
-    """StoreError unless ``path`` is a real directory owned by the relay's user."""
-    try:
-        check_directory(path)
-    except OSError as e:
-        raise StoreError(f"{path}: {e.strerror}; the queue's directories must be the relay's own") from None
-
-
-@dataclass
-class RecoveryReport:
-    """What start-up recovery found and did."""
-
-    count: int = 0  # messages queued
-    removed_tmp: int = 0  # files under tmp/ deleted
-    removed_orphans: int = 0  # large files without a row deleted (never acknowledged)
-    imported: int = 0  # entries imported from the file-per-message format
-    quarantined: list[str] = field(default_factory=list)  # ids moved to corrupt/ by the import
-
-
-# -- operations run in a transaction -------------------------------------------
-
-
-class _QuarantineOperation(Operation):
-    action = "quarantine"
-    urgent = True
-
-    def __init__(self, spool: "Spool", queue_id: str, reason: str, force: bool = False) -> None:
-        self.spool = spool
-        self.queue_id = queue_id
-        self.reason = reason
-        self.force = force  # move it even when the envelope reads well (its file or columns are bad)
-        self.moved = False
-        self.large = False
-        self.base = ""
-
-    def run(self, conn: sqlite3.Connection) -> bool:
-        row = conn.execute("SELECT data FROM envelope WHERE id = ?", (self.queue_id,)).fetchone()
-        if row is None:
-            return False
-        if not self.force:
-            try:
-                read_envelope(self.queue_id, row[0])
-                return False  # reads well by now
-            except EnvelopeFormatError:
-                pass
-        self.base = self.spool._write_corrupt(conn, self.queue_id, row[0], self.reason)
-        _, self.large = remove_in(conn, self.queue_id)
-        self.moved = True
-        return True
-
-    def committed(self) -> None:
-        """The rows are gone: now the large file, if any, joins the entry in corrupt/."""
-        if self.moved and self.large:
-            fs = self.spool._fs
-            ignore_errors(fs.rename, self.spool.large_path(self.queue_id), self.base + MESSAGE_SUFFIX)
-            ignore_errors(fs.fsync_dir, self.spool._corrupt)
-
-    def undo(self) -> None:
-        """The rows stay queued: take back the copy written into corrupt/."""
-        if self.moved:
-            for suffix in (MESSAGE_SUFFIX, ENVELOPE_SUFFIX, REASON_SUFFIX):
-                ignore_errors(self.spool._fs.unlink, self.base + suffix)
-
-
-# -- the store -----------------------------------------------------------------
 
 
 class Spool:
@@ -532,7 +454,7 @@ class Spool:
         if not valid_queue_id(queue_id):
             return defer.fail(KeyError(queue_id))
         self._forget_recent(queue_id)
-        return self._commits.submit(_QuarantineOperation(self, queue_id, reason))
+        return self._commits.submit(QuarantineOperation(self, queue_id, reason))
 
     def modify_sync(self, queue_id: str, change: Callable[[Envelope], Envelope]) -> Envelope:
         """``modify`` for tools that run without a reactor (blocking)."""
@@ -588,53 +510,9 @@ class Spool:
 
         Creates the directories and the database; deletes everything under
         ``tmp/`` and every large file without a row (never acknowledged);
-        imports a queue in the file-per-message format.
+        imports a queue in the file-per-message format (``relay.queue.recovery``).
         """
-        from relay.queue import legacy
-
-        fs, report = self._fs, RecoveryReport()
-        for path in (self._tmp, self._large, self._corrupt):
-            fs.makedirs(path)
-            _checked_directory(path)
-        self._ensure_schema()
-        for name in fs.listdir(self._tmp):  # unlink never follows a link: only the name goes
-            ignore_errors(fs.unlink, self._tmp_path(name))
-            report.removed_tmp += 1
-        try:
-            legacy.import_queue(self, report)
-        except UnsafeFile as e:
-            raise StoreError(f"{e.filename}: {e.strerror}; refusing to import from it") from None
-        conn = self._conn()
-        known = {r[0] for r in conn.execute("SELECT id FROM body WHERE data IS NULL")}
-        for name in fs.listdir(self._large):
-            stem = name[: -len(MESSAGE_SUFFIX)] if name.endswith(MESSAGE_SUFFIX) else None
-            if stem is None or stem not in known:
-                ignore_errors(fs.unlink, os.path.join(self._large, name))
-                report.removed_orphans += 1
-                log.info("{queue_id}: removed message never acknowledged", queue_id=stem or name)
-                continue
-            problem = file_problem(os.path.join(self._large, name))
-            if problem:
-                self._quarantine_now(stem, f"message file {problem}", report)
-        for queue_id, due in conn.execute(f"SELECT id, due FROM envelope WHERE {_BAD_DUE}").fetchall():
-            self._quarantine_now(queue_id, f"next attempt {due!r} out of range", report)
-        for path in (self._tmp, self._large):
-            fs.fsync_dir(path)
-        report.count = conn.execute("SELECT count(*) FROM envelope").fetchone()[0]
-        log.info(
-            "store: {count} queued messages in {directory}"
-            " ({tmp} temporary files and {orphans} unacknowledged messages removed, {imported} imported)",
-            count=report.count, directory=self.directory, tmp=report.removed_tmp,
-            orphans=report.removed_orphans, imported=report.imported,
-        )
-        return report
-
-    def _quarantine_now(self, queue_id: str, reason: str, report: RecoveryReport) -> None:
-        """Move an entry to corrupt/ at start-up, however its envelope reads (a bad file or column)."""
-        operation = _QuarantineOperation(self, queue_id, reason, force=True)
-        if self._transaction(operation.run):
-            operation.committed()
-            report.quarantined.append(queue_id)
+        return recovery.recover(self)
 
     def insert_sync(self, entries: Iterable[tuple[Envelope, bytes]]) -> int:
         """Store finished entries at once in one transaction, keeping their ids; those
@@ -655,33 +533,6 @@ class Spool:
             return added
         return self._transaction(insert)
 
-    def _write_corrupt(self, conn: sqlite3.Connection, queue_id: str, envelope: bytes, reason: str) -> str:
-        """Write an unreadable entry into corrupt/ as files (fsynced); returns the base path.
-
-        A large message's file is moved there by the caller once the rows are gone.
-        """
-        fs = self._fs
-        fs.makedirs(self._corrupt)
-        base = self._free_corrupt_name(queue_id)
-        row = conn.execute("SELECT data FROM body WHERE id = ?", (queue_id,)).fetchone()
-        if row is not None and row[0] is not None:
-            write_file(fs, base + MESSAGE_SUFFIX, row[0])
-        write_file(fs, base + ENVELOPE_SUFFIX, envelope)
-        write_file(fs, base + REASON_SUFFIX, (reason + "\n").encode("utf-8"))
-        fs.fsync_dir(self._corrupt)
-        log.error("{queue_id}: quarantined in {path}: {reason}", queue_id=queue_id,
-                  path=base + ENVELOPE_SUFFIX, reason=reason)
-        return base
-
-    def _free_corrupt_name(self, queue_id: str) -> str:
-        taken = set(self._fs.listdir(self._corrupt))
-        name, n = queue_id, 0
-        while any(name + s in taken for s in (MESSAGE_SUFFIX, ENVELOPE_SUFFIX, REASON_SUFFIX)):
-            n += 1
-            name = f"{queue_id}-{n}"
-        return os.path.join(self._corrupt, name)
-
-
 class SpoolService(Service):
     """Runs a store with the application: recovery and threads at start, drain at stop."""
 
@@ -701,5 +552,4 @@ class SpoolService(Service):
         return self.spool.stop()
 
 
-__all__ = ["Spool", "SpoolService", "IncomingMessage", "OsFileSystem", "RecoveryReport",
-           "new_queue_id", "valid_queue_id"]
+__all__ = ["Spool", "SpoolService", "IncomingMessage", "OsFileSystem", "new_queue_id", "valid_queue_id"]
