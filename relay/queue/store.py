@@ -36,11 +36,12 @@ no row ever names a missing file by our doing.
 Group commit.  Writes are queued as operations (``relay.queue.operations``);
 one thread owns the writing connection and runs everything pending as one
 transaction, so the messages of many concurrent sessions share one fsync;
-while one batch commits, new operations accumulate for the next.  Reads for the daemon run
-in a small pool of reader threads (WAL readers never wait on the writer),
-so the reactor thread does no database or file I/O on the hot path.  The
-bytes of a message just committed stay in memory (``RECENT_BYTES`` in all)
-until its first attempt takes them, so delivery reads nothing back.
+while one batch commits, new operations accumulate for the next.  Reads for
+the daemon run in a small pool of reader threads (WAL readers never wait on
+the writer), so the reactor thread does no database or file I/O on the hot
+path (``relay.queue.threads``).  The bytes of a message just committed stay
+in memory (``RECENT_BYTES`` in all) until its first attempt takes them, so
+delivery reads nothing back.
 
 Concurrent writers.  The daemon and ``relay-queue`` may change one message
 at once: each change reads and writes the row inside one ``BEGIN
@@ -61,7 +62,6 @@ import io
 import os
 import sqlite3
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO, Callable, Iterable, Optional
 
 from twisted.application.service import Service
@@ -69,8 +69,6 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from relay.log import Logger
-from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from relay.envelope import Envelope
 from relay.queue.files import MESSAGE_SUFFIX, OsFileSystem, ignore_errors, write_file
@@ -80,6 +78,7 @@ from relay.queue.ids import new_queue_id, valid_queue_id
 from relay.queue.incoming import IncomingMessage
 from relay.queue.operations import GroupCommit, ModifyOperation, RemoveOperation, Runner, StoreOperation
 from relay.queue.recovery import QuarantineOperation, RecoveryReport
+from relay.queue.threads import StoreThreads
 from relay.queue.schema import QueueSummary, StoreError, connect, modify_in, prepare, remove_in
 
 log = Logger(namespace="relay.store")
@@ -92,8 +91,6 @@ MISSING_MESSAGE = "message file missing"
 
 LARGE_MESSAGE = 1024 * 1024  # octets kept in memory (and stored in the database) per message
 LAZY_DELAY = 0.05  # seconds an outcome or a removal waits to share a new message's transaction
-READ_THREADS = 2
-IO_THREADS = 2  # large-message files
 RECENT_BYTES = 32 * 1024 * 1024  # bytes of just-committed messages kept for their first attempt
 
 
@@ -129,8 +126,8 @@ class Spool:
         self.large_message = large_message
         self._clock = clock
         self._reactor = reactor
-        self._runner: Runner = runner if runner is not None else self._run_in_writer
-        self._threaded = runner is None
+        self._threads = StoreThreads(self._thread_reactor, inline=runner is not None)
+        self._runner: Runner = runner if runner is not None else self._threads.in_writer
         self._fs = fs if fs is not None else OsFileSystem()
         self._path = os.path.join(directory, STORE_FILE)
         self._tmp = os.path.join(directory, TMP_DIR)
@@ -139,10 +136,6 @@ class Spool:
         self._lock = threading.Lock()
         self._local = threading.local()  # a reading connection per thread
         self._writer_conn: Optional[sqlite3.Connection] = None
-        self._writer: Optional[ThreadPool] = None
-        self._readers: Optional[ThreadPoolExecutor] = None
-        self._io: Optional[ThreadPoolExecutor] = None
-        self._shutdown_trigger: Any = None
         self._commits = GroupCommit(
             lambda f, *args: self._runner(f, *args),  # read at each batch: a test may swap the runner
             self._writing,
@@ -185,33 +178,13 @@ class Spool:
 
     def start(self) -> None:
         """Start the writer thread (only used without an injected runner)."""
-        if self._writer is not None or not self._threaded:
-            return
-        reactor = self._thread_reactor()
-        self._writer = ThreadPool(minthreads=1, maxthreads=1, name="relay-store-writer")
-        self._writer.start()
-        self._shutdown_trigger = reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
-            "during", "shutdown", self._stop_threads
-        )
+        self._threads.start()
 
     def stop(self) -> Deferred:
         """Fire once every queued operation is durable and the threads have stopped."""
         d = self._commits.when_idle()
-        d.addCallback(lambda _: self._stop_threads())
+        d.addCallback(lambda _: self._threads.stop())
         return d
-
-    def _stop_threads(self) -> None:
-        for executor in (self._readers, self._io):
-            if executor is not None:
-                executor.shutdown(wait=True)
-        self._readers = self._io = None
-        pool, self._writer = self._writer, None
-        if self._shutdown_trigger is not None:
-            reactor = self._thread_reactor()
-            ignore_errors(reactor.removeSystemEventTrigger, self._shutdown_trigger)  # type: ignore[attr-defined]
-            self._shutdown_trigger = None
-        if pool is not None:
-            pool.stop()
 
     def close(self) -> None:
         """Close the connections of the calling thread and the writer (tools, tests)."""
@@ -249,52 +222,11 @@ class Spool:
             self._writer_conn = self._open()
         return self._writer_conn
 
-    def _run_in_writer(self, f: Callable[..., Any], *args: Any) -> Deferred:
-        from twisted.internet.threads import deferToThreadPool
-
-        reactor = self._thread_reactor()
-        if self._writer is None:
-            self.start()
-        assert self._writer is not None
-        return deferToThreadPool(reactor, self._writer, f, *args)  # type: ignore[arg-type]
-
-    def _executor(self, name: str, threads: int) -> ThreadPoolExecutor:
-        with self._lock:
-            executor = getattr(self, name)
-            if executor is None:
-                executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="relay-store" + name)
-                setattr(self, name, executor)
-            return executor
-
-    def _in_thread(self, name: str, threads: int, f: Callable[..., Any], *args: Any) -> Deferred:
-        """Run ``f(*args)`` in the named threads; the result arrives in the reactor thread.
-
-        With an injected runner it runs at once, on the calling thread.
-        """
-        if not self._threaded:
-            return defer.maybeDeferred(f, *args)
-        reactor = self._thread_reactor()
-        d: Deferred = Deferred()
-
-        def deliver(future: Future) -> None:
-            error = future.exception()
-            if error is None:
-                d.callback(future.result())
-            else:
-                d.errback(Failure(error))
-
-        try:
-            future = self._executor(name, threads).submit(f, *args)
-        except RuntimeError:  # shutting down
-            return defer.fail()
-        future.add_done_callback(lambda done: reactor.callFromThread(deliver, done))  # type: ignore[attr-defined]
-        return d
-
     def _io_call(self, f: Callable[..., Any], *args: Any) -> Deferred:
-        return self._in_thread("_io", IO_THREADS, f, *args)
+        return self._threads.io(f, *args)
 
     def _read_call(self, f: Callable[..., Any], *args: Any) -> Deferred:
-        return self._in_thread("_readers", READ_THREADS, f, *args)
+        return self._threads.read(f, *args)
 
     # -- paths --------------------------------------------------------------
 
