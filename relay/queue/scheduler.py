@@ -19,12 +19,10 @@ tries a message again.
 An attempt takes the message's pending recipients that are due (every one
 on a flush); their outcomes are written back durably before anything else
 happens, so a delivered recipient is never attempted again.  Then the
-notifications that are owed are spooled: one failure DSN for the recipients
-that failed (permanently or by expiry), and, with ``[queue] delay_warning``,
-one "delayed" DSN per recipient.  A recipient is marked ``reported`` (or
-``warned``) only after its DSN is durable, so a crash in between can send a
-DSN twice, never lose one.  A message is removed once nothing is pending and
-every failure is reported.
+notifications that are owed are spooled (``relay.queue.notices``: failure
+DSNs, "relayed" notices and, with ``[queue] delay_warning``, "delayed"
+DSNs), each marked only once it is durable.  A message is removed once
+nothing is pending and every failure is reported.
 
 Work is bounded: at most ``max_attempts`` (``[queue] active_limit``)
 messages are attempted at once (the rest wait in the heap, oldest first).
@@ -53,7 +51,6 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from relay.log import Logger
 from twisted.python.failure import Failure
 
-from relay.bounce import ACTION_DELAYED, ACTION_FAILED, ACTION_RELAYED, notification_due
 from relay.config import QueueConfig
 from relay.domains import normalize_domain
 from relay.envelope import (
@@ -67,8 +64,9 @@ from relay.envelope import (
     Outcome,
     Recipient,
 )
-from relay.queue.retry import RandomSource, deadline, next_attempt
-from relay.queue.rules import due_time, first_arrival, mark, settle, unreported
+from relay.queue.notices import Notices, SendDSN
+from relay.queue.retry import RandomSource, next_attempt
+from relay.queue.rules import due_time, first_arrival, settle, unreported
 from relay.queue.schema import QueueSummary
 
 log = Logger()
@@ -87,11 +85,6 @@ _COMPACT_SLACK = 1024
 # What an expired recipient's notification says (RFC 3463).
 STATUS_EXPIRED = "4.4.7"
 TEXT_EXPIRED = "delivery time expired"
-
-_NOTICE = {ACTION_FAILED: "bounce", ACTION_DELAYED: "delay warning", ACTION_RELAYED: "success notice"}
-
-# send_dsn(spool, envelope, recipients, hostname, now, **options) -> Deferred[str | None]
-SendDSN = Callable[..., Deferred]
 
 _normalized = lru_cache(maxsize=65536)(normalize_domain)
 
@@ -155,7 +148,7 @@ class Scheduler(Service):
         self.config = config if config is not None else QueueConfig()
         self.hostname = hostname
         self.rng: RandomSource = rng if rng is not None else random.Random()
-        self._send_dsn = send_dsn
+        self._notices = Notices(spool, self.config, hostname, send_dsn, self._record)
         self.max_attempts = max(1, max_attempts if max_attempts is not None else self.config.active_limit)
         self.pickup_batch = max(1, pickup_batch)
         self.stop_grace = stop_grace
@@ -460,7 +453,7 @@ class Scheduler(Service):
                 return
             envelope = attempted
         now = self.clock.seconds()
-        envelope, report_at = await self._notify_owed(envelope, now)
+        envelope, report_at = await self._notices.send_owed(envelope, now)
         if envelope is None:
             return
         if not envelope.pending() and not unreported(envelope):
@@ -548,91 +541,6 @@ class Scheduler(Service):
         self._drop(queue_id)
         d = self.spool.quarantine(queue_id, reason)
         d.addErrback(lambda f: log.failure("{queue_id}: cannot quarantine", f, queue_id=queue_id))
-
-    # -- notifications -------------------------------------------------------------
-
-    async def _notify_owed(self, envelope: Envelope, now: float) -> tuple[Optional[Envelope], Optional[float]]:
-        """Spool the failure and delay notifications that are owed, then mark them.
-
-        Returns the envelope (None when it was removed meanwhile) and, when a
-        notification could not be spooled, when to try again.
-        """
-        owed = unreported(envelope)
-        failed = [r for r in owed if r.status == FAILED]
-        relayed = [r for r in owed if r.status == DELIVERED]
-        delayed = self._delayed(envelope, now)
-        if not owed and not delayed:
-            return envelope, None
-        reported: frozenset[str] = frozenset()
-        warned: frozenset[str] = frozenset()
-        report_at = None
-        for action, recipients in ((ACTION_FAILED, failed), (ACTION_RELAYED, relayed)):
-            if not recipients:
-                continue
-            if await self._notify(envelope, recipients, now, action):
-                reported |= frozenset(r.address for r in recipients)
-            else:
-                report_at = now + self.config.min_retry
-        if delayed and await self._notify(envelope, delayed, now, ACTION_DELAYED):
-            warned = frozenset(r.address for r in delayed)
-        if not reported and not warned:
-            return envelope, report_at
-        marked = mark(envelope, reported, warned)
-        if not marked.pending() and not unreported(marked):
-            return marked, report_at  # removed next: the removal is the durable mark
-        stored = await self._record(envelope.queue_id, lambda current: mark(current, reported, warned))
-        return stored, report_at
-
-    def _delayed(self, envelope: Envelope, now: float) -> list[Recipient]:
-        """Pending recipients owed their one delay warning."""
-        threshold = self.config.delay_warning
-        if threshold <= 0 or now - first_arrival(envelope, now) < threshold:
-            return []
-        return [r for r in envelope.pending() if not r.warned and notification_due(envelope, r, ACTION_DELAYED)]
-
-    async def _notify(self, envelope: Envelope, recipients: list[Recipient], now: float, action: str) -> bool:
-        """Spool one notification; True once it is durable (or none was due)."""
-        queue_id = envelope.queue_id
-        options: dict[str, Any] = {} if action == ACTION_FAILED else {"action": action}
-        if action == ACTION_DELAYED:
-            options = {"action": ACTION_DELAYED, "retry_until": deadline(first_arrival(envelope, now), self.config)}
-        try:
-            dsn_id = await self._dsn_sender()(self.spool, envelope, list(recipients), self.hostname, now, **options)
-        except Exception as e:
-            log.error(
-                "{queue_id}: cannot spool the {notice} ({error}); will try again",
-                queue_id=queue_id,
-                notice=_NOTICE[action],
-                error=type(e).__name__ if not str(e) else " ".join(str(e).split()),
-            )
-            return False
-        addresses = ", ".join(f"<{r.address}>" for r in recipients)
-        if dsn_id is None:
-            log.info(
-                "{queue_id}: no {notice} due for {recipients} (null sender or NOTIFY)",
-                queue_id=queue_id,
-                notice=_NOTICE[action],
-                recipients=addresses,
-            )
-        else:
-            log.info(
-                "{queue_id}: {notice} spooled as {dsn_id} to <{sender}> for {recipients}",
-                queue_id=queue_id,
-                notice=_NOTICE[action],
-                dsn_id=dsn_id,
-                sender=envelope.sender,
-                recipients=addresses,
-                event="dsn",
-                action=action,
-            )
-        return True
-
-    def _dsn_sender(self) -> SendDSN:
-        if self._send_dsn is None:
-            from relay.bounce import send_dsn
-
-            self._send_dsn = send_dsn
-        return self._send_dsn
 
     # -- endings -------------------------------------------------------------------
 
