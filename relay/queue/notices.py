@@ -22,7 +22,7 @@ from relay.config import QueueConfig
 from relay.envelope import DELIVERED, FAILED, Envelope, Recipient
 from relay.log import Logger
 from relay.queue.retry import deadline
-from relay.queue.rules import first_arrival, mark, unreported
+from relay.queue.rules import first_arrival, mark_notified, unreported
 
 log = Logger(namespace="relay.queue.scheduler")  # the scheduler's lines, as operators filter them
 
@@ -72,10 +72,10 @@ class Notices:
             warned = frozenset(r.address for r in delayed)
         if not reported and not warned:
             return envelope, report_at
-        marked = mark(envelope, reported, warned)
+        marked = mark_notified(envelope, reported, warned)
         if not marked.pending() and not unreported(marked):
             return marked, report_at  # removed next: the removal is the durable mark
-        stored = await self._record(envelope.queue_id, lambda current: mark(current, reported, warned))
+        stored = await self._record(envelope.queue_id, lambda current: mark_notified(current, reported, warned))
         return stored, report_at
 
     def _delayed(self, envelope: Envelope, now: float) -> list[Recipient]:
