@@ -78,8 +78,8 @@ from relay.queue.ids import new_queue_id, valid_queue_id
 from relay.queue.incoming import IncomingMessage
 from relay.queue.operations import GroupCommit, ModifyOperation, RemoveOperation, Runner, StoreOperation
 from relay.queue.recovery import QuarantineOperation, RecoveryReport
-from relay.queue.threads import StoreThreads
 from relay.queue.schema import QueueSummary, StoreError, connect, modify_in, prepare, remove_in
+from relay.queue.threads import StoreThreads
 
 log = Logger(namespace="relay.store")
 
@@ -442,7 +442,8 @@ class Spool:
 
         Creates the directories and the database; deletes everything under
         ``tmp/`` and every large file without a row (never acknowledged);
-        imports a queue in the file-per-message format (``relay.queue.recovery``).
+        imports a queue in the file-per-message format; moves entries it
+        cannot use into ``corrupt/`` (``relay.queue.recovery.recover``).
         """
         return recovery.recover(self)
 
@@ -464,6 +465,7 @@ class Spool:
                 self._fs.fsync_dir(self._large)
             return added
         return self._transaction(insert)
+
 
 class SpoolService(Service):
     """Runs a store with the application: recovery and threads at start, drain at stop."""
