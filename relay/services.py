@@ -78,7 +78,7 @@ class StoreService(Service):
         self.inner = SpoolService(spool)
 
     def startService(self) -> None:
-        from relay.queue.store import StoreError
+        from relay.queue.schema import StoreError
 
         try:
             self.inner.startService()

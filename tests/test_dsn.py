@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 from relay.dsn_report import ACTION_RELAYED, build_dsn
 from relay.envelope import DELIVERED
 from relay.queue.rules import settle
-from relay.queue.store import QueueSummary
+from relay.queue.schema import QueueSummary
 from relay.smtp import dsn
 from relay.smtp.dsn import check_mail_param, check_rcpt_params, xtext_decode, xtext_encode
 from test_bounce import HOST, NOW as BOUNCE_NOW, ORIGINAL_HEADERS, original_envelope, parse

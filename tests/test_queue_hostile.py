@@ -29,7 +29,8 @@ from relay.envelope import ClientInfo, Envelope, EnvelopeFormatError, Recipient
 from relay.queue.bounds import MAX_ENVELOPE, read_envelope
 from relay.queue.files import UnsafeFile, open_queue_file
 from relay.queue.ids import new_queue_id
-from relay.queue.store import STORE_FILE, Spool, StoreError
+from relay.queue.schema import StoreError
+from relay.queue.store import STORE_FILE, Spool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from relayproc import REPO, TWISTD  # noqa: E402

@@ -31,7 +31,8 @@ from relay.config import QueueConfig, load_config
 from relay.config_values import ConfigError
 from relay.queue.rules import apply_outcomes, settle
 from relay.queue.scheduler import Scheduler
-from relay.queue.store import QueueSummary, Spool
+from relay.queue.schema import QueueSummary
+from relay.queue.store import Spool
 
 NOW = 1_700_000_000.0
 CONFIG = QueueConfig(min_retry=300.0, max_retry=3600.0, max_lifetime=86400.0)

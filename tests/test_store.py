@@ -40,15 +40,13 @@ from relay.envelope import (
 from relay.queue import ids as ids_module
 from relay.queue.ids import QUEUE_ID_LENGTH, new_queue_id, valid_queue_id
 from recordingfs import Crash, RecordingFS
+from relay.queue.operations import MAX_BATCH
+from relay.queue.schema import STORE_VERSION, QueueSummary, StoreError
 from relay.queue.store import (
-    MAX_BATCH,
     STORE_FILE,
-    STORE_VERSION,
     OsFileSystem,
-    QueueSummary,
     Spool,
     SpoolService,
-    StoreError,
 )
 
 REPO = Path(__file__).resolve().parent.parent

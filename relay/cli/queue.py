@@ -82,7 +82,8 @@ from relay.cli.queue_text import (
 from relay.config import load_config
 from relay.config_values import ConfigError
 from relay.envelope import Envelope, EnvelopeFormatError
-from relay.queue.store import StoreError, valid_queue_id
+from relay.queue.schema import StoreError
+from relay.queue.store import valid_queue_id
 
 PROG = "relay-queue"
 DEFAULT_QUEUE = "relay-queue"

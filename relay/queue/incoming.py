@@ -165,9 +165,9 @@ class IncomingMessage:
         else:
             if self._chunks:
                 self._spill()
-            spool._finishing += 1  # stop() waits for it
+            spool._commits.finishing += 1  # stop() waits for it
             d = self._file.finish()
-            d.addBoth(spool._finished_file)
+            d.addBoth(spool._commits.finished_file)
             d.addCallback(lambda _: spool._store(envelope, None))
             d.addCallback(self._committed)
         d.addErrback(self._failed)

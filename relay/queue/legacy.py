@@ -112,9 +112,10 @@ def import_queue(spool: Any, report: Any) -> None:
 def _quarantine(spool: Any, directory: str, queue_id: str, reason: str) -> None:
     """Move an unreadable file-format entry into corrupt/: the message first, as before."""
     from relay.queue.files import ENVELOPE_SUFFIX, MESSAGE_SUFFIX, REASON_SUFFIX, write_file
+    from relay.queue.recovery import free_corrupt_name
 
     fs = spool._fs
-    base = spool._free_corrupt_name(queue_id)
+    base = free_corrupt_name(spool, queue_id)
     for suffix in (MESSAGE_SUFFIX, ENVELOPE_SUFFIX):
         try:
             fs.rename(os.path.join(directory, queue_id + suffix), base + suffix)

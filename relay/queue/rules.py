@@ -4,9 +4,10 @@ No I/O and no clock: each function takes the envelope (or the store's
 summary of it) and the time, and returns the new value.  ``apply_outcomes``
 and ``settle`` turn delivery outcomes into recipient states (delivered,
 failed, or pending with the time of its next attempt; expired past
-``max_lifetime``); ``mark`` records the notifications that are durable;
-``unreported``, ``first_arrival`` and ``due_time`` answer the scheduler's
-questions about a message.  ``relay.queue.scheduler`` applies them.
+``max_lifetime``); ``mark_notified`` records the notifications that are
+durable; ``unreported``, ``first_arrival`` and ``due_time`` answer the
+scheduler's questions about a message.  ``relay.queue.attempts``,
+``relay.queue.notices`` and ``relay.queue.scheduler`` apply them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from relay.envelope import (
     Outcome,
     Recipient,
 )
-from relay.queue.store import QueueSummary
+from relay.queue.schema import QueueSummary
 
 _STATE_AFTER = {
     OUTCOME_DELIVERED: DELIVERED,
@@ -109,7 +110,7 @@ def settle(
     return after.with_recipients(updated)
 
 
-def mark(envelope: Envelope, reported: frozenset[str], warned: frozenset[str]) -> Envelope:
+def mark_notified(envelope: Envelope, reported: frozenset[str], warned: frozenset[str]) -> Envelope:
     """Mark recipients in ``reported`` (failed or relayed) reported and pending ones in ``warned`` warned."""
     updated = []
     for r in envelope.recipients:

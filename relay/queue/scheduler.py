@@ -1,50 +1,42 @@
-"""The queue manager: which queued message is attempted when, and what its outcome does to it.
+"""The queue manager: which queued message is attempted when.
 
 This module owns step 3 of the data flow and every retry: nothing else
 tries a message again.
 
-* ``apply_outcomes`` and ``settle`` (``relay.queue.rules``) are the pure rules that turn delivery
-  outcomes into recipient states (delivered, failed, or pending with the
-  time of its next attempt from ``relay.queue.retry``; expired past
-  ``max_lifetime``).
-* ``Scheduler`` keeps the schedule: a heap of (due time, queue id) with one
-  timer on the injected clock for the earliest entry, and per queued message
-  only its due time and the domains of its pending recipients (for ETRN).
-  The schedule is a cache of the store: at start-up it is rebuilt from the
-  summaries the store keeps beside each envelope (one query in a reader
-  thread, then scheduled in batches, so the reactor keeps serving), and
-  after each attempt from the envelope as stored.  A new message's
-  envelope comes with the commit, so its first attempt reads nothing back.
+``Scheduler`` keeps the schedule: a heap of (due time, queue id) with one
+timer on the injected clock for the earliest entry, and per queued message
+only its due time and the domains of its pending recipients (for ETRN).
+The schedule is a cache of the store: at start-up it is rebuilt from the
+summaries the store keeps beside each envelope (one query in a reader
+thread, then scheduled in batches, so the reactor keeps serving), and
+after each attempt from the envelope as stored.  A new message's envelope
+comes with the commit, so its first attempt reads nothing back.
 
 An attempt takes the message's pending recipients that are due (every one
-on a flush); their outcomes are written back durably before anything else
-happens, so a delivered recipient is never attempted again.  Then the
-notifications that are owed are spooled: one failure DSN for the recipients
-that failed (permanently or by expiry), and, with ``[queue] delay_warning``,
-one "delayed" DSN per recipient.  A recipient is marked ``reported`` (or
-``warned``) only after its DSN is durable, so a crash in between can send a
-DSN twice, never lose one.  A message is removed once nothing is pending and
-every failure is reported.
+on a flush) and writes their outcomes back durably before anything else
+happens (``relay.queue.attempts``; the rules are ``relay.queue.rules``,
+the retry policy ``relay.queue.retry``).  Then the notifications that are
+owed are spooled (``relay.queue.notices``: failure DSNs, "relayed" notices
+and, with ``[queue] delay_warning``, "delayed" DSNs), each marked only once
+it is durable.  A message is removed once nothing is pending and every
+failure is reported.
 
 Work is bounded: at most ``max_attempts`` (``[queue] active_limit``)
 messages are attempted at once (the rest wait in the heap, oldest first).
 The limit is a bound on memory, not the means of isolation: a message
 waiting for a busy destination waits in that destination's line in
 delivery, where it keeps no other destination from its connections.
-Start-up reads
-``pickup_batch`` envelopes per reactor turn.  Held messages are never
-attempted; they are not in the schedule at all.
+Start-up reads ``pickup_batch`` envelopes per reactor turn.  Held messages
+are never attempted; they are not in the schedule at all.
 """
 
 from __future__ import annotations
 
 import heapq
 import random
-from dataclasses import replace
-from datetime import datetime, timezone
 from functools import lru_cache
 from itertools import islice
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -53,24 +45,14 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from relay.log import Logger
 from twisted.python.failure import Failure
 
-from relay.bounce import notification_due
-from relay.dsn_report import ACTION_DELAYED, ACTION_FAILED, ACTION_RELAYED
 from relay.config import QueueConfig
 from relay.domains import normalize_domain
-from relay.envelope import (
-    DELIVERED,
-    FAILED,
-    OUTCOME_DELIVERED,
-    OUTCOME_PERMANENT,
-    OUTCOME_TRANSIENT,
-    Envelope,
-    EnvelopeFormatError,
-    Outcome,
-    Recipient,
-)
-from relay.queue.retry import RandomSource, deadline, next_attempt
-from relay.queue.rules import due_time, first_arrival, mark, settle, unreported
-from relay.queue.store import QueueSummary
+from relay.envelope import Envelope, EnvelopeFormatError
+from relay.queue.attempts import Attempts, clock_text
+from relay.queue.notices import Notices, SendDSN
+from relay.queue.retry import RandomSource
+from relay.queue.rules import due_time, unreported
+from relay.queue.schema import QueueSummary
 
 log = Logger()
 
@@ -85,15 +67,6 @@ DUE_SLACK = 1.0
 # The heap is rebuilt when stale entries outnumber live ones by this much.
 _COMPACT_SLACK = 1024
 
-# What an expired recipient's notification says (RFC 3463).
-STATUS_EXPIRED = "4.4.7"
-TEXT_EXPIRED = "delivery time expired"
-
-_NOTICE = {ACTION_FAILED: "bounce", ACTION_DELAYED: "delay warning", ACTION_RELAYED: "success notice"}
-
-# send_dsn(spool, envelope, recipients, hostname, now, **options) -> Deferred[str | None]
-SendDSN = Callable[..., Deferred]
-
 _normalized = lru_cache(maxsize=65536)(normalize_domain)
 
 
@@ -101,21 +74,6 @@ _normalized = lru_cache(maxsize=65536)(normalize_domain)
 def _domain_key(domains: tuple[str, ...]) -> tuple[str, ...]:
     """The normalized, de-duplicated domains; equal inputs share one tuple (memory)."""
     return tuple(dict.fromkeys(map(_normalized, domains)))
-
-
-def _clock_text(when: float) -> str:
-    return datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _duration_text(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
 
 
 # -- the scheduler -------------------------------------------------------------------
@@ -156,7 +114,8 @@ class Scheduler(Service):
         self.config = config if config is not None else QueueConfig()
         self.hostname = hostname
         self.rng: RandomSource = rng if rng is not None else random.Random()
-        self._send_dsn = send_dsn
+        self._attempts = Attempts(spool, delivery, clock, self.config, self.rng)
+        self._notices = Notices(spool, self.config, hostname, send_dsn, self._attempts.record)
         self.max_attempts = max(1, max_attempts if max_attempts is not None else self.config.active_limit)
         self.pickup_batch = max(1, pickup_batch)
         self.stop_grace = stop_grace
@@ -259,7 +218,7 @@ class Scheduler(Service):
         now = self.clock.seconds()
         due = due_time(summary, now) if known else now
         self._set_due(queue_id, due, _domain_key(summary.domains), forced=not known)
-        log.info("{queue_id}: rescheduled, due {when}", queue_id=queue_id, when=_clock_text(due))
+        log.info("{queue_id}: rescheduled, due {when}", queue_id=queue_id, when=clock_text(due))
         self._dispatch()
 
     def forget(self, queue_id: str) -> None:
@@ -456,84 +415,21 @@ class Scheduler(Service):
         now = self.clock.seconds()
         due = [r for r in envelope.pending() if forced or r.next_attempt is None or r.next_attempt <= now + DUE_SLACK]
         if due:
-            attempted = await self._attempt(envelope, tuple(due), forced)
+            attempted = await self._attempts.attempt(envelope, tuple(due), forced)
             if attempted is None:
                 return
             envelope = attempted
         now = self.clock.seconds()
-        envelope, report_at = await self._notify_owed(envelope, now)
+        envelope, report_at = await self._notices.send_owed(envelope, now)
         if envelope is None:
             return
         if not envelope.pending() and not unreported(envelope):
-            await self._finished(envelope)
+            await self._attempts.finished(envelope)
             return
         if envelope.held:
             return  # held by the operator during the attempt
         summary = QueueSummary.of(envelope)
         self._set_due(queue_id, due_time(summary, now, report_at), _domain_key(summary.domains))
-
-    async def _attempt(self, envelope: Envelope, due: tuple[Recipient, ...], forced: bool = False) -> Optional[Envelope]:
-        """Attempt the due recipients and store the outcome; None when the message is gone.
-
-        The outcomes of a destination whose transaction ended while the
-        message's other destinations are still being tried are stored at
-        once, so a crash meanwhile does not send what was delivered again.
-        """
-        queue_id = envelope.queue_id
-        early: list[Deferred] = []
-        recorded: set[str] = set()
-
-        def progress(outcomes: list[Outcome]) -> None:
-            at = self.clock.seconds()
-            times = self._next_times(envelope, outcomes, at)
-            recorded.update(o.recipient for o in outcomes)
-            early.append(Deferred.fromCoroutine(self._record(queue_id, lambda current: settle(current, outcomes, at, times))))
-
-        outcomes = await self.delivery.attempt(replace(envelope, recipients=due), progress=progress, forced=forced)
-        stored_early = await defer.gatherResults(early) if early else []
-        if any(e is None for e in stored_early):
-            return None
-        now = self.clock.seconds()
-        next_times = self._next_times(envelope, outcomes, now)
-        result = settle(envelope, outcomes, now, next_times)
-        if result.pending() or unreported(result):
-            rest = [o for o in outcomes if o.recipient not in recorded]
-            stored = await self._record(queue_id, lambda current: settle(current, rest, now, next_times))
-            if stored is None:
-                return None
-            result = stored
-        self._log_result(envelope, result, now)
-        return result
-
-    def _next_times(self, envelope: Envelope, outcomes: list[Outcome], now: float) -> dict[str, Optional[float]]:
-        """The next attempt of each recipient deferred now; recipients with as many
-        attempts behind them share one time, so they go together again."""
-        arrival = first_arrival(envelope, now)
-        by_attempts: dict[int, Optional[float]] = {}
-        times: dict[str, Optional[float]] = {}
-        for outcome in outcomes:
-            if outcome.kind in (OUTCOME_DELIVERED, OUTCOME_PERMANENT):
-                continue
-            try:
-                attempts = envelope.recipient(outcome.recipient).attempts + 1
-            except KeyError:
-                continue
-            if attempts not in by_attempts:
-                by_attempts[attempts] = next_attempt(attempts, arrival, now, self.config, self.rng)
-            times[outcome.recipient] = by_attempts[attempts]
-        return times
-
-    async def _record(self, queue_id: str, change: Callable[[Envelope], Envelope]) -> Optional[Envelope]:
-        """Durably apply ``change`` to the stored envelope; None when it was removed meanwhile.
-
-        The change is applied to the envelope as stored now, read under the
-        spool's lock, so an operator's change during the attempt (a hold) is kept.
-        """
-        try:
-            return await self.spool.modify(queue_id, change)
-        except KeyError:
-            log.info("{queue_id}: removed while being attempted", queue_id=queue_id)
-            return None
 
     async def _load(self, queue_id: str) -> Optional[Envelope]:
         try:
@@ -550,142 +446,13 @@ class Scheduler(Service):
         d = self.spool.quarantine(queue_id, reason)
         d.addErrback(lambda f: log.failure("{queue_id}: cannot quarantine", f, queue_id=queue_id))
 
-    # -- notifications -------------------------------------------------------------
-
-    async def _notify_owed(self, envelope: Envelope, now: float) -> tuple[Optional[Envelope], Optional[float]]:
-        """Spool the failure and delay notifications that are owed, then mark them.
-
-        Returns the envelope (None when it was removed meanwhile) and, when a
-        notification could not be spooled, when to try again.
-        """
-        owed = unreported(envelope)
-        failed = [r for r in owed if r.status == FAILED]
-        relayed = [r for r in owed if r.status == DELIVERED]
-        delayed = self._delayed(envelope, now)
-        if not owed and not delayed:
-            return envelope, None
-        reported: frozenset[str] = frozenset()
-        warned: frozenset[str] = frozenset()
-        report_at = None
-        for action, recipients in ((ACTION_FAILED, failed), (ACTION_RELAYED, relayed)):
-            if not recipients:
-                continue
-            if await self._notify(envelope, recipients, now, action):
-                reported |= frozenset(r.address for r in recipients)
-            else:
-                report_at = now + self.config.min_retry
-        if delayed and await self._notify(envelope, delayed, now, ACTION_DELAYED):
-            warned = frozenset(r.address for r in delayed)
-        if not reported and not warned:
-            return envelope, report_at
-        marked = mark(envelope, reported, warned)
-        if not marked.pending() and not unreported(marked):
-            return marked, report_at  # removed next: the removal is the durable mark
-        stored = await self._record(envelope.queue_id, lambda current: mark(current, reported, warned))
-        return stored, report_at
-
-    def _delayed(self, envelope: Envelope, now: float) -> list[Recipient]:
-        """Pending recipients owed their one delay warning."""
-        threshold = self.config.delay_warning
-        if threshold <= 0 or now - first_arrival(envelope, now) < threshold:
-            return []
-        return [r for r in envelope.pending() if not r.warned and notification_due(envelope, r, ACTION_DELAYED)]
-
-    async def _notify(self, envelope: Envelope, recipients: list[Recipient], now: float, action: str) -> bool:
-        """Spool one notification; True once it is durable (or none was due)."""
-        queue_id = envelope.queue_id
-        options: dict[str, Any] = {} if action == ACTION_FAILED else {"action": action}
-        if action == ACTION_DELAYED:
-            options = {"action": ACTION_DELAYED, "retry_until": deadline(first_arrival(envelope, now), self.config)}
-        try:
-            dsn_id = await self._dsn_sender()(self.spool, envelope, list(recipients), self.hostname, now, **options)
-        except Exception as e:
-            log.error(
-                "{queue_id}: cannot spool the {notice} ({error}); will try again",
-                queue_id=queue_id,
-                notice=_NOTICE[action],
-                error=type(e).__name__ if not str(e) else " ".join(str(e).split()),
-            )
-            return False
-        addresses = ", ".join(f"<{r.address}>" for r in recipients)
-        if dsn_id is None:
-            log.info(
-                "{queue_id}: no {notice} due for {recipients} (null sender or NOTIFY)",
-                queue_id=queue_id,
-                notice=_NOTICE[action],
-                recipients=addresses,
-            )
-        else:
-            log.info(
-                "{queue_id}: {notice} spooled as {dsn_id} to <{sender}> for {recipients}",
-                queue_id=queue_id,
-                notice=_NOTICE[action],
-                dsn_id=dsn_id,
-                sender=envelope.sender,
-                recipients=addresses,
-                event="dsn",
-                action=action,
-            )
-        return True
-
-    def _dsn_sender(self) -> SendDSN:
-        if self._send_dsn is None:
-            from relay.bounce import send_dsn
-
-            self._send_dsn = send_dsn
-        return self._send_dsn
-
-    # -- endings -------------------------------------------------------------------
-
-    async def _finished(self, envelope: Envelope) -> None:
-        """Nothing is pending and every failure is reported: remove the message."""
-        await self.spool.remove(envelope.queue_id)
-        delivered = sum(1 for r in envelope.recipients if r.status == DELIVERED)
-        failed = sum(1 for r in envelope.recipients if r.status == FAILED)
-        log.info(
-            "{queue_id}: done ({delivered} delivered, {failed} failed), removed",
-            queue_id=envelope.queue_id,
-            delivered=delivered,
-            failed=failed,
-            event="finished",
-        )
-
-    def _log_result(self, before: Envelope, after: Envelope, now: float) -> None:
-        queue_id = after.queue_id
-        was_pending = {r.address for r in before.pending()}
-        for r in after.recipients:
-            if r.address in was_pending and r.status == FAILED and r.history and r.history[-1].outcome == OUTCOME_TRANSIENT:
-                log.info(
-                    "{queue_id}: to=<{recipient}> expired after {attempts} attempt(s): "
-                    "{status} {text}; last error: {error}",
-                    queue_id=queue_id,
-                    recipient=r.address,
-                    attempts=r.attempts,
-                    status=STATUS_EXPIRED,
-                    text=TEXT_EXPIRED,
-                    error=r.last_error,
-                    event="expired",
-                )
-        pending = after.pending()
-        times = [r.next_attempt for r in pending if r.next_attempt is not None]
-        if pending and times:
-            when = min(times)
-            log.info(
-                "{queue_id}: deferred, {count} recipient(s) pending, next attempt {when} (in {delay})",
-                queue_id=queue_id,
-                count=len(pending),
-                when=_clock_text(when),
-                delay=_duration_text(when - now),
-                event="retry",
-            )
-
     def _run_failed(self, failure: Failure, queue_id: str) -> None:
         retry = self.clock.seconds() + self.config.min_retry
         log.failure(
             "{queue_id}: attempt not recorded; the message stays queued, next try {when}",
             failure,
             queue_id=queue_id,
-            when=_clock_text(retry),
+            when=clock_text(retry),
         )
         if not self._stopping:
             self._set_due(queue_id, retry)

@@ -3,7 +3,9 @@
 Every accepted message enters the queue through one door
 (``Spool.new_message`` then ``IncomingMessage.commit``), and the store is the
 single truth about it: every timer and in-flight set elsewhere is rebuilt
-from it at start-up (``Spool.recover``, then ``Spool.summaries``).
+from it at start-up (``Spool.recover``, then ``Spool.summaries``).  What
+recovery does, and how unreadable entries are moved into ``corrupt/``, is
+``relay.queue.recovery``.
 
 Layout under ``Spool.directory``::
 
@@ -20,7 +22,7 @@ Layout under ``Spool.directory``::
                            ``<id>.json``, ``<id>.msg`` and ``<id>.reason``
                            files, never deleted
 
-The database's ``user_version`` is the store's format (``STORE_VERSION``);
+The database's format is ``relay.queue.schema``;
 a queue directory in the file-per-message format of earlier releases is
 imported at start-up (``relay.queue.legacy``).
 
@@ -31,14 +33,15 @@ which recovery deletes: never acknowledged); after it, a complete entry.
 A removal deletes the rows first and the large file after the commit, so
 no row ever names a missing file by our doing.
 
-Group commit.  Writes are queued as operations; one thread owns the
-writing connection and runs everything pending as one transaction, so the
-messages of many concurrent sessions share one fsync; while one batch
-commits, new operations accumulate for the next.  Reads for the daemon run
-in a small pool of reader threads (WAL readers never wait on the writer),
-so the reactor thread does no database or file I/O on the hot path.  The
-bytes of a message just committed stay in memory (``RECENT_BYTES`` in all)
-until its first attempt takes them, so delivery reads nothing back.
+Group commit.  Writes are queued as operations (``relay.queue.operations``);
+one thread owns the writing connection and runs everything pending as one
+transaction, so the messages of many concurrent sessions share one fsync;
+while one batch commits, new operations accumulate for the next.  Reads for
+the daemon run in a small pool of reader threads (WAL readers never wait on
+the writer), so the reactor thread does no database or file I/O on the hot
+path (``relay.queue.threads``).  The bytes of a message just committed stay
+in memory (``RECENT_BYTES`` in all) until its first attempt takes them, so
+delivery reads nothing back.
 
 Concurrent writers.  The daemon and ``relay-queue`` may change one message
 at once: each change reads and writes the row inside one ``BEGIN
@@ -59,288 +62,36 @@ import io
 import os
 import sqlite3
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Iterable, NamedTuple, Optional
+from typing import Any, BinaryIO, Callable, Iterable, Optional
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from relay.log import Logger
-from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
-from relay.envelope import Envelope, EnvelopeFormatError
-from relay.queue.files import (
-    ENVELOPE_SUFFIX,
-    MESSAGE_SUFFIX,
-    REASON_SUFFIX,
-    OsFileSystem,
-    UnsafeFile,
-    check_directory,
-    describe,
-    file_problem,
-    ignore_errors,
-    write_file,
-)
-from relay.queue.bounds import MAX_TIME, read_envelope
+from relay.envelope import Envelope
+from relay.queue.files import MESSAGE_SUFFIX, OsFileSystem, ignore_errors, write_file
+from relay.queue import recovery, schema
+from relay.queue.bounds import read_envelope
 from relay.queue.ids import new_queue_id, valid_queue_id
 from relay.queue.incoming import IncomingMessage
+from relay.queue.operations import GroupCommit, ModifyOperation, RemoveOperation, Runner, StoreOperation
+from relay.queue.recovery import QuarantineOperation, RecoveryReport
+from relay.queue.schema import QueueSummary, StoreError, connect, modify_in, prepare, remove_in
+from relay.queue.threads import StoreThreads
 
 log = Logger(namespace="relay.store")
 
 STORE_FILE = "queue.db"
-STORE_VERSION = 1
 TMP_DIR = "tmp"
 LARGE_DIR = "large"
 CORRUPT_DIR = "corrupt"
 MISSING_MESSAGE = "message file missing"
 
 LARGE_MESSAGE = 1024 * 1024  # octets kept in memory (and stored in the database) per message
-MAX_BATCH = 1000  # operations in one transaction
 LAZY_DELAY = 0.05  # seconds an outcome or a removal waits to share a new message's transaction
-READ_THREADS = 2
-IO_THREADS = 2  # large-message files
 RECENT_BYTES = 32 * 1024 * 1024  # bytes of just-committed messages kept for their first attempt
-BUSY_TIMEOUT = 30.0  # seconds a connection waits for another process's write lock
-# 16 KiB pages: a 100 KiB message is 7 pages written to the WAL (and checkpointed) instead
-# of 26 at SQLite's default 4 KiB; measured 0.64 -> 0.40 ms of store CPU per 100 KiB message,
-# 0.13 -> 0.16 ms per 4 KiB one.
-PAGE_SIZE = 16384
-
-Runner = Callable[..., Deferred]
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS envelope (
-    id TEXT PRIMARY KEY,
-    held INTEGER NOT NULL,
-    due REAL,
-    domains TEXT NOT NULL,
-    unreported INTEGER NOT NULL,
-    data BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS body (
-    id TEXT PRIMARY KEY,
-    data BLOB
-);
-"""
-
-
-_SHAPE_CHECKS = (
-    "SELECT id, held, due, domains, unreported, data FROM envelope LIMIT 0",
-    "SELECT id, data FROM body LIMIT 0",
-)
-
-
-class StoreError(Exception):
-    """The queue store cannot be used (not a database, a newer format...); ``str()`` names the file."""
-
-
-# Rows whose due time is no time at all (a queue changed behind the relay's back).
-_BAD_DUE = f"due IS NOT NULL AND (typeof(due) NOT IN ('real', 'integer') OR NOT (due BETWEEN 0 AND {MAX_TIME!r}))"
-
-
-def _checked_directory(path: str) -> None:
-    """StoreError unless ``path`` is a real directory owned by the relay's user."""
-    try:
-        check_directory(path)
-    except OSError as e:
-        raise StoreError(f"{path}: {e.strerror}; the queue's directories must be the relay's own") from None
-
-
-class QueueSummary(NamedTuple):
-    """What scheduling needs to know of a queued message, kept in columns beside its envelope."""
-
-    queue_id: str
-    held: bool
-    due: Optional[float]  # the earliest next attempt of a pending recipient; None: at once
-    domains: tuple[str, ...]  # the domain of each pending recipient, as stored
-    unreported: int = 0  # recipients owed a notification not spooled yet (Recipient.awaiting_report)
-
-    @classmethod
-    def of(cls, envelope: Envelope) -> "QueueSummary":
-        pending = envelope.pending()
-        times = [r.next_attempt for r in pending]
-        due = None if not times or None in times else min(times)  # type: ignore[type-var]
-        return cls(
-            queue_id=envelope.queue_id,
-            held=envelope.held,
-            due=due,
-            domains=tuple(r.domain for r in pending),
-            unreported=sum(1 for r in envelope.recipients if r.awaiting_report),
-        )
-
-
-@dataclass
-class RecoveryReport:
-    """What start-up recovery found and did."""
-
-    count: int = 0  # messages queued
-    removed_tmp: int = 0  # files under tmp/ deleted
-    removed_orphans: int = 0  # large files without a row deleted (never acknowledged)
-    imported: int = 0  # entries imported from the file-per-message format
-    quarantined: list[str] = field(default_factory=list)  # ids moved to corrupt/ by the import
-
-
-def connect(path: str) -> sqlite3.Connection:
-    """A connection to the store at ``path`` in WAL mode with synchronous=FULL (autocommit)."""
-    try:
-        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
-        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # takes effect when the database is created
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-    except sqlite3.Error as e:
-        raise StoreError(f"{path}: cannot open the queue store: {e}") from None
-    return conn
-
-
-def _row(envelope: Envelope) -> tuple:
-    summary = QueueSummary.of(envelope)
-    domains = "".join("\n" + d for d in summary.domains)  # each after a newline: "" is no domain, "\n" one empty
-    return (int(summary.held), summary.due, domains, summary.unreported, envelope.to_json())
-
-
-def _summary(row: tuple) -> QueueSummary:
-    queue_id, held, due, domains, unreported = row
-    return QueueSummary(queue_id, bool(held), due, tuple(domains.split("\n")[1:]), unreported)
-
-
-def _envelope(queue_id: str, data: bytes) -> Envelope:
-    return read_envelope(queue_id, data)
-
-
-# -- operations run in a transaction -------------------------------------------
-
-
-class _Operation:
-    """One change to the queue, run in the writer's transaction."""
-
-    queue_id: str
-    action: str
-
-    def run(self, conn: sqlite3.Connection) -> Any:
-        raise NotImplementedError
-
-    def committed(self) -> None:
-        """After the transaction is durable (in the writer's thread)."""
-
-    def undo(self) -> None:
-        """After the transaction failed (in the writer's thread)."""
-
-
-class _StoreOperation(_Operation):
-    action = "store"
-
-    def __init__(self, spool: "Spool", envelope: Envelope, body: Optional[bytes]) -> None:
-        self.spool = spool
-        self.queue_id = envelope.queue_id
-        self.envelope = envelope
-        self.body = body  # None: in large/
-
-    def run(self, conn: sqlite3.Connection) -> str:
-        conn.execute("INSERT INTO envelope VALUES (?, ?, ?, ?, ?, ?)", (self.queue_id, *_row(self.envelope)))
-        conn.execute("INSERT INTO body VALUES (?, ?)", (self.queue_id, self.body))
-        return self.queue_id
-
-    def undo(self) -> None:
-        if self.body is None:  # never acknowledged: its file goes too
-            ignore_errors(self.spool._fs.unlink, self.spool.large_path(self.queue_id))
-
-
-class _ModifyOperation(_Operation):
-    action = "update"
-
-    def __init__(self, queue_id: str, change: Callable[[Envelope], Envelope]) -> None:
-        self.queue_id = queue_id
-        self.change = change
-
-    def run(self, conn: sqlite3.Connection) -> Envelope:
-        return modify_in(conn, self.queue_id, self.change)
-
-
-class _RemoveOperation(_Operation):
-    action = "remove"
-
-    def __init__(self, spool: "Spool", queue_id: str) -> None:
-        self.spool = spool
-        self.queue_id = queue_id
-        self.large = False
-
-    def run(self, conn: sqlite3.Connection) -> bool:
-        existed, self.large = remove_in(conn, self.queue_id)
-        return existed
-
-    def committed(self) -> None:
-        if self.large:
-            ignore_errors(self.spool._fs.unlink, self.spool.large_path(self.queue_id))
-
-
-class _QuarantineOperation(_Operation):
-    action = "quarantine"
-
-    def __init__(self, spool: "Spool", queue_id: str, reason: str, force: bool = False) -> None:
-        self.spool = spool
-        self.queue_id = queue_id
-        self.reason = reason
-        self.force = force  # move it even when the envelope reads well (its file or columns are bad)
-        self.moved = False
-        self.large = False
-        self.base = ""
-
-    def run(self, conn: sqlite3.Connection) -> bool:
-        row = conn.execute("SELECT data FROM envelope WHERE id = ?", (self.queue_id,)).fetchone()
-        if row is None:
-            return False
-        if not self.force:
-            try:
-                _envelope(self.queue_id, row[0])
-                return False  # reads well by now
-            except EnvelopeFormatError:
-                pass
-        self.base = self.spool._write_corrupt(conn, self.queue_id, row[0], self.reason)
-        _, self.large = remove_in(conn, self.queue_id)
-        self.moved = True
-        return True
-
-    def committed(self) -> None:
-        """The rows are gone: now the large file, if any, joins the entry in corrupt/."""
-        if self.moved and self.large:
-            fs = self.spool._fs
-            ignore_errors(fs.rename, self.spool.large_path(self.queue_id), self.base + MESSAGE_SUFFIX)
-            ignore_errors(fs.fsync_dir, self.spool._corrupt)
-
-    def undo(self) -> None:
-        """The rows stay queued: take back the copy written into corrupt/."""
-        if self.moved:
-            for suffix in (MESSAGE_SUFFIX, ENVELOPE_SUFFIX, REASON_SUFFIX):
-                ignore_errors(self.spool._fs.unlink, self.base + suffix)
-
-
-def modify_in(conn: sqlite3.Connection, queue_id: str, change: Callable[[Envelope], Envelope]) -> Envelope:
-    """Replace the envelope of ``queue_id`` by ``change(current)`` in the open transaction."""
-    row = conn.execute("SELECT data FROM envelope WHERE id = ?", (queue_id,)).fetchone()
-    if row is None:
-        raise KeyError(queue_id)
-    new = change(_envelope(queue_id, row[0]))
-    if new.queue_id != queue_id:
-        raise ValueError(f"envelope is for {new.queue_id!r}, not {queue_id!r}")
-    conn.execute(
-        "UPDATE envelope SET held = ?, due = ?, domains = ?, unreported = ?, data = ? WHERE id = ?",
-        (*_row(new), queue_id),
-    )
-    return new
-
-
-def remove_in(conn: sqlite3.Connection, queue_id: str) -> tuple[bool, bool]:
-    """Delete the rows of ``queue_id``: (whether it was queued, whether its bytes are a large file)."""
-    body = conn.execute("SELECT data IS NULL FROM body WHERE id = ?", (queue_id,)).fetchone()
-    existed = conn.execute("DELETE FROM envelope WHERE id = ?", (queue_id,)).rowcount > 0
-    conn.execute("DELETE FROM body WHERE id = ?", (queue_id,))
-    return existed, bool(body and body[0])
-
-
-# -- the store -----------------------------------------------------------------
 
 
 class Spool:
@@ -375,8 +126,8 @@ class Spool:
         self.large_message = large_message
         self._clock = clock
         self._reactor = reactor
-        self._runner: Runner = runner if runner is not None else self._run_in_writer
-        self._threaded = runner is None
+        self._threads = StoreThreads(self._thread_reactor, inline=runner is not None)
+        self._runner: Runner = runner if runner is not None else self._threads.in_writer
         self._fs = fs if fs is not None else OsFileSystem()
         self._path = os.path.join(directory, STORE_FILE)
         self._tmp = os.path.join(directory, TMP_DIR)
@@ -385,17 +136,13 @@ class Spool:
         self._lock = threading.Lock()
         self._local = threading.local()  # a reading connection per thread
         self._writer_conn: Optional[sqlite3.Connection] = None
-        self._writer: Optional[ThreadPool] = None
-        self._readers: Optional[ThreadPoolExecutor] = None
-        self._io: Optional[ThreadPoolExecutor] = None
-        self._shutdown_trigger: Any = None
-        self._pending: list[tuple[_Operation, Deferred]] = []
-        self._running = False
-        self._urgent = 0  # pending operations that start a transaction at once
-        self._lazy_delay = LAZY_DELAY if lazy_delay is None and runner is None else (lazy_delay or 0.0)
-        self._lazy_timer: Any = None
-        self._finishing = 0  # large messages whose file is being made durable before their commit
-        self._idle_waiters: list[Deferred] = []
+        self._commits = GroupCommit(
+            lambda f, *args: self._runner(f, *args),  # read at each batch: a test may swap the runner
+            self._writing,
+            self._get_clock,
+            self._committed,
+            lazy_delay=LAZY_DELAY if lazy_delay is None and runner is None else (lazy_delay or 0.0),
+        )
         self._commit_listeners: list[Callable[[str, Envelope], Any]] = []
         self._recent: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._recent_size = 0
@@ -431,33 +178,13 @@ class Spool:
 
     def start(self) -> None:
         """Start the writer thread (only used without an injected runner)."""
-        if self._writer is not None or not self._threaded:
-            return
-        reactor = self._thread_reactor()
-        self._writer = ThreadPool(minthreads=1, maxthreads=1, name="relay-store-writer")
-        self._writer.start()
-        self._shutdown_trigger = reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
-            "during", "shutdown", self._stop_threads
-        )
+        self._threads.start()
 
     def stop(self) -> Deferred:
         """Fire once every queued operation is durable and the threads have stopped."""
-        d = self._when_idle()
-        d.addCallback(lambda _: self._stop_threads())
+        d = self._commits.when_idle()
+        d.addCallback(lambda _: self._threads.stop())
         return d
-
-    def _stop_threads(self) -> None:
-        for executor in (self._readers, self._io):
-            if executor is not None:
-                executor.shutdown(wait=True)
-        self._readers = self._io = None
-        pool, self._writer = self._writer, None
-        if self._shutdown_trigger is not None:
-            reactor = self._thread_reactor()
-            ignore_errors(reactor.removeSystemEventTrigger, self._shutdown_trigger)  # type: ignore[attr-defined]
-            self._shutdown_trigger = None
-        if pool is not None:
-            pool.stop()
 
     def close(self) -> None:
         """Close the connections of the calling thread and the writer (tools, tests)."""
@@ -487,21 +214,7 @@ class Spool:
             if self._checked:
                 return
             self._fs.makedirs(self.directory)
-            conn = connect(self._path)
-            try:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version > STORE_VERSION:
-                    raise StoreError(
-                        f"{self._path}: queue store format {version} is newer than this relay reads ({STORE_VERSION})"
-                    )
-                if version < STORE_VERSION:
-                    conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {STORE_VERSION}; COMMIT;")
-                for query in _SHAPE_CHECKS:  # tables dropped or changed behind our back
-                    conn.execute(query).fetchall()
-            except sqlite3.DatabaseError as e:
-                raise StoreError(f"{self._path}: not a usable queue store: {e}") from None
-            finally:
-                conn.close()
+            prepare(self._path)
             self._checked = True
 
     def _writing(self) -> sqlite3.Connection:
@@ -509,52 +222,11 @@ class Spool:
             self._writer_conn = self._open()
         return self._writer_conn
 
-    def _run_in_writer(self, f: Callable[..., Any], *args: Any) -> Deferred:
-        from twisted.internet.threads import deferToThreadPool
-
-        reactor = self._thread_reactor()
-        if self._writer is None:
-            self.start()
-        assert self._writer is not None
-        return deferToThreadPool(reactor, self._writer, f, *args)  # type: ignore[arg-type]
-
-    def _executor(self, name: str, threads: int) -> ThreadPoolExecutor:
-        with self._lock:
-            executor = getattr(self, name)
-            if executor is None:
-                executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="relay-store" + name)
-                setattr(self, name, executor)
-            return executor
-
-    def _in_thread(self, name: str, threads: int, f: Callable[..., Any], *args: Any) -> Deferred:
-        """Run ``f(*args)`` in the named threads; the result arrives in the reactor thread.
-
-        With an injected runner it runs at once, on the calling thread.
-        """
-        if not self._threaded:
-            return defer.maybeDeferred(f, *args)
-        reactor = self._thread_reactor()
-        d: Deferred = Deferred()
-
-        def deliver(future: Future) -> None:
-            error = future.exception()
-            if error is None:
-                d.callback(future.result())
-            else:
-                d.errback(Failure(error))
-
-        try:
-            future = self._executor(name, threads).submit(f, *args)
-        except RuntimeError:  # shutting down
-            return defer.fail()
-        future.add_done_callback(lambda done: reactor.callFromThread(deliver, done))  # type: ignore[attr-defined]
-        return d
-
     def _io_call(self, f: Callable[..., Any], *args: Any) -> Deferred:
-        return self._in_thread("_io", IO_THREADS, f, *args)
+        return self._threads.io(f, *args)
 
     def _read_call(self, f: Callable[..., Any], *args: Any) -> Deferred:
-        return self._in_thread("_readers", READ_THREADS, f, *args)
+        return self._threads.read(f, *args)
 
     # -- paths --------------------------------------------------------------
 
@@ -580,7 +252,7 @@ class Spool:
         row = self._conn().execute("SELECT data FROM envelope WHERE id = ?", (queue_id,)).fetchone()
         if row is None:
             raise KeyError(queue_id)
-        return _envelope(queue_id, row[0])
+        return read_envelope(queue_id, row[0])
 
     def peek(self, queue_id: str) -> QueueSummary:
         """What scheduling needs of ``queue_id``; KeyError when it is not queued."""
@@ -591,7 +263,7 @@ class Spool:
         ).fetchone()
         if row is None:
             raise KeyError(queue_id)
-        return _summary(row)
+        return schema.summary(row)
 
     def state_counts(self, now: float) -> tuple[int, int, int, Optional[str]]:
         """Messages due now or in flight, deferred (due later), held, and the oldest queue id: one query."""
@@ -608,7 +280,7 @@ class Spool:
         if not os.path.exists(self._path):
             return []
         rows = self._conn().execute("SELECT id, held, due, domains, unreported FROM envelope ORDER BY id")
-        return [_summary(row) for row in rows]
+        return [schema.summary(row) for row in rows]
 
     def message_bytes(self, queue_id: str) -> Optional[bytes]:
         """The bytes of ``queue_id`` kept in the database, or None for a large message (a file).
@@ -682,7 +354,7 @@ class Spool:
 
     def _store(self, envelope: Envelope, body: Optional[bytes]) -> Deferred:
         """Queue a new message (its bytes, or None when they are in ``large/`` already)."""
-        return self._submit(_StoreOperation(self, envelope, body))
+        return self._commits.submit(StoreOperation(self, envelope, body))
 
     def update(self, envelope: Envelope) -> Deferred:
         """Durably replace the envelope of ``envelope.queue_id``; KeyError when not queued."""
@@ -696,14 +368,14 @@ class Spool:
         """
         if not valid_queue_id(queue_id):
             return defer.fail(KeyError(queue_id))
-        return self._submit(_ModifyOperation(queue_id, change), lazy=True)
+        return self._commits.submit(ModifyOperation(queue_id, change), lazy=True)
 
     def remove(self, queue_id: str) -> Deferred:
         """Durably remove a message; removing one that is not queued succeeds and does nothing."""
         if not valid_queue_id(queue_id):
             return defer.fail(KeyError(queue_id))
         self._forget_recent(queue_id)
-        return self._submit(_RemoveOperation(self, queue_id), lazy=True).addCallback(lambda _: None)
+        return self._commits.submit(RemoveOperation(self, queue_id), lazy=True).addCallback(lambda _: None)
 
     def quarantine(self, queue_id: str, reason: str) -> Deferred:
         """Move an entry whose envelope cannot be read into corrupt/.
@@ -714,7 +386,7 @@ class Spool:
         if not valid_queue_id(queue_id):
             return defer.fail(KeyError(queue_id))
         self._forget_recent(queue_id)
-        return self._submit(_QuarantineOperation(self, queue_id, reason))
+        return self._commits.submit(QuarantineOperation(self, queue_id, reason))
 
     def modify_sync(self, queue_id: str, change: Callable[[Envelope], Envelope]) -> Envelope:
         """``modify`` for tools that run without a reactor (blocking)."""
@@ -749,138 +421,6 @@ class Spool:
             raise
         return result
 
-    # -- group commit -------------------------------------------------------
-
-    def _submit(self, operation: _Operation, lazy: bool = False) -> Deferred:
-        """Queue ``operation`` for the next transaction.
-
-        A new message starts a transaction at once (a client waits for its
-        250).  A ``lazy`` change (an outcome, a removal) waits up to
-        ``lazy_delay`` for company: it goes with the next new message's
-        transaction, or alone when the delay is up, so under load outcomes
-        and removals cost no fsync of their own.
-        """
-        d: Deferred = Deferred()
-        self._pending.append((operation, d))
-        if not lazy:
-            self._urgent += 1
-        if not self._running:
-            self._next_batch()
-        return d
-
-    def _lazy_due(self) -> None:
-        self._lazy_timer = None
-        if not self._running:
-            self._next_batch(now=True)
-
-    def _next_batch(self, now: bool = False) -> None:
-        """Start a transaction of what is pending (one at a time: one writer).
-
-        Only lazy changes pending: wait for company, up to ``lazy_delay``.
-        """
-        if self._pending and not now and not self._urgent and self._lazy_delay > 0 and not self._idle_waiters:
-            if self._lazy_timer is None:
-                self._lazy_timer = self._get_clock().callLater(self._lazy_delay, self._lazy_due)
-            return
-        if self._lazy_timer is not None:
-            if self._lazy_timer.active():
-                self._lazy_timer.cancel()
-            self._lazy_timer = None
-        if not self._pending:
-            if self._finishing:
-                return  # its commit comes next; the waiters wait for it
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
-            return
-        batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-        self._urgent = sum(1 for op, _ in self._pending if isinstance(op, (_StoreOperation, _QuarantineOperation)))
-        self._running = True
-        try:
-            d = self._runner(self._run_batch, [op for op, _ in batch])
-        except Exception:
-            d = defer.fail()
-        d.addBoth(self._batch_done, batch)
-
-    def _run_batch(self, operations: list[_Operation]) -> list[tuple[bool, Any]]:
-        """Run every operation in one transaction and commit it (in the writer's thread).
-
-        An operation that fails on its own (an unknown id, a change that
-        raises) fails alone, before it wrote anything; a database error fails
-        the whole transaction, and nothing of it is answered as done.
-        """
-        results: list[tuple[bool, Any]] = []
-        try:
-            conn = self._writing()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for op in operations:
-                    try:
-                        results.append((True, op.run(conn)))
-                    except sqlite3.Error:
-                        raise
-                    except Exception as e:
-                        results.append((False, e))
-                conn.execute("COMMIT")
-            except BaseException:
-                ignore_errors(conn.execute, "ROLLBACK")
-                raise
-        except Exception as e:
-            for op in operations:
-                op.undo()
-            return [(False, e)] * len(operations)
-        for op, (ok, _) in zip(operations, results):
-            if ok:
-                op.committed()
-        return results
-
-    def _batch_done(self, outcome: Any, batch: list[tuple[_Operation, Deferred]]) -> None:
-        if isinstance(outcome, Failure):
-            results: list[tuple[bool, Any]] = [(False, outcome)] * len(batch)
-        else:
-            results = outcome
-        self._running = False
-        stored = []
-        for (op, d), (ok, value) in zip(batch, results):
-            if ok:
-                if isinstance(op, _StoreOperation):
-                    stored.append(op)
-                if not isinstance(op, _ModifyOperation):
-                    log.debug("{queue_id}: {action} done", queue_id=op.queue_id, action=op.action)
-                d.callback(value)
-            else:
-                self._log_failed(op, value)
-                d.errback(value if isinstance(value, Failure) else Failure(value))
-        for op in stored:  # after every 250 of the batch is written
-            self._committed(op.envelope, op.body)
-        if not self._running:
-            self._next_batch()
-
-    def _log_failed(self, op: _Operation, error: Any) -> None:
-        if isinstance(error, Failure):
-            error = error.value
-        if isinstance(error, KeyError):
-            log.info("{queue_id}: cannot {action}: not queued", queue_id=op.queue_id, action=op.action)
-        else:
-            log.error("{queue_id}: cannot {action}: {error}", queue_id=op.queue_id, action=op.action,
-                      error=describe(error))
-
-    def _finished_file(self, result: Any) -> Any:
-        """A large file is durable (its commit is submitted next) or failed (nothing follows)."""
-        self._finishing -= 1
-        if isinstance(result, Failure) and not self._running:
-            self._next_batch()  # fires the idle waiters when nothing else is left
-        return result
-
-    def _when_idle(self) -> Deferred:
-        if not self._running and not self._pending and not self._finishing:
-            return defer.succeed(None)
-        d: Deferred = Deferred()
-        self._idle_waiters.append(d)
-        if not self._running:
-            self._next_batch(now=True)  # lazy changes go now
-        return d
-
     def _get_clock(self) -> IReactorTime:
         """The injected clock, or the injected reactor's."""
         clock = self._clock if self._clock is not None else self._reactor
@@ -902,53 +442,10 @@ class Spool:
 
         Creates the directories and the database; deletes everything under
         ``tmp/`` and every large file without a row (never acknowledged);
-        imports a queue in the file-per-message format.
+        imports a queue in the file-per-message format; moves entries it
+        cannot use into ``corrupt/`` (``relay.queue.recovery.recover``).
         """
-        from relay.queue import legacy
-
-        fs, report = self._fs, RecoveryReport()
-        for path in (self._tmp, self._large, self._corrupt):
-            fs.makedirs(path)
-            _checked_directory(path)
-        self._ensure_schema()
-        for name in fs.listdir(self._tmp):  # unlink never follows a link: only the name goes
-            ignore_errors(fs.unlink, self._tmp_path(name))
-            report.removed_tmp += 1
-        try:
-            legacy.import_queue(self, report)
-        except UnsafeFile as e:
-            raise StoreError(f"{e.filename}: {e.strerror}; refusing to import from it") from None
-        conn = self._conn()
-        known = {r[0] for r in conn.execute("SELECT id FROM body WHERE data IS NULL")}
-        for name in fs.listdir(self._large):
-            stem = name[: -len(MESSAGE_SUFFIX)] if name.endswith(MESSAGE_SUFFIX) else None
-            if stem is None or stem not in known:
-                ignore_errors(fs.unlink, os.path.join(self._large, name))
-                report.removed_orphans += 1
-                log.info("{queue_id}: removed message never acknowledged", queue_id=stem or name)
-                continue
-            problem = file_problem(os.path.join(self._large, name))
-            if problem:
-                self._quarantine_now(stem, f"message file {problem}", report)
-        for queue_id, due in conn.execute(f"SELECT id, due FROM envelope WHERE {_BAD_DUE}").fetchall():
-            self._quarantine_now(queue_id, f"next attempt {due!r} out of range", report)
-        for path in (self._tmp, self._large):
-            fs.fsync_dir(path)
-        report.count = conn.execute("SELECT count(*) FROM envelope").fetchone()[0]
-        log.info(
-            "store: {count} queued messages in {directory}"
-            " ({tmp} temporary files and {orphans} unacknowledged messages removed, {imported} imported)",
-            count=report.count, directory=self.directory, tmp=report.removed_tmp,
-            orphans=report.removed_orphans, imported=report.imported,
-        )
-        return report
-
-    def _quarantine_now(self, queue_id: str, reason: str, report: RecoveryReport) -> None:
-        """Move an entry to corrupt/ at start-up, however its envelope reads (a bad file or column)."""
-        operation = _QuarantineOperation(self, queue_id, reason, force=True)
-        if self._transaction(operation.run):
-            operation.committed()
-            report.quarantined.append(queue_id)
+        return recovery.recover(self)
 
     def insert_sync(self, entries: Iterable[tuple[Envelope, bytes]]) -> int:
         """Store finished entries at once in one transaction, keeping their ids; those
@@ -957,7 +454,7 @@ class Spool:
             added = 0
             for envelope, body in entries:
                 cursor = conn.execute("INSERT OR IGNORE INTO envelope VALUES (?, ?, ?, ?, ?, ?)",
-                                      (envelope.queue_id, *_row(envelope)))
+                                      (envelope.queue_id, *schema.row(envelope)))
                 if cursor.rowcount:
                     large = len(body) > self.large_message
                     if large:
@@ -968,32 +465,6 @@ class Spool:
                 self._fs.fsync_dir(self._large)
             return added
         return self._transaction(insert)
-
-    def _write_corrupt(self, conn: sqlite3.Connection, queue_id: str, envelope: bytes, reason: str) -> str:
-        """Write an unreadable entry into corrupt/ as files (fsynced); returns the base path.
-
-        A large message's file is moved there by the caller once the rows are gone.
-        """
-        fs = self._fs
-        fs.makedirs(self._corrupt)
-        base = self._free_corrupt_name(queue_id)
-        row = conn.execute("SELECT data FROM body WHERE id = ?", (queue_id,)).fetchone()
-        if row is not None and row[0] is not None:
-            write_file(fs, base + MESSAGE_SUFFIX, row[0])
-        write_file(fs, base + ENVELOPE_SUFFIX, envelope)
-        write_file(fs, base + REASON_SUFFIX, (reason + "\n").encode("utf-8"))
-        fs.fsync_dir(self._corrupt)
-        log.error("{queue_id}: quarantined in {path}: {reason}", queue_id=queue_id,
-                  path=base + ENVELOPE_SUFFIX, reason=reason)
-        return base
-
-    def _free_corrupt_name(self, queue_id: str) -> str:
-        taken = set(self._fs.listdir(self._corrupt))
-        name, n = queue_id, 0
-        while any(name + s in taken for s in (MESSAGE_SUFFIX, ENVELOPE_SUFFIX, REASON_SUFFIX)):
-            n += 1
-            name = f"{queue_id}-{n}"
-        return os.path.join(self._corrupt, name)
 
 
 class SpoolService(Service):
@@ -1015,5 +486,4 @@ class SpoolService(Service):
         return self.spool.stop()
 
 
-__all__ = ["Spool", "SpoolService", "IncomingMessage", "OsFileSystem", "QueueSummary", "RecoveryReport",
-           "StoreError", "new_queue_id", "valid_queue_id"]
+__all__ = ["Spool", "SpoolService", "IncomingMessage", "OsFileSystem", "new_queue_id", "valid_queue_id"]
