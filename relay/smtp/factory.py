@@ -19,10 +19,14 @@ from twisted.internet.protocol import ServerFactory
 from relay.config import ServerConfig
 from relay.log import Logger
 from relay.seams import MessageSpool, Policy
-from relay.smtp import replies as R
 from relay.smtp import trace
 from relay.smtp.limits import ClientLimits, SessionCounts
-from relay.smtp.replies import Reply
+from relay.smtp.replies import (
+    Reply,
+    connection_rate_exceeded,
+    too_many_client_sessions,
+    too_many_connections,
+)
 from relay.smtp.server import SMTPServerProtocol
 
 # The sessions' own namespace: operators filter the inbound listener's lines by it.
@@ -101,16 +105,16 @@ class SMTPServerFactory(ServerFactory):
             log.warn("refused connection from {peer}: more than {limit} connections from {client} in {unit:g} s",
                      peer=peer, limit=self.config.client_connection_rate_limit, client=client,
                      unit=self.config.client_rate_time_unit, event="connection_refused")
-            return R.connection_rate_exceeded(self.hostname, client)
+            return connection_rate_exceeded(self.hostname, client)
         refused = self.counts.admit(client, session.trusted)
         if refused == "client sessions":
             log.warn("refused connection from {peer}: {count} sessions from {client} already",
                      peer=peer, count=self.counts.of(client), client=client, event="connection_refused")
-            return R.too_many_client_sessions(self.hostname, client)
+            return too_many_client_sessions(self.hostname, client)
         if refused is not None:
             log.warn("refused connection from {peer}: too many sessions ({count} open)",
                      peer=peer, count=self.counts.total, event="connection_refused")
-            return R.too_many_connections(self.hostname)
+            return too_many_connections(self.hostname)
         self._live.add(session)
         return None
 

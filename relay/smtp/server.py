@@ -69,14 +69,89 @@ from relay.domains import DomainError, normalize_domain, to_ascii
 from relay.envelope import ClientInfo, Envelope, Recipient
 from relay.metrics import reply_in
 from relay.seams import IncomingMessage
-from relay.smtp import dsn, replies as R
+from relay.smtp import dsn
 from relay.smtp.data import ChunkReader, DataReader, HeaderCompleter
 from relay.smtp import trace
 from relay.smtp.sasl import AUTH_MECHANISMS, MAX_AUTH_LINE, AuthExchange
 from relay.smtp.address import Path, UnsendableAddress, normalized_path, parse_params, parse_path, split_argument
 from relay.smtp.flow import ReplyThrottle
 from relay.smtp.limits import client_key
-from relay.smtp.replies import Reply
+from relay.smtp.replies import (
+    ALREADY_TLS,
+    AUTH_FAILED,
+    AUTH_IN_TRANSACTION,
+    AUTH_MECHANISM_UNKNOWN,
+    AUTH_NEEDS_TLS,
+    AUTH_NEED_EHLO,
+    AUTH_NOT_ENABLED,
+    AUTH_OK,
+    AUTH_RATE_LIMITED,
+    AUTH_REQUIRED,
+    AUTH_TEMPORARY_FAILURE,
+    AUTH_TWICE,
+    BAD_BODY,
+    BAD_IDN_HELO,
+    BAD_IDN_RECIPIENT,
+    BAD_IDN_SENDER,
+    BAD_RECIPIENT,
+    BAD_SENDER,
+    BAD_SIZE,
+    BAD_SMTPUTF8,
+    BAD_UTF8_COMMAND,
+    BARE_NEWLINE_COMMAND,
+    BDAT_THEN_DATA,
+    BYE,
+    ETRN_BAD_DOMAIN,
+    ETRN_IN_TRANSACTION,
+    ETRN_NO_QUEUE_NAMES,
+    INTERNAL_ERROR,
+    LINE_TOO_LONG,
+    NEED_HELO,
+    NEED_MAIL,
+    NEED_RCPT,
+    NESTED_MAIL,
+    NOT_IMPLEMENTED,
+    NULL_RECIPIENT,
+    OK,
+    PROTOCOL_ERROR_CODES,
+    QUEUE_WRITE_ERROR,
+    READY_TLS,
+    RECIPIENT_OK,
+    SENDER_OK,
+    SIZE_EXCEEDED,
+    START_DATA,
+    SYNTAX_AUTH,
+    SYNTAX_BDAT,
+    SYNTAX_DATA,
+    SYNTAX_EHLO,
+    SYNTAX_ETRN,
+    SYNTAX_HELO,
+    SYNTAX_MAIL,
+    SYNTAX_PARAMS,
+    SYNTAX_RCPT,
+    SYNTAX_RSET,
+    SYNTAX_STARTTLS,
+    TOO_MANY_RECIPIENTS,
+    UNKNOWN_COMMAND,
+    UNSENDABLE_RECIPIENT,
+    UNSENDABLE_SENDER,
+    UNSUPPORTED_PARAM,
+    VRFY_REPLY,
+    Reply,
+    chunk_received,
+    ehlo_reply,
+    etrn_denied,
+    etrn_started,
+    etrn_unavailable,
+    greeting,
+    helo_reply,
+    help_reply,
+    idle_timeout,
+    queued,
+    shutting_down,
+    too_many_auth_failures,
+    too_many_errors,
+)
 
 if TYPE_CHECKING:
     from relay.smtp.factory import SMTPServerFactory
@@ -186,7 +261,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.tls = ISSLTransport.providedBy(self.transport)  # an implicit-TLS listener
         self.client = client_key(self.peer_host) if self.peer_host else ""
         if self.factory.shutting_down:
-            self._send(R.shutting_down(self.hostname))
+            self._send(shutting_down(self.hostname))
             self._close()
             return
         refusal = self.factory.session_opened(self)
@@ -198,7 +273,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         set_nodelay(self.transport)
         log.info("connect from {peer}", peer=self._peer(), event="connect", tls=self.tls)
         self.setTimeout(self.factory.timeout())
-        self._send(R.greeting(self.hostname))
+        self._send(greeting(self.hostname))
         self._flush()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -216,7 +291,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def timeoutConnection(self) -> None:
         log.info("timeout after {state} from {peer}", state=self.state.value, peer=self._peer(), event="timeout")
         self._abort_message()
-        self._send(R.idle_timeout(self.hostname))
+        self._send(idle_timeout(self.hostname))
         self._close()
 
     def _peer(self) -> str:
@@ -238,11 +313,11 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def _send(self, reply: Reply) -> None:
         self._queue_output(_wire(reply))
         reply_in(reply.code)
-        if reply.code in R.PROTOCOL_ERROR_CODES:
+        if reply.code in PROTOCOL_ERROR_CODES:
             self.errors += 1
             if self.errors >= self.config.max_errors and not self._closed:
                 log.warn("too many errors from {peer}", peer=self._peer())
-                self._queue_output(R.too_many_errors(self.hostname).to_bytes())
+                self._queue_output(too_many_errors(self.hostname).to_bytes())
                 self._close()
 
     def _queue_output(self, data: bytes) -> None:
@@ -315,7 +390,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         except Exception:
             log.failure("unexpected error from {peer}", peer=self._peer())
             self._abort_message()
-            self._send(R.INTERNAL_ERROR)
+            self._send(INTERNAL_ERROR)
             self._close()
         finally:
             self._flush()
@@ -324,7 +399,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         """Answer 500 5.5.6 and drop the overlong line up to its CRLF; go on after it."""
         log.info("line too long from {peer}", peer=self._peer())
         self._exchange = None  # an overlong AUTH response ends the exchange
-        self._send(R.LINE_TOO_LONG)
+        self._send(LINE_TOO_LONG)
         end = line.find(b"\r\n")
         if end < 0:
             self._discarding = True
@@ -365,14 +440,14 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         exchange = self._exchange
         if len(line) > MAX_COMMAND_LINE - 2 and exchange is None and line[:5].upper() != b"AUTH ":
             log.info("line too long from {peer}", peer=self._peer())
-            self._send(R.LINE_TOO_LONG)
+            self._send(LINE_TOO_LONG)
             return
         try:
             answer = self._auth_response(exchange, line) if exchange is not None else self._command(line)
         except Exception:
             log.failure("error handling a command from {peer}", peer=self._peer())
             self._exchange = None
-            answer = R.INTERNAL_ERROR
+            answer = INTERNAL_ERROR
         if isinstance(answer, Reply) and answer.code >= 400:
             # An AUTH response line is a secret: only its verb is ever logged.
             self._log_refusal(b"AUTH" if exchange is not None else line, answer)
@@ -398,7 +473,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             if self._closed:
                 return
             if reply is not None:
-                self._send(reply if isinstance(reply, Reply) else R.INTERNAL_ERROR)
+                self._send(reply if isinstance(reply, Reply) else INTERNAL_ERROR)
             if self.shutting_down and self._reader is None:
                 self._say_goodbye()
                 return
@@ -411,7 +486,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
         def failed(failure: Failure) -> Reply:
             log.failure("error answering {peer}", failure, peer=self._peer())
-            return R.INTERNAL_ERROR
+            return INTERNAL_ERROR
 
         answer.addErrback(failed).addCallback(deliver).addErrback(
             lambda f: log.failure("error replying to {peer}", f, peer=self._peer()))
@@ -427,15 +502,15 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def _command(self, line: bytes) -> Answer:
         if b"\r" in line or b"\n" in line:
-            return R.BARE_NEWLINE_COMMAND
+            return BARE_NEWLINE_COMMAND
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            return R.BAD_UTF8_COMMAND
+            return BAD_UTF8_COMMAND
         verb, _, argument = text.partition(" ")
         handler = getattr(self, "do_" + verb.upper(), None) if verb.isascii() and verb.isalpha() else None
         if handler is None:
-            return R.UNKNOWN_COMMAND
+            return UNKNOWN_COMMAND
         return handler(argument)
 
     # -- verbs ---------------------------------------------------------------
@@ -443,16 +518,16 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def do_HELO(self, argument: str) -> Answer:
         name = self._helo_name(argument)
         if isinstance(name, Reply):
-            return R.SYNTAX_HELO if name is R.SYNTAX_EHLO else name
+            return SYNTAX_HELO if name is SYNTAX_EHLO else name
         self._greeted(name, esmtp=False)
-        return R.helo_reply(self.hostname)
+        return helo_reply(self.hostname)
 
     def do_EHLO(self, argument: str) -> Answer:
         name = self._helo_name(argument)
         if isinstance(name, Reply):
             return name
         self._greeted(name, esmtp=True)
-        return R.ehlo_reply(self.hostname, self._extensions())
+        return ehlo_reply(self.hostname, self._extensions())
 
     def _helo_name(self, argument: str) -> Union[str, Reply]:
         """The client's name as it goes into Received: A-labels for a name with U-labels.
@@ -462,14 +537,14 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         """
         name = argument.strip()
         if not _valid_helo(name):
-            return R.SYNTAX_EHLO
+            return SYNTAX_EHLO
         if name.isascii():
             return name
         try:
             return to_ascii(name)
         except DomainError as e:
             self._reason = str(e)
-            return R.BAD_IDN_HELO
+            return BAD_IDN_HELO
 
     def _greeted(self, name: str, esmtp: bool) -> None:
         self.helo = name
@@ -499,37 +574,37 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def do_MAIL(self, argument: str) -> Answer:
         if self.helo is None:
-            return R.NEED_HELO
+            return NEED_HELO
         if self.factory.submission and not self.auth_user:
-            return R.AUTH_REQUIRED
+            return AUTH_REQUIRED
         if self._transaction is not None:
-            return R.NESTED_MAIL
+            return NESTED_MAIL
         if argument[:5].upper() != "FROM:":
-            return R.SYNTAX_MAIL
+            return SYNTAX_MAIL
         try:
             path_text, params_text = split_argument(argument[5:])
         except ValueError as e:
             self._reason = str(e)
-            return R.BAD_SENDER
+            return BAD_SENDER
         try:
             params = parse_params(params_text)
         except ValueError as e:
             self._reason = str(e)
-            return R.SYNTAX_PARAMS
+            return SYNTAX_PARAMS
         if params and not self.esmtp:
-            return R.UNSUPPORTED_PARAM
+            return UNSUPPORTED_PARAM
         options = self._mail_options(params)
         if isinstance(options, Reply):
             return options
         body, smtputf8, others = options
-        path = self._parse_path(path_text, smtputf8, R.BAD_SENDER, R.BAD_IDN_SENDER, R.UNSENDABLE_SENDER)
+        path = self._parse_path(path_text, smtputf8, BAD_SENDER, BAD_IDN_SENDER, UNSENDABLE_SENDER)
         if isinstance(path, Reply):
             return path
         transaction = _Transaction(path.mailbox, body, smtputf8, others)
         check_sender = self.factory.policy.check_sender
         if not self.auth_user:
             self._transaction = transaction
-            return R.SENDER_OK
+            return SENDER_OK
         answer = maybeDeferred(check_sender, self.client_info(smtputf8), path.mailbox)
         return answer.addCallback(self._sender_checked, transaction)
 
@@ -537,30 +612,30 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if refusal is not None and not isinstance(refusal, Reply):
             log.error("policy answered {answer!r} for sender <{sender}>, not a Reply",
                       answer=refusal, sender=transaction.sender)
-            return R.INTERNAL_ERROR
+            return INTERNAL_ERROR
         if refusal is not None and refusal.code >= 400:
             log.info("refused sender <{sender}> for user {user} from {peer}: {reply}",
                      sender=transaction.sender, user=self.auth_user, peer=self._peer(), reply=str(refusal),
                      event="rejected", stage="mail")
             return refusal
         self._transaction = transaction
-        return R.SENDER_OK
+        return SENDER_OK
 
     def _mail_options(self, params: list) -> Union[Reply, tuple[str, bool, tuple]]:
         body, smtputf8, others = BODY_7BIT, False, []
         for keyword, value in params:
             if keyword == "SIZE":
                 if value is None or not value.isdigit() or not value.isascii():
-                    return R.BAD_SIZE
+                    return BAD_SIZE
                 if int(value) > self.config.max_message_size:
-                    return R.SIZE_EXCEEDED
+                    return SIZE_EXCEEDED
             elif keyword == "BODY":
                 if value is None or value.upper() not in (BODY_7BIT, BODY_8BITMIME):
-                    return R.BAD_BODY
+                    return BAD_BODY
                 body = value.upper()
             elif keyword == "SMTPUTF8":
                 if value is not None:
-                    return R.BAD_SMTPUTF8
+                    return BAD_SMTPUTF8
                 smtputf8 = True
             elif keyword == "AUTH" and self._auth_offered():
                 pass  # RFC 4954 5: accepted; the identity we pass on is our own
@@ -570,39 +645,39 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
                     return refusal
                 others.append((keyword, value))
             else:
-                return R.UNSUPPORTED_PARAM
+                return UNSUPPORTED_PARAM
         return body, smtputf8, tuple(others)
 
     def do_RCPT(self, argument: str) -> Answer:
         transaction = self._transaction
         if transaction is None:
-            return R.NEED_MAIL
+            return NEED_MAIL
         if argument[:3].upper() != "TO:":
-            return R.SYNTAX_RCPT
+            return SYNTAX_RCPT
         try:
             path_text, params_text = split_argument(argument[3:])
         except ValueError as e:
             self._reason = str(e)
-            return R.BAD_RECIPIENT
+            return BAD_RECIPIENT
         try:
             params = parse_params(params_text)
         except ValueError as e:
             self._reason = str(e)
-            return R.SYNTAX_PARAMS
+            return SYNTAX_PARAMS
         checked = dsn.check_rcpt_params(params, transaction.smtputf8)
         if isinstance(checked, Reply):
             return checked
         params = list(checked)
         if path_text[1:-1].lower() == POSTMASTER:
             return self._postmaster(transaction, tuple(params))
-        path = self._parse_path(path_text, transaction.smtputf8, R.BAD_RECIPIENT, R.BAD_IDN_RECIPIENT,
-                                R.UNSENDABLE_RECIPIENT)
+        path = self._parse_path(path_text, transaction.smtputf8, BAD_RECIPIENT, BAD_IDN_RECIPIENT,
+                                UNSENDABLE_RECIPIENT)
         if isinstance(path, Reply):
             return path
         if path.is_null:
-            return R.NULL_RECIPIENT
+            return NULL_RECIPIENT
         if len(transaction.recipients) >= self.config.max_recipients:
-            return R.TOO_MANY_RECIPIENTS
+            return TOO_MANY_RECIPIENTS
         recipient = Recipient(address=path.mailbox, source_route=path.source_route, params=tuple(params))
         # An answer the policy has at once is used at once (no Deferred per
         # recipient); an exception ends as 451 through lineReceived.
@@ -626,17 +701,17 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         """``RCPT TO:<postmaster>`` (RFC 5321 4.5.1): accepted from anyone, delivered to ``[server] postmaster``."""
         address = self.config.postmaster or f"{POSTMASTER}@{to_ascii(self.hostname)}"
         if len(transaction.recipients) >= self.config.max_recipients:
-            return R.TOO_MANY_RECIPIENTS
+            return TOO_MANY_RECIPIENTS
         if all(r.address != address for r in transaction.recipients):
             transaction.recipients.append(Recipient(address=address, params=params))
-        return R.RECIPIENT_OK
+        return RECIPIENT_OK
 
     def _recipient_checked(self, refusal: Optional[Reply], transaction: _Transaction,
                            recipient: Recipient) -> Reply:
         if refusal is not None and not isinstance(refusal, Reply):
             log.error("policy answered {answer!r} for <{recipient}>, not a Reply",
                       answer=refusal, recipient=recipient.address)
-            return R.INTERNAL_ERROR
+            return INTERNAL_ERROR
         if refusal is not None and refusal.code >= 400:
             log.info("refused recipient <{recipient}> from {peer}: {reply}",
                      recipient=recipient.address, peer=self._peer(), reply=str(refusal),
@@ -645,24 +720,24 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if transaction is self._transaction and all(
                 r.address != recipient.address for r in transaction.recipients):
             transaction.recipients.append(recipient)
-        return R.RECIPIENT_OK
+        return RECIPIENT_OK
 
     def do_DATA(self, argument: str) -> Answer:
         transaction = self._transaction
         if transaction is None:
-            return R.NEED_MAIL
+            return NEED_MAIL
         if self._chunks is not None:
-            return R.BDAT_THEN_DATA
+            return BDAT_THEN_DATA
         if not transaction.recipients:
-            return R.NEED_RCPT
+            return NEED_RCPT
         if argument:
-            return R.SYNTAX_DATA
+            return SYNTAX_DATA
         self._reader = self._begin_message(transaction, DataReader)
         self.setRawMode()
         timeout = self.factory.timeout()
         self._data_deadline = self.clock.seconds() + timeout
         self.setTimeout(timeout)
-        return R.START_DATA
+        return START_DATA
 
     def _begin_message(self, transaction: _Transaction, reader: type) -> Any:
         """Start the queued message of ``transaction`` (its Received header first); the reader that fills it."""
@@ -688,10 +763,10 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         words = argument.split()
         if not 1 <= len(words) <= 2 or not words[0].isdigit() or not words[0].isascii() or len(words[0]) > 18 \
                 or (len(words) == 2 and words[1].upper() != "LAST"):
-            return R.SYNTAX_BDAT
+            return SYNTAX_BDAT
         size, last = int(words[0]), len(words) == 2
         transaction = self._transaction
-        refusal = R.NEED_MAIL if transaction is None else (R.NEED_RCPT if not transaction.recipients else None)
+        refusal = NEED_MAIL if transaction is None else (NEED_RCPT if not transaction.recipients else None)
         if refusal is None and self._chunks is None:
             self._chunks = self._begin_message(transaction, ChunkReader)
         self._chunk_refusal = refusal
@@ -711,7 +786,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             refusal, self._chunk_refusal = self._chunk_refusal, None
             return refusal
         if not self._chunk_last:
-            return R.chunk_received(self._chunk_size)
+            return chunk_received(self._chunk_size)
         reader, self._chunks = self._chunks, None
         assert reader is not None
         reader.finish()
@@ -731,18 +806,18 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def do_RSET(self, argument: str) -> Answer:
         if argument.strip():
-            return R.SYNTAX_RSET
+            return SYNTAX_RSET
         self._reset_transaction()
-        return R.OK
+        return OK
 
     def do_NOOP(self, argument: str) -> Answer:
-        return R.OK
+        return OK
 
     def do_VRFY(self, argument: str) -> Answer:
-        return R.VRFY_REPLY
+        return VRFY_REPLY
 
     def do_HELP(self, argument: str) -> Answer:
-        return R.help_reply(self._offered_verbs())
+        return help_reply(self._offered_verbs())
 
     def _offered_verbs(self) -> list[str]:
         """The verbs beyond the basic ones this session accepts now, as EHLO advertises them."""
@@ -756,23 +831,23 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         return verbs
 
     def do_QUIT(self, argument: str) -> Answer:
-        self._send(R.BYE)
+        self._send(BYE)
         self._close()
         return None
 
     def do_STARTTLS(self, argument: str) -> Answer:
         if self.factory.tls_context is None:
-            return R.NOT_IMPLEMENTED
+            return NOT_IMPLEMENTED
         if self.tls:
-            return R.ALREADY_TLS
+            return ALREADY_TLS
         if argument:
-            return R.SYNTAX_STARTTLS
+            return SYNTAX_STARTTLS
         # Anything pipelined behind STARTTLS arrived in clear: never execute it.
         discarded = self.clearLineBuffer()
         if discarded:
             log.warn("discarded {count} octets sent behind STARTTLS by {peer}",
                      count=len(discarded), peer=self._peer())
-        self._send(R.READY_TLS)
+        self._send(READY_TLS)
         self._flush()
         # The TLS layer pauses a registered producer until its handshake is done.
         self._release_output()
@@ -789,21 +864,21 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def do_AUTH(self, argument: str) -> Answer:
         if self.factory.portal is None:
-            return R.AUTH_NOT_ENABLED
+            return AUTH_NOT_ENABLED
         if not self.esmtp:
-            return R.AUTH_NEED_EHLO
+            return AUTH_NEED_EHLO
         if not self._auth_offered():
-            return R.AUTH_NEEDS_TLS
+            return AUTH_NEEDS_TLS
         if self.auth_user:
-            return R.AUTH_TWICE
+            return AUTH_TWICE
         if self._transaction is not None:
-            return R.AUTH_IN_TRANSACTION
+            return AUTH_IN_TRANSACTION
         words = argument.split(" ")
         if not words[0] or len(words) > 2:
-            return R.SYNTAX_AUTH
+            return SYNTAX_AUTH
         mechanism = words[0].upper()
         if mechanism not in AUTH_MECHANISMS:
-            return R.AUTH_MECHANISM_UNKNOWN
+            return AUTH_MECHANISM_UNKNOWN
         if self.factory.limits.auth.blocked(self.client):
             return self._auth_rate_limited(mechanism)
         exchange = AuthExchange(mechanism)
@@ -844,14 +919,14 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.auth_user = avatar.name
         log.info("AUTH {mechanism} as {user} from {peer}: success",
                  mechanism=mechanism, user=self.auth_user, peer=self._peer(), event="auth")
-        return R.AUTH_OK
+        return AUTH_OK
 
     def _auth_failed(self, failure: Failure, mechanism: str, user: str) -> Answer:
         if not failure.check(UnauthorizedLogin):
             log.error("AUTH {mechanism} as {user!r} from {peer}: checker unavailable ({error})",
                       mechanism=mechanism, user=user, peer=self._peer(),
                       error=failure.type.__name__)
-            return R.AUTH_TEMPORARY_FAILURE
+            return AUTH_TEMPORARY_FAILURE
         self.auth_failures += 1
         self.factory.limits.auth.failed(self.client)
         log.info("AUTH {mechanism} as {user!r} from {peer}: failed ({count} of {limit})",
@@ -864,14 +939,14 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         auth = self.factory.limits.auth
         log.warn("AUTH {mechanism} from {peer} refused: {limit} failures from {client} within {window:g} s",
                  mechanism=mechanism, peer=self._peer(), limit=auth.limit, client=self.client, window=auth.window)
-        return deferLater(self.clock, AUTH_FAILURE_DELAY, lambda: R.AUTH_RATE_LIMITED)
+        return deferLater(self.clock, AUTH_FAILURE_DELAY, lambda: AUTH_RATE_LIMITED)
 
     def _auth_failure_reply(self) -> Optional[Reply]:
         if self.auth_failures < AUTH_FAILURE_LIMIT or self._closed:
-            return R.AUTH_FAILED
+            return AUTH_FAILED
         log.warn("too many authentication failures from {peer}", peer=self._peer())
-        self._send(R.AUTH_FAILED)
-        self._send(R.too_many_auth_failures(self.hostname))
+        self._send(AUTH_FAILED)
+        self._send(too_many_auth_failures(self.hostname))
         self._close()
         return None
 
@@ -879,23 +954,23 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def do_ETRN(self, argument: str) -> Answer:
         if self.helo is None:
-            return R.NEED_HELO
+            return NEED_HELO
         if self._transaction is not None:
-            return R.ETRN_IN_TRANSACTION
+            return ETRN_IN_TRANSACTION
         node = argument.strip()
         if not node or " " in node:
-            return R.SYNTAX_ETRN
+            return SYNTAX_ETRN
         if node.startswith("#"):
-            return R.ETRN_NO_QUEUE_NAMES
+            return ETRN_NO_QUEUE_NAMES
         subdomains = node.startswith("@")
         name = node[1:] if subdomains else node
         if domain_problem(name) is not None:
-            return R.ETRN_BAD_DOMAIN
+            return ETRN_BAD_DOMAIN
         if not (self.trusted or self.auth_user):
-            return R.etrn_denied(name)
+            return etrn_denied(name)
         hook = self.factory.etrn
         if hook is None:
-            return R.etrn_unavailable(name)
+            return etrn_unavailable(name)
         domain = normalize_domain(name)
         started = maybeDeferred(hook, domain, subdomains)
         return started.addCallbacks(self._etrn_started, self._etrn_failed,
@@ -904,11 +979,11 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def _etrn_started(self, count: Any, name: str, subdomains: bool) -> Reply:
         log.info("ETRN {node} from {peer}: {count} message(s) scheduled now",
                  node=("@" if subdomains else "") + name, peer=self._peer(), count=count)
-        return R.etrn_started(name)
+        return etrn_started(name)
 
     def _etrn_failed(self, failure: Failure, name: str) -> Reply:
         log.failure("ETRN {node} from {peer} failed", failure, node=name, peer=self._peer())
-        return R.etrn_unavailable(name)
+        return etrn_unavailable(name)
 
     # -- shutdown --------------------------------------------------------------
 
@@ -930,7 +1005,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def _say_goodbye(self) -> None:
         log.info("shutting down: closing the session from {peer}", peer=self._peer())
         self._exchange = None
-        self._send(R.shutting_down(self.hostname))
+        self._send(shutting_down(self.hostname))
         self._close()
 
     # -- DATA ----------------------------------------------------------------
@@ -1004,7 +1079,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         assert transaction is not None
         queue_id = message.queue_id
         if refusal is None and self._write_failed:
-            refusal = R.QUEUE_WRITE_ERROR
+            refusal = QUEUE_WRITE_ERROR
         if refusal is not None:
             message.abort()
             log.info("{queue_id}: refused message from {peer} <{sender}>: {reply}",
@@ -1016,7 +1091,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             committed = message.commit(envelope)
         except Exception:
             log.failure("{queue_id}: commit failed", queue_id=queue_id)
-            return R.QUEUE_WRITE_ERROR
+            return QUEUE_WRITE_ERROR
         return committed.addCallbacks(self._committed, self._commit_failed,
                                       callbackArgs=(envelope,), errbackArgs=(envelope,))
 
@@ -1031,12 +1106,12 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         log.info("{queue_id}: accepted from {peer} <{sender}>, {count} recipients, {size} octets",
                  queue_id=envelope.queue_id, peer=self._peer(), sender=envelope.sender,
                  count=len(envelope.recipients), size=envelope.size, event="accepted")
-        return R.queued(envelope.queue_id)
+        return queued(envelope.queue_id)
 
     def _commit_failed(self, failure: Failure, envelope: Envelope) -> Reply:
         log.failure("{queue_id}: queue file write error, message refused", failure,
                     queue_id=envelope.queue_id)
-        return R.QUEUE_WRITE_ERROR
+        return QUEUE_WRITE_ERROR
 
     def _abort_message(self) -> None:
         message, self._message, self._reader = self._message, None, None
