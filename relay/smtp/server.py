@@ -6,7 +6,8 @@ The protocol parses commands, enforces the limits, asks the relay policy
 (``relay.policy.RelayPolicy``) about each recipient and hands each message to
 the spool; it knows nothing of storage or routing.  It is a LineReceiver that
 dispatches per state (command lines, DATA stream) and per verb (``do_MAIL``,
-``do_RCPT`` ...).
+``do_RCPT`` ...).  The mail transaction MAIL and RCPT build, with its
+parameter and policy checks, is ``relay.smtp.transaction``'s.
 
 Pipelining (RFC 2920): replies are collected while one read is processed and
 written together.  When an answer is not ready (an asynchronous policy check,
@@ -66,16 +67,15 @@ from relay.smtp import set_nodelay, write_now
 from relay.auth import ISubmitter
 from relay.config import ServerConfig, domain_problem
 from relay.domains import DomainError, normalize_domain, to_ascii
-from relay.envelope import ClientInfo, Envelope, Recipient
+from relay.envelope import ClientInfo, Envelope
 from relay.metrics import reply_in
 from relay.seams import IncomingMessage
-from relay.smtp import dsn
 from relay.smtp.data import ChunkReader, DataReader, HeaderCompleter
 from relay.smtp import trace
 from relay.smtp.sasl import AUTH_MECHANISMS, MAX_AUTH_LINE, AuthExchange
-from relay.smtp.address import Path, UnsendableAddress, normalized_path, parse_params, parse_path, split_argument
 from relay.smtp.flow import ReplyThrottle
 from relay.smtp.limits import client_key
+from relay.smtp.transaction import Refusal, Transaction, Transactions, read_mail, read_rcpt
 from relay.smtp.replies import (
     ALREADY_TLS,
     AUTH_FAILED,
@@ -89,14 +89,7 @@ from relay.smtp.replies import (
     AUTH_REQUIRED,
     AUTH_TEMPORARY_FAILURE,
     AUTH_TWICE,
-    BAD_BODY,
     BAD_IDN_HELO,
-    BAD_IDN_RECIPIENT,
-    BAD_IDN_SENDER,
-    BAD_RECIPIENT,
-    BAD_SENDER,
-    BAD_SIZE,
-    BAD_SMTPUTF8,
     BAD_UTF8_COMMAND,
     BARE_NEWLINE_COMMAND,
     BDAT_THEN_DATA,
@@ -111,14 +104,10 @@ from relay.smtp.replies import (
     NEED_RCPT,
     NESTED_MAIL,
     NOT_IMPLEMENTED,
-    NULL_RECIPIENT,
     OK,
     PROTOCOL_ERROR_CODES,
     QUEUE_WRITE_ERROR,
     READY_TLS,
-    RECIPIENT_OK,
-    SENDER_OK,
-    SIZE_EXCEEDED,
     START_DATA,
     SYNTAX_AUTH,
     SYNTAX_BDAT,
@@ -126,17 +115,11 @@ from relay.smtp.replies import (
     SYNTAX_EHLO,
     SYNTAX_ETRN,
     SYNTAX_HELO,
-    SYNTAX_MAIL,
-    SYNTAX_PARAMS,
-    SYNTAX_RCPT,
     SYNTAX_RSET,
     SYNTAX_STARTTLS,
-    TOO_MANY_RECIPIENTS,
     UNKNOWN_COMMAND,
-    UNSENDABLE_RECIPIENT,
-    UNSENDABLE_SENDER,
-    UNSUPPORTED_PARAM,
     VRFY_REPLY,
+    Answer,
     Reply,
     chunk_received,
     ehlo_reply,
@@ -161,16 +144,10 @@ log = Logger(namespace="relay.smtp.server")
 MAX_COMMAND_LINE = 512  # octets including CRLF (RFC 5321 4.5.3.1.4)
 AUTH_FAILURE_DELAY = 1.0  # seconds before a 535, input paused meanwhile
 AUTH_FAILURE_LIMIT = 3  # failed AUTH attempts in one session before 421 and close
-POSTMASTER = "postmaster"  # the one recipient accepted without a domain (RFC 5321 4.5.1)
 MAX_PENDING_REPLIES = 1 << 16  # octets of replies collected before they are written out
 CLOSE_GRACE = 30.0  # seconds a closed session's last replies may wait to be read before the connection is cut
 
 _MESSAGE_VERBS = ("MAIL", "RCPT", "DATA", "BDAT")  # a refusal of these is a rejected message (metrics)
-
-BODY_7BIT = "7BIT"
-BODY_8BITMIME = "8BITMIME"
-
-Answer = Union[Optional[Reply], Deferred]
 
 
 # -- the session ---------------------------------------------------------------------
@@ -184,17 +161,6 @@ class SessionState(enum.Enum):
     MAIL = "MAIL"  # MAIL accepted: RCPT and DATA expected
     DATA = "DATA"  # reading the message after the 354
     BDAT = "BDAT"  # a message coming in BDAT chunks (RFC 3030)
-
-
-class _Transaction:
-    """What MAIL and RCPT collected; cleared by RSET, HELO/EHLO, STARTTLS and end of DATA."""
-
-    def __init__(self, sender: str, body: str, smtputf8: bool, params: tuple) -> None:
-        self.sender = sender
-        self.body = body
-        self.smtputf8 = smtputf8
-        self.params = params
-        self.recipients: list[Recipient] = []
 
 
 class SMTPServerProtocol(LineReceiver, TimeoutMixin):
@@ -221,7 +187,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.peer_port = 0
         self.trusted = False
         self.errors = 0
-        self._transaction: Optional[_Transaction] = None
+        self._mail = Transactions(self.config, self.hostname, factory.policy, self._peer)
         self._message: Optional[IncomingMessage] = None  # during DATA
         self._reader: Optional[DataReader] = None
         self._chunks: Optional[ChunkReader] = None  # the BDAT message of this transaction
@@ -304,7 +270,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return SessionState.DATA
         if self._chunks is not None or self._chunk_left:
             return SessionState.BDAT
-        if self._transaction is not None:
+        if self._mail.current is not None:
             return SessionState.MAIL
         return SessionState.HELO if self.helo else SessionState.CONNECT
 
@@ -553,7 +519,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def _reset_transaction(self) -> None:
         """No transaction any more; a BDAT message begun in it is dropped."""
-        self._transaction = None
+        self._mail.current = None
         if self._chunks is not None:
             self._chunks = None
             self._abort_message()
@@ -577,153 +543,28 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return NEED_HELO
         if self.factory.submission and not self.auth_user:
             return AUTH_REQUIRED
-        if self._transaction is not None:
+        if self._mail.current is not None:
             return NESTED_MAIL
-        if argument[:5].upper() != "FROM:":
-            return SYNTAX_MAIL
         try:
-            path_text, params_text = split_argument(argument[5:])
-        except ValueError as e:
-            self._reason = str(e)
-            return BAD_SENDER
-        try:
-            params = parse_params(params_text)
-        except ValueError as e:
-            self._reason = str(e)
-            return SYNTAX_PARAMS
-        if params and not self.esmtp:
-            return UNSUPPORTED_PARAM
-        options = self._mail_options(params)
-        if isinstance(options, Reply):
-            return options
-        body, smtputf8, others = options
-        path = self._parse_path(path_text, smtputf8, BAD_SENDER, BAD_IDN_SENDER, UNSENDABLE_SENDER)
-        if isinstance(path, Reply):
-            return path
-        transaction = _Transaction(path.mailbox, body, smtputf8, others)
-        check_sender = self.factory.policy.check_sender
-        if not self.auth_user:
-            self._transaction = transaction
-            return SENDER_OK
-        answer = maybeDeferred(check_sender, self.client_info(smtputf8), path.mailbox)
-        return answer.addCallback(self._sender_checked, transaction)
-
-    def _sender_checked(self, refusal: Optional[Reply], transaction: _Transaction) -> Reply:
-        if refusal is not None and not isinstance(refusal, Reply):
-            log.error("policy answered {answer!r} for sender <{sender}>, not a Reply",
-                      answer=refusal, sender=transaction.sender)
-            return INTERNAL_ERROR
-        if refusal is not None and refusal.code >= 400:
-            log.info("refused sender <{sender}> for user {user} from {peer}: {reply}",
-                     sender=transaction.sender, user=self.auth_user, peer=self._peer(), reply=str(refusal),
-                     event="rejected", stage="mail")
-            return refusal
-        self._transaction = transaction
-        return SENDER_OK
-
-    def _mail_options(self, params: list) -> Union[Reply, tuple[str, bool, tuple]]:
-        body, smtputf8, others = BODY_7BIT, False, []
-        for keyword, value in params:
-            if keyword == "SIZE":
-                if value is None or not value.isdigit() or not value.isascii():
-                    return BAD_SIZE
-                if int(value) > self.config.max_message_size:
-                    return SIZE_EXCEEDED
-            elif keyword == "BODY":
-                if value is None or value.upper() not in (BODY_7BIT, BODY_8BITMIME):
-                    return BAD_BODY
-                body = value.upper()
-            elif keyword == "SMTPUTF8":
-                if value is not None:
-                    return BAD_SMTPUTF8
-                smtputf8 = True
-            elif keyword == "AUTH" and self._auth_offered():
-                pass  # RFC 4954 5: accepted; the identity we pass on is our own
-            elif keyword in dsn.MAIL_KEYWORDS:
-                refusal = dsn.check_mail_param(keyword, value, others)
-                if refusal is not None:
-                    return refusal
-                others.append((keyword, value))
-            else:
-                return UNSUPPORTED_PARAM
-        return body, smtputf8, tuple(others)
+            transaction = read_mail(argument, self.esmtp, self._auth_offered(), self.config.max_message_size)
+        except Refusal as refusal:
+            self._reason = refusal.reason
+            return refusal.reply
+        return self._mail.begin(transaction, self.auth_user, self.client_info)
 
     def do_RCPT(self, argument: str) -> Answer:
-        transaction = self._transaction
+        transaction = self._mail.current
         if transaction is None:
             return NEED_MAIL
-        if argument[:3].upper() != "TO:":
-            return SYNTAX_RCPT
         try:
-            path_text, params_text = split_argument(argument[3:])
-        except ValueError as e:
-            self._reason = str(e)
-            return BAD_RECIPIENT
-        try:
-            params = parse_params(params_text)
-        except ValueError as e:
-            self._reason = str(e)
-            return SYNTAX_PARAMS
-        checked = dsn.check_rcpt_params(params, transaction.smtputf8)
-        if isinstance(checked, Reply):
-            return checked
-        params = list(checked)
-        if path_text[1:-1].lower() == POSTMASTER:
-            return self._postmaster(transaction, tuple(params))
-        path = self._parse_path(path_text, transaction.smtputf8, BAD_RECIPIENT, BAD_IDN_RECIPIENT,
-                                UNSENDABLE_RECIPIENT)
-        if isinstance(path, Reply):
-            return path
-        if path.is_null:
-            return NULL_RECIPIENT
-        if len(transaction.recipients) >= self.config.max_recipients:
-            return TOO_MANY_RECIPIENTS
-        recipient = Recipient(address=path.mailbox, source_route=path.source_route, params=tuple(params))
-        # An answer the policy has at once is used at once (no Deferred per
-        # recipient); an exception ends as 451 through lineReceived.
-        answer = self.factory.policy.check_recipient(self.client_info(), transaction.sender, recipient)
-        if isinstance(answer, Deferred):
-            return answer.addCallback(self._recipient_checked, transaction, recipient)
-        return self._recipient_checked(answer, transaction, recipient)
-
-    def _parse_path(self, text: str, smtputf8: bool, bad: Reply, bad_idn: Reply,
-                    unsendable: Reply) -> Union[Path, Reply]:
-        """The path of MAIL or RCPT with its domains in normalised (A-label) form, or the refusal."""
-        try:
-            return normalized_path(parse_path(text, smtputf8))
-        except ValueError as e:
-            self._reason = str(e)
-            if isinstance(e, DomainError):
-                return bad_idn
-            return unsendable if isinstance(e, UnsendableAddress) else bad
-
-    def _postmaster(self, transaction: _Transaction, params: tuple = ()) -> Reply:
-        """``RCPT TO:<postmaster>`` (RFC 5321 4.5.1): accepted from anyone, delivered to ``[server] postmaster``."""
-        address = self.config.postmaster or f"{POSTMASTER}@{to_ascii(self.hostname)}"
-        if len(transaction.recipients) >= self.config.max_recipients:
-            return TOO_MANY_RECIPIENTS
-        if all(r.address != address for r in transaction.recipients):
-            transaction.recipients.append(Recipient(address=address, params=params))
-        return RECIPIENT_OK
-
-    def _recipient_checked(self, refusal: Optional[Reply], transaction: _Transaction,
-                           recipient: Recipient) -> Reply:
-        if refusal is not None and not isinstance(refusal, Reply):
-            log.error("policy answered {answer!r} for <{recipient}>, not a Reply",
-                      answer=refusal, recipient=recipient.address)
-            return INTERNAL_ERROR
-        if refusal is not None and refusal.code >= 400:
-            log.info("refused recipient <{recipient}> from {peer}: {reply}",
-                     recipient=recipient.address, peer=self._peer(), reply=str(refusal),
-                     event="rejected", stage="rcpt")
-            return refusal
-        if transaction is self._transaction and all(
-                r.address != recipient.address for r in transaction.recipients):
-            transaction.recipients.append(recipient)
-        return RECIPIENT_OK
+            request = read_rcpt(argument, transaction.smtputf8)
+        except Refusal as refusal:
+            self._reason = refusal.reason
+            return refusal.reply
+        return self._mail.add(request, self.client_info)
 
     def do_DATA(self, argument: str) -> Answer:
-        transaction = self._transaction
+        transaction = self._mail.current
         if transaction is None:
             return NEED_MAIL
         if self._chunks is not None:
@@ -739,7 +580,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.setTimeout(timeout)
         return START_DATA
 
-    def _begin_message(self, transaction: _Transaction, reader: type) -> Any:
+    def _begin_message(self, transaction: Transaction, reader: type) -> Any:
         """Start the queued message of ``transaction`` (its Received header first); the reader that fills it."""
         message = self.factory.spool.new_message()
         self._message = message
@@ -765,7 +606,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
                 or (len(words) == 2 and words[1].upper() != "LAST"):
             return SYNTAX_BDAT
         size, last = int(words[0]), len(words) == 2
-        transaction = self._transaction
+        transaction = self._mail.current
         refusal = NEED_MAIL if transaction is None else (NEED_RCPT if not transaction.recipients else None)
         if refusal is None and self._chunks is None:
             self._chunks = self._begin_message(transaction, ChunkReader)
@@ -871,7 +712,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return AUTH_NEEDS_TLS
         if self.auth_user:
             return AUTH_TWICE
-        if self._transaction is not None:
+        if self._mail.current is not None:
             return AUTH_IN_TRANSACTION
         words = argument.split(" ")
         if not words[0] or len(words) > 2:
@@ -955,7 +796,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def do_ETRN(self, argument: str) -> Answer:
         if self.helo is None:
             return NEED_HELO
-        if self._transaction is not None:
+        if self._mail.current is not None:
             return ETRN_IN_TRANSACTION
         node = argument.strip()
         if not node or " " in node:
@@ -1074,8 +915,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         completer, self._completer = self._completer, None
         if refusal is None and completer is not None:
             self._complete_header(completer)
-        message, transaction = self._message, self._transaction
-        self._message, self._transaction = None, None
+        message, transaction = self._message, self._mail.current
+        self._message, self._mail.current = None, None
         assert transaction is not None
         queue_id = message.queue_id
         if refusal is None and self._write_failed:
@@ -1144,7 +985,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return "TLS"
         return f"{version} {cipher}" if version and cipher else "TLS"
 
-    def _envelope(self, queue_id: str, transaction: _Transaction, size: int) -> Envelope:
+    def _envelope(self, queue_id: str, transaction: Transaction, size: int) -> Envelope:
         return Envelope(
             queue_id=queue_id, sender=transaction.sender,
             recipients=tuple(transaction.recipients),
@@ -1153,7 +994,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             smtputf8=transaction.smtputf8, mail_params=transaction.params,
         )
 
-    def _received_header(self, queue_id: str, transaction: _Transaction) -> bytes:
+    def _received_header(self, queue_id: str, transaction: Transaction) -> bytes:
         comments = trace.received_comments(self._tls_description() if self.tls else "",
                                            self.auth_user if self.config.received_auth else "")
         return trace.received_header(self.helo, self.peer_host, self.hostname,
