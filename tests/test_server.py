@@ -606,7 +606,7 @@ def test_very_long_line_in_pieces_memory_bounded() -> None:
     s.send(TRANSACTION)
     for _ in range(256):
         assert s.send(b"x" * 4096) == b""
-    assert len(s.proto._reader._pending) <= 4096 + 1000
+    assert len(s.proto._receiver.reader._pending) <= 4096 + 1000
     assert s.send(b"\r\n.\r\n") == R.LINE_TOO_LONG_DATA.to_bytes()
 
 
@@ -1124,10 +1124,13 @@ def test_log_lines_carry_queue_id(monkeypatch: Any) -> None:
     """Connection, acceptance (queue id, sender, count, size), refusal (with queue id) and disconnection are logged."""
     from twisted.logger import Logger, formatEvent
 
+    import relay.smtp.receive as receive_module
     import relay.smtp.server as server_module
 
     events: list[dict] = []
-    monkeypatch.setattr(server_module, "log", Logger(namespace="test", observer=events.append))
+    logger = Logger(namespace="test", observer=events.append)
+    monkeypatch.setattr(server_module, "log", logger)
+    monkeypatch.setattr(receive_module, "log", logger)
     s = ready()
     deliver(s, b"ok\r\n.\r\n")
     deliver(s, b"bad\nlf\r\n.\r\n")

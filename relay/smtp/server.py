@@ -14,12 +14,13 @@ written together.  When an answer is not ready (an asynchronous policy check,
 the spool's commit), line delivery and the transport are paused until it is
 written, so replies always come in command order.
 
-DATA is read in raw mode by ``relay.smtp.data.DataReader``: the stream is
-read to its real CRLF.CRLF end whatever is wrong with it, and the verdict
-and the stored bytes do not depend on how it is split into reads.
-
-A ``250`` to the end of DATA is sent only when the spool's commit has fired
-(the message is durable); a failed commit answers ``451``.
+DATA and BDAT chunks are read in raw mode and handed to the session's
+``relay.smtp.receive.MessageReceiver``, which fills the queued message
+through ``relay.smtp.data.DataReader``: the stream is read to its real
+CRLF.CRLF end whatever is wrong with it, and the verdict and the stored
+bytes do not depend on how it is split into reads.  A ``250`` to the end of
+DATA is sent only when the spool's commit has fired (the message is
+durable); a failed commit answers ``451``.
 
 Hostile clients: replies of one read are written out past
 ``MAX_PENDING_REPLIES``, and input stops while the transport holds more
@@ -47,10 +48,9 @@ session answer 421 4.3.2 and close, letting a message in DATA finish first.
 
 from __future__ import annotations
 
-import datetime
 import enum
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -67,15 +67,14 @@ from relay.smtp import set_nodelay, write_now
 from relay.auth import ISubmitter
 from relay.config import ServerConfig, domain_problem
 from relay.domains import DomainError, normalize_domain, to_ascii
-from relay.envelope import ClientInfo, Envelope
+from relay.envelope import ClientInfo
 from relay.metrics import reply_in
-from relay.seams import IncomingMessage
-from relay.smtp.data import ChunkReader, DataReader, HeaderCompleter
 from relay.smtp import trace
 from relay.smtp.sasl import AUTH_MECHANISMS, MAX_AUTH_LINE, AuthExchange
 from relay.smtp.flow import ReplyThrottle
 from relay.smtp.limits import client_key
-from relay.smtp.transaction import Refusal, Transaction, Transactions, read_mail, read_rcpt
+from relay.smtp.receive import Ending, MessageReceiver
+from relay.smtp.transaction import Refusal, Transactions, read_mail, read_rcpt
 from relay.smtp.replies import (
     ALREADY_TLS,
     AUTH_FAILED,
@@ -106,7 +105,6 @@ from relay.smtp.replies import (
     NOT_IMPLEMENTED,
     OK,
     PROTOCOL_ERROR_CODES,
-    QUEUE_WRITE_ERROR,
     READY_TLS,
     START_DATA,
     SYNTAX_AUTH,
@@ -121,7 +119,6 @@ from relay.smtp.replies import (
     VRFY_REPLY,
     Answer,
     Reply,
-    chunk_received,
     ehlo_reply,
     etrn_denied,
     etrn_started,
@@ -130,7 +127,6 @@ from relay.smtp.replies import (
     helo_reply,
     help_reply,
     idle_timeout,
-    queued,
     shutting_down,
     too_many_auth_failures,
     too_many_errors,
@@ -188,18 +184,11 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.trusted = False
         self.errors = 0
         self._mail = Transactions(self.config, self.hostname, factory.policy, self._peer)
-        self._message: Optional[IncomingMessage] = None  # during DATA
-        self._reader: Optional[DataReader] = None
-        self._chunks: Optional[ChunkReader] = None  # the BDAT message of this transaction
-        self._chunk_left = 0  # octets of the current BDAT chunk still to read
-        self._chunk_size = 0
-        self._chunk_last = False
-        self._chunk_refusal: Optional[Reply] = None  # the chunk is read and dropped, then refused
+        self._receiver = MessageReceiver(factory, self.client_info, self._peer)
         self._out: list[bytes] = []
         self._out_size = 0
         self._throttle = ReplyThrottle(self._output_backed_up, self._output_drained)
         self._output_blocked = False  # input paused until the client reads its replies
-        self._data_deadline = 0.0  # when the DATA stream must have progressed (clock time)
         self._line_seen = False  # a complete line arrived in this read: its timeout restarts
         self.client = ""  # the address the per-client limits count (relay.smtp.limits.client_key)
         self._closed = False
@@ -210,9 +199,6 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._reprocess = False
         self._waiting = False
         self._reason = ""  # why the current command is refused, for the log
-        self._stored = 0  # octets written for the current message
-        self._write_failed = False
-        self._completer: Optional[HeaderCompleter] = None
         self._exchange: Optional[AuthExchange] = None
         self.auth_failures = 0
         self.shutting_down = False
@@ -247,7 +233,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if self._cut is not None:
             self._cut.cancel()
             self._cut = None
-        self._abort_message()
+        self._receiver.abort()
         self._closed = True
         if self._counted:
             self._counted = False
@@ -256,7 +242,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         log.info("timeout after {state} from {peer}", state=self.state.value, peer=self._peer(), event="timeout")
-        self._abort_message()
+        self._receiver.abort()
         self._send(idle_timeout(self.hostname))
         self._close()
 
@@ -266,9 +252,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     @property
     def state(self) -> SessionState:
         """Where the session is in the SMTP dialogue (RFC 5321 4.1.4), from what it holds."""
-        if self._reader is not None:
+        if self._receiver.reader is not None:
             return SessionState.DATA
-        if self._chunks is not None or self._chunk_left:
+        if self._receiver.in_chunks:
             return SessionState.BDAT
         if self._mail.current is not None:
             return SessionState.MAIL
@@ -355,7 +341,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             self._check_partial_line()
         except Exception:
             log.failure("unexpected error from {peer}", peer=self._peer())
-            self._abort_message()
+            self._receiver.abort()
             self._send(INTERNAL_ERROR)
             self._close()
         finally:
@@ -440,7 +426,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
                 return
             if reply is not None:
                 self._send(reply if isinstance(reply, Reply) else INTERNAL_ERROR)
-            if self.shutting_down and self._reader is None:
+            if self.shutting_down and self._receiver.reader is None:
                 self._say_goodbye()
                 return
             if self._waiting:
@@ -520,9 +506,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def _reset_transaction(self) -> None:
         """No transaction any more; a BDAT message begun in it is dropped."""
         self._mail.current = None
-        if self._chunks is not None:
-            self._chunks = None
-            self._abort_message()
+        self._receiver.drop_chunks()
 
     def _extensions(self) -> list[str]:
         extensions = ["PIPELINING", f"SIZE {self.config.max_message_size}"]
@@ -567,32 +551,16 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         transaction = self._mail.current
         if transaction is None:
             return NEED_MAIL
-        if self._chunks is not None:
+        if self._receiver.chunks is not None:
             return BDAT_THEN_DATA
         if not transaction.recipients:
             return NEED_RCPT
         if argument:
             return SYNTAX_DATA
-        self._reader = self._begin_message(transaction, DataReader)
+        self._receiver.start_data(transaction)
         self.setRawMode()
-        timeout = self.factory.timeout()
-        self._data_deadline = self.clock.seconds() + timeout
-        self.setTimeout(timeout)
+        self.setTimeout(self._receiver.time_left)
         return START_DATA
-
-    def _begin_message(self, transaction: Transaction, reader: type) -> Any:
-        """Start the queued message of ``transaction`` (its Received header first); the reader that fills it."""
-        message = self.factory.spool.new_message()
-        self._message = message
-        sink = self._store
-        self._completer = None
-        if self.factory.submission:
-            self._completer = HeaderCompleter(self._store, self._missing_fields(message.queue_id))
-            sink = self._completer.write
-        self._stored = 0
-        self._write_failed = False
-        self._store(self._received_header(message.queue_id, transaction))
-        return reader(sink, self.config.max_message_size)
 
     def do_BDAT(self, argument: str) -> Answer:
         """``BDAT size [LAST]`` (RFC 3030): the next ``size`` octets are message content, read raw.
@@ -606,44 +574,12 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
                 or (len(words) == 2 and words[1].upper() != "LAST"):
             return SYNTAX_BDAT
         size, last = int(words[0]), len(words) == 2
-        transaction = self._mail.current
-        refusal = NEED_MAIL if transaction is None else (NEED_RCPT if not transaction.recipients else None)
-        if refusal is None and self._chunks is None:
-            self._chunks = self._begin_message(transaction, ChunkReader)
-        self._chunk_refusal = refusal
-        self._chunk_left, self._chunk_size, self._chunk_last = size, size, last
-        timeout = self.factory.timeout()
-        self._data_deadline = self.clock.seconds() + timeout
-        self.setTimeout(timeout)
+        self._receiver.start_chunk(self._mail.current, size, last)
+        self.setTimeout(self._receiver.time_left)
         if size == 0:
-            return self._chunk_done()
+            return self._message_read(self._receiver.chunk_done())
         self.setRawMode()
         return None
-
-    def _chunk_done(self) -> Answer:
-        """The current BDAT chunk is read: its answer (the message's, for the last one)."""
-        self._chunk_left = 0
-        if self._chunk_refusal is not None:
-            refusal, self._chunk_refusal = self._chunk_refusal, None
-            return refusal
-        if not self._chunk_last:
-            return chunk_received(self._chunk_size)
-        reader, self._chunks = self._chunks, None
-        assert reader is not None
-        reader.finish()
-        return self._end_of_data(reader)
-
-    def _missing_fields(self, queue_id: str) -> Callable[[set[bytes]], bytes]:
-        """The Message-ID and Date fields a submitted message lacks, given its field names."""
-        def missing(names: set[bytes]) -> bytes:
-            fields = b""
-            if b"message-id" not in names:
-                moment = datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc)
-                fields += f"Message-ID: <{moment:%Y%m%d%H%M%S}.{queue_id}@{self.hostname}>\r\n".encode("ascii")
-            if b"date" not in names:
-                fields += f"Date: {self._date()}\r\n".encode("ascii")
-            return fields
-        return missing
 
     def do_RSET(self, argument: str) -> Answer:
         if argument.strip():
@@ -831,13 +767,13 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def shutdown(self) -> None:
         """The relay stops: 421 and close now, or after the answer a message in DATA is waiting for."""
         self.shutting_down = True
-        if not self._closed and self._reader is None and not self._waiting:
+        if not self._closed and self._receiver.reader is None and not self._waiting:
             self._say_goodbye()
 
     def abort_for_shutdown(self) -> None:
         """The grace period is over: drop whatever is in progress, 421 and close (cut, if closed already)."""
         if not self._closed:
-            self._abort_message()
+            self._receiver.abort()
             self._say_goodbye()
         elif self._cut is not None:
             self._cut.cancel()
@@ -852,118 +788,28 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     # -- DATA ----------------------------------------------------------------
 
     def rawDataReceived(self, data: bytes) -> None:
-        if self._chunk_left:
-            self._chunk_data(data)
-            return
-        reader = self._reader
-        if reader is None:  # not reached: raw mode is only set with a reader
+        receiver = self._receiver
+        if not receiver.reading:  # not reached: raw mode is only set while the receiver reads
             self.setLineMode(data)
             return
-        self._data_progress(len(data))
-        rest = reader.feed(data)
-        if rest is None:
+        ending = receiver.feed(data)
+        self.setTimeout(receiver.time_left)
+        if ending is None:
             return
-        self._reader = None
-        self._line_seen = True  # the end of data restarts the timeout as a command line does
-        answer = self._end_of_data(reader)
-        self._answer(answer)
+        self._line_seen = True  # the end of data or of a chunk restarts the timeout as a command line does
+        self._answer(self._message_read(ending))
         # Back to commands: what followed the end of data is read as command
         # lines by LineReceiver's loop (once the reply is out, if it pauses).
         self.line_mode = 1
-        self._buffer = rest + self._buffer
+        self._buffer = ending.rest + self._buffer
 
-    def _chunk_data(self, data: bytes) -> None:
-        """Octets of a BDAT chunk: to the message (or dropped), then the chunk's answer and commands again."""
-        take, rest = data[: self._chunk_left], data[self._chunk_left:]
-        self._chunk_left -= len(take)
-        self._data_progress(len(take))
-        if self._chunk_refusal is None and self._chunks is not None:
-            self._chunks.feed_chunk(take)
-        if self._chunk_left:
-            return
-        self._line_seen = True  # the end of a chunk restarts the timeout as a command line does
-        self._answer(self._chunk_done())
-        self.line_mode = 1
-        self._buffer = rest + self._buffer
+    def _message_read(self, ending: Ending) -> Answer:
+        """The answer to a DATA stream or BDAT chunk read to its end; the transaction is over with its message."""
+        if ending.ended:
+            self._mail.current = None
+        return ending.answer
 
-    def _data_progress(self, octets: int) -> None:
-        """Move the DATA deadline (Postfix's smtpd_min_data_rate): ``octets`` more earn octets / min_data_rate s.
-
-        The time since the last chunk is spent from what is left, and what
-        is left never exceeds the timeout (idle_timeout, shorter under load):
-        a stream slower than min_data_rate octets per second times out,
-        however it is split.
-        """
-        now = self.clock.seconds()
-        earned = octets / self.config.min_data_rate
-        remaining = min(self.factory.timeout(), max(0.0, self._data_deadline - now) + earned)
-        self._data_deadline = now + remaining
-        self.setTimeout(remaining)
-
-    def _store(self, data: bytes) -> None:
-        self._stored += len(data)
-        if self._write_failed:
-            return
-        try:
-            self._message.write(data)
-        except Exception:
-            log.failure("{queue_id}: cannot write the queue file", queue_id=self._message.queue_id)
-            self._write_failed = True
-
-    def _end_of_data(self, reader: DataReader) -> Answer:
-        refusal = reader.refusal()
-        completer, self._completer = self._completer, None
-        if refusal is None and completer is not None:
-            self._complete_header(completer)
-        message, transaction = self._message, self._mail.current
-        self._message, self._mail.current = None, None
-        assert transaction is not None
-        queue_id = message.queue_id
-        if refusal is None and self._write_failed:
-            refusal = QUEUE_WRITE_ERROR
-        if refusal is not None:
-            message.abort()
-            log.info("{queue_id}: refused message from {peer} <{sender}>: {reply}",
-                     queue_id=queue_id, peer=self._peer(), sender=transaction.sender, reply=str(refusal),
-                     event="rejected", stage="data")
-            return refusal
-        envelope = self._envelope(queue_id, transaction, self._stored)
-        try:
-            committed = message.commit(envelope)
-        except Exception:
-            log.failure("{queue_id}: commit failed", queue_id=queue_id)
-            return QUEUE_WRITE_ERROR
-        return committed.addCallbacks(self._committed, self._commit_failed,
-                                      callbackArgs=(envelope,), errbackArgs=(envelope,))
-
-    def _complete_header(self, completer: HeaderCompleter) -> None:
-        """Write what the completer held back, with the fields it adds (submission only)."""
-        completer.finish()
-        if completer.added:
-            names = [field.partition(b":")[0].decode("ascii") for field in completer.added.splitlines()]
-            log.info("{queue_id}: added {fields}", queue_id=self._message.queue_id, fields=" and ".join(names))
-
-    def _committed(self, result: Any, envelope: Envelope) -> Reply:
-        log.info("{queue_id}: accepted from {peer} <{sender}>, {count} recipients, {size} octets",
-                 queue_id=envelope.queue_id, peer=self._peer(), sender=envelope.sender,
-                 count=len(envelope.recipients), size=envelope.size, event="accepted")
-        return queued(envelope.queue_id)
-
-    def _commit_failed(self, failure: Failure, envelope: Envelope) -> Reply:
-        log.failure("{queue_id}: queue file write error, message refused", failure,
-                    queue_id=envelope.queue_id)
-        return QUEUE_WRITE_ERROR
-
-    def _abort_message(self) -> None:
-        message, self._message, self._reader = self._message, None, None
-        self._chunks = None
-        if message is not None:
-            try:
-                message.abort()
-            except Exception:
-                log.failure("{queue_id}: abort failed", queue_id=message.queue_id)
-
-    # -- envelope and trace --------------------------------------------------
+    # -- the client --------------------------------------------------
 
     def protocol_name(self, smtputf8: bool = False) -> str:
         """RFC 3848 / RFC 6531 ``with`` keyword: SMTP, ESMTP, ESMTPS, ESMTPSA, UTF8SMTPS..."""
@@ -984,26 +830,6 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         except Exception:
             return "TLS"
         return f"{version} {cipher}" if version and cipher else "TLS"
-
-    def _envelope(self, queue_id: str, transaction: Transaction, size: int) -> Envelope:
-        return Envelope(
-            queue_id=queue_id, sender=transaction.sender,
-            recipients=tuple(transaction.recipients),
-            client=self.client_info(transaction.smtputf8),
-            arrival=self.clock.seconds(), size=size, body=transaction.body,
-            smtputf8=transaction.smtputf8, mail_params=transaction.params,
-        )
-
-    def _received_header(self, queue_id: str, transaction: Transaction) -> bytes:
-        comments = trace.received_comments(self._tls_description() if self.tls else "",
-                                           self.auth_user if self.config.received_auth else "")
-        return trace.received_header(self.helo, self.peer_host, self.hostname,
-                                     self.protocol_name(transaction.smtputf8), queue_id,
-                                     [r.address for r in transaction.recipients], self._date(), comments)
-
-    def _date(self) -> str:
-        return self.factory.date_text(self.clock.seconds())
-
 
 @lru_cache(maxsize=1024)
 def _wire(reply: Reply) -> bytes:
