@@ -28,6 +28,7 @@ from relay.policy import RelayPolicy
 from relay.queue.store import Spool
 from relay.smtp import replies as R
 from relay.smtp import factory as factory_module
+from relay.smtp import sasl as sasl_module
 from relay.smtp import server as server_module
 from relay.smtp.replies import Reply
 from relay.smtp.factory import SMTPServerFactory
@@ -1459,7 +1460,9 @@ def test_password_absent_from_logs(monkeypatch: Any) -> None:
     from twisted.logger import Logger, formatEvent
 
     events: list[dict] = []
-    monkeypatch.setattr(server_module, "log", Logger(namespace="test", observer=events.append))
+    logger = Logger(namespace="test", observer=events.append)
+    monkeypatch.setattr(server_module, "log", logger)
+    monkeypatch.setattr(sasl_module, "log", logger)
     s = auth_ready()
     s.send(PLAIN_BAD)
     s.factory.clock.advance(1)

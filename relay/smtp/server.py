@@ -31,12 +31,12 @@ connection rate (``relay.smtp.limits``).  Timeouts are deadlines: a whole
 command line within the timeout, DATA at ``min_data_rate`` at least; under
 load the timeout is ``load_idle_timeout``.
 
-AUTH (RFC 4954) PLAIN and LOGIN (decoded by ``relay.smtp.sasl``) is offered when the factory has a
+AUTH (RFC 4954) PLAIN and LOGIN is offered when the factory has a
 twisted.cred portal, and only on a TLS-protected session (after STARTTLS or
-on an implicit-TLS listener) unless ``auth_in_clear`` is set.  Credentials
-are checked through the portal (in a thread: see ``relay.auth``); a failure
-is answered after a delay on the injected clock with input paused, and too
-many failures close the session; an address with too many failures across
+on an implicit-TLS listener) unless ``auth_in_clear`` is set.  The session's
+``relay.smtp.sasl.Authenticator`` runs the exchange and the portal's check;
+a failure is answered after a delay with input paused, and too many
+failures close the session; an address with too many failures across
 sessions gets 454 without a check.  Passwords are never logged.
 
 On a submission listener (RFC 6409) MAIL needs a successful AUTH, and a
@@ -52,25 +52,21 @@ import enum
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-from twisted.cred.credentials import UsernamePassword
-from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import address as _address
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
-from twisted.internet.task import deferLater
 from relay.log import Logger, escape_controls
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from relay.smtp import set_nodelay, write_now
-from relay.auth import ISubmitter
 from relay.config import ServerConfig, domain_problem
 from relay.domains import DomainError, normalize_domain, to_ascii
 from relay.envelope import ClientInfo
 from relay.metrics import reply_in
 from relay.smtp import trace
-from relay.smtp.sasl import AUTH_MECHANISMS, MAX_AUTH_LINE, AuthExchange
+from relay.smtp.sasl import AUTH_MECHANISMS, MAX_AUTH_LINE, Authenticator
 from relay.smtp.flow import ReplyThrottle
 from relay.smtp.limits import client_key
 from relay.smtp.receive import Ending, MessageReceiver
@@ -79,14 +75,10 @@ from relay.smtp.replies import (
     ALREADY_TLS,
     AUTH_FAILED,
     AUTH_IN_TRANSACTION,
-    AUTH_MECHANISM_UNKNOWN,
     AUTH_NEEDS_TLS,
     AUTH_NEED_EHLO,
     AUTH_NOT_ENABLED,
-    AUTH_OK,
-    AUTH_RATE_LIMITED,
     AUTH_REQUIRED,
-    AUTH_TEMPORARY_FAILURE,
     AUTH_TWICE,
     BAD_IDN_HELO,
     BAD_UTF8_COMMAND,
@@ -107,7 +99,6 @@ from relay.smtp.replies import (
     PROTOCOL_ERROR_CODES,
     READY_TLS,
     START_DATA,
-    SYNTAX_AUTH,
     SYNTAX_BDAT,
     SYNTAX_DATA,
     SYNTAX_EHLO,
@@ -138,8 +129,6 @@ if TYPE_CHECKING:
 log = Logger(namespace="relay.smtp.server")
 
 MAX_COMMAND_LINE = 512  # octets including CRLF (RFC 5321 4.5.3.1.4)
-AUTH_FAILURE_DELAY = 1.0  # seconds before a 535, input paused meanwhile
-AUTH_FAILURE_LIMIT = 3  # failed AUTH attempts in one session before 421 and close
 MAX_PENDING_REPLIES = 1 << 16  # octets of replies collected before they are written out
 CLOSE_GRACE = 30.0  # seconds a closed session's last replies may wait to be read before the connection is cut
 
@@ -178,7 +167,6 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.helo: Optional[str] = None
         self.esmtp = False
         self.tls = False
-        self.auth_user = ""
         self.peer_host = ""
         self.peer_port = 0
         self.trusted = False
@@ -199,8 +187,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._reprocess = False
         self._waiting = False
         self._reason = ""  # why the current command is refused, for the log
-        self._exchange: Optional[AuthExchange] = None
-        self.auth_failures = 0
+        self._auth = Authenticator(factory, self._peer, self._out_challenge, self._auth_exhausted)
         self.shutting_down = False
 
     # -- connection ----------------------------------------------------------
@@ -212,6 +199,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.trusted = self.factory.policy.is_trusted(self.peer_host) if self.peer_host else False
         self.tls = ISSLTransport.providedBy(self.transport)  # an implicit-TLS listener
         self.client = client_key(self.peer_host) if self.peer_host else ""
+        self._auth.client = self.client
         if self.factory.shutting_down:
             self._send(shutting_down(self.hostname))
             self._close()
@@ -350,7 +338,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def lineLengthExceeded(self, line: bytes) -> None:
         """Answer 500 5.5.6 and drop the overlong line up to its CRLF; go on after it."""
         log.info("line too long from {peer}", peer=self._peer())
-        self._exchange = None  # an overlong AUTH response ends the exchange
+        self._auth.exchange = None  # an overlong AUTH response ends the exchange
         self._send(LINE_TOO_LONG)
         end = line.find(b"\r\n")
         if end < 0:
@@ -364,7 +352,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         """An unfinished command line already over 512 octets is refused now (AUTH lines may be longer)."""
         buffer = self._buffer
         if (not self.line_mode or self.paused or self._closed or len(buffer) < MAX_COMMAND_LINE
-                or self._exchange is not None or buffer[:5].upper() == b"AUTH " or b"\r\n" in buffer):
+                or self._auth.exchange is not None or buffer[:5].upper() == b"AUTH " or b"\r\n" in buffer):
             return
         self._buffer = b""
         self.lineLengthExceeded(buffer)
@@ -389,16 +377,16 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             self._say_goodbye()
             return
         self._reason = ""
-        exchange = self._exchange
+        exchange = self._auth.exchange
         if len(line) > MAX_COMMAND_LINE - 2 and exchange is None and line[:5].upper() != b"AUTH ":
             log.info("line too long from {peer}", peer=self._peer())
             self._send(LINE_TOO_LONG)
             return
         try:
-            answer = self._auth_response(exchange, line) if exchange is not None else self._command(line)
+            answer = self._auth.respond(line) if exchange is not None else self._command(line)
         except Exception:
             log.failure("error handling a command from {peer}", peer=self._peer())
-            self._exchange = None
+            self._auth.exchange = None
             answer = INTERNAL_ERROR
         if isinstance(answer, Reply) and answer.code >= 400:
             # An AUTH response line is a secret: only its verb is ever logged.
@@ -634,7 +622,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.helo = None
         self.esmtp = False
         self._reset_transaction()
-        self.auth_user = ""  # RFC 3207 4.2: forget what the client said in clear
+        self._auth.user = ""  # RFC 3207 4.2: forget what the client said in clear
         return None
 
     # -- AUTH (RFC 4954) -------------------------------------------------------
@@ -650,76 +638,24 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return AUTH_TWICE
         if self._mail.current is not None:
             return AUTH_IN_TRANSACTION
-        words = argument.split(" ")
-        if not words[0] or len(words) > 2:
-            return SYNTAX_AUTH
-        mechanism = words[0].upper()
-        if mechanism not in AUTH_MECHANISMS:
-            return AUTH_MECHANISM_UNKNOWN
-        if self.factory.limits.auth.blocked(self.client):
-            return self._auth_rate_limited(mechanism)
-        exchange = AuthExchange(mechanism)
-        if len(words) == 1:
-            self._exchange = exchange
-            self._out.append(exchange.first_challenge())
-            return None
-        return self._auth_response(exchange, words[1].encode("ascii", "replace"), initial=True)
+        return self._auth.start(argument)
 
-    def _auth_response(self, exchange: AuthExchange, line: bytes, initial: bool = False) -> Answer:
-        """One client response of an AUTH exchange (or the initial response)."""
-        self._exchange = None
-        step = exchange.respond(line, initial)
-        if isinstance(step, bytes):  # the next challenge: the exchange goes on
-            self._exchange = exchange
-            self._out.append(step)
-            return None
-        if isinstance(step, Reply):
-            return step
-        return self._verify(exchange.mechanism, step.username, step.password)
+    @property
+    def auth_user(self) -> str:
+        """The identity the client authenticated as ("" when none; forgotten at STARTTLS)."""
+        return self._auth.user
 
-    def _verify(self, mechanism: str, username: bytes, password: Optional[bytes]) -> Deferred:
-        """Ask the portal; 235, or 535 after a delay (``password`` None: refused without asking)."""
-        user = username.decode("utf-8", "replace")
-        if self.factory.limits.auth.blocked(self.client):
-            return self._auth_rate_limited(mechanism)
-        if password is None:
-            checked: Deferred = Deferred()
-            checked.errback(UnauthorizedLogin())
-        else:
-            checked = self.factory.portal.login(UsernamePassword(username, password), None, ISubmitter)
-        return checked.addCallbacks(self._auth_succeeded, self._auth_failed,
-                                    callbackArgs=(mechanism,), errbackArgs=(mechanism, user))
+    @auth_user.setter
+    def auth_user(self, user: str) -> None:
+        self._auth.user = user
 
-    def _auth_succeeded(self, result: tuple, mechanism: str) -> Reply:
-        _, avatar, logout = result
-        logout()
-        self.auth_user = avatar.name
-        log.info("AUTH {mechanism} as {user} from {peer}: success",
-                 mechanism=mechanism, user=self.auth_user, peer=self._peer(), event="auth")
-        return AUTH_OK
+    def _out_challenge(self, challenge: bytes) -> None:
+        """An AUTH challenge line, written with the replies of this read."""
+        self._out.append(challenge)
 
-    def _auth_failed(self, failure: Failure, mechanism: str, user: str) -> Answer:
-        if not failure.check(UnauthorizedLogin):
-            log.error("AUTH {mechanism} as {user!r} from {peer}: checker unavailable ({error})",
-                      mechanism=mechanism, user=user, peer=self._peer(),
-                      error=failure.type.__name__)
-            return AUTH_TEMPORARY_FAILURE
-        self.auth_failures += 1
-        self.factory.limits.auth.failed(self.client)
-        log.info("AUTH {mechanism} as {user!r} from {peer}: failed ({count} of {limit})",
-                 mechanism=mechanism, user=user, peer=self._peer(), event="auth_failed",
-                 count=self.auth_failures, limit=AUTH_FAILURE_LIMIT)
-        return deferLater(self.clock, AUTH_FAILURE_DELAY, self._auth_failure_reply)
-
-    def _auth_rate_limited(self, mechanism: str) -> Deferred:
-        """454 4.7.0 after the failure delay, without asking the portal: the address failed too often."""
-        auth = self.factory.limits.auth
-        log.warn("AUTH {mechanism} from {peer} refused: {limit} failures from {client} within {window:g} s",
-                 mechanism=mechanism, peer=self._peer(), limit=auth.limit, client=self.client, window=auth.window)
-        return deferLater(self.clock, AUTH_FAILURE_DELAY, lambda: AUTH_RATE_LIMITED)
-
-    def _auth_failure_reply(self) -> Optional[Reply]:
-        if self.auth_failures < AUTH_FAILURE_LIMIT or self._closed:
+    def _auth_exhausted(self) -> Optional[Reply]:
+        """The failure that used up AUTH_FAILURE_LIMIT: 535, then 421 and close (535 alone once closed)."""
+        if self._closed:
             return AUTH_FAILED
         log.warn("too many authentication failures from {peer}", peer=self._peer())
         self._send(AUTH_FAILED)
@@ -781,7 +717,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def _say_goodbye(self) -> None:
         log.info("shutting down: closing the session from {peer}", peer=self._peer())
-        self._exchange = None
+        self._auth.exchange = None
         self._send(shutting_down(self.hostname))
         self._close()
 
