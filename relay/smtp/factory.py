@@ -10,7 +10,7 @@ message in DATA finish within ``SHUTDOWN_GRACE``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -20,6 +20,7 @@ from relay.config import ServerConfig
 from relay.log import Logger
 from relay.seams import MessageSpool, Policy
 from relay.smtp import trace
+from relay.smtp.etrn import EtrnHook
 from relay.smtp.limits import ClientLimits, SessionCounts
 from relay.smtp.replies import (
     Reply,
@@ -34,9 +35,6 @@ log = Logger(namespace="relay.smtp.server")
 
 SHUTDOWN_GRACE = 10.0  # seconds a message in DATA may take to finish when the relay stops
 LOAD_THRESHOLD = 0.8  # share of max_sessions open past which timeouts are load_idle_timeout
-
-
-EtrnHook = Callable[[str, bool], Any]  # (domain, subdomains) -> messages scheduled
 
 
 class SMTPServerFactory(ServerFactory):

@@ -53,7 +53,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from twisted.internet import address as _address
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from relay.log import Logger, escape_controls
 from twisted.protocols.basic import LineReceiver
@@ -61,13 +61,14 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from relay.smtp import set_nodelay, write_now
-from relay.config import ServerConfig, domain_problem
-from relay.domains import DomainError, normalize_domain, to_ascii
+from relay.config import ServerConfig
+from relay.domains import DomainError, to_ascii
 from relay.envelope import ClientInfo
 from relay.metrics import reply_in
 from relay.smtp import trace
 from relay.smtp.sasl import AUTH_MECHANISMS, MAX_AUTH_LINE, Authenticator
 from relay.smtp.flow import ReplyThrottle
+from relay.smtp.etrn import etrn
 from relay.smtp.limits import client_key
 from relay.smtp.receive import Ending, MessageReceiver
 from relay.smtp.transaction import Refusal, Transactions, read_mail, read_rcpt
@@ -85,9 +86,7 @@ from relay.smtp.replies import (
     BARE_NEWLINE_COMMAND,
     BDAT_THEN_DATA,
     BYE,
-    ETRN_BAD_DOMAIN,
     ETRN_IN_TRANSACTION,
-    ETRN_NO_QUEUE_NAMES,
     INTERNAL_ERROR,
     LINE_TOO_LONG,
     NEED_HELO,
@@ -102,7 +101,6 @@ from relay.smtp.replies import (
     SYNTAX_BDAT,
     SYNTAX_DATA,
     SYNTAX_EHLO,
-    SYNTAX_ETRN,
     SYNTAX_HELO,
     SYNTAX_RSET,
     SYNTAX_STARTTLS,
@@ -111,9 +109,6 @@ from relay.smtp.replies import (
     Answer,
     Reply,
     ehlo_reply,
-    etrn_denied,
-    etrn_started,
-    etrn_unavailable,
     greeting,
     helo_reply,
     help_reply,
@@ -670,33 +665,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return NEED_HELO
         if self._mail.current is not None:
             return ETRN_IN_TRANSACTION
-        node = argument.strip()
-        if not node or " " in node:
-            return SYNTAX_ETRN
-        if node.startswith("#"):
-            return ETRN_NO_QUEUE_NAMES
-        subdomains = node.startswith("@")
-        name = node[1:] if subdomains else node
-        if domain_problem(name) is not None:
-            return ETRN_BAD_DOMAIN
-        if not (self.trusted or self.auth_user):
-            return etrn_denied(name)
-        hook = self.factory.etrn
-        if hook is None:
-            return etrn_unavailable(name)
-        domain = normalize_domain(name)
-        started = maybeDeferred(hook, domain, subdomains)
-        return started.addCallbacks(self._etrn_started, self._etrn_failed,
-                                    callbackArgs=(name, subdomains), errbackArgs=(name,))
-
-    def _etrn_started(self, count: Any, name: str, subdomains: bool) -> Reply:
-        log.info("ETRN {node} from {peer}: {count} message(s) scheduled now",
-                 node=("@" if subdomains else "") + name, peer=self._peer(), count=count)
-        return etrn_started(name)
-
-    def _etrn_failed(self, failure: Failure, name: str) -> Reply:
-        log.failure("ETRN {node} from {peer} failed", failure, node=name, peer=self._peer())
-        return etrn_unavailable(name)
+        return etrn(argument, self.trusted or bool(self.auth_user), self.factory.etrn, self._peer())
 
     # -- shutdown --------------------------------------------------------------
 
