@@ -214,6 +214,36 @@ def test_help_lists_the_verbs_the_session_offers() -> None:
     assert clear_auth.send(b"HELP\r\n").endswith(b" HELP AUTH ETRN\r\n")
 
 
+def help_verbs(s: Session) -> list[str]:
+    """The verbs HELP names beyond the basic ones, after an EHLO."""
+    s.send(b"EHLO client.test\r\n")
+    words = s.send(b"HELP\r\n").decode("ascii").split()
+    return words[words.index("HELP", 3) + 1:]
+
+
+def ehlo_verbs(s: Session) -> list[str]:
+    """The EHLO keywords that name a verb of their own (STARTTLS, AUTH, ETRN), in EHLO's order."""
+    lines = s.send(b"EHLO client.test\r\n").decode("ascii").split("\r\n")[1:-1]
+    return [line[4:].split(" ")[0] for line in lines if line[4:].split(" ")[0] in ("STARTTLS", "AUTH", "ETRN")]
+
+
+@pytest.mark.parametrize("kwargs, tls_first", [
+    ({}, False),
+    ({"tls_context": object()}, False),
+    ({"tls_context": object()}, True),
+    ({"portal": object()}, False),
+    ({"portal": object(), "tls_context": object()}, True),
+    ({"portal": object(), "auth_in_clear": True}, False),
+])
+def test_help_names_exactly_the_verbs_ehlo_offers(kwargs: dict, tls_first: bool) -> None:
+    """In every kind of session (TLS offered or started, AUTH offered or not), HELP names the verbs EHLO offers."""
+    s = session(**kwargs)
+    if tls_first:
+        assert s.send(b"STARTTLS\r\n").startswith(b"220 ")
+    assert help_verbs(s) == ehlo_verbs(s)
+    assert "BDAT" in s.send(b"HELP\r\n").decode("ascii").split() and b"250-CHUNKING\r\n" in s.send(b"EHLO c.test\r\n")
+
+
 def test_ehlo_advertises_starttls_with_context() -> None:
     """STARTTLS is advertised when a TLS context is given."""
     s = session(tls_context=object())

@@ -128,6 +128,7 @@ MAX_PENDING_REPLIES = 1 << 16  # octets of replies collected before they are wri
 CLOSE_GRACE = 30.0  # seconds a closed session's last replies may wait to be read before the connection is cut
 
 _MESSAGE_VERBS = ("MAIL", "RCPT", "DATA", "BDAT")  # a refusal of these is a rejected message (metrics)
+_EXTENSION_VERBS = ("STARTTLS", "AUTH", "ETRN")  # EHLO keywords that are verbs HELP names when offered
 
 
 # -- the session ---------------------------------------------------------------------
@@ -580,15 +581,12 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         return help_reply(self._offered_verbs())
 
     def _offered_verbs(self) -> list[str]:
-        """The verbs beyond the basic ones this session accepts now, as EHLO advertises them."""
-        verbs = []
-        if self.factory.tls_context is not None and not self.tls:
-            verbs.append("STARTTLS")
-        if self._auth_offered():
-            verbs.append("AUTH")
-        # BDAT joins here when the session offers CHUNKING.
-        verbs.append("ETRN")
-        return verbs
+        """The verbs beyond the basic ones this session accepts now: those of the extensions EHLO advertises.
+
+        BDAT is a basic verb: CHUNKING is always offered.
+        """
+        keywords = [extension.split(" ", 1)[0] for extension in self._extensions()]
+        return [keyword for keyword in keywords if keyword in _EXTENSION_VERBS]
 
     def do_QUIT(self, argument: str) -> Answer:
         self._send(BYE)
