@@ -41,8 +41,8 @@ sessions gets 454 without a check.  Passwords are never logged.
 
 On a submission listener (RFC 6409) MAIL needs a successful AUTH, and a
 message without Message-ID or Date gets them right after our Received
-header.  ETRN (RFC 1985) from a trusted or authenticated client calls the
-factory's ``etrn`` hook.  The factory's ``stopping()`` makes every
+header.  ETRN (RFC 1985, ``relay.smtp.etrn``) from a trusted or
+authenticated client calls the factory's ``etrn`` hook.  The factory's ``stopping()`` makes every
 session answer 421 4.3.2 and close, letting a message in DATA finish first.
 """
 
@@ -55,23 +55,20 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 from twisted.internet import address as _address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
-from relay.log import Logger, escape_controls
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from relay.smtp import set_nodelay, write_now
 from relay.config import ServerConfig
 from relay.domains import DomainError, to_ascii
 from relay.envelope import ClientInfo
+from relay.log import Logger, escape_controls
 from relay.metrics import reply_in
-from relay.smtp import trace
-from relay.smtp.sasl import AUTH_MECHANISMS, MAX_AUTH_LINE, Authenticator
-from relay.smtp.flow import ReplyThrottle
+from relay.smtp import set_nodelay, trace, write_now
 from relay.smtp.etrn import etrn
+from relay.smtp.flow import ReplyThrottle
 from relay.smtp.limits import client_key
 from relay.smtp.receive import Ending, MessageReceiver
-from relay.smtp.transaction import Refusal, Transactions, read_mail, read_rcpt
 from relay.smtp.replies import (
     ALREADY_TLS,
     AUTH_FAILED,
@@ -117,6 +114,8 @@ from relay.smtp.replies import (
     too_many_auth_failures,
     too_many_errors,
 )
+from relay.smtp.sasl import AUTH_MECHANISMS, MAX_AUTH_LINE, Authenticator
+from relay.smtp.transaction import Refusal, Transactions, read_mail, read_rcpt
 
 if TYPE_CHECKING:
     from relay.smtp.factory import SMTPServerFactory
