@@ -24,7 +24,8 @@ from typing import Any, Optional
 from twisted.internet import ssl
 from twisted.python.filepath import FilePath
 
-from relay.config import ConfigError, ServerConfig
+from relay.config import ServerConfig
+from relay.config_values import ConfigError
 from relay.trust import load_certificates
 
 

@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 from cryptography import x509
 
-from relay.config import COMMAND_LINE, Config, ConfigError
+from relay.config import COMMAND_LINE, Config
+from relay.config_values import ConfigError
 
 
 def load_certificates(pem: bytes) -> list[x509.Certificate]:

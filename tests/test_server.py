@@ -28,6 +28,7 @@ from relay.policy import RelayPolicy
 from relay.queue.store import Spool
 from relay.smtp import replies as R
 from relay.smtp import factory as factory_module
+from relay.smtp import sasl as sasl_module
 from relay.smtp import server as server_module
 from relay.smtp.replies import Reply
 from relay.smtp.factory import SMTPServerFactory
@@ -211,6 +212,36 @@ def test_help_lists_the_verbs_the_session_offers() -> None:
     assert b"STARTTLS" not in tls.send(b"HELP\r\n")
     clear_auth = session(portal=object(), auth_in_clear=True)
     assert clear_auth.send(b"HELP\r\n").endswith(b" HELP AUTH ETRN\r\n")
+
+
+def help_verbs(s: Session) -> list[str]:
+    """The verbs HELP names beyond the basic ones, after an EHLO."""
+    s.send(b"EHLO client.test\r\n")
+    words = s.send(b"HELP\r\n").decode("ascii").split()
+    return words[words.index("HELP", 3) + 1:]
+
+
+def ehlo_verbs(s: Session) -> list[str]:
+    """The EHLO keywords that name a verb of their own (STARTTLS, AUTH, ETRN), in EHLO's order."""
+    lines = s.send(b"EHLO client.test\r\n").decode("ascii").split("\r\n")[1:-1]
+    return [line[4:].split(" ")[0] for line in lines if line[4:].split(" ")[0] in ("STARTTLS", "AUTH", "ETRN")]
+
+
+@pytest.mark.parametrize("kwargs, tls_first", [
+    ({}, False),
+    ({"tls_context": object()}, False),
+    ({"tls_context": object()}, True),
+    ({"portal": object()}, False),
+    ({"portal": object(), "tls_context": object()}, True),
+    ({"portal": object(), "auth_in_clear": True}, False),
+])
+def test_help_names_exactly_the_verbs_ehlo_offers(kwargs: dict, tls_first: bool) -> None:
+    """In every kind of session (TLS offered or started, AUTH offered or not), HELP names the verbs EHLO offers."""
+    s = session(**kwargs)
+    if tls_first:
+        assert s.send(b"STARTTLS\r\n").startswith(b"220 ")
+    assert help_verbs(s) == ehlo_verbs(s)
+    assert "BDAT" in s.send(b"HELP\r\n").decode("ascii").split() and b"250-CHUNKING\r\n" in s.send(b"EHLO c.test\r\n")
 
 
 def test_ehlo_advertises_starttls_with_context() -> None:
@@ -606,7 +637,7 @@ def test_very_long_line_in_pieces_memory_bounded() -> None:
     s.send(TRANSACTION)
     for _ in range(256):
         assert s.send(b"x" * 4096) == b""
-    assert len(s.proto._reader._pending) <= 4096 + 1000
+    assert len(s.proto._receiver.reader._pending) <= 4096 + 1000
     assert s.send(b"\r\n.\r\n") == R.LINE_TOO_LONG_DATA.to_bytes()
 
 
@@ -1124,10 +1155,13 @@ def test_log_lines_carry_queue_id(monkeypatch: Any) -> None:
     """Connection, acceptance (queue id, sender, count, size), refusal (with queue id) and disconnection are logged."""
     from twisted.logger import Logger, formatEvent
 
+    import relay.smtp.receive as receive_module
     import relay.smtp.server as server_module
 
     events: list[dict] = []
-    monkeypatch.setattr(server_module, "log", Logger(namespace="test", observer=events.append))
+    logger = Logger(namespace="test", observer=events.append)
+    monkeypatch.setattr(server_module, "log", logger)
+    monkeypatch.setattr(receive_module, "log", logger)
     s = ready()
     deliver(s, b"ok\r\n.\r\n")
     deliver(s, b"bad\nlf\r\n.\r\n")
@@ -1456,7 +1490,9 @@ def test_password_absent_from_logs(monkeypatch: Any) -> None:
     from twisted.logger import Logger, formatEvent
 
     events: list[dict] = []
-    monkeypatch.setattr(server_module, "log", Logger(namespace="test", observer=events.append))
+    logger = Logger(namespace="test", observer=events.append)
+    monkeypatch.setattr(server_module, "log", logger)
+    monkeypatch.setattr(sasl_module, "log", logger)
     s = auth_ready()
     s.send(PLAIN_BAD)
     s.factory.clock.advance(1)

@@ -16,8 +16,14 @@ from __future__ import annotations
 import re
 from typing import Callable, Optional
 
-from relay.smtp import replies as R
-from relay.smtp.replies import Reply
+from relay.smtp.replies import (
+    BARE_NEWLINE_DATA,
+    LINE_TOO_LONG_DATA,
+    NUL_IN_DATA,
+    SIZE_EXCEEDED,
+    TOO_MANY_HOPS,
+    Reply,
+)
 
 MAX_TEXT_LINE = 1000  # octets including CRLF (RFC 5321 4.5.3.1.6)
 MAX_RECEIVED = 100  # more Received headers than this: a mail loop (RFC 5321 6.3)
@@ -79,15 +85,15 @@ class DataReader:
     def refusal(self) -> Optional[Reply]:
         """The reply refusing the message, by fixed precedence; None when it is fine."""
         if self.bare_newline:
-            return R.BARE_NEWLINE_DATA
+            return BARE_NEWLINE_DATA
         if self.nul:
-            return R.NUL_IN_DATA
+            return NUL_IN_DATA
         if self.too_long:
-            return R.LINE_TOO_LONG_DATA
+            return LINE_TOO_LONG_DATA
         if self.oversize:
-            return R.SIZE_EXCEEDED
+            return SIZE_EXCEEDED
         if self.received_headers > MAX_RECEIVED:
-            return R.TOO_MANY_HOPS
+            return TOO_MANY_HOPS
         return None
 
     def feed(self, data: bytes) -> Optional[bytes]:

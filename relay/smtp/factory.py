@@ -10,7 +10,7 @@ message in DATA finish within ``SHUTDOWN_GRACE``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -19,10 +19,15 @@ from twisted.internet.protocol import ServerFactory
 from relay.config import ServerConfig
 from relay.log import Logger
 from relay.seams import MessageSpool, Policy
-from relay.smtp import replies as R
 from relay.smtp import trace
+from relay.smtp.etrn import EtrnHook
 from relay.smtp.limits import ClientLimits, SessionCounts
-from relay.smtp.replies import Reply
+from relay.smtp.replies import (
+    Reply,
+    connection_rate_exceeded,
+    too_many_client_sessions,
+    too_many_connections,
+)
 from relay.smtp.server import SMTPServerProtocol
 
 # The sessions' own namespace: operators filter the inbound listener's lines by it.
@@ -30,9 +35,6 @@ log = Logger(namespace="relay.smtp.server")
 
 SHUTDOWN_GRACE = 10.0  # seconds a message in DATA may take to finish when the relay stops
 LOAD_THRESHOLD = 0.8  # share of max_sessions open past which timeouts are load_idle_timeout
-
-
-EtrnHook = Callable[[str, bool], Any]  # (domain, subdomains) -> messages scheduled
 
 
 class SMTPServerFactory(ServerFactory):
@@ -101,16 +103,16 @@ class SMTPServerFactory(ServerFactory):
             log.warn("refused connection from {peer}: more than {limit} connections from {client} in {unit:g} s",
                      peer=peer, limit=self.config.client_connection_rate_limit, client=client,
                      unit=self.config.client_rate_time_unit, event="connection_refused")
-            return R.connection_rate_exceeded(self.hostname, client)
+            return connection_rate_exceeded(self.hostname, client)
         refused = self.counts.admit(client, session.trusted)
         if refused == "client sessions":
             log.warn("refused connection from {peer}: {count} sessions from {client} already",
                      peer=peer, count=self.counts.of(client), client=client, event="connection_refused")
-            return R.too_many_client_sessions(self.hostname, client)
+            return too_many_client_sessions(self.hostname, client)
         if refused is not None:
             log.warn("refused connection from {peer}: too many sessions ({count} open)",
                      peer=peer, count=self.counts.total, event="connection_refused")
-            return R.too_many_connections(self.hostname)
+            return too_many_connections(self.hostname)
         self._live.add(session)
         return None
 

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 _STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -113,6 +116,11 @@ class Reply:
                 text = text[len(status) + 1:]
             kept.append(text)
         return cls(code, status, "\n".join(kept))
+
+
+# What the server's command handlers give back: a reply, None (written already
+# or none due), or a Deferred firing with the reply.
+Answer = Union[Optional[Reply], "Deferred"]
 
 
 # -- connection and session --------------------------------------------------------

@@ -6,19 +6,21 @@ The protocol parses commands, enforces the limits, asks the relay policy
 (``relay.policy.RelayPolicy``) about each recipient and hands each message to
 the spool; it knows nothing of storage or routing.  It is a LineReceiver that
 dispatches per state (command lines, DATA stream) and per verb (``do_MAIL``,
-``do_RCPT`` ...).
+``do_RCPT`` ...).  The mail transaction MAIL and RCPT build, with its
+parameter and policy checks, is ``relay.smtp.inbound``'s.
 
 Pipelining (RFC 2920): replies are collected while one read is processed and
 written together.  When an answer is not ready (an asynchronous policy check,
 the spool's commit), line delivery and the transport are paused until it is
 written, so replies always come in command order.
 
-DATA is read in raw mode by ``relay.smtp.data.DataReader``: the stream is
-read to its real CRLF.CRLF end whatever is wrong with it, and the verdict
-and the stored bytes do not depend on how it is split into reads.
-
-A ``250`` to the end of DATA is sent only when the spool's commit has fired
-(the message is durable); a failed commit answers ``451``.
+DATA and BDAT chunks are read in raw mode and handed to the session's
+``relay.smtp.receive.MessageReceiver``, which fills the queued message
+through ``relay.smtp.data.DataReader``: the stream is read to its real
+CRLF.CRLF end whatever is wrong with it, and the verdict and the stored
+bytes do not depend on how it is split into reads.  A ``250`` to the end of
+DATA is sent only when the spool's commit has fired (the message is
+durable); a failed commit answers ``451``.
 
 Hostile clients: replies of one read are written out past
 ``MAX_PENDING_REPLIES``, and input stops while the transport holds more
@@ -29,55 +31,91 @@ connection rate (``relay.smtp.limits``).  Timeouts are deadlines: a whole
 command line within the timeout, DATA at ``min_data_rate`` at least; under
 load the timeout is ``load_idle_timeout``.
 
-AUTH (RFC 4954) PLAIN and LOGIN (decoded by ``relay.smtp.sasl``) is offered when the factory has a
+AUTH (RFC 4954) PLAIN and LOGIN is offered when the factory has a
 twisted.cred portal, and only on a TLS-protected session (after STARTTLS or
-on an implicit-TLS listener) unless ``auth_in_clear`` is set.  Credentials
-are checked through the portal (in a thread: see ``relay.auth``); a failure
-is answered after a delay on the injected clock with input paused, and too
-many failures close the session; an address with too many failures across
+on an implicit-TLS listener) unless ``auth_in_clear`` is set.  The session's
+``relay.smtp.sasl.Authenticator`` runs the exchange and the portal's check;
+a failure is answered after a delay with input paused, and too many
+failures close the session; an address with too many failures across
 sessions gets 454 without a check.  Passwords are never logged.
 
 On a submission listener (RFC 6409) MAIL needs a successful AUTH, and a
 message without Message-ID or Date gets them right after our Received
-header.  ETRN (RFC 1985) from a trusted or authenticated client calls the
-factory's ``etrn`` hook.  The factory's ``stopping()`` makes every
+header.  ETRN (RFC 1985, ``relay.smtp.etrn``) from a trusted or
+authenticated client calls the factory's ``etrn`` hook.  The factory's ``stopping()`` makes every
 session answer 421 4.3.2 and close, letting a message in DATA finish first.
 """
 
 from __future__ import annotations
 
-import datetime
 import enum
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
-from twisted.cred.credentials import UsernamePassword
-from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import address as _address
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
-from twisted.internet.task import deferLater
-from relay.log import Logger, escape_controls
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from relay.smtp import set_nodelay, write_now
-from relay.auth import ISubmitter
 from relay.config import ServerConfig
-from relay.config_values import domain_problem
-from relay.domains import DomainError, normalize_domain, to_ascii
-from relay.envelope import ClientInfo, Envelope, Recipient
+from relay.domains import DomainError, to_ascii
+from relay.envelope import ClientInfo
+from relay.log import Logger, escape_controls
 from relay.metrics import reply_in
-from relay.seams import IncomingMessage
-from relay.smtp import dsn, replies as R
-from relay.smtp.data import ChunkReader, DataReader, HeaderCompleter
-from relay.smtp import trace
-from relay.smtp.sasl import AUTH_MECHANISMS, MAX_AUTH_LINE, AuthExchange
-from relay.smtp.address import Path, UnsendableAddress, normalized_path, parse_params, parse_path, split_argument
+from relay.smtp import set_nodelay, trace, write_now
+from relay.smtp.etrn import etrn
 from relay.smtp.flow import ReplyThrottle
 from relay.smtp.limits import client_key
-from relay.smtp.replies import Reply
+from relay.smtp.receive import Ending, MessageReceiver
+from relay.smtp.replies import (
+    ALREADY_TLS,
+    AUTH_FAILED,
+    AUTH_IN_TRANSACTION,
+    AUTH_NEEDS_TLS,
+    AUTH_NEED_EHLO,
+    AUTH_NOT_ENABLED,
+    AUTH_REQUIRED,
+    AUTH_TWICE,
+    BAD_IDN_HELO,
+    BAD_UTF8_COMMAND,
+    BARE_NEWLINE_COMMAND,
+    BDAT_THEN_DATA,
+    BYE,
+    ETRN_IN_TRANSACTION,
+    INTERNAL_ERROR,
+    LINE_TOO_LONG,
+    NEED_HELO,
+    NEED_MAIL,
+    NEED_RCPT,
+    NESTED_MAIL,
+    NOT_IMPLEMENTED,
+    OK,
+    PROTOCOL_ERROR_CODES,
+    READY_TLS,
+    START_DATA,
+    SYNTAX_BDAT,
+    SYNTAX_DATA,
+    SYNTAX_EHLO,
+    SYNTAX_HELO,
+    SYNTAX_RSET,
+    SYNTAX_STARTTLS,
+    UNKNOWN_COMMAND,
+    VRFY_REPLY,
+    Answer,
+    Reply,
+    ehlo_reply,
+    greeting,
+    helo_reply,
+    help_reply,
+    idle_timeout,
+    shutting_down,
+    too_many_auth_failures,
+    too_many_errors,
+)
+from relay.smtp.sasl import AUTH_MECHANISMS, MAX_AUTH_LINE, Authenticator
+from relay.smtp.inbound import Refusal, Transactions, read_mail, read_rcpt
 
 if TYPE_CHECKING:
     from relay.smtp.factory import SMTPServerFactory
@@ -85,18 +123,11 @@ if TYPE_CHECKING:
 log = Logger(namespace="relay.smtp.server")
 
 MAX_COMMAND_LINE = 512  # octets including CRLF (RFC 5321 4.5.3.1.4)
-AUTH_FAILURE_DELAY = 1.0  # seconds before a 535, input paused meanwhile
-AUTH_FAILURE_LIMIT = 3  # failed AUTH attempts in one session before 421 and close
-POSTMASTER = "postmaster"  # the one recipient accepted without a domain (RFC 5321 4.5.1)
 MAX_PENDING_REPLIES = 1 << 16  # octets of replies collected before they are written out
 CLOSE_GRACE = 30.0  # seconds a closed session's last replies may wait to be read before the connection is cut
 
 _MESSAGE_VERBS = ("MAIL", "RCPT", "DATA", "BDAT")  # a refusal of these is a rejected message (metrics)
-
-BODY_7BIT = "7BIT"
-BODY_8BITMIME = "8BITMIME"
-
-Answer = Union[Optional[Reply], Deferred]
+_EXTENSION_VERBS = ("STARTTLS", "AUTH", "ETRN")  # EHLO keywords that are verbs HELP names when offered
 
 
 # -- the session ---------------------------------------------------------------------
@@ -110,17 +141,6 @@ class SessionState(enum.Enum):
     MAIL = "MAIL"  # MAIL accepted: RCPT and DATA expected
     DATA = "DATA"  # reading the message after the 354
     BDAT = "BDAT"  # a message coming in BDAT chunks (RFC 3030)
-
-
-class _Transaction:
-    """What MAIL and RCPT collected; cleared by RSET, HELO/EHLO, STARTTLS and end of DATA."""
-
-    def __init__(self, sender: str, body: str, smtputf8: bool, params: tuple) -> None:
-        self.sender = sender
-        self.body = body
-        self.smtputf8 = smtputf8
-        self.params = params
-        self.recipients: list[Recipient] = []
 
 
 class SMTPServerProtocol(LineReceiver, TimeoutMixin):
@@ -142,24 +162,16 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.helo: Optional[str] = None
         self.esmtp = False
         self.tls = False
-        self.auth_user = ""
         self.peer_host = ""
         self.peer_port = 0
         self.trusted = False
         self.errors = 0
-        self._transaction: Optional[_Transaction] = None
-        self._message: Optional[IncomingMessage] = None  # during DATA
-        self._reader: Optional[DataReader] = None
-        self._chunks: Optional[ChunkReader] = None  # the BDAT message of this transaction
-        self._chunk_left = 0  # octets of the current BDAT chunk still to read
-        self._chunk_size = 0
-        self._chunk_last = False
-        self._chunk_refusal: Optional[Reply] = None  # the chunk is read and dropped, then refused
+        self._mail = Transactions(self.config, self.hostname, factory.policy, self._peer)
+        self._receiver = MessageReceiver(factory, self.client_info, self._peer)
         self._out: list[bytes] = []
         self._out_size = 0
         self._throttle = ReplyThrottle(self._output_backed_up, self._output_drained)
         self._output_blocked = False  # input paused until the client reads its replies
-        self._data_deadline = 0.0  # when the DATA stream must have progressed (clock time)
         self._line_seen = False  # a complete line arrived in this read: its timeout restarts
         self.client = ""  # the address the per-client limits count (relay.smtp.limits.client_key)
         self._closed = False
@@ -170,11 +182,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._reprocess = False
         self._waiting = False
         self._reason = ""  # why the current command is refused, for the log
-        self._stored = 0  # octets written for the current message
-        self._write_failed = False
-        self._completer: Optional[HeaderCompleter] = None
-        self._exchange: Optional[AuthExchange] = None
-        self.auth_failures = 0
+        self._auth = Authenticator(factory, self._peer, self._out_challenge, self._auth_exhausted)
         self.shutting_down = False
 
     # -- connection ----------------------------------------------------------
@@ -186,8 +194,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.trusted = self.factory.policy.is_trusted(self.peer_host) if self.peer_host else False
         self.tls = ISSLTransport.providedBy(self.transport)  # an implicit-TLS listener
         self.client = client_key(self.peer_host) if self.peer_host else ""
+        self._auth.client = self.client
         if self.factory.shutting_down:
-            self._send(R.shutting_down(self.hostname))
+            self._send(shutting_down(self.hostname))
             self._close()
             return
         refusal = self.factory.session_opened(self)
@@ -199,7 +208,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         set_nodelay(self.transport)
         log.info("connect from {peer}", peer=self._peer(), event="connect", tls=self.tls)
         self.setTimeout(self.factory.timeout())
-        self._send(R.greeting(self.hostname))
+        self._send(greeting(self.hostname))
         self._flush()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -207,7 +216,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if self._cut is not None:
             self._cut.cancel()
             self._cut = None
-        self._abort_message()
+        self._receiver.abort()
         self._closed = True
         if self._counted:
             self._counted = False
@@ -216,8 +225,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         log.info("timeout after {state} from {peer}", state=self.state.value, peer=self._peer(), event="timeout")
-        self._abort_message()
-        self._send(R.idle_timeout(self.hostname))
+        self._receiver.abort()
+        self._send(idle_timeout(self.hostname))
         self._close()
 
     def _peer(self) -> str:
@@ -226,11 +235,11 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     @property
     def state(self) -> SessionState:
         """Where the session is in the SMTP dialogue (RFC 5321 4.1.4), from what it holds."""
-        if self._reader is not None:
+        if self._receiver.reader is not None:
             return SessionState.DATA
-        if self._chunks is not None or self._chunk_left:
+        if self._receiver.in_chunks:
             return SessionState.BDAT
-        if self._transaction is not None:
+        if self._mail.current is not None:
             return SessionState.MAIL
         return SessionState.HELO if self.helo else SessionState.CONNECT
 
@@ -239,11 +248,11 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def _send(self, reply: Reply) -> None:
         self._queue_output(_wire(reply))
         reply_in(reply.code)
-        if reply.code in R.PROTOCOL_ERROR_CODES:
+        if reply.code in PROTOCOL_ERROR_CODES:
             self.errors += 1
             if self.errors >= self.config.max_errors and not self._closed:
                 log.warn("too many errors from {peer}", peer=self._peer())
-                self._queue_output(R.too_many_errors(self.hostname).to_bytes())
+                self._queue_output(too_many_errors(self.hostname).to_bytes())
                 self._close()
 
     def _queue_output(self, data: bytes) -> None:
@@ -315,8 +324,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             self._check_partial_line()
         except Exception:
             log.failure("unexpected error from {peer}", peer=self._peer())
-            self._abort_message()
-            self._send(R.INTERNAL_ERROR)
+            self._receiver.abort()
+            self._send(INTERNAL_ERROR)
             self._close()
         finally:
             self._flush()
@@ -324,8 +333,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def lineLengthExceeded(self, line: bytes) -> None:
         """Answer 500 5.5.6 and drop the overlong line up to its CRLF; go on after it."""
         log.info("line too long from {peer}", peer=self._peer())
-        self._exchange = None  # an overlong AUTH response ends the exchange
-        self._send(R.LINE_TOO_LONG)
+        self._auth.exchange = None  # an overlong AUTH response ends the exchange
+        self._send(LINE_TOO_LONG)
         end = line.find(b"\r\n")
         if end < 0:
             self._discarding = True
@@ -338,7 +347,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         """An unfinished command line already over 512 octets is refused now (AUTH lines may be longer)."""
         buffer = self._buffer
         if (not self.line_mode or self.paused or self._closed or len(buffer) < MAX_COMMAND_LINE
-                or self._exchange is not None or buffer[:5].upper() == b"AUTH " or b"\r\n" in buffer):
+                or self._auth.exchange is not None or buffer[:5].upper() == b"AUTH " or b"\r\n" in buffer):
             return
         self._buffer = b""
         self.lineLengthExceeded(buffer)
@@ -363,17 +372,17 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             self._say_goodbye()
             return
         self._reason = ""
-        exchange = self._exchange
+        exchange = self._auth.exchange
         if len(line) > MAX_COMMAND_LINE - 2 and exchange is None and line[:5].upper() != b"AUTH ":
             log.info("line too long from {peer}", peer=self._peer())
-            self._send(R.LINE_TOO_LONG)
+            self._send(LINE_TOO_LONG)
             return
         try:
-            answer = self._auth_response(exchange, line) if exchange is not None else self._command(line)
+            answer = self._auth.respond(line) if exchange is not None else self._command(line)
         except Exception:
             log.failure("error handling a command from {peer}", peer=self._peer())
-            self._exchange = None
-            answer = R.INTERNAL_ERROR
+            self._auth.exchange = None
+            answer = INTERNAL_ERROR
         if isinstance(answer, Reply) and answer.code >= 400:
             # An AUTH response line is a secret: only its verb is ever logged.
             self._log_refusal(b"AUTH" if exchange is not None else line, answer)
@@ -399,8 +408,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             if self._closed:
                 return
             if reply is not None:
-                self._send(reply if isinstance(reply, Reply) else R.INTERNAL_ERROR)
-            if self.shutting_down and self._reader is None:
+                self._send(reply if isinstance(reply, Reply) else INTERNAL_ERROR)
+            if self.shutting_down and self._receiver.reader is None:
                 self._say_goodbye()
                 return
             if self._waiting:
@@ -412,7 +421,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
         def failed(failure: Failure) -> Reply:
             log.failure("error answering {peer}", failure, peer=self._peer())
-            return R.INTERNAL_ERROR
+            return INTERNAL_ERROR
 
         answer.addErrback(failed).addCallback(deliver).addErrback(
             lambda f: log.failure("error replying to {peer}", f, peer=self._peer()))
@@ -428,15 +437,15 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def _command(self, line: bytes) -> Answer:
         if b"\r" in line or b"\n" in line:
-            return R.BARE_NEWLINE_COMMAND
+            return BARE_NEWLINE_COMMAND
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            return R.BAD_UTF8_COMMAND
+            return BAD_UTF8_COMMAND
         verb, _, argument = text.partition(" ")
         handler = getattr(self, "do_" + verb.upper(), None) if verb.isascii() and verb.isalpha() else None
         if handler is None:
-            return R.UNKNOWN_COMMAND
+            return UNKNOWN_COMMAND
         return handler(argument)
 
     # -- verbs ---------------------------------------------------------------
@@ -444,16 +453,16 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def do_HELO(self, argument: str) -> Answer:
         name = self._helo_name(argument)
         if isinstance(name, Reply):
-            return R.SYNTAX_HELO if name is R.SYNTAX_EHLO else name
+            return SYNTAX_HELO if name is SYNTAX_EHLO else name
         self._greeted(name, esmtp=False)
-        return R.helo_reply(self.hostname)
+        return helo_reply(self.hostname)
 
     def do_EHLO(self, argument: str) -> Answer:
         name = self._helo_name(argument)
         if isinstance(name, Reply):
             return name
         self._greeted(name, esmtp=True)
-        return R.ehlo_reply(self.hostname, self._extensions())
+        return ehlo_reply(self.hostname, self._extensions())
 
     def _helo_name(self, argument: str) -> Union[str, Reply]:
         """The client's name as it goes into Received: A-labels for a name with U-labels.
@@ -463,14 +472,14 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         """
         name = argument.strip()
         if not _valid_helo(name):
-            return R.SYNTAX_EHLO
+            return SYNTAX_EHLO
         if name.isascii():
             return name
         try:
             return to_ascii(name)
         except DomainError as e:
             self._reason = str(e)
-            return R.BAD_IDN_HELO
+            return BAD_IDN_HELO
 
     def _greeted(self, name: str, esmtp: bool) -> None:
         self.helo = name
@@ -479,10 +488,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def _reset_transaction(self) -> None:
         """No transaction any more; a BDAT message begun in it is dropped."""
-        self._transaction = None
-        if self._chunks is not None:
-            self._chunks = None
-            self._abort_message()
+        self._mail.current = None
+        self._receiver.drop_chunks()
 
     def _extensions(self) -> list[str]:
         extensions = ["PIPELINING", f"SIZE {self.config.max_message_size}"]
@@ -500,184 +507,43 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def do_MAIL(self, argument: str) -> Answer:
         if self.helo is None:
-            return R.NEED_HELO
+            return NEED_HELO
         if self.factory.submission and not self.auth_user:
-            return R.AUTH_REQUIRED
-        if self._transaction is not None:
-            return R.NESTED_MAIL
-        if argument[:5].upper() != "FROM:":
-            return R.SYNTAX_MAIL
+            return AUTH_REQUIRED
+        if self._mail.current is not None:
+            return NESTED_MAIL
         try:
-            path_text, params_text = split_argument(argument[5:])
-        except ValueError as e:
-            self._reason = str(e)
-            return R.BAD_SENDER
-        try:
-            params = parse_params(params_text)
-        except ValueError as e:
-            self._reason = str(e)
-            return R.SYNTAX_PARAMS
-        if params and not self.esmtp:
-            return R.UNSUPPORTED_PARAM
-        options = self._mail_options(params)
-        if isinstance(options, Reply):
-            return options
-        body, smtputf8, others = options
-        path = self._parse_path(path_text, smtputf8, R.BAD_SENDER, R.BAD_IDN_SENDER, R.UNSENDABLE_SENDER)
-        if isinstance(path, Reply):
-            return path
-        transaction = _Transaction(path.mailbox, body, smtputf8, others)
-        check_sender = self.factory.policy.check_sender
-        if not self.auth_user:
-            self._transaction = transaction
-            return R.SENDER_OK
-        answer = maybeDeferred(check_sender, self.client_info(smtputf8), path.mailbox)
-        return answer.addCallback(self._sender_checked, transaction)
-
-    def _sender_checked(self, refusal: Optional[Reply], transaction: _Transaction) -> Reply:
-        if refusal is not None and not isinstance(refusal, Reply):
-            log.error("policy answered {answer!r} for sender <{sender}>, not a Reply",
-                      answer=refusal, sender=transaction.sender)
-            return R.INTERNAL_ERROR
-        if refusal is not None and refusal.code >= 400:
-            log.info("refused sender <{sender}> for user {user} from {peer}: {reply}",
-                     sender=transaction.sender, user=self.auth_user, peer=self._peer(), reply=str(refusal),
-                     event="rejected", stage="mail")
-            return refusal
-        self._transaction = transaction
-        return R.SENDER_OK
-
-    def _mail_options(self, params: list) -> Union[Reply, tuple[str, bool, tuple]]:
-        body, smtputf8, others = BODY_7BIT, False, []
-        for keyword, value in params:
-            if keyword == "SIZE":
-                if value is None or not value.isdigit() or not value.isascii():
-                    return R.BAD_SIZE
-                if int(value) > self.config.max_message_size:
-                    return R.SIZE_EXCEEDED
-            elif keyword == "BODY":
-                if value is None or value.upper() not in (BODY_7BIT, BODY_8BITMIME):
-                    return R.BAD_BODY
-                body = value.upper()
-            elif keyword == "SMTPUTF8":
-                if value is not None:
-                    return R.BAD_SMTPUTF8
-                smtputf8 = True
-            elif keyword == "AUTH" and self._auth_offered():
-                pass  # RFC 4954 5: accepted; the identity we pass on is our own
-            elif keyword in dsn.MAIL_KEYWORDS:
-                refusal = dsn.check_mail_param(keyword, value, others)
-                if refusal is not None:
-                    return refusal
-                others.append((keyword, value))
-            else:
-                return R.UNSUPPORTED_PARAM
-        return body, smtputf8, tuple(others)
+            transaction = read_mail(argument, self.esmtp, self._auth_offered(), self.config.max_message_size)
+        except Refusal as refusal:
+            self._reason = refusal.reason
+            return refusal.reply
+        return self._mail.begin(transaction, self.auth_user, self.client_info)
 
     def do_RCPT(self, argument: str) -> Answer:
-        transaction = self._transaction
+        transaction = self._mail.current
         if transaction is None:
-            return R.NEED_MAIL
-        if argument[:3].upper() != "TO:":
-            return R.SYNTAX_RCPT
+            return NEED_MAIL
         try:
-            path_text, params_text = split_argument(argument[3:])
-        except ValueError as e:
-            self._reason = str(e)
-            return R.BAD_RECIPIENT
-        try:
-            params = parse_params(params_text)
-        except ValueError as e:
-            self._reason = str(e)
-            return R.SYNTAX_PARAMS
-        checked = dsn.check_rcpt_params(params, transaction.smtputf8)
-        if isinstance(checked, Reply):
-            return checked
-        params = list(checked)
-        if path_text[1:-1].lower() == POSTMASTER:
-            return self._postmaster(transaction, tuple(params))
-        path = self._parse_path(path_text, transaction.smtputf8, R.BAD_RECIPIENT, R.BAD_IDN_RECIPIENT,
-                                R.UNSENDABLE_RECIPIENT)
-        if isinstance(path, Reply):
-            return path
-        if path.is_null:
-            return R.NULL_RECIPIENT
-        if len(transaction.recipients) >= self.config.max_recipients:
-            return R.TOO_MANY_RECIPIENTS
-        recipient = Recipient(address=path.mailbox, source_route=path.source_route, params=tuple(params))
-        # An answer the policy has at once is used at once (no Deferred per
-        # recipient); an exception ends as 451 through lineReceived.
-        answer = self.factory.policy.check_recipient(self.client_info(), transaction.sender, recipient)
-        if isinstance(answer, Deferred):
-            return answer.addCallback(self._recipient_checked, transaction, recipient)
-        return self._recipient_checked(answer, transaction, recipient)
-
-    def _parse_path(self, text: str, smtputf8: bool, bad: Reply, bad_idn: Reply,
-                    unsendable: Reply) -> Union[Path, Reply]:
-        """The path of MAIL or RCPT with its domains in normalised (A-label) form, or the refusal."""
-        try:
-            return normalized_path(parse_path(text, smtputf8))
-        except ValueError as e:
-            self._reason = str(e)
-            if isinstance(e, DomainError):
-                return bad_idn
-            return unsendable if isinstance(e, UnsendableAddress) else bad
-
-    def _postmaster(self, transaction: _Transaction, params: tuple = ()) -> Reply:
-        """``RCPT TO:<postmaster>`` (RFC 5321 4.5.1): accepted from anyone, delivered to ``[server] postmaster``."""
-        address = self.config.postmaster or f"{POSTMASTER}@{to_ascii(self.hostname)}"
-        if len(transaction.recipients) >= self.config.max_recipients:
-            return R.TOO_MANY_RECIPIENTS
-        if all(r.address != address for r in transaction.recipients):
-            transaction.recipients.append(Recipient(address=address, params=params))
-        return R.RECIPIENT_OK
-
-    def _recipient_checked(self, refusal: Optional[Reply], transaction: _Transaction,
-                           recipient: Recipient) -> Reply:
-        if refusal is not None and not isinstance(refusal, Reply):
-            log.error("policy answered {answer!r} for <{recipient}>, not a Reply",
-                      answer=refusal, recipient=recipient.address)
-            return R.INTERNAL_ERROR
-        if refusal is not None and refusal.code >= 400:
-            log.info("refused recipient <{recipient}> from {peer}: {reply}",
-                     recipient=recipient.address, peer=self._peer(), reply=str(refusal),
-                     event="rejected", stage="rcpt")
-            return refusal
-        if transaction is self._transaction and all(
-                r.address != recipient.address for r in transaction.recipients):
-            transaction.recipients.append(recipient)
-        return R.RECIPIENT_OK
+            request = read_rcpt(argument, transaction.smtputf8)
+        except Refusal as refusal:
+            self._reason = refusal.reason
+            return refusal.reply
+        return self._mail.add(request, self.client_info)
 
     def do_DATA(self, argument: str) -> Answer:
-        transaction = self._transaction
+        transaction = self._mail.current
         if transaction is None:
-            return R.NEED_MAIL
-        if self._chunks is not None:
-            return R.BDAT_THEN_DATA
+            return NEED_MAIL
+        if self._receiver.chunks is not None:
+            return BDAT_THEN_DATA
         if not transaction.recipients:
-            return R.NEED_RCPT
+            return NEED_RCPT
         if argument:
-            return R.SYNTAX_DATA
-        self._reader = self._begin_message(transaction, DataReader)
+            return SYNTAX_DATA
+        self._receiver.start_data(transaction)
         self.setRawMode()
-        timeout = self.factory.timeout()
-        self._data_deadline = self.clock.seconds() + timeout
-        self.setTimeout(timeout)
-        return R.START_DATA
-
-    def _begin_message(self, transaction: _Transaction, reader: type) -> Any:
-        """Start the queued message of ``transaction`` (its Received header first); the reader that fills it."""
-        message = self.factory.spool.new_message()
-        self._message = message
-        sink = self._store
-        self._completer = None
-        if self.factory.submission:
-            self._completer = HeaderCompleter(self._store, self._missing_fields(message.queue_id))
-            sink = self._completer.write
-        self._stored = 0
-        self._write_failed = False
-        self._store(self._received_header(message.queue_id, transaction))
-        return reader(sink, self.config.max_message_size)
+        self.setTimeout(self._receiver.time_left)
+        return START_DATA
 
     def do_BDAT(self, argument: str) -> Answer:
         """``BDAT size [LAST]`` (RFC 3030): the next ``size`` octets are message content, read raw.
@@ -689,91 +555,56 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         words = argument.split()
         if not 1 <= len(words) <= 2 or not words[0].isdigit() or not words[0].isascii() or len(words[0]) > 18 \
                 or (len(words) == 2 and words[1].upper() != "LAST"):
-            return R.SYNTAX_BDAT
+            return SYNTAX_BDAT
         size, last = int(words[0]), len(words) == 2
-        transaction = self._transaction
-        refusal = R.NEED_MAIL if transaction is None else (R.NEED_RCPT if not transaction.recipients else None)
-        if refusal is None and self._chunks is None:
-            self._chunks = self._begin_message(transaction, ChunkReader)
-        self._chunk_refusal = refusal
-        self._chunk_left, self._chunk_size, self._chunk_last = size, size, last
-        timeout = self.factory.timeout()
-        self._data_deadline = self.clock.seconds() + timeout
-        self.setTimeout(timeout)
+        self._receiver.start_chunk(self._mail.current, size, last)
+        self.setTimeout(self._receiver.time_left)
         if size == 0:
-            return self._chunk_done()
+            return self._message_read(self._receiver.chunk_done())
         self.setRawMode()
         return None
 
-    def _chunk_done(self) -> Answer:
-        """The current BDAT chunk is read: its answer (the message's, for the last one)."""
-        self._chunk_left = 0
-        if self._chunk_refusal is not None:
-            refusal, self._chunk_refusal = self._chunk_refusal, None
-            return refusal
-        if not self._chunk_last:
-            return R.chunk_received(self._chunk_size)
-        reader, self._chunks = self._chunks, None
-        assert reader is not None
-        reader.finish()
-        return self._end_of_data(reader)
-
-    def _missing_fields(self, queue_id: str) -> Callable[[set[bytes]], bytes]:
-        """The Message-ID and Date fields a submitted message lacks, given its field names."""
-        def missing(names: set[bytes]) -> bytes:
-            fields = b""
-            if b"message-id" not in names:
-                moment = datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc)
-                fields += f"Message-ID: <{moment:%Y%m%d%H%M%S}.{queue_id}@{self.hostname}>\r\n".encode("ascii")
-            if b"date" not in names:
-                fields += f"Date: {self._date()}\r\n".encode("ascii")
-            return fields
-        return missing
-
     def do_RSET(self, argument: str) -> Answer:
         if argument.strip():
-            return R.SYNTAX_RSET
+            return SYNTAX_RSET
         self._reset_transaction()
-        return R.OK
+        return OK
 
     def do_NOOP(self, argument: str) -> Answer:
-        return R.OK
+        return OK
 
     def do_VRFY(self, argument: str) -> Answer:
-        return R.VRFY_REPLY
+        return VRFY_REPLY
 
     def do_HELP(self, argument: str) -> Answer:
-        return R.help_reply(self._offered_verbs())
+        return help_reply(self._offered_verbs())
 
     def _offered_verbs(self) -> list[str]:
-        """The verbs beyond the basic ones this session accepts now, as EHLO advertises them."""
-        verbs = []
-        if self.factory.tls_context is not None and not self.tls:
-            verbs.append("STARTTLS")
-        if self._auth_offered():
-            verbs.append("AUTH")
-        # BDAT joins here when the session offers CHUNKING.
-        verbs.append("ETRN")
-        return verbs
+        """The verbs beyond the basic ones this session accepts now: those of the extensions EHLO advertises.
+
+        BDAT is a basic verb: CHUNKING is always offered.
+        """
+        keywords = [extension.split(" ", 1)[0] for extension in self._extensions()]
+        return [keyword for keyword in keywords if keyword in _EXTENSION_VERBS]
 
     def do_QUIT(self, argument: str) -> Answer:
-        self._send(R.BYE)
+        self._send(BYE)
         self._close()
         return None
 
     def do_STARTTLS(self, argument: str) -> Answer:
         if self.factory.tls_context is None:
-            return R.NOT_IMPLEMENTED
+            return NOT_IMPLEMENTED
         if self.tls:
-            return R.ALREADY_TLS
+            return ALREADY_TLS
         if argument:
-            return R.SYNTAX_STARTTLS
+            return SYNTAX_STARTTLS
         # Anything pipelined behind STARTTLS arrived in clear: never execute it.
         discarded = self.clearLineBuffer()
         if discarded:
             log.warn("discarded {count} octets sent behind STARTTLS by {peer}",
                      count=len(discarded), peer=self._peer())
-        self._send(R.READY_TLS)
+        self._send(READY_TLS)
         self._flush()
         # The TLS layer pauses a registered producer until its handshake is done.
         self._release_output()
@@ -783,96 +614,44 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.helo = None
         self.esmtp = False
         self._reset_transaction()
-        self.auth_user = ""  # RFC 3207 4.2: forget what the client said in clear
+        self._auth.user = ""  # RFC 3207 4.2: forget what the client said in clear
         return None
 
     # -- AUTH (RFC 4954) -------------------------------------------------------
 
     def do_AUTH(self, argument: str) -> Answer:
         if self.factory.portal is None:
-            return R.AUTH_NOT_ENABLED
+            return AUTH_NOT_ENABLED
         if not self.esmtp:
-            return R.AUTH_NEED_EHLO
+            return AUTH_NEED_EHLO
         if not self._auth_offered():
-            return R.AUTH_NEEDS_TLS
+            return AUTH_NEEDS_TLS
         if self.auth_user:
-            return R.AUTH_TWICE
-        if self._transaction is not None:
-            return R.AUTH_IN_TRANSACTION
-        words = argument.split(" ")
-        if not words[0] or len(words) > 2:
-            return R.SYNTAX_AUTH
-        mechanism = words[0].upper()
-        if mechanism not in AUTH_MECHANISMS:
-            return R.AUTH_MECHANISM_UNKNOWN
-        if self.factory.limits.auth.blocked(self.client):
-            return self._auth_rate_limited(mechanism)
-        exchange = AuthExchange(mechanism)
-        if len(words) == 1:
-            self._exchange = exchange
-            self._out.append(exchange.first_challenge())
-            return None
-        return self._auth_response(exchange, words[1].encode("ascii", "replace"), initial=True)
+            return AUTH_TWICE
+        if self._mail.current is not None:
+            return AUTH_IN_TRANSACTION
+        return self._auth.start(argument)
 
-    def _auth_response(self, exchange: AuthExchange, line: bytes, initial: bool = False) -> Answer:
-        """One client response of an AUTH exchange (or the initial response)."""
-        self._exchange = None
-        step = exchange.respond(line, initial)
-        if isinstance(step, bytes):  # the next challenge: the exchange goes on
-            self._exchange = exchange
-            self._out.append(step)
-            return None
-        if isinstance(step, Reply):
-            return step
-        return self._verify(exchange.mechanism, step.username, step.password)
+    @property
+    def auth_user(self) -> str:
+        """The identity the client authenticated as ("" when none; forgotten at STARTTLS)."""
+        return self._auth.user
 
-    def _verify(self, mechanism: str, username: bytes, password: Optional[bytes]) -> Deferred:
-        """Ask the portal; 235, or 535 after a delay (``password`` None: refused without asking)."""
-        user = username.decode("utf-8", "replace")
-        if self.factory.limits.auth.blocked(self.client):
-            return self._auth_rate_limited(mechanism)
-        if password is None:
-            checked: Deferred = Deferred()
-            checked.errback(UnauthorizedLogin())
-        else:
-            checked = self.factory.portal.login(UsernamePassword(username, password), None, ISubmitter)
-        return checked.addCallbacks(self._auth_succeeded, self._auth_failed,
-                                    callbackArgs=(mechanism,), errbackArgs=(mechanism, user))
+    @auth_user.setter
+    def auth_user(self, user: str) -> None:
+        self._auth.user = user
 
-    def _auth_succeeded(self, result: tuple, mechanism: str) -> Reply:
-        _, avatar, logout = result
-        logout()
-        self.auth_user = avatar.name
-        log.info("AUTH {mechanism} as {user} from {peer}: success",
-                 mechanism=mechanism, user=self.auth_user, peer=self._peer(), event="auth")
-        return R.AUTH_OK
+    def _out_challenge(self, challenge: bytes) -> None:
+        """An AUTH challenge line, written with the replies of this read."""
+        self._out.append(challenge)
 
-    def _auth_failed(self, failure: Failure, mechanism: str, user: str) -> Answer:
-        if not failure.check(UnauthorizedLogin):
-            log.error("AUTH {mechanism} as {user!r} from {peer}: checker unavailable ({error})",
-                      mechanism=mechanism, user=user, peer=self._peer(),
-                      error=failure.type.__name__)
-            return R.AUTH_TEMPORARY_FAILURE
-        self.auth_failures += 1
-        self.factory.limits.auth.failed(self.client)
-        log.info("AUTH {mechanism} as {user!r} from {peer}: failed ({count} of {limit})",
-                 mechanism=mechanism, user=user, peer=self._peer(), event="auth_failed",
-                 count=self.auth_failures, limit=AUTH_FAILURE_LIMIT)
-        return deferLater(self.clock, AUTH_FAILURE_DELAY, self._auth_failure_reply)
-
-    def _auth_rate_limited(self, mechanism: str) -> Deferred:
-        """454 4.7.0 after the failure delay, without asking the portal: the address failed too often."""
-        auth = self.factory.limits.auth
-        log.warn("AUTH {mechanism} from {peer} refused: {limit} failures from {client} within {window:g} s",
-                 mechanism=mechanism, peer=self._peer(), limit=auth.limit, client=self.client, window=auth.window)
-        return deferLater(self.clock, AUTH_FAILURE_DELAY, lambda: R.AUTH_RATE_LIMITED)
-
-    def _auth_failure_reply(self) -> Optional[Reply]:
-        if self.auth_failures < AUTH_FAILURE_LIMIT or self._closed:
-            return R.AUTH_FAILED
+    def _auth_exhausted(self) -> Optional[Reply]:
+        """The failure that used up AUTH_FAILURE_LIMIT: 535, then 421 and close (535 alone once closed)."""
+        if self._closed:
+            return AUTH_FAILED
         log.warn("too many authentication failures from {peer}", peer=self._peer())
-        self._send(R.AUTH_FAILED)
-        self._send(R.too_many_auth_failures(self.hostname))
+        self._send(AUTH_FAILED)
+        self._send(too_many_auth_failures(self.hostname))
         self._close()
         return None
 
@@ -880,49 +659,23 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def do_ETRN(self, argument: str) -> Answer:
         if self.helo is None:
-            return R.NEED_HELO
-        if self._transaction is not None:
-            return R.ETRN_IN_TRANSACTION
-        node = argument.strip()
-        if not node or " " in node:
-            return R.SYNTAX_ETRN
-        if node.startswith("#"):
-            return R.ETRN_NO_QUEUE_NAMES
-        subdomains = node.startswith("@")
-        name = node[1:] if subdomains else node
-        if domain_problem(name) is not None:
-            return R.ETRN_BAD_DOMAIN
-        if not (self.trusted or self.auth_user):
-            return R.etrn_denied(name)
-        hook = self.factory.etrn
-        if hook is None:
-            return R.etrn_unavailable(name)
-        domain = normalize_domain(name)
-        started = maybeDeferred(hook, domain, subdomains)
-        return started.addCallbacks(self._etrn_started, self._etrn_failed,
-                                    callbackArgs=(name, subdomains), errbackArgs=(name,))
-
-    def _etrn_started(self, count: Any, name: str, subdomains: bool) -> Reply:
-        log.info("ETRN {node} from {peer}: {count} message(s) scheduled now",
-                 node=("@" if subdomains else "") + name, peer=self._peer(), count=count)
-        return R.etrn_started(name)
-
-    def _etrn_failed(self, failure: Failure, name: str) -> Reply:
-        log.failure("ETRN {node} from {peer} failed", failure, node=name, peer=self._peer())
-        return R.etrn_unavailable(name)
+            return NEED_HELO
+        if self._mail.current is not None:
+            return ETRN_IN_TRANSACTION
+        return etrn(argument, self.trusted or bool(self.auth_user), self.factory.etrn, self._peer())
 
     # -- shutdown --------------------------------------------------------------
 
     def shutdown(self) -> None:
         """The relay stops: 421 and close now, or after the answer a message in DATA is waiting for."""
         self.shutting_down = True
-        if not self._closed and self._reader is None and not self._waiting:
+        if not self._closed and self._receiver.reader is None and not self._waiting:
             self._say_goodbye()
 
     def abort_for_shutdown(self) -> None:
         """The grace period is over: drop whatever is in progress, 421 and close (cut, if closed already)."""
         if not self._closed:
-            self._abort_message()
+            self._receiver.abort()
             self._say_goodbye()
         elif self._cut is not None:
             self._cut.cancel()
@@ -930,125 +683,35 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     def _say_goodbye(self) -> None:
         log.info("shutting down: closing the session from {peer}", peer=self._peer())
-        self._exchange = None
-        self._send(R.shutting_down(self.hostname))
+        self._auth.exchange = None
+        self._send(shutting_down(self.hostname))
         self._close()
 
     # -- DATA ----------------------------------------------------------------
 
     def rawDataReceived(self, data: bytes) -> None:
-        if self._chunk_left:
-            self._chunk_data(data)
-            return
-        reader = self._reader
-        if reader is None:  # not reached: raw mode is only set with a reader
+        receiver = self._receiver
+        if not receiver.reading:  # not reached: raw mode is only set while the receiver reads
             self.setLineMode(data)
             return
-        self._data_progress(len(data))
-        rest = reader.feed(data)
-        if rest is None:
+        ending = receiver.feed(data)
+        self.setTimeout(receiver.time_left)
+        if ending is None:
             return
-        self._reader = None
-        self._line_seen = True  # the end of data restarts the timeout as a command line does
-        answer = self._end_of_data(reader)
-        self._answer(answer)
+        self._line_seen = True  # the end of data or of a chunk restarts the timeout as a command line does
+        self._answer(self._message_read(ending))
         # Back to commands: what followed the end of data is read as command
         # lines by LineReceiver's loop (once the reply is out, if it pauses).
         self.line_mode = 1
-        self._buffer = rest + self._buffer
+        self._buffer = ending.rest + self._buffer
 
-    def _chunk_data(self, data: bytes) -> None:
-        """Octets of a BDAT chunk: to the message (or dropped), then the chunk's answer and commands again."""
-        take, rest = data[: self._chunk_left], data[self._chunk_left:]
-        self._chunk_left -= len(take)
-        self._data_progress(len(take))
-        if self._chunk_refusal is None and self._chunks is not None:
-            self._chunks.feed_chunk(take)
-        if self._chunk_left:
-            return
-        self._line_seen = True  # the end of a chunk restarts the timeout as a command line does
-        self._answer(self._chunk_done())
-        self.line_mode = 1
-        self._buffer = rest + self._buffer
+    def _message_read(self, ending: Ending) -> Answer:
+        """The answer to a DATA stream or BDAT chunk read to its end; the transaction is over with its message."""
+        if ending.ended:
+            self._mail.current = None
+        return ending.answer
 
-    def _data_progress(self, octets: int) -> None:
-        """Move the DATA deadline (Postfix's smtpd_min_data_rate): ``octets`` more earn octets / min_data_rate s.
-
-        The time since the last chunk is spent from what is left, and what
-        is left never exceeds the timeout (idle_timeout, shorter under load):
-        a stream slower than min_data_rate octets per second times out,
-        however it is split.
-        """
-        now = self.clock.seconds()
-        earned = octets / self.config.min_data_rate
-        remaining = min(self.factory.timeout(), max(0.0, self._data_deadline - now) + earned)
-        self._data_deadline = now + remaining
-        self.setTimeout(remaining)
-
-    def _store(self, data: bytes) -> None:
-        self._stored += len(data)
-        if self._write_failed:
-            return
-        try:
-            self._message.write(data)
-        except Exception:
-            log.failure("{queue_id}: cannot write the queue file", queue_id=self._message.queue_id)
-            self._write_failed = True
-
-    def _end_of_data(self, reader: DataReader) -> Answer:
-        refusal = reader.refusal()
-        completer, self._completer = self._completer, None
-        if refusal is None and completer is not None:
-            self._complete_header(completer)
-        message, transaction = self._message, self._transaction
-        self._message, self._transaction = None, None
-        assert transaction is not None
-        queue_id = message.queue_id
-        if refusal is None and self._write_failed:
-            refusal = R.QUEUE_WRITE_ERROR
-        if refusal is not None:
-            message.abort()
-            log.info("{queue_id}: refused message from {peer} <{sender}>: {reply}",
-                     queue_id=queue_id, peer=self._peer(), sender=transaction.sender, reply=str(refusal),
-                     event="rejected", stage="data")
-            return refusal
-        envelope = self._envelope(queue_id, transaction, self._stored)
-        try:
-            committed = message.commit(envelope)
-        except Exception:
-            log.failure("{queue_id}: commit failed", queue_id=queue_id)
-            return R.QUEUE_WRITE_ERROR
-        return committed.addCallbacks(self._committed, self._commit_failed,
-                                      callbackArgs=(envelope,), errbackArgs=(envelope,))
-
-    def _complete_header(self, completer: HeaderCompleter) -> None:
-        """Write what the completer held back, with the fields it adds (submission only)."""
-        completer.finish()
-        if completer.added:
-            names = [field.partition(b":")[0].decode("ascii") for field in completer.added.splitlines()]
-            log.info("{queue_id}: added {fields}", queue_id=self._message.queue_id, fields=" and ".join(names))
-
-    def _committed(self, result: Any, envelope: Envelope) -> Reply:
-        log.info("{queue_id}: accepted from {peer} <{sender}>, {count} recipients, {size} octets",
-                 queue_id=envelope.queue_id, peer=self._peer(), sender=envelope.sender,
-                 count=len(envelope.recipients), size=envelope.size, event="accepted")
-        return R.queued(envelope.queue_id)
-
-    def _commit_failed(self, failure: Failure, envelope: Envelope) -> Reply:
-        log.failure("{queue_id}: queue file write error, message refused", failure,
-                    queue_id=envelope.queue_id)
-        return R.QUEUE_WRITE_ERROR
-
-    def _abort_message(self) -> None:
-        message, self._message, self._reader = self._message, None, None
-        self._chunks = None
-        if message is not None:
-            try:
-                message.abort()
-            except Exception:
-                log.failure("{queue_id}: abort failed", queue_id=message.queue_id)
-
-    # -- envelope and trace --------------------------------------------------
+    # -- the client --------------------------------------------------
 
     def protocol_name(self, smtputf8: bool = False) -> str:
         """RFC 3848 / RFC 6531 ``with`` keyword: SMTP, ESMTP, ESMTPS, ESMTPSA, UTF8SMTPS..."""
@@ -1069,26 +732,6 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         except Exception:
             return "TLS"
         return f"{version} {cipher}" if version and cipher else "TLS"
-
-    def _envelope(self, queue_id: str, transaction: _Transaction, size: int) -> Envelope:
-        return Envelope(
-            queue_id=queue_id, sender=transaction.sender,
-            recipients=tuple(transaction.recipients),
-            client=self.client_info(transaction.smtputf8),
-            arrival=self.clock.seconds(), size=size, body=transaction.body,
-            smtputf8=transaction.smtputf8, mail_params=transaction.params,
-        )
-
-    def _received_header(self, queue_id: str, transaction: _Transaction) -> bytes:
-        comments = trace.received_comments(self._tls_description() if self.tls else "",
-                                           self.auth_user if self.config.received_auth else "")
-        return trace.received_header(self.helo, self.peer_host, self.hostname,
-                                     self.protocol_name(transaction.smtputf8), queue_id,
-                                     [r.address for r in transaction.recipients], self._date(), comments)
-
-    def _date(self) -> str:
-        return self.factory.date_text(self.clock.seconds())
-
 
 @lru_cache(maxsize=1024)
 def _wire(reply: Reply) -> bytes:
