@@ -205,7 +205,7 @@ def _spool_dsn(
         client=ClientInfo(address="", helo=hostname, protocol=DSN_PROTOCOL),
         arrival=now,
         size=len(message),
-        body=_body_type(message),
+        body_type=_body_type(message),
         smtputf8=not envelope.sender.isascii(),
     )
     d = incoming.commit(notification)

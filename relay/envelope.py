@@ -76,7 +76,7 @@ class Attempt:
     host: str = ""  # the host attempted or that answered, "mx.example[192.0.2.1]", if any
     remote: bool = False  # the words (code, status, text) came from ``host``, not from relay
     reason: str = ""  # why relay decided (relay.outcome.Reason values), "" for a plain reply
-    route: str = ""  # which rule or plugin chose the route
+    rule: str = ""  # which [[routes]] rule or plugin chose the route (stored as "route")
     tls: str = ""  # TLS version and cipher of the session, "" in clear or unknown
     tls_fallback: bool = False  # sent in clear after a failed STARTTLS handshake (tls = "may")
     dsn_passed: bool = False  # the next hop advertised DSN and took the DSN request on
@@ -146,7 +146,7 @@ class Envelope:
     client: ClientInfo = field(default_factory=lambda: ClientInfo(address=""))
     arrival: float = 0.0  # epoch seconds
     size: int = 0  # octets of the stored message (with our Received header)
-    body: str = "7BIT"  # "7BIT" or "8BITMIME"
+    body_type: str = "7BIT"  # the BODY= parameter, "7BIT" or "8BITMIME" (stored as "body")
     smtputf8: bool = False
     mail_params: Params = ()  # other MAIL parameters kept for later (RET, ENVID)
     held: bool = False  # an operator hold: never attempted while set
@@ -208,12 +208,18 @@ class Envelope:
 _ENCODER = json.JSONEncoder(ensure_ascii=False, sort_keys=True)
 
 
-def _names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(cls))
+# Fields whose stored key is an older name: the key stays, so every queue
+# written before the rename reads as it did (and relay-queue --json is unchanged).
+_STORED_AS = {"rule": "route", "body_type": "body"}
 
 
-def _plain(value: Any, names: tuple[str, ...]) -> dict[str, Any]:
-    return {name: getattr(value, name) for name in names}
+def _names(cls: type) -> tuple[tuple[str, str], ...]:
+    """(attribute, stored key) of each field of ``cls``."""
+    return tuple((f.name, _STORED_AS.get(f.name, f.name)) for f in fields(cls))
+
+
+def _plain(value: Any, names: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    return {key: getattr(value, name) for name, key in names}
 
 
 def _recipient_fields(recipient: "Recipient") -> dict[str, Any]:
@@ -244,7 +250,7 @@ def _read_attempt(raw: dict) -> Attempt:
         host=str(raw.get("host", "")),
         remote=bool(raw.get("remote", False)),
         reason=str(raw.get("reason", "")),
-        route=str(raw.get("route", "")),
+        rule=str(raw.get("route", "")),
         tls=str(raw.get("tls", "")),
         tls_fallback=bool(raw.get("tls_fallback", False)),
         dsn_passed=bool(raw.get("dsn_passed", False)),
@@ -287,7 +293,7 @@ def read_v1_attempt(raw: dict) -> Attempt:
         text=text,
         host=host,
         remote=remote,
-        route=str(raw.get("route", "")),
+        rule=str(raw.get("route", "")),
         tls=str(raw.get("tls", "")),
     )
 
@@ -319,7 +325,7 @@ def _read_v2(raw: dict, read_attempt: Callable[[dict], Attempt] = _read_attempt)
         client=ClientInfo(**raw.get("client", {"address": ""})),
         arrival=float(raw.get("arrival", 0.0)),
         size=int(raw.get("size", 0)),
-        body=str(raw.get("body", "7BIT")),
+        body_type=str(raw.get("body", "7BIT")),
         smtputf8=bool(raw.get("smtputf8", False)),
         mail_params=_params(raw.get("mail_params", ())),
         held=bool(raw.get("held", False)),

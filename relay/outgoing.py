@@ -76,7 +76,7 @@ def transaction_for(envelope: Envelope, members: Sequence[tuple[Recipient, Route
         sender=envelope.sender,
         recipients=tuple((recipient.address, tuple(route.rcpt_route)) for recipient, route in members),
         size=envelope.size,
-        body=envelope.body,
+        body_type=envelope.body_type,
         smtputf8=envelope.smtputf8,
         open_message=body.open,
         queue_id=envelope.queue_id,

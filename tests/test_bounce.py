@@ -81,7 +81,7 @@ def bob_rejected() -> Recipient:
                 text="<bob@example.net>: no such user",
                 host="mx1.example.net[192.0.2.25]",
                 remote=True,
-                route="mx",
+                rule="mx",
             ),
         ),
     )
@@ -551,7 +551,7 @@ class SendDsnTests(SynchronousTestCase):
         self.assertEqual(stored.recipients[0].status, PENDING)
         self.assertEqual(stored.client, ClientInfo(address="", helo=HOST, protocol="local"))
         self.assertEqual(stored.arrival, NOW)
-        self.assertEqual(stored.body, "7BIT")
+        self.assertEqual(stored.body_type, "7BIT")
         self.assertFalse(stored.smtputf8)
         with self.spool.open_message(dsn_id) as f:
             raw = f.read()
@@ -599,7 +599,7 @@ class SendDsnTests(SynchronousTestCase):
         stored = self.spool.load(dsn_id)
         self.assertEqual(stored.recipients[0].address, "jörg@bücher.example")
         self.assertTrue(stored.smtputf8)
-        self.assertEqual(stored.body, "8BITMIME")
+        self.assertEqual(stored.body_type, "8BITMIME")
 
     def test_delayed_notification_spooled(self) -> None:
         """A delay warning is spooled with the delayed subject and Will-Retry-Until."""

@@ -529,14 +529,14 @@ class TransactionTests(ClientTestCase):
     def test_mail_parameters_when_offered(self):
         """SIZE, BODY=8BITMIME and SMTPUTF8 are sent when offered and the message needs them."""
         self.ready()
-        self.proto.send(transaction(("ü@dest.test",), message=b"caf\xc3\xa9\r\n", sender="é@src.test", body="8BITMIME", smtputf8=True))
+        self.proto.send(transaction(("ü@dest.test",), message=b"caf\xc3\xa9\r\n", sender="é@src.test", body_type="8BITMIME", smtputf8=True))
         first = self.sent().split(b"\r\n")[0]
         self.assertEqual(first, "MAIL FROM:<é@src.test> SIZE=7 BODY=8BITMIME SMTPUTF8".encode("utf-8"))
 
     def test_no_mail_parameters_when_not_offered(self):
         """Without SIZE and 8BITMIME advertised, MAIL carries no parameters (a 7-bit message marked 8BITMIME still goes)."""
         self.ready(caps=("PIPELINING",))
-        self.proto.send(transaction(body="8BITMIME"))
+        self.proto.send(transaction(body_type="8BITMIME"))
         self.assertEqual(self.sent().split(b"\r\n")[0], b"MAIL FROM:<s@src.test>")
 
     def test_smtputf8_toward_a_server_without_it_fails_permanently(self):
@@ -553,7 +553,7 @@ class TransactionTests(ClientTestCase):
     def test_8bit_message_toward_a_server_without_8bitmime_fails_permanently(self):
         """An 8-bit message toward a server without 8BITMIME fails with 554 5.6.3; nothing is sent."""
         self.ready(caps=("PIPELINING",))
-        result = self.successResultOf(self.proto.send(transaction(message=b"caf\xc3\xa9\r\n", body="8BITMIME")))
+        result = self.successResultOf(self.proto.send(transaction(message=b"caf\xc3\xa9\r\n", body_type="8BITMIME")))
         reply = result.replies["a@dest.test"]
         self.assertEqual((reply.code, reply.status), (554, "5.6.3"))
         self.assertIn("conversion required but not supported", reply.text)
@@ -977,7 +977,7 @@ CLIENT_SCRIPT = textwrap.dedent(
             for i, path in enumerate(paths):
                 size = len(open(path, "rb").read())
                 t = Transaction("from@src.test", (("to%d@dest.test" % i, ()), ("bad@dest.test", ())), size,
-                                body="8BITMIME", open_message=lambda p=path: open(p, "rb"), queue_id="Q%d" % i)
+                                body_type="8BITMIME", open_message=lambda p=path: open(p, "rb"), queue_id="Q%d" % i)
                 result = yield proto.send(t)
                 out["results"].append({"tls": result.tls, "replies": {k: [v.code, v.status, v.text] for k, v in result.replies.items()}})
             yield proto.quit()

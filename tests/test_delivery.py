@@ -296,9 +296,9 @@ def test_mixed_domains_make_two_transactions_and_same_domain_shares_one():
 def test_transaction_carries_the_envelope():
     """The transaction has the envelope's sender, size, body, SMTPUTF8 flag, queue id and message bytes."""
     h = Harness()
-    success(h.attempt(envelope("u@a.test", body="8BITMIME", smtputf8=True)))
+    success(h.attempt(envelope("u@a.test", body_type="8BITMIME", smtputf8=True)))
     [transaction] = h.connector.connections[0].sent
-    assert (transaction.sender, transaction.size, transaction.body, transaction.smtputf8, transaction.queue_id) == ("s@origin.test", 123, "8BITMIME", True, "Q1")
+    assert (transaction.sender, transaction.size, transaction.body_type, transaction.smtputf8, transaction.queue_id) == ("s@origin.test", 123, "8BITMIME", True, "Q1")
     assert transaction.open_message().read() == b"Subject: hi\r\n\r\nbody\r\n"
     assert h.spool.opened == ["Q1"]
 
@@ -853,12 +853,12 @@ def test_connections_with_other_tls_settings_are_not_shared():
 
 def test_attempt_tls_round_trips_and_old_history_loads():
     """Attempt.tls is stored in the JSON and read back; a v1 history entry without it still loads."""
-    attempt = Attempt(1.0, OUTCOME_DELIVERED, 250, "", "ok", "h", True, route="r", tls=TLS13)
+    attempt = Attempt(1.0, OUTCOME_DELIVERED, 250, "", "ok", "h", True, rule="r", tls=TLS13)
     env = Envelope(queue_id="Q", sender="", recipients=(Recipient("u@a.test", history=(attempt,)),))
     assert Envelope.from_json(env.to_json()).recipients[0].history[0].tls == TLS13
     old = (b'{"version": 1, "queue_id": "Q", "sender": "", "recipients": [{"address": "u@a.test", "status": "pending",'
            b' "history": [{"time": 1.0, "outcome": "delivered", "reply": "250 ok", "host": "h", "route": "r"}]}]}')
-    assert Envelope.from_json(old).recipients[0].history[0] == Attempt(1.0, OUTCOME_DELIVERED, 250, "", "ok", "h", True, route="r")
+    assert Envelope.from_json(old).recipients[0].history[0] == Attempt(1.0, OUTCOME_DELIVERED, 250, "", "ok", "h", True, rule="r")
 
 
 @pytest.mark.parametrize(

@@ -89,7 +89,7 @@ def test_eight_bit_and_smtputf8_message_is_stored_unchanged(relay):
     envelope, data = queued(relay.queue_dir)[queue_id_of(reply)]
     assert envelope.sender == "jörg@bücher.example"
     assert envelope.recipients[0].address == "empfänger@example.net"
-    assert envelope.smtputf8 and envelope.body == "8BITMIME"
+    assert envelope.smtputf8 and envelope.body_type == "8BITMIME"
     assert data.endswith(body)
 
 

@@ -42,7 +42,7 @@ def old_envelope(queue_id: str, size: int, **changes: Any) -> Envelope:
         client=ClientInfo(address="192.0.2.9", port=2525, helo="old.example", trusted=True),
         arrival=1699999999.25,
         size=size,
-        body="8BITMIME",
+        body_type="8BITMIME",
     )
     return replace(envelope, **changes)
 

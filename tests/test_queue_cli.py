@@ -58,7 +58,7 @@ def store(spool: Spool, sender: str, recipients: tuple[Recipient, ...], **fields
 
 
 BUSY = Attempt(time=NOW - 60, outcome="transient", code=451, status="4.3.0", text="mailbox busy", host="mx1.dest.test",
-               remote=True, route="mx")
+               remote=True, rule="mx")
 BUSY_JSON = {"time": NOW - 60, "outcome": "transient", "host": "mx1.dest.test", "route": "mx", "code": 451,
              "status": "4.3.0", "text": "mailbox busy", "remote": True, "reason": "", "tls": "", "tls_fallback": False, "dsn_passed": False,
              "reply": "451 4.3.0 mailbox busy"}
@@ -93,7 +93,7 @@ def queue(tmp_path: Path) -> Queue:
         ),
         arrival=NOW - 300,
         client=ClientInfo(address="192.0.2.7", port=40000, helo="app.origin.test", protocol="ESMTPS", trusted=True),
-        body="8BITMIME",
+        body_type="8BITMIME",
     )
     return Queue(directory, spool, old, bounce, new)
 

@@ -75,7 +75,7 @@ def test_apply_outcomes_table(outcome, status, last_error):
     [r] = apply_outcomes(env, [outcome], NOW).recipients
     assert (r.status, r.attempts, r.last_error) == (status, 1, last_error)
     assert r.history == (Attempt(time=NOW, outcome=outcome.kind, code=outcome.code, status=outcome.status, text=outcome.text,
-                                 host=outcome.host, remote=outcome.remote, reason=outcome.reason, route=outcome.rule),)
+                                 host=outcome.host, remote=outcome.remote, reason=outcome.reason, rule=outcome.rule),)
     assert r.history[0].reply == outcome.describe()
 
 

@@ -495,7 +495,7 @@ def test_message_stored_with_envelope() -> None:
         recipients=(Recipient(address="u@example.org", source_route=("hop.test",)),),
         client=ClientInfo(address="192.0.2.7", port=40001, helo="client.test", protocol="ESMTP",
                           trusted=False),
-        arrival=NOW, size=len(message.data), body="8BITMIME", smtputf8=False,
+        arrival=NOW, size=len(message.data), body_type="8BITMIME", smtputf8=False,
     )
 
 

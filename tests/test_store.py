@@ -252,7 +252,7 @@ def make_envelope(queue_id: str, **changes: Any) -> Envelope:
                 last_error="451 4.3.0 try later",
                 next_attempt=1700003600.5,
                 history=(Attempt(time=1700000000.25, outcome="transient", code=451, status="4.3.0", text="try later",
-                                 host="mx.exämple.net", remote=True, route="mx", tls="TLSv1.3"),),
+                                 host="mx.exämple.net", remote=True, rule="mx", tls="TLSv1.3"),),
                 warned=True,
             ),
             Recipient(address="carol@example.com", status=FAILED, attempts=1, last_error="550 5.1.1 no such user"),
@@ -260,7 +260,7 @@ def make_envelope(queue_id: str, **changes: Any) -> Envelope:
         client=ClientInfo(address="192.0.2.7", port=40000, helo="client.example", protocol="ESMTPSA",
                           trusted=True, auth_user="app1", tls="TLSv1.3 TLS_AES_128_GCM_SHA256"),
         arrival=1700000000.5,
-        body="8BITMIME",
+        body_type="8BITMIME",
         smtputf8=True,
         mail_params=(("RET", "HDRS"), ("ENVID", "abc123")),
     )

@@ -119,7 +119,7 @@ def recipient_json(recipient: Recipient) -> dict[str, Any]:
 def attempt_json(a: Attempt) -> dict[str, Any]:
     """One attempt's facts; ``reply`` is the one line they make (as version 1 stored it)."""
     return {
-        "time": a.time, "outcome": a.outcome, "host": a.host, "route": a.route, "code": a.code,
+        "time": a.time, "outcome": a.outcome, "host": a.host, "route": a.rule, "code": a.code,
         "status": a.status, "text": a.text, "remote": a.remote, "reason": a.reason, "tls": a.tls,
         "tls_fallback": a.tls_fallback, "dsn_passed": a.dsn_passed, "reply": a.reply,
     }
@@ -160,7 +160,7 @@ def show_json(envelope: Envelope, headers: list[str], truncated: bool) -> dict[s
     client = envelope.client
     return {
         **list_json(envelope),
-        "body": envelope.body,
+        "body": envelope.body_type,
         "smtputf8": envelope.smtputf8,
         "client": {
             "address": client.address,
@@ -201,7 +201,7 @@ def show_human(envelope: Envelope, headers: list[str], truncated: bool, now: flo
         f"arrival:   {local_time(envelope.arrival)} ({human_duration(now - envelope.arrival)} ago)",
         f"size:      {envelope.size} octets",
         f"client:    {where}, {', '.join(about)}",
-        f"body:      {envelope.body}, smtputf8 {'yes' if envelope.smtputf8 else 'no'}",
+        f"body:      {envelope.body_type}, smtputf8 {'yes' if envelope.smtputf8 else 'no'}",
         f"held:      {'yes' if envelope.held else 'no'}",
         "recipients:",
     ]
@@ -226,7 +226,7 @@ def _recipient_block(r: Recipient, held: bool, now: float) -> list[str]:
         lines.append(f"    last error: {last}")
     for a in r.history:
         where = f" {a.host}" if a.host else ""
-        rule = f" [{a.route}]" if a.route else ""
+        rule = f" [{a.rule}]" if a.rule else ""
         tls = f" ({a.tls})" if a.tls else (" (in clear after a failed TLS handshake)" if a.tls_fallback else "")
         lines.append(f"    {local_time(a.time)}  {a.outcome}{where}{rule}{tls}: {attempt_words(a)}")
     return lines

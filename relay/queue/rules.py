@@ -50,7 +50,7 @@ def apply_outcome(recipient: Recipient, outcome: Outcome, now: float) -> Recipie
         host=outcome.host,
         remote=outcome.remote,
         reason=outcome.reason,
-        route=outcome.rule,
+        rule=outcome.rule,
         tls=outcome.tls,
         tls_fallback=outcome.tls_fallback,
         dsn_passed=outcome.dsn_passed,

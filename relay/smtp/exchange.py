@@ -62,7 +62,7 @@ def precheck(transaction: Transaction, capabilities: dict[str, str], chunk_size:
     limit = _size_limit(capabilities)
     if limit and transaction.size > limit:
         return LocalReply(552, "5.3.4", TEXT_TOO_BIG.format(size=transaction.size, limit=limit), Reason.MESSAGE_TOO_BIG)
-    if transaction.body.upper() == "8BITMIME" and "8BITMIME" not in capabilities:
+    if transaction.body_type.upper() == "8BITMIME" and "8BITMIME" not in capabilities:
         if not _is_7bit(transaction.open_message, chunk_size):
             return REPLY_NO_8BITMIME
     return None
@@ -80,7 +80,7 @@ def mail_command(transaction: Transaction, capabilities: dict[str, str]) -> byte
     params = []
     if "SIZE" in capabilities:
         params.append(f"SIZE={transaction.size}")
-    if transaction.body.upper() == "8BITMIME" and "8BITMIME" in capabilities:
+    if transaction.body_type.upper() == "8BITMIME" and "8BITMIME" in capabilities:
         params.append("BODY=8BITMIME")
     if transaction.smtputf8 and "SMTPUTF8" in capabilities:
         params.append("SMTPUTF8")

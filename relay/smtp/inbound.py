@@ -62,9 +62,9 @@ BODY_8BITMIME = "8BITMIME"
 class Transaction:
     """What MAIL and RCPT collected; cleared by RSET, HELO/EHLO, STARTTLS and end of DATA."""
 
-    def __init__(self, sender: str, body: str, smtputf8: bool, params: tuple) -> None:
+    def __init__(self, sender: str, body_type: str, smtputf8: bool, params: tuple) -> None:
         self.sender = sender
-        self.body = body
+        self.body_type = body_type  # the BODY= parameter
         self.smtputf8 = smtputf8
         self.params = params
         self.recipients: list[Recipient] = []

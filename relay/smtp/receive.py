@@ -249,7 +249,7 @@ class MessageReceiver:
         return Envelope(
             queue_id=queue_id, sender=transaction.sender,
             recipients=tuple(transaction.recipients), client=client,
-            arrival=self.clock.seconds(), size=size, body=transaction.body,
+            arrival=self.clock.seconds(), size=size, body_type=transaction.body_type,
             smtputf8=transaction.smtputf8, mail_params=transaction.params,
         )
 

@@ -101,7 +101,7 @@ class Transaction:
     sender: str  # "" for <>
     recipients: tuple[tuple[str, tuple[str, ...]], ...]
     size: int
-    body: str = "7BIT"  # or "8BITMIME"
+    body_type: str = "7BIT"  # the BODY= parameter: or "8BITMIME"
     smtputf8: bool = False
     open_message: Callable[[], BinaryIO] = field(kw_only=True)
     queue_id: str = field(default="", kw_only=True)  # for the logs
