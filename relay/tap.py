@@ -34,6 +34,7 @@ from relay.config import (
 from relay.config_values import ConfigError
 from relay.server_tls import build_tls_context
 from relay.services import Closing, Listener, StoreService
+from relay.runtime import tune_collector
 from relay.trust import load_trust
 
 log = Logger()
@@ -191,6 +192,7 @@ class RelayService(MultiService):
             source=config.source or "built-in defaults",
         )
         super().startService()
+        tune_collector()  # what start-up made stays; the collector walks only what comes after
 
     def stopService(self) -> Any:
         """Stop the parts one after another, in reverse start order.

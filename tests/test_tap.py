@@ -211,6 +211,23 @@ def test_start_up_log_line(monkeypatch: pytest.MonkeyPatch) -> None:
     ]
 
 
+def test_start_up_freezes_what_exists_and_sets_the_collector() -> None:
+    """Once started, the relay's start-up objects are frozen and the young generation waits for 50,000 objects."""
+    import gc
+
+    from relay.runtime import GC_THRESHOLDS
+
+    gc.unfreeze()
+    gc.set_threshold(700, 10, 10)
+    service = RelayService(Config(hostname="relay.test"))
+    service.startService()
+    try:
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+    finally:
+        service.stopService()
+
+
 def test_clean_stop_on_sigterm_exits_zero() -> None:
     """After a clean stop, the SIGTERM twistd would re-raise is cleared (exit 0); other signals are kept."""
     import signal
