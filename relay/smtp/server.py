@@ -51,11 +51,11 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from relay.config import ServerConfig
-from relay.domains import DomainError, to_ascii
 from relay.envelope import ClientInfo
 from relay.log import Logger, escape_controls
 from relay.metrics import reply_in
 from relay.smtp import set_nodelay, trace
+from relay.smtp.ehlo import extensions, offered_verbs, read_helo
 from relay.smtp.etrn import etrn
 from relay.smtp.limits import client_key
 from relay.smtp.output import ReplyWriter
@@ -69,7 +69,6 @@ from relay.smtp.replies import (
     AUTH_NOT_ENABLED,
     AUTH_REQUIRED,
     AUTH_TWICE,
-    BAD_IDN_HELO,
     BAD_UTF8_COMMAND,
     BARE_NEWLINE_COMMAND,
     BDAT_THEN_DATA,
@@ -105,7 +104,7 @@ from relay.smtp.replies import (
     too_many_auth_failures,
     too_many_errors,
 )
-from relay.smtp.sasl import AUTH_MECHANISMS, MAX_AUTH_LINE, Authenticator
+from relay.smtp.sasl import MAX_AUTH_LINE, Authenticator
 from relay.smtp.inbound import Refusal, Transactions, read_mail, read_rcpt
 
 if TYPE_CHECKING:
@@ -116,7 +115,6 @@ log = Logger(namespace="relay.smtp.server")
 MAX_COMMAND_LINE = 512  # octets including CRLF (RFC 5321 4.5.3.1.4)
 
 _MESSAGE_VERBS = ("MAIL", "RCPT", "DATA", "BDAT")  # a refusal of these is a rejected message (metrics)
-_EXTENSION_VERBS = ("STARTTLS", "AUTH", "ETRN")  # EHLO keywords that are verbs HELP names when offered
 
 
 # -- the session ---------------------------------------------------------------------
@@ -411,21 +409,11 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         return ehlo_reply(self.hostname, self._extensions())
 
     def _helo_name(self, argument: str) -> Union[str, Reply]:
-        """The client's name as it goes into Received: A-labels for a name with U-labels.
-
-        A non-ASCII name that is not a domain under IDNA 2008 is refused, so
-        only ASCII ever reaches the header of a message that may travel 7-bit.
-        """
-        name = argument.strip()
-        if not _valid_helo(name):
-            return SYNTAX_EHLO
-        if name.isascii():
-            return name
         try:
-            return to_ascii(name)
-        except DomainError as e:
-            self._reason = str(e)
-            return BAD_IDN_HELO
+            return read_helo(argument)
+        except Refusal as refusal:
+            self._reason = refusal.reason
+            return refusal.reply
 
     def _greeted(self, name: str, esmtp: bool) -> None:
         self.helo = name
@@ -438,14 +426,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._receiver.drop_chunks()
 
     def _extensions(self) -> list[str]:
-        extensions = ["PIPELINING", f"SIZE {self.config.max_message_size}"]
-        extensions.append("CHUNKING")
-        if self.factory.tls_context is not None and not self.tls:
-            extensions.append("STARTTLS")
-        if self._auth_offered():
-            extensions.append("AUTH " + " ".join(AUTH_MECHANISMS))
-        extensions += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", "DSN", "ETRN"]
-        return extensions
+        """What EHLO advertises now: STARTTLS until the session has TLS, AUTH when it is offered."""
+        return extensions(self.config.max_message_size, self.factory.tls_context is not None and not self.tls,
+                          self._auth_offered())
 
     def _auth_offered(self) -> bool:
         """AUTH is offered with a portal, on a TLS session or with auth_in_clear."""
@@ -523,15 +506,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         return VRFY_REPLY
 
     def do_HELP(self, argument: str) -> Answer:
-        return help_reply(self._offered_verbs())
-
-    def _offered_verbs(self) -> list[str]:
-        """The verbs beyond the basic ones this session accepts now: those of the extensions EHLO advertises.
-
-        BDAT is a basic verb: CHUNKING is always offered.
-        """
-        keywords = [extension.split(" ", 1)[0] for extension in self._extensions()]
-        return [keyword for keyword in keywords if keyword in _EXTENSION_VERBS]
+        return help_reply(offered_verbs(self._extensions()))
 
     def do_QUIT(self, argument: str) -> Answer:
         self._send(BYE)
@@ -679,7 +654,3 @@ def _wire(reply: Reply) -> bytes:
     """The wire form of a reply; the constant ones are made once."""
     return reply.to_bytes()
 
-
-def _valid_helo(name: str) -> bool:
-    """A HELO/EHLO argument: one non-empty word of printable characters."""
-    return bool(name) and all(c.isprintable() and not c.isspace() for c in name)
