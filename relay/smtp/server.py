@@ -58,6 +58,7 @@ from relay.smtp import set_nodelay, trace
 from relay.smtp.ehlo import extensions, offered_verbs, read_helo
 from relay.smtp.etrn import etrn
 from relay.smtp.limits import client_key
+from relay.smtp.lines import OverlongLine, too_long, too_long_unfinished
 from relay.smtp.output import ReplyWriter
 from relay.smtp.receive import Ending, MessageReceiver
 from relay.smtp.replies import (
@@ -112,8 +113,6 @@ if TYPE_CHECKING:
 
 log = Logger(namespace="relay.smtp.server")
 
-MAX_COMMAND_LINE = 512  # octets including CRLF (RFC 5321 4.5.3.1.4)
-
 _MESSAGE_VERBS = ("MAIL", "RCPT", "DATA", "BDAT")  # a refusal of these is a rejected message (metrics)
 
 
@@ -135,7 +134,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     delimiter = b"\r\n"
     # LineReceiver counts without the delimiter.  AUTH lines may be longer than
-    # other commands: lineReceived refuses the others over MAX_COMMAND_LINE.
+    # other commands: lineReceived refuses the others over relay.smtp.lines.MAX_COMMAND_LINE.
     MAX_LENGTH = MAX_AUTH_LINE - 2
 
     factory: "SMTPServerFactory"
@@ -159,8 +158,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._line_seen = False  # a complete line arrived in this read: its timeout restarts
         self.client = ""  # the address the per-client limits count (relay.smtp.limits.client_key)
         self._counted = False
-        self._discarding = False  # dropping the rest of an overlong command line
-        self._discard_cr = False
+        self._overlong = OverlongLine()
         self._reprocess = False
         self._waiting = False
         self._reason = ""  # why the current command is refused, for the log
@@ -253,8 +251,8 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         if self._output.closed:
             return
         try:
-            if self._discarding and data:
-                data = self._discard_overlong(data)
+            if self._overlong.discarding and data:
+                data = self._overlong.feed(data)
             super().dataReceived(data)
             while self._reprocess and not self.paused and not self._output.closed:
                 self._reprocess = False
@@ -279,34 +277,18 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         log.info("line too long from {peer}", peer=self._peer())
         self._auth.exchange = None  # an overlong AUTH response ends the exchange
         self._send(LINE_TOO_LONG)
-        end = line.find(b"\r\n")
-        if end < 0:
-            self._discarding = True
-            self._discard_cr = line.endswith(b"\r")
-        else:
-            self._buffer = line[end + 2:]
+        rest = self._overlong.refused(line)
+        if rest is not None:
+            self._buffer = rest
             self._reprocess = True
 
     def _check_partial_line(self) -> None:
         """An unfinished command line already over 512 octets is refused now (AUTH lines may be longer)."""
         buffer = self._buffer
-        if (not self.line_mode or self.paused or self._output.closed or len(buffer) < MAX_COMMAND_LINE
-                or self._auth.exchange is not None or buffer[:5].upper() == b"AUTH " or b"\r\n" in buffer):
-            return
-        self._buffer = b""
-        self.lineLengthExceeded(buffer)
-
-    def _discard_overlong(self, data: bytes) -> bytes:
-        if self._discard_cr and data.startswith(b"\n"):
-            rest = data[1:]
-        else:
-            end = data.find(b"\r\n")
-            if end < 0:
-                self._discard_cr = data.endswith(b"\r")
-                return b""
-            rest = data[end + 2:]
-        self._discarding = self._discard_cr = False
-        return rest
+        if (self.line_mode and not self.paused and not self._output.closed
+                and too_long_unfinished(buffer, self._auth.exchange is not None)):
+            self._buffer = b""
+            self.lineLengthExceeded(buffer)
 
     def lineReceived(self, line: bytes) -> None:
         if self._output.closed:
@@ -317,7 +299,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return
         self._reason = ""
         exchange = self._auth.exchange
-        if len(line) > MAX_COMMAND_LINE - 2 and exchange is None and line[:5].upper() != b"AUTH ":
+        if too_long(line, exchange is not None):
             log.info("line too long from {peer}", peer=self._peer())
             self._send(LINE_TOO_LONG)
             return
