@@ -19,22 +19,18 @@ until it is written.
 DATA and BDAT chunks are read in raw mode and handed to the session's
 ``relay.smtp.receive.MessageReceiver`` (the stream, its deadline, the
 commit before 250).  The factory (``relay.smtp.factory``) admits sessions
-under the limits of ``relay.smtp.limits``.  Timeouts are deadlines: a
-whole command line within the timeout (``load_idle_timeout`` under load).
+under the limits of ``relay.smtp.limits``.  A command line must come
+whole within the timeout (``load_idle_timeout`` under load) and within
+its length (``relay.smtp.lines``).
 
-AUTH (RFC 4954) PLAIN and LOGIN is offered when the factory has a
-twisted.cred portal, and only on a TLS-protected session (after STARTTLS or
-on an implicit-TLS listener) unless ``auth_in_clear`` is set.  The session's
-``relay.smtp.sasl.Authenticator`` runs the exchange and the portal's check;
-a failure is answered after a delay with input paused, and too many
-failures close the session; an address with too many failures across
-sessions gets 454 without a check.  Passwords are never logged.
-
-On a submission listener (RFC 6409) MAIL needs a successful AUTH, and a
-message without Message-ID or Date gets them right after our Received
-header.  ETRN (RFC 1985, ``relay.smtp.etrn``) from a trusted or
-authenticated client calls the factory's ``etrn`` hook.  The factory's ``stopping()`` makes every
-session answer 421 4.3.2 and close, letting a message in DATA finish first.
+The session decides when a verb is allowed and what it changes: HELO/EHLO
+(``relay.smtp.ehlo``), STARTTLS (RFC 3207: what was pipelined behind it is
+dropped, the dialogue starts again), AUTH (RFC 4954, offered with a portal
+on a TLS session unless ``auth_in_clear``; ``relay.smtp.sasl``), MAIL only
+after AUTH on a submission listener (RFC 6409), ETRN (RFC 1985,
+``relay.smtp.etrn``) from a trusted or authenticated client.  The
+factory's ``stopping()`` makes every session answer 421 4.3.2 and close,
+letting a message in DATA finish first.
 """
 
 from __future__ import annotations
