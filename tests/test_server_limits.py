@@ -28,7 +28,7 @@ from relay.smtp.flow import ReplyThrottle, pending_output
 from relay.smtp import limits
 from relay.smtp.limits import AuthFailures, ConnectionRate, SessionCounts, client_key
 from relay.smtp.factory import SMTPServerFactory
-from relay.smtp.server import MAX_PENDING_REPLIES, CLOSE_GRACE
+from relay.smtp.output import CLOSE_GRACE, MAX_PENDING_REPLIES
 
 from test_server import (
     PLAIN_BAD, PLAIN_OK, TRANSACTION, FakeSpool, RecordingTransport, Session, code, make_factory, make_portal,
@@ -95,8 +95,8 @@ def backed_up_session(**config: Any) -> tuple[Session, BackedUpTransport]:
     s.factory = factory
     s.transport = BackedUpTransport(peer())
     s.proto = factory.buildProtocol(None)
-    s.proto._throttle = ReplyThrottle(s.proto._output_backed_up, s.proto._output_drained,
-                                      pending=lambda t: t.unsent)
+    s.proto._output._throttle = ReplyThrottle(s.proto._output._backed_up, s.proto._output._drained,
+                                              pending=lambda t: t.unsent)
     s.proto.makeConnection(s.transport)
     s.read()
     s.transport.unsent = 0
@@ -547,7 +547,7 @@ class FloodLoopbackTests(TrialTestCase):
         self.addCleanup(sock.close)
         [session] = factory._live
         self.assertTrue(session.paused)
-        self.assertTrue(session._output_blocked)
+        self.assertTrue(session._output.blocked)
         self.assertLess(pending_output(session.transport), PER_SESSION_BOUND)
         self.assertGreater(pending_output(session.transport), 0)
         self.assertLess(len(session._buffer), PER_SESSION_BOUND)

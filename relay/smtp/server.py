@@ -9,48 +9,35 @@ dispatches per state (command lines, DATA stream) and per verb (``do_MAIL``,
 ``do_RCPT`` ...).  The mail transaction MAIL and RCPT build, with its
 parameter and policy checks, is ``relay.smtp.inbound``'s.
 
-Pipelining (RFC 2920): replies are collected while one read is processed and
-written together.  When an answer is not ready (an asynchronous policy check,
-the spool's commit), line delivery and the transport are paused until it is
-written, so replies always come in command order.
+Pipelining (RFC 2920): the replies of one read leave together and in
+command order through the session's ``relay.smtp.output.ReplyWriter``
+(which also bounds them, holds input while the client does not read, and
+closes after them).  When an answer is not ready (an asynchronous policy
+check, the spool's commit), line delivery and the transport are paused
+until it is written.
 
 DATA and BDAT chunks are read in raw mode and handed to the session's
-``relay.smtp.receive.MessageReceiver``, which fills the queued message
-through ``relay.smtp.data.DataReader``: the stream is read to its real
-CRLF.CRLF end whatever is wrong with it, and the verdict and the stored
-bytes do not depend on how it is split into reads.  A ``250`` to the end of
-DATA is sent only when the spool's commit has fired (the message is
-durable); a failed commit answers ``451``.
+``relay.smtp.receive.MessageReceiver`` (the stream, its deadline, the
+commit before 250).  The factory (``relay.smtp.factory``) admits sessions
+under the limits of ``relay.smtp.limits``.  A command line must come
+whole within the timeout (``load_idle_timeout`` under load) and within
+its length (``relay.smtp.lines``).
 
-Hostile clients: replies of one read are written out past
-``MAX_PENDING_REPLIES``, and input stops while the transport holds more
-unsent output than it buffers (``relay.smtp.flow``), so a client that does
-not read cannot grow the session.  The factory (``relay.smtp.factory``) admits sessions under
-``max_sessions``, the trusted reserve, the per-address cap and the
-connection rate (``relay.smtp.limits``).  Timeouts are deadlines: a whole
-command line within the timeout, DATA at ``min_data_rate`` at least; under
-load the timeout is ``load_idle_timeout``.
-
-AUTH (RFC 4954) PLAIN and LOGIN is offered when the factory has a
-twisted.cred portal, and only on a TLS-protected session (after STARTTLS or
-on an implicit-TLS listener) unless ``auth_in_clear`` is set.  The session's
-``relay.smtp.sasl.Authenticator`` runs the exchange and the portal's check;
-a failure is answered after a delay with input paused, and too many
-failures close the session; an address with too many failures across
-sessions gets 454 without a check.  Passwords are never logged.
-
-On a submission listener (RFC 6409) MAIL needs a successful AUTH, and a
-message without Message-ID or Date gets them right after our Received
-header.  ETRN (RFC 1985, ``relay.smtp.etrn``) from a trusted or
-authenticated client calls the factory's ``etrn`` hook.  The factory's ``stopping()`` makes every
-session answer 421 4.3.2 and close, letting a message in DATA finish first.
+The session decides when a verb is allowed and what it changes: HELO/EHLO
+(``relay.smtp.ehlo``), STARTTLS (RFC 3207: what was pipelined behind it is
+dropped, the dialogue starts again), AUTH (RFC 4954, offered with a portal
+on a TLS session unless ``auth_in_clear``; ``relay.smtp.sasl``), MAIL only
+after AUTH on a submission listener (RFC 6409), ETRN (RFC 1985,
+``relay.smtp.etrn``) from a trusted or authenticated client.  The
+factory's ``stopping()`` makes every session answer 421 4.3.2 and close,
+letting a message in DATA finish first.
 """
 
 from __future__ import annotations
 
 import enum
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from twisted.internet import address as _address
 from twisted.internet.defer import Deferred
@@ -60,14 +47,15 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from relay.config import ServerConfig
-from relay.domains import DomainError, to_ascii
 from relay.envelope import ClientInfo
 from relay.log import Logger, escape_controls
 from relay.metrics import reply_in
-from relay.smtp import set_nodelay, trace, write_now
+from relay.smtp import set_nodelay, trace
+from relay.smtp.ehlo import extensions, offered_verbs, read_helo
 from relay.smtp.etrn import etrn
-from relay.smtp.flow import ReplyThrottle
 from relay.smtp.limits import client_key
+from relay.smtp.lines import OverlongLine, too_long, too_long_unfinished
+from relay.smtp.output import ReplyWriter
 from relay.smtp.receive import Ending, MessageReceiver
 from relay.smtp.replies import (
     ALREADY_TLS,
@@ -78,7 +66,6 @@ from relay.smtp.replies import (
     AUTH_NOT_ENABLED,
     AUTH_REQUIRED,
     AUTH_TWICE,
-    BAD_IDN_HELO,
     BAD_UTF8_COMMAND,
     BARE_NEWLINE_COMMAND,
     BDAT_THEN_DATA,
@@ -114,7 +101,7 @@ from relay.smtp.replies import (
     too_many_auth_failures,
     too_many_errors,
 )
-from relay.smtp.sasl import AUTH_MECHANISMS, MAX_AUTH_LINE, Authenticator
+from relay.smtp.sasl import MAX_AUTH_LINE, Authenticator
 from relay.smtp.inbound import Refusal, Transactions, read_mail, read_rcpt
 
 if TYPE_CHECKING:
@@ -122,12 +109,7 @@ if TYPE_CHECKING:
 
 log = Logger(namespace="relay.smtp.server")
 
-MAX_COMMAND_LINE = 512  # octets including CRLF (RFC 5321 4.5.3.1.4)
-MAX_PENDING_REPLIES = 1 << 16  # octets of replies collected before they are written out
-CLOSE_GRACE = 30.0  # seconds a closed session's last replies may wait to be read before the connection is cut
-
 _MESSAGE_VERBS = ("MAIL", "RCPT", "DATA", "BDAT")  # a refusal of these is a rejected message (metrics)
-_EXTENSION_VERBS = ("STARTTLS", "AUTH", "ETRN")  # EHLO keywords that are verbs HELP names when offered
 
 
 # -- the session ---------------------------------------------------------------------
@@ -148,7 +130,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
     delimiter = b"\r\n"
     # LineReceiver counts without the delimiter.  AUTH lines may be longer than
-    # other commands: lineReceived refuses the others over MAX_COMMAND_LINE.
+    # other commands: lineReceived refuses the others over relay.smtp.lines.MAX_COMMAND_LINE.
     MAX_LENGTH = MAX_AUTH_LINE - 2
 
     factory: "SMTPServerFactory"
@@ -168,26 +150,21 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self.errors = 0
         self._mail = Transactions(self.config, self.hostname, factory.policy, self._peer)
         self._receiver = MessageReceiver(factory, self.client_info, self._peer)
-        self._out: list[bytes] = []
-        self._out_size = 0
-        self._throttle = ReplyThrottle(self._output_backed_up, self._output_drained)
-        self._output_blocked = False  # input paused until the client reads its replies
+        self._output = ReplyWriter(self.clock, self.pauseProducing, self._output_drained, self._peer)
         self._line_seen = False  # a complete line arrived in this read: its timeout restarts
         self.client = ""  # the address the per-client limits count (relay.smtp.limits.client_key)
-        self._closed = False
-        self._cut: Any = None  # the timer cutting a closed connection whose replies are not read
         self._counted = False
-        self._discarding = False  # dropping the rest of an overlong command line
-        self._discard_cr = False
+        self._overlong = OverlongLine()
         self._reprocess = False
         self._waiting = False
         self._reason = ""  # why the current command is refused, for the log
-        self._auth = Authenticator(factory, self._peer, self._out_challenge, self._auth_exhausted)
+        self._auth = Authenticator(factory, self._peer, self._output.queue, self._auth_exhausted)
         self.shutting_down = False
 
     # -- connection ----------------------------------------------------------
 
     def connectionMade(self) -> None:
+        self._output.transport = self.transport
         peer = self.transport.getPeer()
         if isinstance(peer, (_address.IPv4Address, _address.IPv6Address)):
             self.peer_host, self.peer_port = peer.host, peer.port
@@ -209,15 +186,12 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         log.info("connect from {peer}", peer=self._peer(), event="connect", tls=self.tls)
         self.setTimeout(self.factory.timeout())
         self._send(greeting(self.hostname))
-        self._flush()
+        self._output.flush()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
-        if self._cut is not None:
-            self._cut.cancel()
-            self._cut = None
         self._receiver.abort()
-        self._closed = True
+        self._output.lost()
         if self._counted:
             self._counted = False
             self.factory.session_closed(self)
@@ -246,80 +220,44 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     # -- output --------------------------------------------------------------
 
     def _send(self, reply: Reply) -> None:
-        self._queue_output(_wire(reply))
+        self._output.queue(_wire(reply))
         reply_in(reply.code)
         if reply.code in PROTOCOL_ERROR_CODES:
             self.errors += 1
-            if self.errors >= self.config.max_errors and not self._closed:
+            if self.errors >= self.config.max_errors and not self._output.closed:
                 log.warn("too many errors from {peer}", peer=self._peer())
-                self._queue_output(too_many_errors(self.hostname).to_bytes())
+                self._output.queue(too_many_errors(self.hostname).to_bytes())
                 self._close()
 
-    def _queue_output(self, data: bytes) -> None:
-        """Collect a reply; written at the end of the read, or now when many are collected."""
-        self._out.append(data)
-        self._out_size += len(data)
-        if self._out_size >= MAX_PENDING_REPLIES:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._out:
-            data, self._out, self._out_size = b"".join(self._out), [], 0
-            if self.transport is not None:
-                if not self._closed:
-                    self._throttle.before_write(self.transport)
-                write_now(self.transport, data)
-
-    def _output_backed_up(self) -> None:
-        """The transport holds more replies than it buffers: read nothing until they drain."""
-        if not self._output_blocked and not self._closed:
-            self._output_blocked = True
-            self.pauseProducing()
-
     def _output_drained(self) -> None:
-        if self._output_blocked:
-            self._output_blocked = False
-            if not self._waiting:
-                self.resumeProducing()
-
-    def _release_output(self) -> None:
-        """Stop the flow control (before STARTTLS or closing); reading goes on if it was held for it."""
-        self._throttle.release()
-        self._output_drained()
+        """The client has read its replies: reading goes on unless an answer is still awaited."""
+        if not self._waiting:
+            self.resumeProducing()
 
     def _close(self) -> None:
-        self._flush()
-        if not self._closed:
-            self._closed = True
+        """Stop reading and the timeout, and close after the replies collected."""
+        if not self._output.closed:
             self.setTimeout(None)
             self.clearLineBuffer()
-            self._throttle.release()
-            self.transport.loseConnection()
-            if self._throttle.unsent(self.transport) > 0:
-                self._cut = self.clock.callLater(CLOSE_GRACE, self._cut_connection)
-
-    def _cut_connection(self) -> None:
-        self._cut = None
-        log.info("cutting the connection from {peer}: its last replies were not read", peer=self._peer())
-        self.transport.abortConnection()
+        self._output.close()
 
     # -- input ---------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self._closed:
+        if self._output.closed:
             return
         try:
-            if self._discarding and data:
-                data = self._discard_overlong(data)
+            if self._overlong.discarding and data:
+                data = self._overlong.feed(data)
             super().dataReceived(data)
-            while self._reprocess and not self.paused and not self._closed:
+            while self._reprocess and not self.paused and not self._output.closed:
                 self._reprocess = False
                 super().dataReceived(b"")
             if self._line_seen:
                 # A complete line gives the next one a whole timeout, however it is
                 # split; bytes alone do not (DATA has its own deadline).
                 self._line_seen = False
-                if self.line_mode and not self._closed:
+                if self.line_mode and not self._output.closed:
                     self.setTimeout(self.factory.timeout())
             self._check_partial_line()
         except Exception:
@@ -328,44 +266,28 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             self._send(INTERNAL_ERROR)
             self._close()
         finally:
-            self._flush()
+            self._output.flush()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """Answer 500 5.5.6 and drop the overlong line up to its CRLF; go on after it."""
         log.info("line too long from {peer}", peer=self._peer())
         self._auth.exchange = None  # an overlong AUTH response ends the exchange
         self._send(LINE_TOO_LONG)
-        end = line.find(b"\r\n")
-        if end < 0:
-            self._discarding = True
-            self._discard_cr = line.endswith(b"\r")
-        else:
-            self._buffer = line[end + 2:]
+        rest = self._overlong.refused(line)
+        if rest is not None:
+            self._buffer = rest
             self._reprocess = True
 
     def _check_partial_line(self) -> None:
         """An unfinished command line already over 512 octets is refused now (AUTH lines may be longer)."""
         buffer = self._buffer
-        if (not self.line_mode or self.paused or self._closed or len(buffer) < MAX_COMMAND_LINE
-                or self._auth.exchange is not None or buffer[:5].upper() == b"AUTH " or b"\r\n" in buffer):
-            return
-        self._buffer = b""
-        self.lineLengthExceeded(buffer)
-
-    def _discard_overlong(self, data: bytes) -> bytes:
-        if self._discard_cr and data.startswith(b"\n"):
-            rest = data[1:]
-        else:
-            end = data.find(b"\r\n")
-            if end < 0:
-                self._discard_cr = data.endswith(b"\r")
-                return b""
-            rest = data[end + 2:]
-        self._discarding = self._discard_cr = False
-        return rest
+        if (self.line_mode and not self.paused and not self._output.closed
+                and too_long_unfinished(buffer, self._auth.exchange is not None)):
+            self._buffer = b""
+            self.lineLengthExceeded(buffer)
 
     def lineReceived(self, line: bytes) -> None:
-        if self._closed:
+        if self._output.closed:
             return
         self._line_seen = True
         if self.shutting_down:
@@ -373,7 +295,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             return
         self._reason = ""
         exchange = self._auth.exchange
-        if len(line) > MAX_COMMAND_LINE - 2 and exchange is None and line[:5].upper() != b"AUTH ":
+        if too_long(line, exchange is not None):
             log.info("line too long from {peer}", peer=self._peer())
             self._send(LINE_TOO_LONG)
             return
@@ -405,7 +327,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
         def deliver(reply: Optional[Reply]) -> None:
             fired.append(True)
-            if self._closed:
+            if self._output.closed:
                 return
             if reply is not None:
                 self._send(reply if isinstance(reply, Reply) else INTERNAL_ERROR)
@@ -414,9 +336,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
                 return
             if self._waiting:
                 self._waiting = False
-                self._flush()
+                self._output.flush()
                 self.setTimeout(self.factory.timeout())  # the client has its reply: the next line's timeout starts
-                if not self._output_blocked:
+                if not self._output.blocked:
                     self.resumeProducing()
 
         def failed(failure: Failure) -> Reply:
@@ -425,13 +347,13 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
 
         answer.addErrback(failed).addCallback(deliver).addErrback(
             lambda f: log.failure("error replying to {peer}", f, peer=self._peer()))
-        if not fired and not self._closed:
+        if not fired and not self._output.closed:
             self._waiting = True
-            self._flush()
+            self._output.flush()
             self.pauseProducing()
 
     def resumeProducing(self) -> None:
-        if self._closed:
+        if self._output.closed:
             return
         super().resumeProducing()
 
@@ -465,21 +387,11 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         return ehlo_reply(self.hostname, self._extensions())
 
     def _helo_name(self, argument: str) -> Union[str, Reply]:
-        """The client's name as it goes into Received: A-labels for a name with U-labels.
-
-        A non-ASCII name that is not a domain under IDNA 2008 is refused, so
-        only ASCII ever reaches the header of a message that may travel 7-bit.
-        """
-        name = argument.strip()
-        if not _valid_helo(name):
-            return SYNTAX_EHLO
-        if name.isascii():
-            return name
         try:
-            return to_ascii(name)
-        except DomainError as e:
-            self._reason = str(e)
-            return BAD_IDN_HELO
+            return read_helo(argument)
+        except Refusal as refusal:
+            self._reason = refusal.reason
+            return refusal.reply
 
     def _greeted(self, name: str, esmtp: bool) -> None:
         self.helo = name
@@ -492,14 +404,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         self._receiver.drop_chunks()
 
     def _extensions(self) -> list[str]:
-        extensions = ["PIPELINING", f"SIZE {self.config.max_message_size}"]
-        extensions.append("CHUNKING")
-        if self.factory.tls_context is not None and not self.tls:
-            extensions.append("STARTTLS")
-        if self._auth_offered():
-            extensions.append("AUTH " + " ".join(AUTH_MECHANISMS))
-        extensions += ["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", "DSN", "ETRN"]
-        return extensions
+        """What EHLO advertises now: STARTTLS until the session has TLS, AUTH when it is offered."""
+        return extensions(self.config.max_message_size, self.factory.tls_context is not None and not self.tls,
+                          self._auth_offered())
 
     def _auth_offered(self) -> bool:
         """AUTH is offered with a portal, on a TLS session or with auth_in_clear."""
@@ -577,15 +484,7 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
         return VRFY_REPLY
 
     def do_HELP(self, argument: str) -> Answer:
-        return help_reply(self._offered_verbs())
-
-    def _offered_verbs(self) -> list[str]:
-        """The verbs beyond the basic ones this session accepts now: those of the extensions EHLO advertises.
-
-        BDAT is a basic verb: CHUNKING is always offered.
-        """
-        keywords = [extension.split(" ", 1)[0] for extension in self._extensions()]
-        return [keyword for keyword in keywords if keyword in _EXTENSION_VERBS]
+        return help_reply(offered_verbs(self._extensions()))
 
     def do_QUIT(self, argument: str) -> Answer:
         self._send(BYE)
@@ -605,9 +504,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
             log.warn("discarded {count} octets sent behind STARTTLS by {peer}",
                      count=len(discarded), peer=self._peer())
         self._send(READY_TLS)
-        self._flush()
+        self._output.flush()
         # The TLS layer pauses a registered producer until its handshake is done.
-        self._release_output()
+        self._output.release()
         self.transport.startTLS(self.factory.tls_context)
         log.info("STARTTLS from {peer}", peer=self._peer(), event="tls", direction="in")
         self.tls = True
@@ -641,13 +540,9 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def auth_user(self, user: str) -> None:
         self._auth.user = user
 
-    def _out_challenge(self, challenge: bytes) -> None:
-        """An AUTH challenge line, written with the replies of this read."""
-        self._out.append(challenge)
-
     def _auth_exhausted(self) -> Optional[Reply]:
         """The failure that used up AUTH_FAILURE_LIMIT: 535, then 421 and close (535 alone once closed)."""
-        if self._closed:
+        if self._output.closed:
             return AUTH_FAILED
         log.warn("too many authentication failures from {peer}", peer=self._peer())
         self._send(AUTH_FAILED)
@@ -669,17 +564,16 @@ class SMTPServerProtocol(LineReceiver, TimeoutMixin):
     def shutdown(self) -> None:
         """The relay stops: 421 and close now, or after the answer a message in DATA is waiting for."""
         self.shutting_down = True
-        if not self._closed and self._receiver.reader is None and not self._waiting:
+        if not self._output.closed and self._receiver.reader is None and not self._waiting:
             self._say_goodbye()
 
     def abort_for_shutdown(self) -> None:
         """The grace period is over: drop whatever is in progress, 421 and close (cut, if closed already)."""
-        if not self._closed:
+        if not self._output.closed:
             self._receiver.abort()
             self._say_goodbye()
-        elif self._cut is not None:
-            self._cut.cancel()
-            self._cut_connection()
+        else:
+            self._output.cut()
 
     def _say_goodbye(self) -> None:
         log.info("shutting down: closing the session from {peer}", peer=self._peer())
@@ -738,7 +632,3 @@ def _wire(reply: Reply) -> bytes:
     """The wire form of a reply; the constant ones are made once."""
     return reply.to_bytes()
 
-
-def _valid_helo(name: str) -> bool:
-    """A HELO/EHLO argument: one non-empty word of printable characters."""
-    return bool(name) and all(c.isprintable() and not c.isspace() for c in name)
