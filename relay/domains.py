@@ -107,6 +107,20 @@ def normalize_domain(domain: str) -> str:
 # -- address literals ---------------------------------------------------------------
 
 
+@lru_cache(maxsize=4096)
+def parsed_ip(text: str) -> Optional[IPAddress]:
+    """``ipaddress.ip_address(text)``, or None for text that is not an address.
+
+    Remembered: the same few client and next-hop addresses are parsed for
+    every message, and the standard library's parser (IPv4, then IPv6 after
+    an exception) is most of the cost of a policy check.
+    """
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
 def ip_literal(text: str, strict: bool = False) -> Optional[IPAddress]:
     """The IP address written in ``text``; None when ``text`` is not written as one.
 
@@ -125,11 +139,10 @@ def ip_literal(text: str, strict: bool = False) -> Optional[IPAddress]:
     tagged = body[:5].lower() == "ipv6:"
     if tagged:
         body = body[5:]
-    try:
-        address = ipaddress.ip_address(body)
-    except ValueError:
+    address = parsed_ip(body)
+    if address is None:
         if bracketed or strict or tagged:
-            raise ValueError("bad address literal") from None
+            raise ValueError("bad address literal")
         return None
     if strict and ("%" in body or tagged != (address.version == 6)):
         raise ValueError("bad address literal")

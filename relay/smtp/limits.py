@@ -27,6 +27,7 @@ from typing import Optional
 from twisted.internet.interfaces import IReactorTime
 
 from relay.config import ServerConfig
+from relay.domains import parsed_ip
 
 MAX_TRACKED = 100_000  # addresses one table remembers at most
 SWEEP_EVERY = 1024  # new entries between two sweeps of a table, at the least
@@ -34,9 +35,8 @@ SWEEP_EVERY = 1024  # new entries between two sweeps of a table, at the least
 
 def client_key(host: str) -> str:
     """The address a client is counted by: IPv4-mapped IPv6 as IPv4, IPv6 in its compressed form."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
+    address = parsed_ip(host)
+    if address is None:
         return host
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
