@@ -53,56 +53,20 @@ from relay.metrics import reply_in
 from relay.smtp import set_nodelay, trace
 from relay.smtp.ehlo import extensions, offered_verbs, read_helo
 from relay.smtp.etrn import etrn
+from relay.smtp.inbound import Refusal, Transactions, read_mail, read_rcpt
 from relay.smtp.limits import client_key
 from relay.smtp.lines import OverlongLine, too_long, too_long_unfinished
 from relay.smtp.output import ReplyWriter
 from relay.smtp.receive import Ending, MessageReceiver
 from relay.smtp.replies import (
-    ALREADY_TLS,
-    AUTH_FAILED,
-    AUTH_IN_TRANSACTION,
-    AUTH_NEEDS_TLS,
-    AUTH_NEED_EHLO,
-    AUTH_NOT_ENABLED,
-    AUTH_REQUIRED,
-    AUTH_TWICE,
-    BAD_UTF8_COMMAND,
-    BARE_NEWLINE_COMMAND,
-    BDAT_THEN_DATA,
-    BYE,
-    ETRN_IN_TRANSACTION,
-    INTERNAL_ERROR,
-    LINE_TOO_LONG,
-    NEED_HELO,
-    NEED_MAIL,
-    NEED_RCPT,
-    NESTED_MAIL,
-    NOT_IMPLEMENTED,
-    OK,
-    PROTOCOL_ERROR_CODES,
-    READY_TLS,
-    START_DATA,
-    SYNTAX_BDAT,
-    SYNTAX_DATA,
-    SYNTAX_EHLO,
-    SYNTAX_HELO,
-    SYNTAX_RSET,
-    SYNTAX_STARTTLS,
-    UNKNOWN_COMMAND,
-    VRFY_REPLY,
-    Answer,
-    Reply,
-    ehlo_reply,
-    greeting,
-    helo_reply,
-    help_reply,
-    idle_timeout,
-    shutting_down,
-    too_many_auth_failures,
-    too_many_errors,
+    ALREADY_TLS, AUTH_FAILED, AUTH_IN_TRANSACTION, AUTH_NEEDS_TLS, AUTH_NEED_EHLO, AUTH_NOT_ENABLED,
+    AUTH_REQUIRED, AUTH_TWICE, BAD_UTF8_COMMAND, BARE_NEWLINE_COMMAND, BDAT_THEN_DATA, BYE, ETRN_IN_TRANSACTION,
+    INTERNAL_ERROR, LINE_TOO_LONG, NEED_HELO, NEED_MAIL, NEED_RCPT, NESTED_MAIL, NOT_IMPLEMENTED, OK,
+    PROTOCOL_ERROR_CODES, READY_TLS, START_DATA, SYNTAX_BDAT, SYNTAX_DATA, SYNTAX_EHLO, SYNTAX_HELO,
+    SYNTAX_RSET, SYNTAX_STARTTLS, UNKNOWN_COMMAND, VRFY_REPLY, Answer, Reply, ehlo_reply, greeting, helo_reply,
+    help_reply, idle_timeout, shutting_down, too_many_auth_failures, too_many_errors,
 )
 from relay.smtp.sasl import MAX_AUTH_LINE, Authenticator
-from relay.smtp.inbound import Refusal, Transactions, read_mail, read_rcpt
 
 if TYPE_CHECKING:
     from relay.smtp.factory import SMTPServerFactory
