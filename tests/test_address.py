@@ -323,3 +323,32 @@ def test_fullwidth_domain_needs_smtputf8() -> None:
     """A fullwidth spelling of an ASCII domain is non-ASCII text: refused without SMTPUTF8."""
     with pytest.raises(ValueError, match="SMTPUTF8"):
         parse_path("<user@ｐａｒｔｎｅｒ.test>", False)
+
+
+# -- the fast paths give the character-by-character answers ------------------------
+
+
+def _outcome(function, *args):
+    """What ``function(*args)`` returned, or the text of the ValueError it raised."""
+    try:
+        return ("ok", function(*args))
+    except ValueError as e:
+        return ("error", str(e))
+
+
+_PATH_TEXT = st.text(alphabet=st.sampled_from('<>"\\@a.b- \x00\x7féx'), max_size=30)
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=_PATH_TEXT, smtputf8=st.booleans())
+def test_address_scans_agree_with_the_character_by_character_rules(text: str, smtputf8: bool) -> None:
+    """The closing bracket, the character check and the label check answer as a scan of every character does."""
+    from relay.smtp.address import (_LDH, _check_characters, _check_each_character, _check_label, _closing_bracket,
+                                    _closing_bracket_scanned)
+
+    assert _outcome(_closing_bracket, "<" + text) == _outcome(_closing_bracket_scanned, "<" + text)
+    assert _outcome(_check_characters, text, smtputf8) == _outcome(_check_each_character, text, smtputf8)
+    label = text.replace(".", "")
+    if label and len(label) <= 63:
+        by_char = all(c in _LDH for c in label) and label[0] != "-" and label[-1] != "-"
+        assert (_outcome(_check_label, label)[0] == "ok") == by_char

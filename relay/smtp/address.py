@@ -84,6 +84,16 @@ def split_argument(text: str) -> tuple[str, str]:
 
 def _closing_bracket(text: str) -> int:
     """Index of the ``>`` closing the path that starts at ``text[0]``."""
+    if '"' not in text:  # nothing quoted: the first ">" closes it
+        end = text.find(">", 1)
+        if end < 0:
+            raise ValueError("missing closing angle bracket")
+        return end
+    return _closing_bracket_scanned(text)
+
+
+def _closing_bracket_scanned(text: str) -> int:
+    """``_closing_bracket`` by a scan of every character (quotes and backslashes)."""
     quoted = False
     i = 1
     while i < len(text):
@@ -144,6 +154,13 @@ def parse_mailbox(text: str, smtputf8: bool) -> str:
 
 
 def _check_characters(text: str, smtputf8: bool) -> None:
+    if text.isascii() and text.isprintable():  # no control character, nothing beyond ASCII
+        return
+    _check_each_character(text, smtputf8)
+
+
+def _check_each_character(text: str, smtputf8: bool) -> None:
+    """``_check_characters`` character by character: controls, non-ASCII without SMTPUTF8, refused categories."""
     for char in text:
         code = ord(char)
         if code < 0x20 or code == 0x7F:
@@ -252,7 +269,7 @@ def _check_label(label: str) -> None:
         raise ValueError("empty label in domain")
     if len(label) > MAX_LABEL:
         raise ValueError("domain label longer than 63 octets")
-    if not all(c in _LDH for c in label) or label[0] == "-" or label[-1] == "-":
+    if not _LDH.issuperset(label) or label[0] == "-" or label[-1] == "-":
         raise ValueError("bad domain")
 
 
@@ -263,7 +280,7 @@ def check_address_literal(literal: str) -> None:
 
 def check_sendable(mailbox: str) -> None:
     """Refuse a mailbox the client would not put on a command line (``<`` or ``>`` in a quoted local part)."""
-    if any(c in UNSENDABLE for c in mailbox):
+    if not UNSENDABLE.isdisjoint(mailbox):
         raise UnsendableAddress("'<' or '>' in the local part cannot be relayed")
 
 
