@@ -196,6 +196,17 @@ class ChainTests(SynchronousTestCase):
         pending.pending[0].callback(None)
         self.assertEqual(self.successResultOf(d).rule, "later")
 
+    def test_answers_at_once_then_later_keep_the_order(self) -> None:
+        """A router answering None at once, then two answering later: each is asked once, in order."""
+        first, second, third = FixedRouter(None), PendingRouter(), PendingRouter()
+        chain = RouterChain([("map", None, first), ("slow", None, second), ("slower", None, third)])
+        d = chain.route(Recipient("a@x.test"), CONTEXT)
+        self.assertEqual((first.asked, len(second.pending), len(third.pending)), (["a@x.test"], 1, 0))
+        second.pending[0].callback(None)
+        self.assertEqual((len(second.pending), len(third.pending)), (1, 1))
+        third.pending[0].callback(SMART)
+        self.assertEqual(self.successResultOf(d).rule, "slower")
+
     def test_asynchronous_route_is_named(self) -> None:
         """A Deferred Route from a router carries the rule name."""
         pending = PendingRouter()

@@ -143,30 +143,54 @@ class RouterChain:
         return tuple(rule.name for rule in self._rules)
 
     def route(self, recipient: Recipient, context: RouteContext) -> Deferred[Route]:
-        """Fire with the Route of ``recipient``; errback when a router fails."""
+        """Fire with the Route of ``recipient``; errback when a router fails.
+
+        Routers that answer at once (the built-in ones) are asked without a
+        Deferred each; from the first that answers with a Deferred on, the
+        rest are asked in turn as its answer comes.
+        """
         domain = recipient.domain
         candidates = [rule for rule in self._rules if rule.applies_to(domain)]
-        if not candidates:
-            return defer.succeed(default_route(domain))
-        return self._ask(candidates, recipient, context)
-
-    @defer.inlineCallbacks
-    def _ask(self, candidates: list[_Rule], recipient: Recipient, context: RouteContext) -> Any:
-        for rule in candidates:
+        for index, rule in enumerate(candidates):
             try:
-                answer = yield defer.maybeDeferred(rule.router.route, recipient, context)
+                answer = rule.router.route(recipient, context)
+                if isinstance(answer, Deferred):
+                    return self._ask(candidates[index:], recipient, context, answer)
                 answer = _checked_answer(answer)
             except Exception:
-                log.failure(
-                    "{queue_id}: router {rule} failed for <{recipient}>",
-                    queue_id=context.queue_id or "-",
-                    rule=rule.name,
-                    recipient=recipient.address,
-                )
+                _log_router_failure(rule, recipient, context)
+                return defer.fail()
+            if answer is not None:
+                return defer.succeed(_named(answer, rule.name))
+        return defer.succeed(default_route(domain))
+
+    @defer.inlineCallbacks
+    def _ask(self, candidates: list[_Rule], recipient: Recipient, context: RouteContext,
+             first: Deferred) -> Any:
+        """Ask ``candidates`` in turn; the first one's answer is ``first``, already asked."""
+        for rule in candidates:
+            try:
+                if first is not None:
+                    answer, first = (yield first), None
+                else:
+                    answer = yield defer.maybeDeferred(rule.router.route, recipient, context)
+                answer = _checked_answer(answer)
+            except Exception:
+                _log_router_failure(rule, recipient, context)
                 raise
             if answer is not None:
                 return _named(answer, rule.name)
         return default_route(recipient.domain)
+
+
+def _log_router_failure(rule: _Rule, recipient: Recipient, context: RouteContext) -> None:
+    """Log the exception being handled as the failure of ``rule`` for ``recipient``."""
+    log.failure(
+        "{queue_id}: router {rule} failed for <{recipient}>",
+        queue_id=context.queue_id or "-",
+        rule=rule.name,
+        recipient=recipient.address,
+    )
 
 
 def _checked_answer(answer: object) -> Optional[Route]:
@@ -184,7 +208,9 @@ def _checked_answer(answer: object) -> Optional[Route]:
 
 def _named(route: Route, rule_name: str) -> Route:
     """Stamp the chain's rule name on a router's answer, keeping any detail it gave."""
-    if route.rule and route.rule != rule_name:
+    if route.rule == rule_name:
+        return route
+    if route.rule:
         return replace(route, rule=f"{rule_name}: {route.rule}")
     return replace(route, rule=rule_name)
 
