@@ -352,3 +352,4 @@ def test_address_scans_agree_with_the_character_by_character_rules(text: str, sm
     if label and len(label) <= 63:
         by_char = all(c in _LDH for c in label) and label[0] != "-" and label[-1] != "-"
         assert (_outcome(_check_label, label)[0] == "ok") == by_char
+

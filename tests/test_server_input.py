@@ -211,3 +211,14 @@ def test_text_log_escapes_controls_in_any_line() -> None:
     written = out.getvalue()
     assert "\r" not in written and "\u2029" not in written
     assert "a\\x0d2026-01-01 fake\\u2029b" in written and written.count("\n") == 1
+
+
+def test_helo_names_are_checked_as_printable_words_for_every_code_point() -> None:
+    """A HELO name is valid exactly when each character is printable and not white space, for every code point."""
+    import sys
+
+    from relay.smtp.ehlo import _valid_helo
+
+    for code in range(sys.maxunicode + 1):
+        char = chr(code)
+        assert _valid_helo("a" + char) == (char.isprintable() and not char.isspace()), hex(code)

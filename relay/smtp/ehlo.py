@@ -58,4 +58,5 @@ def offered_verbs(extensions: list[str]) -> list[str]:
 
 def _valid_helo(name: str) -> bool:
     """A HELO/EHLO argument: one non-empty word of printable characters."""
-    return bool(name) and all(c.isprintable() and not c.isspace() for c in name)
+    # The only printable white space is U+0020: no other needs a look of its own.
+    return bool(name) and name.isprintable() and " " not in name
