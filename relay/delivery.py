@@ -180,7 +180,7 @@ class Delivery:
         self, envelope: Envelope, pending: tuple[Recipient, ...], progress: Optional[Progress], forced: bool
     ) -> list[Outcome]:
         context = RouteContext.from_envelope(envelope, self._config.hostname)
-        routed = await defer.gatherResults([self._route(envelope, r, context) for r in pending])
+        routed = await _gathered([self._route(envelope, r, context) for r in pending])
         outcomes: dict[int, Outcome] = {}
         groups: dict[tuple, list[tuple[int, _RoutedRecipient]]] = {}
         for index, (recipient, route) in enumerate(routed):
@@ -200,7 +200,7 @@ class Delivery:
                 progress(group_outcomes)
             return group_outcomes
 
-        results = await defer.gatherResults(
+        results = await _gathered(
             [
                 self._deliver_group(envelope, [m for _, m in members], body, forced).addCallback(ended)
                 for members in groups.values()
@@ -475,6 +475,13 @@ class Delivery:
             attempt=attempt,
             delay=round(max(0.0, now - envelope.arrival), 3) if envelope.arrival else None,
         )
+
+
+def _gathered(deferreds: list[Deferred]) -> Deferred:
+    """``gatherResults`` of Deferreds that never errback; one alone needs no DeferredList (most messages)."""
+    if len(deferreds) == 1:
+        return deferreds[0].addCallback(lambda result: [result])
+    return defer.gatherResults(deferreds)
 
 
 def _addresses(members: Iterable[_RoutedRecipient]) -> str:
