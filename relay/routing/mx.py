@@ -248,7 +248,10 @@ class MXResolver:
         gives an empty list.
         """
         hops = [self._hop_targets(hop, default_port) for hop in route.hosts]
-        d = defer.DeferredList(hops, consumeErrors=True)
+        if len(hops) == 1:  # most routes: DeferredList's (success, result) pair without a DeferredList
+            d = hops[0].addBoth(lambda result: [(not isinstance(result, Failure), result)])
+        else:
+            d = defer.DeferredList(hops, consumeErrors=True)
         d.addCallback(self._combine, route)
         return d
 
