@@ -291,20 +291,21 @@ def domain_pattern_problem(text: str) -> Optional[str]:
     return domain_problem(pattern[1:] if pattern.startswith(".") else pattern)
 
 
-def _pattern(value: Any, where: _Where) -> str:
+def _checked_text(value: Any, where: _Where, problem_of: Callable[[str], Optional[str]]) -> str:
+    """A non-empty string, stripped, that ``problem_of`` finds nothing wrong with (else it names the key)."""
     text = _string(value, where, allow_empty=False).strip()
-    problem = domain_pattern_problem(text)
-    if problem:
-        where.fail(f"{_show(value)} {problem}")
-    return DomainPattern(text).text
-
-
-def _hostname(value: Any, where: _Where) -> str:
-    text = _string(value, where, allow_empty=False).strip()
-    problem = domain_problem(text)
+    problem = problem_of(text)
     if problem:
         where.fail(f"{_show(value)} {problem}")
     return text
+
+
+def _pattern(value: Any, where: _Where) -> str:
+    return DomainPattern(_checked_text(value, where, domain_pattern_problem)).text
+
+
+def _hostname(value: Any, where: _Where) -> str:
+    return _checked_text(value, where, domain_problem)
 
 
 def _host_problem(host: str) -> Optional[str]:
@@ -401,11 +402,7 @@ def endpoint_problem(description: str) -> Optional[str]:
 
 
 def _endpoint(value: Any, where: _Where) -> str:
-    text = _string(value, where, allow_empty=False).strip()
-    problem = endpoint_problem(text)
-    if problem:
-        where.fail(f"{_show(value)} {problem}")
-    return text
+    return _checked_text(value, where, endpoint_problem)
 
 
 # -- readers of the shapes the sections use ------------------------------------

@@ -121,6 +121,15 @@ def _escape_line(line: str) -> str:
     return _CONTROLS.sub(_escaped, line) if _CONTROLS.search(line) else line
 
 
+def _system(event: dict) -> Any:
+    """The event's ``[system]``: its log_system, else ``namespace#level`` (each "-" when missing), as Twisted's."""
+    system = event.get("log_system")
+    if system is None:
+        level = event.get("log_level")
+        system = f"{event.get('log_namespace', '-')}#{getattr(level, 'name', '-')}"
+    return system
+
+
 def _fast_line(event: dict, stamp: Callable[[Optional[float]], str]) -> Optional[str]:
     """Twisted's classic line for a plain event (a text format, fields by name, no failure), or None.
 
@@ -134,11 +143,8 @@ def _fast_line(event: dict, stamp: Callable[[Optional[float]], str]) -> Optional
     text = _mapped(event)
     if not text:
         return None
-    system = event.get("log_system")
-    if system is None:
-        level = event.get("log_level")
-        system = f"{event.get('log_namespace', '-')}#{level.name if level is not None else '-'}"
-    elif type(system) is not str:
+    system = _system(event)
+    if type(system) is not str:
         return None
     return f"{stamp(event.get('log_time'))} [{system}] {text}".replace("\n", "\n\t") + "\n"
 
@@ -212,11 +218,7 @@ class TextLogObserver:
     def format(self, event: dict) -> Optional[str]:
         """The line (with its newline) for ``event``, or None."""
         if self._tag:
-            system = event.get("log_system")
-            if system is None:
-                level = event.get("log_level")
-                system = f"{event.get('log_namespace', '-')}#{getattr(level, 'name', '-')}"
-            event = dict(event, log_system=f"{self._tag} {system}")
+            event = dict(event, log_system=f"{self._tag} {_system(event)}")
         line = _fast_line(event, self._time)
         if line is None:
             line = formatEventAsClassicLogText(event, formatTime=self._time)
