@@ -351,6 +351,8 @@ def _add_listeners(relay: RelayService, reactor: Any) -> None:
     etrn = getattr(relay.scheduler, "flush", None)  # (domain, subdomains) -> messages scheduled
     if etrn is not None and relay.siblings:
         etrn = _flush_everywhere(etrn, relay.siblings)
+    factories = []
+    relay.spool.watch_sessions(lambda: sum(factory.sessions for factory in factories))
     for submission, endpoints in ((False, config.server.listen), (True, config.server.submission_listen)):
         key = "server.submission_listen" if submission else "server.listen"
         for index, description in enumerate(endpoints):
@@ -361,6 +363,7 @@ def _add_listeners(relay: RelayService, reactor: Any) -> None:
                 tls_context=relay.tls_context, submission=submission, portal=portal, etrn=etrn,
                 limits=limits,
             )
+            factories.append(factory)
             service = Listener(description, endpoint, factory)
             service.setName(("submission:" if submission else "smtp:") + description)
             service.setServiceParent(relay)

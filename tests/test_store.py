@@ -645,6 +645,99 @@ class GroupCommitTests(StoreTestCase):
         self.assertEqual([spool.message_bytes(q) for q in stored[:3]], [b"0", b"1", b"2"])
         self.successResultOf(blocker)
 
+    def batch_sizes(self, runner: ManualRunner) -> list[int]:
+        return [len(args[0]) for _, args, _ in runner.calls]
+
+    def test_a_lazy_change_waits_for_lazy_delay_or_goes_with_a_new_message(self) -> None:
+        """A removal alone starts its transaction lazy_delay later; a new message takes it along at once."""
+        runner = ManualRunner()
+        spool = self.spool(runner=runner, lazy_delay=0.05)
+        a, b = store(spool), store(spool)
+        runner.run_all()
+        a, b = self.successResultOf(a), self.successResultOf(b)
+        calls = len(runner.calls)
+        removed = spool.remove(a)
+        self.clock.advance(0.049)
+        self.assertEqual(len(runner.calls), calls)
+        self.clock.advance(0.001)
+        self.assertEqual(self.batch_sizes(runner)[calls:], [1])
+        runner.run(calls)
+        self.successResultOf(removed)
+        removed = spool.remove(b)
+        new = store(spool)
+        self.assertEqual(self.batch_sizes(runner)[calls + 1:], [2])
+        runner.run(calls + 1)
+        self.successResultOf(removed)
+        self.assertEqual(spool.ids(), [self.successResultOf(new)])
+        self.clock.advance(1)
+        self.assertEqual(len(runner.calls), calls + 2)  # the lazy timer went with it
+
+    def test_a_new_message_with_no_other_session_open_starts_at_once(self) -> None:
+        """With commit_delay, a new message while only its own session is open does not wait."""
+        runner = ManualRunner()
+        spool = self.spool(runner=runner, commit_delay=0.002)
+        spool.watch_sessions(lambda: 1)
+        store(spool)
+        self.assertEqual(self.batch_sizes(runner), [1])
+
+    def test_a_new_message_waits_up_to_commit_delay_for_other_open_sessions(self) -> None:
+        """Sessions open that have not brought a message: the first new message waits commit_delay, no longer."""
+        runner = ManualRunner()
+        spool = self.spool(runner=runner, commit_delay=0.002)
+        spool.watch_sessions(lambda: 4)
+        first = store(spool)
+        self.clock.advance(0.0015)
+        second = store(spool)
+        self.clock.advance(0.0004)
+        self.assertEqual(runner.calls, [])
+        self.clock.advance(0.0002)
+        self.assertEqual(self.batch_sizes(runner), [2])
+        runner.run(0)
+        self.assertEqual(spool.ids(), sorted([self.successResultOf(first), self.successResultOf(second)]))
+        self.clock.advance(1)
+        self.assertEqual(len(runner.calls), 1)
+
+    def test_the_wait_ends_once_every_open_session_brought_its_message(self) -> None:
+        """Two sessions open and two new messages pending: their transaction starts without waiting out the delay."""
+        runner = ManualRunner()
+        spool = self.spool(runner=runner, commit_delay=0.002)
+        spool.watch_sessions(lambda: 2)
+        store(spool)
+        self.assertEqual(runner.calls, [])
+        store(spool)
+        self.assertEqual(self.batch_sizes(runner), [2])
+
+    def test_messages_that_came_during_a_transaction_do_not_wait_again(self) -> None:
+        """New messages that waited through a running transaction longer than commit_delay go when it ends."""
+        runner = ManualRunner()
+        spool = self.spool(runner=runner, commit_delay=0.002)
+        spool.watch_sessions(lambda: 10)
+        store(spool)
+        self.clock.advance(0.002)
+        self.assertEqual(self.batch_sizes(runner), [1])
+        store(spool)
+        store(spool)
+        self.clock.advance(0.005)  # the writer is slow
+        runner.run(0)
+        self.assertEqual(self.batch_sizes(runner), [1, 2])
+
+    def test_a_waiting_removal_does_not_hold_a_new_message_past_commit_delay(self) -> None:
+        """A removal waiting its lazy_delay: a new message with company waits only commit_delay, and both go."""
+        runner = ManualRunner()
+        spool = self.spool(runner=runner, lazy_delay=0.05, commit_delay=0.002)
+        existing = store(spool)
+        runner.run(0)
+        existing = self.successResultOf(existing)
+        spool.watch_sessions(lambda: 3)
+        removed = spool.remove(existing)
+        new = store(spool)
+        self.assertEqual(len(runner.calls), 1)
+        self.clock.advance(0.002)
+        self.assertEqual(self.batch_sizes(runner), [1, 2])
+        runner.run(1)
+        self.successResultOf(removed)
+        self.assertEqual(spool.ids(), [self.successResultOf(new)])
+
     def test_stop_waits_for_pending_batches(self) -> None:
         """stop fires only once every operation submitted before it is durable."""
         runner = ManualRunner()

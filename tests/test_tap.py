@@ -269,6 +269,9 @@ def test_build_relay_assembles_spool_then_listeners(tmp_path: Path) -> None:
     assert all(f.__class__.__name__ == "SMTPServerFactory" for f in factories)
     assert [f.submission for f in factories] == [False, False, True]
     assert all(f.spool is relay.spool and f.policy is relay.policy and f.clock is reactor for f in factories)
+    # the spool's group commit counts the sessions of every listener (new messages wait for their company)
+    assert factories[0].counts.admit("192.0.2.1", False) is None and factories[2].counts.admit("192.0.2.2", False) is None
+    assert relay.spool._commits.company() == 2
 
 
 class BusyReactor(MemoryReactorClock):

@@ -9,7 +9,10 @@ Group commit.  ``GroupCommit`` queues the operations; one transaction at a
 time runs everything pending (up to ``MAX_BATCH``), so the messages of
 many concurrent sessions share one fsync, and while one batch commits, new
 operations accumulate for the next.  A new message starts a transaction at
-once; an outcome or a removal waits up to ``lazy_delay`` for company.  The
+at once unless other sessions may bring one soon: then it waits up to
+``commit_delay`` for them (PostgreSQL's commit_delay and commit_siblings),
+since each transaction costs far more than the messages in it; an outcome
+or a removal waits up to ``lazy_delay`` for company.  The
 Deferred of each operation fires only after its transaction is durable;
 the store hears of each new message after every Deferred of its batch
 fired.  ``relay.queue.store.Spool`` owns the connection, the thread the
@@ -116,11 +119,13 @@ class GroupCommit:
         clock: Callable[[], IReactorTime],
         stored: Callable[[Envelope, Optional[bytes]], None],
         lazy_delay: float,
+        commit_delay: float = 0.0,
     ) -> None:
         """``run(f, *args)`` runs a transaction where the writer runs (fires with its
         result); ``connection()`` is the writer's connection there; ``clock()``
         times lazy changes; ``stored(envelope, body)`` hears of each new message
-        once its batch is answered."""
+        once its batch is answered.  ``company`` (settable) counts the sessions
+        that may yet bring a new message."""
         self._run = run
         self._connection = connection
         self._clock = clock
@@ -130,6 +135,9 @@ class GroupCommit:
         self._urgent = 0  # pending operations that start a transaction at once
         self._lazy_delay = lazy_delay
         self._lazy_timer: Any = None
+        self._commit_delay = commit_delay
+        self._urgent_since = 0.0  # when the oldest pending urgent operation came
+        self.company: Callable[[], int] = lambda: 0
         self.finishing = 0  # large messages whose file is being made durable before their commit
         self._idle_waiters: list[Deferred] = []
 
@@ -137,7 +145,8 @@ class GroupCommit:
         """Queue ``operation`` for the next transaction.
 
         A new message starts a transaction at once (a client waits for its
-        250).  A ``lazy`` change (an outcome, a removal) waits up to
+        250), unless more sessions are open than new messages pending: then
+        it waits up to ``commit_delay`` for theirs.  A ``lazy`` change (an outcome, a removal) waits up to
         ``lazy_delay`` for company: it goes with the next new message's
         transaction, or alone when the delay is up, so under load outcomes
         and removals cost no fsync of their own.
@@ -145,10 +154,21 @@ class GroupCommit:
         d: Deferred = Deferred()
         self._pending.append((operation, d))
         if not lazy:
+            if not self._urgent:
+                self._urgent_since = self._clock().seconds() if self._commit_delay > 0 else 0.0
             self._urgent += 1
         if not self._running:
             self._next_batch()
         return d
+
+    def _wait(self, delay: float) -> None:
+        """Start the next transaction in ``delay`` seconds, or when it is already due if that is sooner."""
+        timer, clock = self._lazy_timer, self._clock()
+        if timer is not None:
+            if timer.getTime() <= clock.seconds() + delay:
+                return
+            timer.cancel()
+        self._lazy_timer = clock.callLater(delay, self._lazy_due)
 
     def _lazy_due(self) -> None:
         self._lazy_timer = None
@@ -159,11 +179,19 @@ class GroupCommit:
         """Start a transaction of what is pending (one at a time: one writer).
 
         Only lazy changes pending: wait for company, up to ``lazy_delay``.
+        New messages pending while other sessions may still bring theirs:
+        wait up to ``commit_delay`` since the oldest of them came.
         """
-        if self._pending and not now and not self._urgent and self._lazy_delay > 0 and not self._idle_waiters:
-            if self._lazy_timer is None:
-                self._lazy_timer = self._clock().callLater(self._lazy_delay, self._lazy_due)
-            return
+        if self._pending and not now and not self._idle_waiters:
+            if not self._urgent:
+                wait = self._lazy_delay
+            elif self._commit_delay > 0 and self.company() > self._urgent:
+                wait = self._urgent_since + self._commit_delay - self._clock().seconds()
+            else:
+                wait = 0.0
+            if wait > 0:
+                self._wait(wait)
+                return
         if self._lazy_timer is not None:
             if self._lazy_timer.active():
                 self._lazy_timer.cancel()
@@ -177,6 +205,8 @@ class GroupCommit:
             return
         batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
         self._urgent = sum(1 for op, _ in self._pending if op.urgent)
+        if self._urgent and self._commit_delay > 0:
+            self._urgent_since = self._clock().seconds()
         self._running = True
         try:
             d = self._run(self._run_batch, [op for op, _ in batch])

@@ -91,6 +91,7 @@ MISSING_MESSAGE = "message file missing"
 
 LARGE_MESSAGE = 1024 * 1024  # octets kept in memory (and stored in the database) per message
 LAZY_DELAY = 0.05  # seconds an outcome or a removal waits to share a new message's transaction
+COMMIT_DELAY = 0.002  # seconds a new message waits for those of other open sessions (one fsync for all)
 RECENT_BYTES = 32 * 1024 * 1024  # bytes of just-committed messages kept for their first attempt
 
 
@@ -108,6 +109,7 @@ class Spool:
         large_message: int = LARGE_MESSAGE,
         recent_bytes: int = RECENT_BYTES,
         lazy_delay: Optional[float] = None,
+        commit_delay: Optional[float] = None,
     ) -> None:
         """A store in ``directory``.
 
@@ -120,7 +122,9 @@ class Spool:
         daemon (default: the store's own threads); with an injected runner
         everything runs at once on the calling thread, which tests use.
         ``lazy_delay`` is how long outcomes and removals wait for company
-        (``LAZY_DELAY`` with the store's own threads, none with a runner).
+        (``LAZY_DELAY`` with the store's own threads, none with a runner);
+        ``commit_delay`` how long a new message waits for those of other open
+        sessions (``COMMIT_DELAY``, likewise; see ``watch_sessions``).
         """
         self.directory = directory
         self.large_message = large_message
@@ -142,6 +146,7 @@ class Spool:
             self._get_clock,
             self._committed,
             lazy_delay=LAZY_DELAY if lazy_delay is None and runner is None else (lazy_delay or 0.0),
+            commit_delay=COMMIT_DELAY if commit_delay is None and runner is None else (commit_delay or 0.0),
         )
         self._commit_listeners: list[Callable[[str, Envelope], Any]] = []
         self._recent: collections.OrderedDict[str, bytes] = collections.OrderedDict()
@@ -150,6 +155,13 @@ class Spool:
         self._checked = False
 
     # -- the one door in: who hears of new messages -------------------------
+
+    def watch_sessions(self, count: Callable[[], int]) -> None:
+        """``count()`` is how many inbound sessions are open: while more are open
+        than new messages wait for their commit, a new message waits up to
+        ``commit_delay`` for theirs, so that they share one transaction and one
+        fsync.  With none watched, each new message's transaction starts at once."""
+        self._commits.company = count
 
     def on_commit(self, listener: Callable[[str, Envelope], Any]) -> None:
         """Call ``listener(queue_id, envelope)`` each time a new message has become durable."""
