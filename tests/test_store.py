@@ -1490,6 +1490,24 @@ class ServiceTests(StoreTestCase):
         self.assertFalse(writers[0].is_alive())
         self.assertIsNone(self.successResultOf(spool.stop()))
 
+    def test_write_inline_commits_on_the_calling_thread_without_a_writer(self) -> None:
+        """With write_inline the store starts no writer thread: a commit is durable when its call returns."""
+        before = {t.ident for t in threading.enumerate() if "relay-store-writer" in t.name}
+        spool = self.spool(recover=False, runner=None, write_inline=True)
+        spool.recover()
+        spool.start()
+        committed = store(spool)
+        queue_id = self.successResultOf(committed)
+        self.assertEqual(self.spool(recover=False).ids(), [queue_id])  # another connection sees it
+        removed = spool.remove(queue_id)  # lazy: it waits the delay on the clock, then commits at once
+        self.assertNoResult(removed)
+        self.clock.advance(1)
+        self.successResultOf(removed)
+        self.assertEqual(self.spool(recover=False).ids(), [])
+        writers = {t.ident for t in threading.enumerate() if "relay-store-writer" in t.name}
+        self.assertEqual(writers - before, set())
+        self.assertIsNone(self.successResultOf(spool.stop()))
+
 
 # -- kill -9 of a real threaded store ----------------------------------------------------
 

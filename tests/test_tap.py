@@ -274,6 +274,16 @@ def test_build_relay_assembles_spool_then_listeners(tmp_path: Path) -> None:
     assert relay.spool._commits.company() == 2
 
 
+def test_a_worker_of_several_commits_on_its_event_loop(tmp_path: Path) -> None:
+    """One process keeps the store's writer thread; a worker with siblings writes on its reactor's thread."""
+    config = Config(hostname="relay.test", server=ServerConfig(listen=("tcp:2525",)),
+                    queue=QueueConfig(directory=str(tmp_path / "q")))
+    alone = build_relay(config, MemoryReactorClock())
+    worker = build_relay(config, MemoryReactorClock(), siblings=[str(tmp_path / "q" / "worker-1")])
+    assert not alone.spool._threads._write_inline
+    assert worker.spool._threads._write_inline
+
+
 class BusyReactor(MemoryReactorClock):
     """A reactor on which every TCP port is taken."""
 

@@ -110,6 +110,7 @@ class Spool:
         recent_bytes: int = RECENT_BYTES,
         lazy_delay: Optional[float] = None,
         commit_delay: Optional[float] = None,
+        write_inline: bool = False,
     ) -> None:
         """A store in ``directory``.
 
@@ -125,12 +126,15 @@ class Spool:
         (``LAZY_DELAY`` with the store's own threads, none with a runner);
         ``commit_delay`` how long a new message waits for those of other open
         sessions (``COMMIT_DELAY``, likewise; see ``watch_sessions``).
+        With ``write_inline`` the transactions run at once on the reactor
+        thread, not in a writer thread (a worker of several; see
+        ``relay.queue.threads``).
         """
         self.directory = directory
         self.large_message = large_message
         self._clock = clock
         self._reactor = reactor
-        self._threads = StoreThreads(self._thread_reactor, inline=runner is not None)
+        self._threads = StoreThreads(self._thread_reactor, inline=runner is not None, write_inline=write_inline)
         self._runner: Runner = runner if runner is not None else self._threads.in_writer
         self._fs = fs if fs is not None else OsFileSystem()
         self._path = os.path.join(directory, STORE_FILE)

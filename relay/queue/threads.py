@@ -7,7 +7,13 @@ small pool of reader threads (WAL readers never wait on the writer), and
 the writes of large-message files in a pool of their own.  Results come
 back to the reactor thread (``callFromThread``); the threads stop when the
 store stops or the reactor shuts down.  With ``inline`` (a store given a
-runner: tests) everything runs at once on the calling thread.
+runner: tests) everything runs at once on the calling thread.  With
+``write_inline`` (a worker of several) the transactions run at once on the
+reactor thread instead of the writer thread, and only the reads and the
+large-message files have threads: the worker's event loop waits for each
+fsync, as each Postfix process waits for its own, while another worker uses
+the core; one process keeps its writer thread, so that its event loop never
+waits for the disk.
 """
 
 from __future__ import annotations
@@ -30,11 +36,13 @@ IO_THREADS = 2  # large-message files
 class StoreThreads:
     """The store's threads, started on first use and stopped together."""
 
-    def __init__(self, reactor: Callable[[], Any], inline: bool = False) -> None:
+    def __init__(self, reactor: Callable[[], Any], inline: bool = False, write_inline: bool = False) -> None:
         """``reactor()`` is the reactor the threads report to (it raises when the
-        store was given none); with ``inline`` no thread is ever started."""
+        store was given none); with ``inline`` no thread is ever started, with
+        ``write_inline`` no writer thread."""
         self._reactor = reactor
         self._inline = inline
+        self._write_inline = write_inline
         self._lock = threading.Lock()
         self._writer: Optional[ThreadPool] = None
         self._readers: Optional[ThreadPoolExecutor] = None
@@ -42,15 +50,18 @@ class StoreThreads:
         self._shutdown_trigger: Any = None
 
     def start(self) -> None:
-        """Start the writer thread (only used without an injected runner)."""
-        if self._writer is not None or self._inline:
+        """Start the writer thread (only used without an injected runner), and stop
+        the threads when the reactor shuts down."""
+        if self._inline:
             return
         reactor = self._reactor()
-        self._writer = ThreadPool(minthreads=1, maxthreads=1, name="relay-store-writer")
-        self._writer.start()
-        self._shutdown_trigger = reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
-            "during", "shutdown", self.stop
-        )
+        if self._writer is None and not self._write_inline:
+            self._writer = ThreadPool(minthreads=1, maxthreads=1, name="relay-store-writer")
+            self._writer.start()
+        if self._shutdown_trigger is None:
+            self._shutdown_trigger = reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
+                "during", "shutdown", self.stop
+            )
 
     def stop(self) -> None:
         """Wait for the reader and I/O threads, then stop the writer."""
@@ -67,9 +78,11 @@ class StoreThreads:
             pool.stop()
 
     def in_writer(self, f: Callable[..., Any], *args: Any) -> Deferred:
-        """Run ``f(*args)`` in the writer thread; fires in the reactor thread with its result."""
+        """Run ``f(*args)`` in the writer thread (at once with ``write_inline``); fires in the reactor thread with its result."""
         from twisted.internet.threads import deferToThreadPool
 
+        if self._write_inline:
+            return defer.maybeDeferred(f, *args)
         reactor = self._reactor()
         if self._writer is None:
             self.start()
