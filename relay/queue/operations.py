@@ -8,7 +8,7 @@ writer's thread.
 Group commit.  ``GroupCommit`` queues the operations; one transaction at a
 time runs everything pending (up to ``MAX_BATCH``), so the messages of
 many concurrent sessions share one fsync, and while one batch commits, new
-operations accumulate for the next.  A new message starts a transaction at
+operations accumulate for the next.  A new message starts a transaction
 at once unless other sessions may bring one soon: then it waits up to
 ``commit_delay`` for them (PostgreSQL's commit_delay and commit_siblings),
 since each transaction costs far more than the messages in it; an outcome
@@ -134,7 +134,7 @@ class GroupCommit:
         self._running = False
         self._urgent = 0  # pending operations that start a transaction at once
         self._lazy_delay = lazy_delay
-        self._lazy_timer: Any = None
+        self._timer: Any = None  # starts the next transaction after a wait (lazy or commit delay)
         self._commit_delay = commit_delay
         self._urgent_since = 0.0  # when the oldest pending urgent operation came
         self.company: Callable[[], int] = lambda: 0
@@ -146,10 +146,10 @@ class GroupCommit:
 
         A new message starts a transaction at once (a client waits for its
         250), unless more sessions are open than new messages pending: then
-        it waits up to ``commit_delay`` for theirs.  A ``lazy`` change (an outcome, a removal) waits up to
-        ``lazy_delay`` for company: it goes with the next new message's
-        transaction, or alone when the delay is up, so under load outcomes
-        and removals cost no fsync of their own.
+        it waits up to ``commit_delay`` for theirs.  A ``lazy`` change (an
+        outcome, a removal) waits up to ``lazy_delay`` for company: it goes
+        with the next new message's transaction, or alone when the delay is
+        up, so under load outcomes and removals cost no fsync of their own.
         """
         d: Deferred = Deferred()
         self._pending.append((operation, d))
@@ -163,15 +163,15 @@ class GroupCommit:
 
     def _wait(self, delay: float) -> None:
         """Start the next transaction in ``delay`` seconds, or when it is already due if that is sooner."""
-        timer, clock = self._lazy_timer, self._clock()
+        timer, clock = self._timer, self._clock()
         if timer is not None:
             if timer.getTime() <= clock.seconds() + delay:
                 return
             timer.cancel()
-        self._lazy_timer = clock.callLater(delay, self._lazy_due)
+        self._timer = clock.callLater(delay, self._timer_due)
 
-    def _lazy_due(self) -> None:
-        self._lazy_timer = None
+    def _timer_due(self) -> None:
+        self._timer = None
         if not self._running:
             self._next_batch(now=True)
 
@@ -192,10 +192,10 @@ class GroupCommit:
             if wait > 0:
                 self._wait(wait)
                 return
-        if self._lazy_timer is not None:
-            if self._lazy_timer.active():
-                self._lazy_timer.cancel()
-            self._lazy_timer = None
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
         if not self._pending:
             if self.finishing:
                 return  # its commit comes next; the waiters wait for it
@@ -205,8 +205,6 @@ class GroupCommit:
             return
         batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
         self._urgent = sum(1 for op, _ in self._pending if op.urgent)
-        if self._urgent and self._commit_delay > 0:
-            self._urgent_since = self._clock().seconds()
         self._running = True
         try:
             d = self._run(self._run_batch, [op for op, _ in batch])

@@ -95,6 +95,13 @@ COMMIT_DELAY = 0.002  # seconds a new message waits for those of other open sess
 RECENT_BYTES = 32 * 1024 * 1024  # bytes of just-committed messages kept for their first attempt
 
 
+def _delay(given: Optional[float], default: float, runner: Optional[Runner]) -> float:
+    """A group-commit delay: as given, else ``default`` with the store's own threads and none with a runner."""
+    if given is None:
+        return default if runner is None else 0.0
+    return given
+
+
 class Spool:
     """A queue directory: the one door in, the single truth, start-up recovery."""
 
@@ -149,8 +156,8 @@ class Spool:
             self._writing,
             self._get_clock,
             self._committed,
-            lazy_delay=LAZY_DELAY if lazy_delay is None and runner is None else (lazy_delay or 0.0),
-            commit_delay=COMMIT_DELAY if commit_delay is None and runner is None else (commit_delay or 0.0),
+            lazy_delay=_delay(lazy_delay, LAZY_DELAY, runner),
+            commit_delay=_delay(commit_delay, COMMIT_DELAY, runner),
         )
         self._commit_listeners: list[Callable[[str, Envelope], Any]] = []
         self._recent: collections.OrderedDict[str, bytes] = collections.OrderedDict()

@@ -79,10 +79,10 @@ class StoreThreads:
 
     def in_writer(self, f: Callable[..., Any], *args: Any) -> Deferred:
         """Run ``f(*args)`` in the writer thread (at once with ``write_inline``); fires in the reactor thread with its result."""
-        from twisted.internet.threads import deferToThreadPool
-
         if self._write_inline:
             return defer.maybeDeferred(f, *args)
+        from twisted.internet.threads import deferToThreadPool
+
         reactor = self._reactor()
         if self._writer is None:
             self.start()
